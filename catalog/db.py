@@ -1,0 +1,126 @@
+"""The DuckDB catalog: an index over a lake's manifests.
+
+Manifests in the lake are the source of truth; everything here can be rebuilt from them
+(``rebuild``). Writers hold DuckDB's file lock briefly and retry; ``query`` opens the
+file read-only, so user SQL cannot change it.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+
+SCHEMA = """
+create table if not exists runs (
+    name varchar primary key, status varchar, model varchar, dataset varchar, hooks varchar[],
+    context_size integer, dtype varchar, layouts varchar[], tokens bigint, contexts bigint,
+    rows_1d bigint, seed bigint, n_versions integer, created timestamp, updated timestamp,
+    uri varchar, manifest json);
+create table if not exists snapshots (
+    run varchar, "table" varchar, version bigint, contexts bigint, tokens bigint, rows bigint,
+    tag varchar, created timestamp, primary key (run, "table", version));
+create table if not exists hooks (
+    run varchar, hook varchar, "column" varchar, d_model integer, n bigint, mean_norm double,
+    rms_norm double, median_norm double, p99_norm double, max_norm double, primary key (run, hook));
+create table if not exists saes (
+    name varchar primary key, arch varchar, hook varchar, out_hook varchar, d_in integer,
+    d_sae integer, k integer, run varchar, version bigint, tokens_trained bigint, fvu double,
+    l0 double, dead_fraction double, status varchar, created timestamp, uri varchar, config json);
+create table if not exists metrics (
+    sae varchar, step bigint, tokens bigint, name varchar, value double);
+create table if not exists analyses (
+    name varchar primary key, sae varchar, run varchar, version bigint, store varchar,
+    n_features integer, tokens bigint, created timestamp, uri varchar, config json);
+"""
+
+WRITE_WORDS = re.compile(r"^\s*(insert|update|delete|create|drop|alter|attach|detach|copy|install|load|"
+                         r"export|import|checkpoint|vacuum|set|pragma|call)\b", re.I)
+
+
+class CatalogError(Exception):
+    pass
+
+
+class Catalog:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @contextmanager
+    def connect(self, read_only: bool = False, timeout_s: float = 30.0):
+        """A connection, retrying while another process holds the write lock."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if read_only and not self.path.exists():
+            with self.connect():
+                pass
+        deadline = time.monotonic() + timeout_s
+        delay = 0.05
+        while True:
+            try:
+                con = duckdb.connect(str(self.path), read_only=read_only)
+                break
+            except duckdb.IOException as e:
+                if "lock" not in str(e).lower() or time.monotonic() > deadline:
+                    raise CatalogError(f"catalog {self.path} is busy or unreadable: {e}") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+        try:
+            if not read_only:
+                con.execute(SCHEMA)
+            yield con
+        finally:
+            con.close()
+
+    # -- writes ----------------------------------------------------------------------------
+    def upsert_run(self, manifest: dict, uri: str, con=None) -> None:
+        if con is None:
+            with self.connect() as con:
+                return self.upsert_run(manifest, uri, con)
+        m = manifest
+        name = m["name"]
+        con.execute("begin")
+        for table in ("runs", "snapshots", "hooks"):
+            con.execute(f"delete from {table} where {'name' if table == 'runs' else 'run'} = ?", [name])
+        con.execute(
+            "insert into runs values (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            [name, m["status"], m["model"], m["dataset"], m["hooks"], m["context_size"], m["dtype"],
+             m["layouts"], m["tokens"], m["contexts"], m.get("rows_1d", 0), m["seed"], len(m["versions"]),
+             m["created"], m["updated"], uri, json.dumps(m)])
+        for v in m["versions"]:
+            for table, version in v["tables"].items():
+                con.execute("insert into snapshots values (?,?,?,?,?,?,?,?)",
+                            [name, table, version, v["contexts"], v["tokens"],
+                             v["rows"].get(table), v.get("tag"), v["created"]])
+        for hook, s in m.get("stats", {}).items():
+            con.execute("insert into hooks values (?,?,?,?,?,?,?,?,?,?)",
+                        [name, hook, m["columns"][hook], m["d_model"][hook], s["n"], s["mean_norm"],
+                         s["rms_norm"], s["median_norm"], s["p99_norm"], s["max_norm"]])
+        con.execute("commit")
+
+    def rebuild(self, runs: list[tuple[dict, str]]) -> None:
+        """Drop the index and rebuild it from manifests (run manifest, uri) pairs."""
+        with self.connect() as con:
+            for table in ("runs", "snapshots", "hooks"):
+                con.execute(f"delete from {table}")
+            for manifest, uri in runs:
+                self.upsert_run(manifest, uri, con)
+
+    # -- reads -----------------------------------------------------------------------------
+    def query(self, sql: str, relations: dict | None = None) -> tuple[list[str], list[tuple]]:
+        """Read-only SQL. ``relations`` are extra named Arrow readers (activation tables)."""
+        if WRITE_WORDS.match(sql):
+            raise CatalogError("lake query is read-only: only SELECT/WITH/DESCRIBE/SHOW/SUMMARIZE statements")
+        with self.connect(read_only=True) as con:
+            for name, rel in (relations or {}).items():
+                con.register(name, rel)
+            try:
+                cur = con.execute(sql)
+            except duckdb.Error as e:
+                msg = str(e).splitlines()[0]
+                raise CatalogError(f"SQL error: {msg}") from None
+            if cur.description is None:
+                return [], []
+            return [d[0] for d in cur.description], cur.fetchall()

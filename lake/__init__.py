@@ -1,0 +1,11 @@
+"""saelake's activation lake: models, corpora, ingest, and the shared reader interface."""
+from .corpus import documents, pack_contexts
+from .errors import UserError
+from .ingest import IngestConfig, ingest
+from .lake import Lake
+from .live import LiveSource
+from .models import LoadedModel, load_model
+from .readers import ActivationSource, ContextBatch, SnapshotSource, TokenBatch
+
+__all__ = ["ActivationSource", "ContextBatch", "IngestConfig", "Lake", "LiveSource", "LoadedModel",
+           "SnapshotSource", "TokenBatch", "UserError", "documents", "ingest", "load_model", "pack_contexts"]

@@ -1,0 +1,192 @@
+"""The ``lake`` command. train/ and analyze/ add sub-commands through the
+``saelake.commands`` entry-point group, so this module never imports upward."""
+from __future__ import annotations
+
+import json
+import sys
+from importlib.metadata import entry_points
+
+import click
+
+from .errors import UserError
+
+
+def _lake_option(f):
+    return click.option("--lake", "lake_uri", envvar="SAELAKE_LAKE", required=True,
+                        help="Lake root: a directory or s3://bucket/prefix (env SAELAKE_LAKE).")(f)
+
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _table(columns: list[str], rows: list[tuple]) -> str:
+    cells = [[str(c) for c in columns]] + [["" if v is None else str(v) for v in r] for r in rows]
+    widths = [min(60, max(len(r[i]) for r in cells)) for i in range(len(columns))]
+    return "\n".join("  ".join(c[:60].ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+@click.group()
+@click.version_option(package_name="saelake")
+def cli():
+    """saelake: an activation lake, SAE trainers and analyzers."""
+
+
+@cli.command()
+@_lake_option
+@click.option("--model", default="smollm2-135m", show_default=True,
+              help="Local HF folder, bundled smollm2-135m, or a hub name.")
+@click.option("--dataset", default="builtin", show_default=True,
+              help="Local file/folder (txt, jsonl, json, parquet, csv), builtin[:pydoc|stdlib|fortunes], or hub name.")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--hooks", required=True, help="Comma-separated TransformerLens hook names.")
+@click.option("--tokens", type=int, required=True, help="Tokens to ingest (rounded up to whole contexts).")
+@click.option("--context-size", type=int, default=128, show_default=True)
+@click.option("--layout", default="1d,2d", show_default=True, help="1d (shuffled tokens), 2d (contexts), or both.")
+@click.option("--dtype", default="float16", show_default=True, help="float16, bfloat16 or float32.")
+@click.option("--run", default=None, help="Run name (default: run-<timestamp>).")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Contexts per forward pass.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--shuffle-buffer", type=int, default=32768, show_default=True,
+              help="Tokens per chunk: the 1d shuffle window and the commit unit.")
+@click.option("--keep-bos", is_flag=True, help="Keep BOS positions in the 1d table.")
+@click.option("--resume", is_flag=True, help="Finish an interrupted run (same settings).")
+@click.option("--append", is_flag=True, help="Extend a complete run by --tokens as a new snapshot version.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def ingest(lake_uri, model, dataset, text_column, hooks, tokens, context_size, layout, dtype, run, batch_size,
+           seed, shuffle_buffer, keep_bos, resume, append, device, quiet):
+    """Run a model over a corpus; write 1d/2d activations to the lake."""
+    from .ingest import IngestConfig, ingest as run_ingest
+
+    cfg = IngestConfig(lake=lake_uri, model=model, dataset=dataset, text_column=text_column, hooks=_split(hooks),
+                       tokens=tokens, context_size=context_size, layouts=_split(layout), dtype=dtype, run=run,
+                       batch_size=batch_size, seed=seed, shuffle_buffer=shuffle_buffer, keep_bos=keep_bos,
+                       resume=resume, append=append, device=device)
+    m = run_ingest(cfg, progress=not quiet)
+    click.echo(f"run {m['name']}: {m['status']}, {m['tokens']} tokens in {m['contexts']} contexts "
+               f"({m['rows_1d']} 1d rows), tables {', '.join(m['tables'])}, snapshot version {len(m['versions'])}")
+
+
+@cli.command("ls")
+@_lake_option
+@click.option("--json", "as_json", is_flag=True)
+def ls_cmd(lake_uri, as_json):
+    """What is in the lake: runs, SAEs, analyses."""
+    from .lake import Lake
+
+    lake = Lake(lake_uri)
+    lake.sync()
+    out = {}
+    for table, cols in LS_TABLES.items():
+        names, rows = lake.query(f"select {cols} from {table} order by 1")
+        out[table] = [dict(zip(names, r)) for r in rows]
+    if as_json:
+        click.echo(json.dumps(out, indent=2, default=str))
+        return
+    for table, rows in out.items():
+        if rows or table == "runs":
+            click.echo(f"{table}:")
+            click.echo(_table(list(rows[0]) if rows else LS_TABLES[table].split(", "),
+                              [tuple(r.values()) for r in rows]) + "\n")
+
+
+LS_TABLES = {"runs": "name, status, model, dataset, tokens, context_size, dtype, layouts, n_versions, hooks",
+             "saes": "name, arch, hook, d_sae, k, run, version, tokens_trained, fvu, l0",
+             "analyses": "name, sae, run, store, n_features, tokens"}
+
+
+@cli.command()
+@_lake_option
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def show(lake_uri, name, as_json):
+    """Show one run (model, corpus, hooks, tokens, versions, stats, status)."""
+    from .lake import Lake
+
+    m = Lake(lake_uri).manifest(name)
+    if as_json:
+        click.echo(json.dumps(m, indent=2, default=str))
+        return
+    click.echo(f"run {m['name']}  [{m['status']}]" + (f"  error: {m['error']}" if m.get("error") else ""))
+    for key in ("model", "dataset", "context_size", "dtype", "tables", "tokens", "contexts", "rows_1d", "seed",
+                "created", "updated"):
+        click.echo(f"  {key:13s} {m[key]}")
+    for i, v in enumerate(m["versions"], 1):
+        click.echo(f"  version {i}: {v['tokens']} tokens, lance versions {v['tables']}, tag {v['tag']}")
+    for h in m["hooks"]:
+        s = m["stats"].get(h)
+        line = f"  hook {h} (d_model {m['d_model'][h]}, column {m['columns'][h]})"
+        if s:
+            line += (f": norm mean {s['mean_norm']:.3g}, median {s['median_norm']:.3g}, p99 {s['p99_norm']:.3g}, "
+                     f"max {s['max_norm']:.3g}, {100 * s['frac_over_10x_median']:.2f}% over 10x median")
+        click.echo(line)
+
+
+@cli.command()
+@_lake_option
+@click.argument("sql")
+@click.option("--json", "as_json", is_flag=True)
+def query(lake_uri, sql, as_json):
+    """Read-only SQL over the catalog and activation tables (tokens__<run>, contexts__<run>)."""
+    from .lake import Lake
+
+    names, rows = Lake(lake_uri).query(sql)
+    if as_json:
+        click.echo(json.dumps([dict(zip(names, r)) for r in rows], indent=2, default=str))
+    else:
+        click.echo(_table(names, rows))
+
+
+@cli.group("catalog")
+def catalog_group():
+    """The DuckDB catalog (an index over the manifests)."""
+
+
+@catalog_group.command("sync")
+@_lake_option
+def catalog_sync(lake_uri):
+    """Rebuild the catalog from the lake's manifests."""
+    from .lake import Lake
+
+    lake = Lake(lake_uri)
+    n = lake.sync()
+    click.echo(f"catalog {lake.catalog.path}: {n} runs")
+
+
+@cli.command()
+@click.option("--model", default="smollm2-135m", show_default=True)
+@click.option("--grep", default="", help="Only names containing this.")
+def hooks(model, grep):
+    """List a model's hook names."""
+    from .models import load_model
+
+    for name in load_model(model).hook_names():
+        if grep in name:
+            click.echo(name)
+
+
+def _load_plugins() -> None:
+    for ep in entry_points(group="saelake.commands"):
+        cmd = ep.load()
+        cli.add_command(cmd, ep.name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    _load_plugins()
+    try:
+        cli.main(args=argv, standalone_mode=False, prog_name="lake")
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted: the run is resumable with --resume", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)

@@ -1,0 +1,190 @@
+"""Text corpora -> BOS-prefixed, packed contexts of ``context_size`` tokens.
+
+A corpus is local files or a directory (txt, jsonl/json, parquet, csv), ``builtin``
+(real English text shipped with Python, no download), or a hub dataset name.
+"""
+from __future__ import annotations
+
+import ast
+import glob
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .errors import UserError
+
+BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
+            ".parquet": "parquet", ".csv": "csv"}
+FORTUNES = "/usr/share/games/fortunes"
+
+
+# -- built-in offline text ---------------------------------------------------------------
+def _pydoc_topics() -> Iterator[str]:
+    from pydoc_data.topics import topics
+
+    for key in sorted(topics):
+        yield topics[key]
+
+
+def _fortunes() -> Iterator[str]:
+    for path in sorted(glob.glob(os.path.join(FORTUNES, "*"))):
+        if "." in os.path.basename(path) or not os.path.isfile(path):
+            continue  # skip .dat index files
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for entry in f.read().split("\n%\n"):
+                if len(entry.strip()) > 40:
+                    yield entry.strip()
+
+
+def _stdlib_docstrings() -> Iterator[str]:
+    """Docstrings of the standard library: long-form English, on every Python install."""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for path in sorted(glob.glob(os.path.join(stdlib, "*.py")) + glob.glob(os.path.join(stdlib, "*", "*.py"))):
+        if "test" in path or "idlelib" in path:
+            continue
+        try:
+            tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= 300:
+                    yield doc
+
+
+BUILTINS = {"pydoc": _pydoc_topics, "fortunes": _fortunes, "stdlib": _stdlib_docstrings}
+
+
+def _builtin(name: str) -> Iterator[str]:
+    parts = ["pydoc", "fortunes", "stdlib"] if name == "builtin" else [name.removeprefix("builtin:")]
+    for part in parts:
+        if part not in BUILTINS:
+            raise UserError(f"unknown built-in corpus {name!r}: use builtin, " +
+                            ", ".join(f"builtin:{k}" for k in BUILTINS))
+        if part == "fortunes" and name != "builtin" and not os.path.isdir(FORTUNES):
+            raise UserError("builtin:fortunes needs Debian's fortunes package: apt-get install fortunes")
+        yield from BUILTINS[part]()
+
+
+# -- files and the hub ---------------------------------------------------------------------
+def _local_files(path: Path) -> tuple[str, list[str]]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix.lower() in BUILDERS)
+    if not files:
+        raise UserError(f"no corpus files in {path}: expected {', '.join(sorted(BUILDERS))}")
+    builders = {BUILDERS.get(p.suffix.lower()) for p in files}
+    if None in builders:
+        raise UserError(f"unsupported corpus file {path}: use one of {', '.join(sorted(BUILDERS))}")
+    if len(builders) > 1:
+        raise UserError(f"{path} mixes file types {sorted(builders)}: point --dataset at one kind")
+    return builders.pop(), [str(p) for p in files]
+
+
+def _rows(spec: str, text_column: str) -> Iterator[str]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    path = Path(spec).expanduser()
+    if path.exists():
+        builder, files = _local_files(path)
+        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+    elif spec.startswith((".", "/", "~")) or spec.endswith(tuple(BUILDERS)):
+        raise UserError(f"dataset path {spec} does not exist: give a file, a folder, 'builtin', or a hub name")
+    elif os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise UserError(f"dataset {spec!r} is neither a local path nor 'builtin', and hub access is off "
+                        "(HF_DATASETS_OFFLINE=1)")
+    else:
+        try:
+            ds = datasets.load_dataset(spec, split="train", streaming=True)
+        except Exception as e:
+            raise UserError(f"cannot open hub dataset {spec!r} ({type(e).__name__}): check the name and network") from None
+    first = True
+    for row in ds:
+        if first and text_column not in row:
+            raise UserError(f"text column {text_column!r} not in {spec}: columns are {sorted(row)}; "
+                            "pass --text-column")
+        first = False
+        text = row[text_column]
+        if isinstance(text, str) and text.strip():
+            yield text
+
+
+def documents(spec: str, text_column: str = "text") -> Iterator[str]:
+    """The corpus as a stream of document strings, in a fixed order."""
+    if spec == "builtin" or spec.startswith("builtin:"):
+        return _builtin(spec)
+    return _rows(spec, text_column)
+
+
+def check_corpus(spec: str, text_column: str = "text") -> None:
+    """Fail fast on a bad corpus (missing path, column, unknown built-in) before any model work."""
+    for _ in documents(spec, text_column):
+        return
+    raise UserError(f"corpus {spec} has no non-empty documents")
+
+
+# -- packing ---------------------------------------------------------------------------------
+@dataclass
+class Context:
+    context_id: int
+    doc_id: int  # document of the first non-BOS token
+    offset: int  # token offset of that token inside its document
+    tokens: np.ndarray  # int32 [context_size], tokens[0] == BOS
+
+
+def _tokenized(docs: Iterable[str], tokenizer, batch: int = 64) -> Iterator[tuple[int, np.ndarray]]:
+    pending: list[str] = []
+    doc_id = 0
+    for text in docs:
+        pending.append(text)
+        if len(pending) == batch:
+            for ids in tokenizer(pending, add_special_tokens=False)["input_ids"]:
+                yield doc_id, np.asarray(ids, dtype=np.int32)
+                doc_id += 1
+            pending = []
+    if pending:
+        for ids in tokenizer(pending, add_special_tokens=False)["input_ids"]:
+            yield doc_id, np.asarray(ids, dtype=np.int32)
+            doc_id += 1
+
+
+def pack_contexts(docs: Iterable[str], tokenizer, context_size: int, bos: int) -> Iterator[Context]:
+    """Concatenate documents (BOS between them) and cut into contexts that each start with BOS.
+
+    Each context is ``[BOS] + next (context_size - 1) stream tokens``; a separator BOS that
+    would land right after the leading BOS is skipped. The final partial context is dropped.
+    """
+    need = context_size - 1
+    toks, docs_, offs = [], [], []  # pending pieces of the stream
+    have, context_id, started = 0, 0, False
+    for doc_id, ids in _tokenized(docs, tokenizer):
+        if len(ids) == 0:
+            continue
+        if started:  # separator, attributed to the next document at offset -1
+            toks.append(np.array([bos], np.int32)); docs_.append(np.array([doc_id])); offs.append(np.array([-1]))
+            have += 1
+        started = True
+        toks.append(ids); docs_.append(np.full(len(ids), doc_id)); offs.append(np.arange(len(ids)))
+        have += len(ids)
+        if have < need + 1:
+            continue
+        t, d, o = np.concatenate(toks), np.concatenate(docs_), np.concatenate(offs)
+        i = 0
+        while True:
+            if i < len(t) and o[i] == -1:
+                i += 1  # never BOS BOS at the start of a context
+            if len(t) - i < need:
+                break
+            tokens = np.empty(context_size, np.int32)
+            tokens[0] = bos
+            tokens[1:] = t[i:i + need]
+            yield Context(context_id, int(d[i]), int(o[i]), tokens)
+            context_id += 1
+            i += need
+        toks, docs_, offs = [t[i:]], [d[i:]], [o[i:]]
+        have = len(t) - i

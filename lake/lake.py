@@ -1,0 +1,104 @@
+"""A lake: a root URI holding runs (activation tables + manifests), SAEs and analyses."""
+from __future__ import annotations
+
+import re
+from functools import cached_property
+
+import lance
+
+from catalog import Catalog, CatalogError
+
+from .errors import UserError
+from .storage import LakeStorage, check_name, saelake_home
+from .tables import as_float32_for_sql
+
+TABLES = {"1d": "tokens", "2d": "contexts"}
+
+
+class Lake:
+    def __init__(self, root: str):
+        self.storage = LakeStorage(root)
+        self.root = self.storage.root
+
+    def __repr__(self) -> str:
+        return f"Lake({self.root!r})"
+
+    # -- runs ------------------------------------------------------------------------------
+    def run_names(self) -> list[str]:
+        return [n for n in self.storage.listdir("runs") if self.storage.exists("runs", n, "manifest.json")]
+
+    def manifest(self, run: str) -> dict:
+        check_name(run, "run name")
+        m = self.storage.read_json("runs", run, "manifest.json")
+        if m is None:
+            known = self.run_names()
+            raise UserError(f"no run {run!r} in {self.root}" + (f": runs are {', '.join(known)}" if known
+                                                                  else ": the lake has no runs yet (lake ingest)"))
+        return m
+
+    def write_manifest(self, manifest: dict) -> None:
+        self.storage.write_json(manifest, "runs", manifest["name"], "manifest.json")
+
+    def table_uri(self, run: str, table: str) -> str:
+        return self.storage.uri("runs", run, f"{table}.lance")
+
+    def dataset(self, run: str, table: str, version: int | str | None = None) -> lance.LanceDataset:
+        uri = self.table_uri(run, table)
+        try:
+            return lance.dataset(uri, version=version, storage_options=self.storage.storage_options)
+        except Exception as e:
+            raise UserError(f"cannot open {table} table of run {run!r} at version {version} ({uri}): "
+                            f"{str(e).splitlines()[0][:200]}") from None
+
+    # -- catalog ---------------------------------------------------------------------------
+    @cached_property
+    def catalog(self) -> Catalog:
+        if self.storage.is_s3:  # one local catalog file per remote root
+            return Catalog(saelake_home() / "catalogs" / f"{self.storage.local_cache_key()}.duckdb")
+        return Catalog(self.storage.uri("catalog.duckdb"))
+
+    def register_run(self, manifest: dict) -> None:
+        try:
+            self.catalog.upsert_run(manifest, self.storage.uri("runs", manifest["name"]))
+        except CatalogError as e:
+            raise UserError(f"{e} (the manifest is saved; run `lake catalog sync` later)") from None
+
+    def sync(self) -> int:
+        """Rebuild the catalog from the manifests; returns the number of runs."""
+        runs = [(self.manifest(n), self.storage.uri("runs", n)) for n in self.run_names()]
+        self.catalog.rebuild(runs)
+        return len(runs)
+
+    def query(self, sql: str) -> tuple[list[str], list[tuple]]:
+        """Read-only SQL over the catalog, plus activation tables named ``<table>__<run>``.
+
+        e.g. ``select position, avg(blocks_3_hook_resid_post_norm) from tokens__r1 group by 1``.
+        Activation columns named in the SQL are served as float32 lists (DuckDB has no float16).
+        """
+        if not self.catalog.path.exists():
+            self.sync()
+        relations = {}
+        for table, run in set(re.findall(r"\b(tokens|contexts)__([A-Za-z0-9_]+)\b", sql)):
+            name = next((n for n in self.run_names() if re.sub(r"[^A-Za-z0-9_]", "_", n) == run), None)
+            if name is None:
+                raise UserError(f"no run {run!r} for {table}__{run}: see `lake ls`")
+            relations[f"{table}__{run}"] = self._sql_reader(name, table, sql)
+        try:
+            return self.catalog.query(sql, relations)
+        except CatalogError as e:
+            raise UserError(str(e)) from None
+
+    def _sql_reader(self, run: str, table: str, sql: str):
+        import pyarrow as pa
+
+        m = self.manifest(run)
+        ds = self.dataset(run, table)
+        acts = {m["columns"][h]: m["dtype"] for h in m["hooks"]}
+        wanted = [f.name for f in ds.schema if f.name not in acts or re.search(rf"\b{f.name}\b", sql)]
+        scanner = ds.scanner(columns=wanted, batch_size=8192)
+        batches = (as_float32_for_sql(b, acts) for b in scanner.to_batches())
+        first = next(batches, None)
+        if first is None:
+            return pa.table({n: pa.array([], ds.schema.field(n).type) for n in wanted})
+        import itertools
+        return pa.RecordBatchReader.from_batches(first.schema, itertools.chain([first], batches))

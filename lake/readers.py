@@ -1,0 +1,237 @@
+"""The shared reader interface: the only way train/ and analyze/ touch activations.
+
+``SnapshotSource`` reads a pinned version of a run's Lance tables; ``LiveSource`` runs the
+model. Both serve the same ``TokenBatch`` (1d, shuffled tokens) and ``ContextBatch`` (2d,
+whole contexts in order). Activations come in their storage dtype (float16 by default,
+zero-copy from Arrow where possible); callers cast to float32 for compute.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Protocol, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .errors import UserError
+from .lake import Lake
+from .tables import arrow_to_acts
+
+
+@dataclass
+class TokenBatch:
+    acts: dict[str, torch.Tensor]  # hook -> [n, d]
+    token_id: torch.Tensor  # [n] int32
+    context_id: torch.Tensor  # [n] int64
+    position: torch.Tensor  # [n] int32
+
+    def __len__(self) -> int:
+        return len(self.token_id)
+
+
+@dataclass
+class ContextBatch:
+    acts: dict[str, torch.Tensor]  # hook -> [n, T, d]
+    tokens: torch.Tensor  # [n, T] int32
+    context_id: torch.Tensor  # [n] int64
+    doc_id: torch.Tensor  # [n] int64
+
+    def __len__(self) -> int:
+        return len(self.context_id)
+
+
+class ActivationSource(Protocol):
+    hooks: Sequence[str]
+    d_model: Mapping[str, int]
+
+    def token_batches(self, batch_size: int, hooks: Sequence[str] | None = None, *, seed: int = 0,
+                      start: int = 0, repeat: bool = False) -> Iterator[TokenBatch]: ...
+
+    def context_batches(self, batch_size: int, hooks: Sequence[str] | None = None, *,
+                        start: int = 0) -> Iterator[ContextBatch]: ...
+
+    def state(self) -> dict: ...
+
+
+def _prefetch(gen: Iterator, depth: int = 2) -> Iterator:
+    """Run a generator in a background thread (Lance I/O and decoding release the GIL)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False  # the consumer went away
+
+    def work():
+        try:
+            for item in gen:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as e:  # hand errors to the consumer
+            put(e)
+
+    threading.Thread(target=work, daemon=True).start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+class SnapshotSource:
+    """A pinned snapshot ``(run, version)`` of a run in a lake.
+
+    ``version`` is the run's snapshot number (1 = the first complete ingest, 2 = after the
+    first --append, ...; default: the latest). Reading never sees later appends.
+    """
+
+    def __init__(self, lake: Lake | str, run: str, version: int | None = None, block_rows: int = 65536):
+        self.lake = lake if isinstance(lake, Lake) else Lake(lake)
+        self.manifest = m = self.lake.manifest(run)
+        if not m["versions"]:
+            raise UserError(f"run {run!r} has no complete snapshot yet (status {m['status']}): "
+                            f"finish it with `lake ingest --run {run} --resume ...`")
+        n = len(m["versions"])
+        if version is None:
+            version = n
+        if not 1 <= version <= n:
+            raise UserError(f"run {run!r} has snapshot versions 1..{n}, not {version}")
+        self.run, self.version, self.snapshot = run, version, m["versions"][version - 1]
+        self.hooks = list(m["hooks"])
+        self.d_model = dict(m["d_model"])
+        self.columns = dict(m["columns"])
+        self.dtype, self.context_size = m["dtype"], m["context_size"]
+        self.block_rows = block_rows
+        self._pos: dict = {}
+
+    def __repr__(self) -> str:
+        return f"SnapshotSource({self.lake.root!r}, {self.run!r}, version={self.version})"
+
+    @property
+    def n_tokens(self) -> int:
+        """Rows of the 1d table in this snapshot (non-BOS tokens by default)."""
+        return self.snapshot["rows"].get("tokens", 0)
+
+    @property
+    def n_contexts(self) -> int:
+        return self.snapshot["contexts"]
+
+    def _table(self, table: str):
+        if table not in self.snapshot["tables"]:
+            layout = {"tokens": "1d", "contexts": "2d"}[table]
+            raise UserError(f"run {self.run!r} has no {layout} table: ingest one with --layout {layout}"
+                            + (" or use --live" if layout == "2d" else ""))
+        return self.lake.dataset(self.run, table, self.snapshot["tables"][table])
+
+    def _hooks(self, hooks: Sequence[str] | None) -> list[str]:
+        hooks = list(hooks or self.hooks)
+        for h in hooks:
+            if h not in self.hooks:
+                raise UserError(f"hook {h!r} is not in run {self.run!r}: it has {', '.join(self.hooks)}")
+        return hooks
+
+    # -- 1d --------------------------------------------------------------------------------
+    def _blocks(self, seed: int, epoch: int) -> list[tuple[int, int, int]]:
+        """(fragment index, offset, rows) read blocks, in a seeded order for this epoch."""
+        ds = self._table("tokens")
+        blocks = [(i, off, min(self.block_rows, f.count_rows() - off))
+                  for i, f in enumerate(ds.get_fragments()) for off in range(0, f.count_rows(), self.block_rows)]
+        order = np.random.default_rng([seed, epoch, 1]).permutation(len(blocks))
+        return [blocks[j] for j in order]
+
+    def token_batches(self, batch_size: int, hooks: Sequence[str] | None = None, *, seed: int = 0,
+                      start: int = 0, repeat: bool = False) -> Iterator[TokenBatch]:
+        """Shuffled token batches; ``start`` rows are skipped exactly (for resume).
+
+        Order: the table is shuffled at write time; on top, blocks of ``block_rows`` are read in
+        a seeded order per epoch and each block is permuted in memory with a seeded generator.
+        """
+        hooks = self._hooks(hooks)
+        cols = ["token_id", "context_id", "position"] + [self.columns[h] for h in hooks]
+        ds = self._table("tokens")
+        fragments = ds.get_fragments()
+        total = self.n_tokens
+        if total == 0:
+            raise UserError(f"run {self.run!r} has an empty 1d table")
+        self._pos = {"kind": "tokens", "rows": start, "seed": seed, "run": self.run, "version": self.version}
+
+        def blocks():
+            epoch, skip = divmod(start, total)
+            while True:
+                for b, (fi, off, n) in enumerate(self._blocks(seed, epoch)):
+                    if skip >= n:
+                        skip -= n
+                        continue
+                    t = fragments[fi].to_table(columns=cols, offset=off, limit=n)
+                    perm = np.random.default_rng([seed, epoch, b, 2]).permutation(n)[skip:]
+                    skip = 0
+                    yield t.take(perm)
+                epoch += 1
+                if not repeat:
+                    return
+
+        carry: pa.Table | None = None
+        for block in _prefetch(blocks()):
+            block = block if carry is None else pa.concat_tables([carry, block])
+            i = 0
+            while len(block) - i >= batch_size:
+                yield self._token_batch(block.slice(i, batch_size), hooks)
+                i += batch_size
+            carry = block.slice(i) if i < len(block) else None
+        if carry is not None and len(carry):
+            yield self._token_batch(carry, hooks)
+
+    def _token_batch(self, t: pa.Table, hooks: list[str]) -> TokenBatch:
+        t = t.combine_chunks()
+        batch = TokenBatch(
+            acts={h: arrow_to_acts(t.column(self.columns[h]), self.dtype, (self.d_model[h],)) for h in hooks},
+            token_id=torch.from_numpy(t.column("token_id").to_numpy()),
+            context_id=torch.from_numpy(t.column("context_id").to_numpy()),
+            position=torch.from_numpy(t.column("position").to_numpy()))
+        self._pos["rows"] += len(batch)
+        return batch
+
+    # -- 2d --------------------------------------------------------------------------------
+    def context_batches(self, batch_size: int, hooks: Sequence[str] | None = None, *,
+                        start: int = 0) -> Iterator[ContextBatch]:
+        """Whole contexts in context_id order, starting at context ``start``."""
+        hooks = self._hooks(hooks)
+        ds = self._table("contexts")
+        cols = ["context_id", "doc_id", "tokens"] + [self.columns[h] for h in hooks]
+        self._pos = {"kind": "contexts", "contexts": start, "run": self.run, "version": self.version}
+        T = self.context_size
+        scanner = ds.scanner(columns=cols, offset=start if start else None, batch_size=batch_size,
+                             scan_in_order=True, strict_batch_size=True)
+
+        def batches():
+            for b in scanner.to_batches():
+                if len(b):
+                    yield b
+
+        for b in _prefetch(batches()):
+            batch = ContextBatch(
+                acts={h: arrow_to_acts(b.column(self.columns[h]), self.dtype, (T, self.d_model[h])) for h in hooks},
+                tokens=torch.from_numpy(b.column("tokens").flatten().to_numpy()).view(-1, T),
+                context_id=torch.from_numpy(b.column("context_id").to_numpy()),
+                doc_id=torch.from_numpy(b.column("doc_id").to_numpy()))
+            self._pos["contexts"] += len(batch)
+            yield batch
+
+    def state(self) -> dict:
+        """Where the last iterator stands: pass ``rows``/``contexts`` back as ``start`` to resume."""
+        return dict(self._pos)

@@ -1,0 +1,174 @@
+"""Where a lake lives: a local directory or ``s3://bucket/prefix``.
+
+Small JSON files (manifests, configs) go through fsspec and are written atomically
+(temp file + rename locally, a single PUT on S3). Lance datasets get ``uri()`` plus
+``storage_options`` so Lance talks to the same store directly.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+import fsspec
+
+from .errors import UserError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Run/SAE/analysis names become path components: keep them boring."""
+    if not NAME_RE.match(name or "") or ".." in name:
+        raise UserError(f"invalid {what} {name!r}: use letters, digits, '_', '-', '.' (max 128, no '..')")
+    return name
+
+
+def _s3_settings() -> dict:
+    """Credentials and endpoint from the standard AWS environment variables (never stored)."""
+    return {
+        "key": os.environ.get("AWS_ACCESS_KEY_ID"),
+        "secret": os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        "token": os.environ.get("AWS_SESSION_TOKEN"),
+        "endpoint": os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+    }
+
+
+class LakeStorage:
+    """File access for one lake root."""
+
+    def __init__(self, root: str):
+        root = str(root).rstrip("/")
+        self.is_s3 = root.startswith("s3://")
+        if self.is_s3:
+            parsed = urlparse(root)
+            if not parsed.netloc:
+                raise UserError(f"bad lake URI {root!r}: expected s3://bucket/prefix")
+            self.root = root
+            s = _s3_settings()
+            self.endpoint = s["endpoint"]
+            client_kwargs = {"endpoint_url": s["endpoint"]} if s["endpoint"] else {}
+            self.fs = fsspec.filesystem(
+                "s3", key=s["key"], secret=s["secret"], token=s["token"], client_kwargs=client_kwargs,
+                config_kwargs={"connect_timeout": 5, "read_timeout": 30, "retries": {"max_attempts": 2}},
+                skip_instance_cache=True,
+            )
+            self.storage_options = {"region": s["region"]}
+            if s["key"]:
+                self.storage_options |= {"access_key_id": s["key"], "secret_access_key": s["secret"]}
+            if s["token"]:
+                self.storage_options["session_token"] = s["token"]
+            if s["endpoint"]:
+                self.storage_options |= {"endpoint": s["endpoint"], "aws_virtual_hosted_style_request": "false"}
+                if s["endpoint"].startswith("http://"):
+                    self.storage_options["allow_http"] = "true"
+            self._check_s3(parsed.netloc)
+        else:
+            path = Path(root.removeprefix("file://")).expanduser().resolve()
+            if path.exists() and not path.is_dir():
+                raise UserError(f"lake path {path} is a file: give a directory (it is created if missing)")
+            self.root = str(path)
+            self.fs = fsspec.filesystem("file")
+            self.storage_options = None
+            self.endpoint = None
+
+    def _check_s3(self, bucket: str) -> None:
+        where = self.endpoint or "the default AWS endpoint"
+        try:
+            self.fs.ls(bucket, refresh=True)
+        except FileNotFoundError:
+            raise UserError(f"S3 bucket {bucket!r} does not exist at {where}: create it first") from None
+        except PermissionError:
+            raise UserError(f"S3 at {where} refused access to bucket {bucket!r}: check AWS_ACCESS_KEY_ID/"
+                            "AWS_SECRET_ACCESS_KEY") from None
+        except Exception as e:  # botocore raises many types; the class name says enough
+            name = type(e).__name__
+            if "Credential" in name or "Auth" in str(e) or "InvalidAccessKeyId" in str(e) or "Forbidden" in str(e):
+                raise UserError(f"S3 at {where} refused the credentials for bucket {bucket!r}: check "
+                                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY") from None
+            raise UserError(f"cannot reach S3 endpoint {where} ({name}): check AWS_ENDPOINT_URL and "
+                            "that the server is up") from None
+
+    # paths -------------------------------------------------------------------------------
+    def uri(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.uri(*parts))
+
+    def listdir(self, *parts: str) -> list[str]:
+        """Names of the entries directly under a folder ([] if missing)."""
+        try:
+            entries = self.fs.ls(self.uri(*parts), detail=False, refresh=True) if self.is_s3 else \
+                self.fs.ls(self.uri(*parts), detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries})
+
+    # small files -------------------------------------------------------------------------
+    def read_json(self, *parts: str) -> dict | None:
+        try:
+            with self.fs.open(self.uri(*parts), "r") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{self.uri(*parts)} is not valid JSON ({e}): restore it or remove the entry") from None
+
+    def write_json(self, obj: dict, *parts: str) -> None:
+        self.write_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), *parts)
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        """Atomic: readers see the old file or the new one, never a torn one."""
+        target = self.uri(*parts)
+        if self.is_s3:
+            self.fs.pipe(target, data)  # a single PUT is atomic on S3
+            return
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def create_exclusive(self, data: bytes, *parts: str) -> bool:
+        """Create a file only if absent (locally atomic with O_EXCL). False if it existed."""
+        target = self.uri(*parts)
+        if self.is_s3:
+            if self.fs.exists(target):
+                return False
+            self.fs.pipe(target, data)
+            return True
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        try:
+            fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+
+    def remove(self, *parts: str) -> None:
+        if self.exists(*parts):
+            self.fs.rm(self.uri(*parts), recursive=True)
+
+    def local_cache_key(self) -> str:
+        """A file-name-safe key for per-root local state (the catalog of a remote lake)."""
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", self.root).strip("-")[-60:]
+        return f"{slug}-{hashlib.sha1(self.root.encode()).hexdigest()[:10]}"
+
+
+def saelake_home() -> Path:
+    """Local state that is not part of any lake: model cache, catalogs of remote lakes."""
+    return Path(os.environ.get("SAELAKE_HOME", Path.home() / ".cache" / "saelake"))

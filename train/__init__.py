@@ -1,0 +1,1 @@
+"""saelake train package (see the issues for what lands here)."""
