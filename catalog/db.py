@@ -100,13 +100,50 @@ class Catalog:
                          s["rms_norm"], s["median_norm"], s["p99_norm"], s["max_norm"]])
         con.execute("commit")
 
-    def rebuild(self, runs: list[tuple[dict, str]]) -> None:
-        """Drop the index and rebuild it from manifests (run manifest, uri) pairs."""
+    def upsert_sae(self, config: dict, uri: str, metrics: list[dict] | None = None, con=None) -> None:
+        """One SAE: ``config`` holds the ``saes`` columns (missing ones are NULL) and is kept whole
+        as JSON; ``metrics`` rows are {step, tokens, name, value} and replace earlier ones."""
+        if con is None:
+            with self.connect() as con:
+                return self.upsert_sae(config, uri, metrics, con)
+        cols = ["name", "arch", "hook", "out_hook", "d_in", "d_sae", "k", "run", "version", "tokens_trained",
+                "fvu", "l0", "dead_fraction", "status", "created"]
+        con.execute("begin")
+        con.execute("delete from saes where name = ?", [config["name"]])
+        con.execute(f"insert into saes values ({','.join('?' * (len(cols) + 2))})",
+                    [config.get(c) for c in cols] + [uri, json.dumps(config, default=str)])
+        if metrics is not None:
+            con.execute("delete from metrics where sae = ?", [config["name"]])
+            con.executemany("insert into metrics values (?,?,?,?,?)",
+                            [[config["name"], r["step"], r["tokens"], r["name"], r["value"]] for r in metrics])
+        con.execute("commit")
+
+    def upsert_analysis(self, record: dict, uri: str, con=None) -> None:
+        """One analysis: ``record`` holds the ``analyses`` columns and is kept whole as JSON."""
+        if con is None:
+            with self.connect() as con:
+                return self.upsert_analysis(record, uri, con)
+        cols = ["name", "sae", "run", "version", "store", "n_features", "tokens", "created"]
+        con.execute("begin")
+        con.execute("delete from analyses where name = ?", [record["name"]])
+        con.execute(f"insert into analyses values ({','.join('?' * (len(cols) + 2))})",
+                    [record.get(c) for c in cols] + [uri, json.dumps(record, default=str)])
+        con.execute("commit")
+
+    def rebuild(self, runs: list[tuple[dict, str]], saes: list[tuple[dict, str, list]] = (),
+                analyses: list[tuple[dict, str]] = ()) -> None:
+        """Drop the index and rebuild it from the lake's manifests.
+
+        runs: (manifest, uri); saes: (config, uri, metrics); analyses: (record, uri)."""
         with self.connect() as con:
-            for table in ("runs", "snapshots", "hooks"):
+            for table in ("runs", "snapshots", "hooks", "saes", "metrics", "analyses"):
                 con.execute(f"delete from {table}")
             for manifest, uri in runs:
                 self.upsert_run(manifest, uri, con)
+            for config, uri, metrics in saes:
+                self.upsert_sae(config, uri, metrics, con)
+            for record, uri in analyses:
+                self.upsert_analysis(record, uri, con)
 
     # -- reads -----------------------------------------------------------------------------
     def query(self, sql: str, relations: dict | None = None) -> tuple[list[str], list[tuple]]:

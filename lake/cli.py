@@ -101,10 +101,16 @@ LS_TABLES = {"runs": "name, status, model, dataset, tokens, context_size, dtype,
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True)
 def show(lake_uri, name, as_json):
-    """Show one run (model, corpus, hooks, tokens, versions, stats, status)."""
+    """Show one run (model, corpus, hooks, tokens, versions, stats, status), or an SAE."""
     from .lake import Lake
 
-    m = Lake(lake_uri).manifest(name)
+    lake = Lake(lake_uri)
+    if name not in lake.run_names():
+        # other packages show their own objects (SAEs...): entry points in saelake.show
+        for ep in entry_points(group="saelake.show"):
+            if ep.load()(lake, name, as_json):
+                return
+    m = lake.manifest(name)
     if as_json:
         click.echo(json.dumps(m, indent=2, default=str))
         return
@@ -150,8 +156,8 @@ def catalog_sync(lake_uri):
     from .lake import Lake
 
     lake = Lake(lake_uri)
-    n = lake.sync()
-    click.echo(f"catalog {lake.catalog.path}: {n} runs")
+    counts = lake.sync()
+    click.echo(f"catalog {lake.catalog.path}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
 
 
 @cli.command()

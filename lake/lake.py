@@ -1,6 +1,7 @@
 """A lake: a root URI holding runs (activation tables + manifests), SAEs and analyses."""
 from __future__ import annotations
 
+import itertools
 import re
 from functools import cached_property
 
@@ -63,11 +64,21 @@ class Lake:
         except CatalogError as e:
             raise UserError(f"{e} (the manifest is saved; run `lake catalog sync` later)") from None
 
-    def sync(self) -> int:
-        """Rebuild the catalog from the manifests; returns the number of runs."""
-        runs = [(self.manifest(n), self.storage.uri("runs", n)) for n in self.run_names()]
-        self.catalog.rebuild(runs)
-        return len(runs)
+    def sync(self) -> dict[str, int]:
+        """Rebuild the catalog from the manifests (the source of truth); returns counts.
+
+        Runs: ``runs/<run>/manifest.json``. SAEs: ``saes/<sae>/config.json`` (+ ``metrics.json``,
+        a list of {step, tokens, name, value}). Analyses: ``analyses/<name>/analysis.json``.
+        """
+        st = self.storage
+        runs = [(self.manifest(n), st.uri("runs", n)) for n in self.run_names()]
+        saes = [(st.read_json("saes", n, "config.json"), st.uri("saes", n), st.read_json("saes", n, "metrics.json"))
+                for n in st.listdir("saes") if st.exists("saes", n, "config.json")]
+        saes = [(c, u, m if isinstance(m, list) else (m or {}).get("rows", [])) for c, u, m in saes]
+        analyses = [(st.read_json("analyses", n, "analysis.json"), st.uri("analyses", n))
+                    for n in st.listdir("analyses") if st.exists("analyses", n, "analysis.json")]
+        self.catalog.rebuild(runs, saes, analyses)
+        return {"runs": len(runs), "saes": len(saes), "analyses": len(analyses)}
 
     def query(self, sql: str) -> tuple[list[str], list[tuple]]:
         """Read-only SQL over the catalog, plus activation tables named ``<table>__<run>``.
@@ -100,5 +111,4 @@ class Lake:
         first = next(batches, None)
         if first is None:
             return pa.table({n: pa.array([], ds.schema.field(n).type) for n in wanted})
-        import itertools
         return pa.RecordBatchReader.from_batches(first.schema, itertools.chain([first], batches))
