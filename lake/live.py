@@ -66,8 +66,8 @@ class LiveSource:
             if seen + len(rows) <= start:  # before the resume point: no model run needed
                 seen += len(rows)
                 continue
-            rows = rows[max(0, start - seen):]
-            seen += len(rows)
+            skip, seen = max(0, start - seen), seen + len(rows)
+            rows = rows[skip:]
             acts = self._forward(tokens, hooks)
             part = TokenBatch(acts={h: acts[h].reshape(-1, acts[h].shape[-1])[rows] for h in hooks},
                               token_id=tokens.reshape(-1)[rows],

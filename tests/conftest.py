@@ -121,3 +121,40 @@ def mongo_server():
     yield f"mongodb://127.0.0.1:{port}/"
     proc.terminate()
     proc.wait(5)
+
+
+HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
+
+
+def ingest_tiny(lake: str, model: str, corpus: str, run: str = "r1", tokens: int = 4000, **kw) -> dict:
+    from lake import IngestConfig, ingest
+
+    cfg = IngestConfig(lake=lake, model=model, dataset=corpus, hooks=kw.pop("hooks", HOOKS), tokens=tokens,
+                       context_size=kw.pop("context_size", 32), run=run, shuffle_buffer=kw.pop("shuffle_buffer", 1024),
+                       **kw)
+    return ingest(cfg, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_lake(tmp_path_factory, tiny_model, tiny_corpus) -> str:
+    """A lake with run r1: the tiny model over the tiny corpus, two hooks, 1d + 2d. Read-only for tests."""
+    lake = str(tmp_path_factory.mktemp("lakes") / "tiny")
+    ingest_tiny(lake, tiny_model, tiny_corpus)
+    return lake
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    """Run the `lake` CLI in-process (fast); returns (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from lake.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(args))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
