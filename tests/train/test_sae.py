@@ -1,0 +1,90 @@
+"""The model family: sparse paths equal dense math, stacking equals separate SAEs, folding is exact."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from train.sae import SparseCoder
+from train.store import fold_normalization, sae_from_weights
+
+
+def _model(arch, n=1, d_in=16, d_sae=48, d_out=None, k=4, seed=0):
+    torch.manual_seed(seed)
+    m = SparseCoder(arch, d_in, d_sae, d_out, n, k=k)
+    m.initialize([torch.Generator().manual_seed(seed + i) for i in range(n)])
+    with torch.no_grad():
+        m.b_dec.normal_()
+        m.b_enc.normal_(0, 0.1)
+        if arch == "jumprelu":
+            m.log_threshold.fill_(-1.0)
+        if arch == "batchtopk":
+            m.threshold.fill_(0.5)
+    return m
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("d_out", [None, 12])
+def test_sparse_path_matches_dense_autograd(arch, d_out):
+    m = _model(arch, n=3, d_out=d_out, k=[4, 6, 5] if arch == "topk" else [4, 4, 4])
+    x = torch.randn(10, 16)
+    y = m(x)
+    (y.pow(2).sum() + y.sum()).backward()
+    sparse_grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    mask = (m.encode(x).dense() != 0).float()  # same selection, dense math
+    acts = torch.relu(m.pre(x)) * mask
+    y2 = torch.baddbmm(m.b_dec.unsqueeze(1), acts, m.W_dec)
+    (y2.pow(2).sum() + y2.sum()).backward()
+    torch.testing.assert_close(y, y2, atol=1e-5, rtol=1e-5)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(sparse_grads[n], p.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_topk_selects_k_per_token_and_member():
+    m = _model("topk", n=2, k=[3, 5])
+    codes = m.encode(torch.randn(7, 16))
+    nz = codes.dense() != 0
+    assert nz.sum(-1)[0].max() <= 3 and nz.sum(-1)[1].max() <= 5
+    assert codes.l0()[1] > codes.l0()[0]
+
+
+def test_batchtopk_keeps_k_per_token_on_average():
+    m = _model("batchtopk", k=4)
+    codes = m.encode(torch.randn(32, 16), training=True)
+    assert float(codes.l0()[0]) == pytest.approx(4, abs=0.01)
+    assert (codes.dense() != 0).sum(-1).max() > 4  # per batch, not per token
+
+
+def test_stacked_members_equal_separate_models():
+    stacked = _model("topk", n=2, k=[4, 6])
+    x = torch.randn(9, 16)
+    y = stacked(x)
+    for i, k in enumerate([4, 6]):
+        single = SparseCoder("topk", 16, 48, n=1, k=k)
+        single.load_member(0, stacked.member_state(i))
+        torch.testing.assert_close(single(x)[0], y[i], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu"])
+@pytest.mark.parametrize("transcoder", [False, True])
+def test_folding_normalization_is_exact(arch, transcoder):
+    """SAE on normalised inputs == folded SAE on raw inputs (JumpReLU/BatchTopK thresholds too)."""
+    d_out = 12 if transcoder else None
+    m = _model(arch, d_out=d_out)
+    s_in = torch.full((16,), 3.7)
+    s_out = torch.full((d_out or 16,), 0.42 if transcoder else 3.7)
+    x = torch.randn(20, 16) * 5
+    m.use_threshold = True
+    y_norm = m(x * s_in)[0] / s_out  # trained SAE, back to raw units
+    folded = fold_normalization(m.member_state(0), s_in, s_out, arch)
+    cfg = {"arch": arch, "k": 4, "apply_b_dec_to_input": m.apply_b_dec_to_input}
+    y_raw = sae_from_weights(cfg, folded)(x)[0]
+    torch.testing.assert_close(y_raw, y_norm, atol=1e-4, rtol=1e-4)
+
+
+def test_jumprelu_threshold_gets_gradient():
+    m = _model("jumprelu")
+    m.bandwidth = 10.0  # wide kernel: every pre-activation is near the threshold
+    codes = m.encode(torch.randn(8, 16))
+    m.decode(codes).pow(2).sum().backward()
+    assert m.log_threshold.grad.abs().sum() > 0

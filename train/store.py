@@ -1,0 +1,158 @@
+"""SAEs in the lake: ``<root>/saes/<name>/`` holds config.json, weights.safetensors,
+metrics.json and checkpoints/. Weights are safetensors (never pickles); the config is
+written after the normalization is folded into the weights, so a reloaded SAE works on raw
+activations as stored in the lake.
+"""
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from lake import Lake, UserError
+from lake.storage import check_name
+
+from .sae import SparseCoder
+
+# Names of the metric definitions (DESIGN §6); every stored number names its definition.
+METRIC_DEFINITIONS = {
+    "fvu": "sum ||y - y_hat||^2 / sum ||y - mean(y)||^2 over the evaluation tokens (mean over those "
+           "tokens, per dimension); explained_variance = 1 - fvu",
+    "l0": "mean over tokens of the number of non-zero latents",
+    "dead_fraction": "fraction of latents with no activation in the last N tokens (N = dead_window)",
+    "ce_loss_recovered": "(CE_zero_ablation - CE_sae) / (CE_zero_ablation - CE_clean), SAE reconstruction "
+                         "spliced into the out hook at non-BOS positions; BOS positions excluded from the losses",
+    "delta_lm_loss": "CE_sae - CE_clean (nats per token, BOS positions excluded)",
+    "kl": "mean over non-BOS positions of KL(p_clean || p_sae) (nats)",
+}
+CATALOG_COLUMNS = ("name", "arch", "hook", "out_hook", "d_in", "d_sae", "k", "run", "version", "tokens_trained",
+                   "fvu", "l0", "dead_fraction", "status", "created")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def to_bytes(tensors: dict[str, torch.Tensor], meta: dict | None = None) -> bytes:
+    return st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                   metadata={k: str(v) for k, v in (meta or {}).items()})
+
+
+def from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    return st_load(data)
+
+
+class SAEStore:
+    """Files of the SAEs in one lake."""
+
+    def __init__(self, lake: Lake | str):
+        self.lake = lake if isinstance(lake, Lake) else Lake(lake)
+        self.st = self.lake.storage
+
+    def names(self) -> list[str]:
+        return [n for n in self.st.listdir("saes") if self.st.exists("saes", n, "config.json")]
+
+    def exists(self, name: str) -> bool:
+        return self.st.exists("saes", check_name(name, "SAE name"), "config.json")
+
+    def config(self, name: str) -> dict:
+        cfg = self.st.read_json("saes", check_name(name, "SAE name"), "config.json")
+        if cfg is None:
+            known = self.names()
+            raise UserError(f"no SAE {name!r} in {self.lake.root}" +
+                            (f": SAEs are {', '.join(known[:20])}" if known else ": train one with `lake train`"))
+        return cfg
+
+    def metrics(self, name: str) -> list[dict]:
+        return self.st.read_json("saes", name, "metrics.json") or []
+
+    def read_bytes(self, *parts: str) -> bytes:
+        with self.st.fs.open(self.st.uri(*parts), "rb") as f:
+            return f.read()
+
+    def weights(self, name: str) -> dict[str, torch.Tensor]:
+        if not self.st.exists("saes", name, "weights.safetensors"):
+            raise UserError(f"SAE {name!r} has no weights yet (status {self.config(name).get('status')})")
+        return from_bytes(self.read_bytes("saes", name, "weights.safetensors"))
+
+    def save(self, config: dict, weights: dict[str, torch.Tensor] | None = None,
+             metrics: list[dict] | None = None, register: bool = True) -> None:
+        """Weights first, then metrics, then the config (its status says the rest is there)."""
+        name = config["name"]
+        if weights is not None:
+            self.st.write_bytes(to_bytes(weights, {"format": "saelake-sae"}), "saes", name, "weights.safetensors")
+        if metrics is not None:
+            self.st.write_json(metrics, "saes", name, "metrics.json")
+        self.st.write_json(config, "saes", name, "config.json")
+        if register:
+            self.register(name)
+
+    def register(self, name: str) -> None:
+        from catalog import CatalogError
+
+        try:
+            self.lake.catalog.upsert_sae(self.config(name), self.st.uri("saes", name), self.metrics(name))
+        except CatalogError as e:
+            raise UserError(f"{e} (the SAE is saved; run `lake catalog sync` later)") from None
+
+    def load(self, name: str, device: str = "cpu") -> tuple[SparseCoder, dict]:
+        """A trained SAE (normalization folded in: it takes raw activations) and its config."""
+        cfg = self.config(name)
+        return sae_from_weights(cfg, self.weights(name), device), cfg
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def write_checkpoint(self, name: str, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        old = self.st.read_json("saes", name, "checkpoints", "state.json")
+        fname = f"step-{state['step']:09d}.safetensors"
+        self.st.write_bytes(to_bytes(tensors), "saes", name, "checkpoints", fname)
+        self.st.write_json({**state, "tensors": fname}, "saes", name, "checkpoints", "state.json")
+        if old and old.get("tensors") and old["tensors"] != fname:
+            self.st.remove("saes", name, "checkpoints", old["tensors"])
+
+    def read_checkpoint(self, name: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+        state = self.st.read_json("saes", name, "checkpoints", "state.json")
+        if state is None:
+            return None
+        return from_bytes(self.read_bytes("saes", name, "checkpoints", state["tensors"])), state
+
+
+def sae_from_weights(cfg: dict, w: dict[str, torch.Tensor], device: str = "cpu") -> SparseCoder:
+    d_in, d_sae = w["W_enc"].shape
+    sae = SparseCoder(cfg["arch"], d_in, d_sae, w["W_dec"].shape[1], n=1, k=cfg.get("k"),
+                      apply_b_dec_to_input=cfg.get("apply_b_dec_to_input"),
+                      decoder_norm_topk=cfg.get("decoder_norm_topk", False),
+                      bandwidth=cfg.get("bandwidth", 0.05), device=device)
+    sae.load_member(0, {k: v.to(device, torch.float32) for k, v in w.items()})
+    sae.use_threshold = True
+    sae.requires_grad_(False)
+    return sae
+
+
+def fold_normalization(state: dict[str, torch.Tensor], s_in: torch.Tensor, s_out: torch.Tensor,
+                       arch: str) -> dict[str, torch.Tensor]:
+    """Weights trained on ``x·s_in`` (target ``y·s_out``) -> weights for raw ``x`` and ``y``.
+
+    With c the geometric mean of s_in: W_enc' = diag(s_in/c)·W_enc, b_enc' = b_enc/c,
+    thresholds' = thresholds/c (latents are divided by c), W_dec' = W_dec·diag(c/s_out),
+    b_dec' = b_dec/s_out. For one hook (c = s_in = s_out) the decoder is unchanged.
+    """
+    c = float(torch.exp(torch.log(s_in).mean()))
+    out = dict(state)
+    out["W_enc"] = state["W_enc"] * (s_in / c).unsqueeze(1)
+    out["b_enc"] = state["b_enc"] / c
+    out["W_dec"] = state["W_dec"] * (c / s_out).unsqueeze(0)
+    out["b_dec"] = state["b_dec"] / s_out
+    if "threshold" in state:
+        out["threshold"] = state["threshold"] / c
+    return out
+
+
+def scale_vector(hooks: list[str], scales: dict[str, float], d_model: dict[str, int]) -> torch.Tensor:
+    return torch.cat([torch.full((d_model[h],), float(scales[h])) for h in hooks])
+
+
+def clean_float(v):
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v

@@ -1,0 +1,416 @@
+"""The training loop: one pass over one source feeds every SAE of a sweep.
+
+SAEs of the same shape form a group and are stepped together (stacked parameters, batched
+matmuls); each batch is read once, normalised once per hook, and given to every group.
+Checkpoints (weights + Adam state as safetensors, trainer + reader state as JSON) let
+``resume=True`` finish a killed run with bitwise-identical weights on CPU.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+from tqdm import tqdm
+
+from lake import Lake, LiveSource, SnapshotSource, UserError
+from lake.storage import check_name
+
+from .config import SAEConfig, SourceConfig
+from .sae import SPARSE_ARCHS, Codes, SparseCoder, _SparseDecode, _SparseEncode, _Step
+from .store import METRIC_DEFINITIONS, SAEStore, fold_normalization, now, scale_vector
+
+IDENTITY_SKIP = ("name",)  # config keys that may differ on --resume: none but the name
+
+
+class Group:
+    """Same-shape SAEs, stacked: one SparseCoder with ``n`` members plus their Adam state."""
+
+    def __init__(self, cfgs: list[SAEConfig], d_model: dict[str, int], device: str):
+        c = self.cfg = cfgs[0]
+        self.cfgs, self.n = cfgs, len(cfgs)
+        self.d_in = sum(d_model[h] for h in c.hooks)
+        self.d_out = sum(d_model[h] for h in c.all_out_hooks)
+        ks = [x.k or 0 for x in cfgs]
+        self.model = SparseCoder(c.arch, self.d_in, c.d_sae, self.d_out, self.n, k=ks,
+                                 decoder_norm_topk=c.decoder_norm_topk, bandwidth=c.bandwidth,
+                                 init_threshold=c.init_threshold, device=device)
+        self.model.initialize([torch.Generator().manual_seed(x.seed) for x in cfgs],
+                              dec_norm=0.1 if c.arch == "relu" else 1.0)
+        dev = lambda v: torch.tensor(v, dtype=torch.float32, device=device)  # noqa: E731
+        self.k_end = torch.tensor(ks, device=device)
+        self.k_start = torch.tensor([x.k_start or x.k or 0 for x in cfgs], device=device)
+        self.lr, self.l1 = dev([x.lr for x in cfgs]), dev([x.l1 for x in cfgs])
+        self.params = dict(self.model.named_parameters())
+        self.m = {k: torch.zeros_like(p) for k, p in self.params.items()}
+        self.v = {k: torch.zeros_like(p) for k, p in self.params.items()}
+        self.adam_t = 0
+        self.since_fired = torch.zeros(self.n, c.d_sae, dtype=torch.long, device=device)
+        self.thr_steps = 0
+
+    # -- schedules (same shape for every member; values per member) --------------------------
+    def schedule(self, step: int, total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        c = self.cfg
+        warm = max(1, round(c.lr_warmup * total))
+        decay = round(c.lr_decay * total)
+        f = min(1.0, (step + 1) / warm)
+        if decay and step >= total - decay:
+            f *= (total - step) / decay
+        sw = max(1, round(c.sparsity_warmup * total))
+        anneal = round(c.k_anneal * total)
+        frac = min(1.0, step / anneal) if anneal else 1.0
+        k = torch.round(self.k_start + (self.k_end - self.k_start) * frac).long()
+        return self.lr * f, self.l1 * min(1.0, (step + 1) / sw), k
+
+    def adam(self, lr: torch.Tensor, betas=(0.9, 0.999), eps=1e-8) -> None:
+        self.adam_t += 1
+        b1, b2 = betas
+        bc1, bc2 = 1 - b1 ** self.adam_t, 1 - b2 ** self.adam_t
+        with torch.no_grad():
+            for k, p in self.params.items():
+                if p.grad is None:
+                    continue
+                g = p.grad
+                self.m[k].mul_(b1).add_(g, alpha=1 - b1)
+                self.v[k].mul_(b2).addcmul_(g, g, value=1 - b2)
+                step = (lr / bc1).view(-1, *[1] * (p.dim() - 1))
+                p.sub_(step * self.m[k] / (self.v[k].div(bc2).sqrt_().add_(eps)))
+                p.grad = None
+
+    # -- one step ----------------------------------------------------------------------------
+    def step(self, x: torch.Tensor, y: torch.Tensor, step: int, total: int, dead_window: int,
+             autocast) -> dict[str, torch.Tensor]:
+        c, model, n, B = self.cfg, self.model, self.n, x.shape[0]
+        lr, l1, k = self.schedule(step, total)
+        with autocast:
+            codes = model.encode(x, k, training=True)
+            y_hat = model.decode(codes)
+        err = (y_hat.float() - y)
+        sq = err.pow(2).sum(-1)  # [n, B]
+        mse = sq.mean(-1)
+        loss = mse.sum()
+        sparsity = torch.zeros(n, device=x.device)
+        if c.arch == "relu":
+            sparsity = (codes.acts * model.W_dec.norm(dim=-1).unsqueeze(1)).sum(-1).mean(-1)
+        elif c.arch == "jumprelu":
+            sparsity = _Step.apply(codes.vals, model.theta.unsqueeze(1), model.bandwidth).sum(-1).mean(-1)
+        loss = loss + (l1 * sparsity).sum()
+        dead = self.since_fired >= dead_window
+        aux = torch.zeros(n, device=x.device)
+        if c.arch in SPARSE_ARCHS and c.aux_coef > 0 and bool(dead.any()):
+            aux = self._aux_loss(x, (y - y_hat).detach(), dead)
+            loss = loss + c.aux_coef * aux.sum()
+        loss.backward()
+        self.adam(lr)
+        if c.normalize_decoder:
+            model.normalize_decoder()
+        with torch.no_grad():
+            fired = codes.fired()
+            self.since_fired += B
+            self.since_fired[fired] = 0
+            if c.arch == "batchtopk":  # inference threshold: running mean of the smallest kept activation
+                self.thr_steps += 1
+                member = codes.bag // B
+                kept = codes.vals.detach().masked_fill(codes.vals.detach() <= 0, float("inf"))
+                mins = torch.full((n,), float("inf"), device=x.device).scatter_reduce(0, member, kept, "amin")
+                mins = torch.where(torch.isfinite(mins), mins, model.threshold)
+                model.threshold += (mins - model.threshold) / min(self.thr_steps, 1000)
+            denom = (y - y.mean(0)).pow(2).sum()
+            return {"loss": mse + l1 * sparsity + c.aux_coef * aux, "mse": mse, "sq": sq.sum(-1),
+                    "var": denom.expand(n), "l0": codes.l0(), "aux_loss": aux, "lr": lr, "l1": l1,
+                    "k": k.float(), "dead_fraction": dead.float().mean(-1), "tokens": torch.tensor(B)}
+
+    def _aux_loss(self, x, e, dead) -> torch.Tensor:
+        """AuxK: reconstruct the residual with the top ``aux_k`` dead latents (normalised MSE)."""
+        model, n, B = self.model, self.n, x.shape[0]
+        with torch.no_grad():
+            pre = model.pre(x).masked_fill(~dead.unsqueeze(1), -float("inf"))
+            ka = min(self.cfg.aux_k, int(dead.sum(-1).max()))
+            lat = pre.topk(ka, dim=-1, sorted=False).indices.reshape(-1)
+            bag = torch.arange(n * B, device=x.device).repeat_interleave(ka)
+            ok = dead.view(-1)[(bag // B) * model.d_sae + lat]
+        vals = torch.relu(_SparseEncode.apply(x, model.b_dec, model.W_enc, model.b_enc, pre,
+                                              bag, lat, model.apply_b_dec_to_input)) * ok
+        e_hat = _SparseDecode.apply(vals, model.W_dec, bag, lat, n * B, B).view(n, B, -1)
+        num = (e_hat - e).pow(2).sum((-1, -2))
+        den = (e - e.mean(1, keepdim=True)).pow(2).sum((-1, -2)).clamp_min(1e-12)
+        return torch.where(dead.any(-1), num / den, torch.zeros_like(num))
+
+    # -- state ---------------------------------------------------------------------------------
+    def member_tensors(self, i: int) -> dict[str, torch.Tensor]:
+        out = {f"param.{k}": p.detach()[i] for k, p in self.params.items()}
+        out |= {f"adam.m.{k}": t[i] for k, t in self.m.items()} | {f"adam.v.{k}": t[i] for k, t in self.v.items()}
+        out |= {"threshold": self.model.threshold[i:i + 1], "since_fired": self.since_fired[i]}
+        return out
+
+    def load_member_tensors(self, i: int, t: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p[i] = t[f"param.{k}"]
+                self.m[k][i], self.v[k][i] = t[f"adam.m.{k}"], t[f"adam.v.{k}"]
+            self.model.threshold[i] = t["threshold"][0]
+            self.since_fired[i] = t["since_fired"]
+
+
+class Trainer:
+    """Train ``saes`` (a sweep) over one source. ``run()`` returns the final SAE configs."""
+
+    def __init__(self, src: SourceConfig, saes: list[SAEConfig], *, resume: bool = False, progress: bool = True,
+                 stop_after: int | None = None):
+        self.src, self.saes, self.resume, self.progress, self.stop_after = src, saes, resume, progress, stop_after
+        self.lake = Lake(src.lake)
+        self.store = SAEStore(self.lake)
+        if src.tokens <= 0 or src.batch_size <= 0:
+            raise UserError(f"--tokens and --batch-size must be positive, got {src.tokens} and {src.batch_size}")
+        if not saes:
+            raise UserError("nothing to train: no SAE configured")
+        names = [s.name for s in saes]
+        if len(set(names)) != len(names):
+            raise UserError(f"SAE names must be unique in a sweep: {', '.join(names)}")
+        for n in names:
+            check_name(n, "SAE name")
+        self.hooks = list(dict.fromkeys(h for s in saes for h in s.hooks + s.all_out_hooks))
+        self.source = self._open_source()
+        self.d_model = {h: self.source.d_model[h] for h in self.hooks}
+        for s in saes:
+            s.resolve(self.source.d_model, src.tokens, src.batch_size)
+        self.total_steps = math.ceil(src.tokens / src.batch_size)
+        self.ckpt_every = src.checkpoint_every or max(1, self.total_steps // 5)
+        self.log_every = src.log_every or max(1, self.total_steps // 100)
+        for n in names:
+            if self.store.exists(n) and not resume:
+                raise UserError(f"SAE name {n!r} is taken in {self.lake.root}: pick another --name, or --resume it")
+        self.start = self._resume_state() if resume else None
+
+    # -- source ----------------------------------------------------------------------------------
+    def _open_source(self):
+        s = self.src
+        if s.live:
+            if not s.model or not s.dataset:
+                raise UserError("--live needs --model and --dataset")
+            src = LiveSource(s.model, s.dataset, self.hooks, s.context_size, text_column=s.text_column,
+                             device=s.device)
+            self.stats, self.model_spec, self.bos_excluded = None, s.model, True
+            self.snapshot = None
+            return src
+        if not s.run:
+            raise UserError("give a snapshot with --run RUN [--version V], or --live --model M --dataset D")
+        src = SnapshotSource(self.lake, s.run, s.version)
+        for h in self.hooks:
+            if h not in src.hooks:
+                raise UserError(f"hook {h!r} is not in run {s.run!r}: it has {', '.join(src.hooks)}")
+        if src.n_tokens and s.tokens > src.n_tokens and not s.repeat:
+            raise UserError(f"--tokens {s.tokens} is more than snapshot {s.run} v{src.version} holds "
+                            f"({src.n_tokens} tokens): lower --tokens or pass --repeat to loop over it")
+        m = src.manifest
+        self.stats = {h: m["stats"][h] for h in self.hooks}
+        self.model_spec, self.bos_excluded = m["model"], not m.get("keep_bos", False)
+        self.snapshot = (s.run, src.version)
+        return src
+
+    def _norm_stats(self, batch) -> dict:
+        """Per hook: scale (so E|x| = sqrt(d)) and outlier limit, from ingest stats (or the first live batch)."""
+        stats = self.stats
+        origin = "ingest"
+        if stats is None:
+            origin = "first live batch"
+            stats = {}
+            for h in self.hooks:
+                norms = batch.acts[h].float().norm(dim=-1)
+                stats[h] = {"mean_norm": float(norms.mean()), "median_norm": float(norms.median())}
+        return {h: {"mean_norm": stats[h]["mean_norm"], "median_norm": stats[h]["median_norm"],
+                    "scale": math.sqrt(self.d_model[h]) / stats[h]["mean_norm"], "origin": origin}
+                for h in self.hooks}
+
+    # -- resume ----------------------------------------------------------------------------------
+    def _resume_state(self) -> dict:
+        states = {}
+        for s in self.saes:
+            if not self.store.exists(s.name):
+                raise UserError(f"--resume: no SAE {s.name!r} to resume in {self.lake.root}")
+            old = self.store.config(s.name)
+            if old.get("status") == "complete":
+                raise UserError(f"--resume: SAE {s.name!r} is already complete")
+            new = self.identity(s)
+            for key, value in old.get("identity", {}).items():
+                if new.get(key) != value:
+                    raise UserError(f"--resume with a different config: SAE {s.name} key {key!r} was {value!r}, "
+                                    f"now {new.get(key)!r}; repeat the original settings")
+            ck = self.store.read_checkpoint(s.name)
+            if ck is None:
+                raise UserError(f"--resume: SAE {s.name!r} has no checkpoint yet; start it again under a new name")
+            states[s.name] = ck
+        steps = {st["step"] for _, st in states.values()}
+        if len(steps) != 1:
+            raise UserError(f"--resume: the SAEs of this sweep have checkpoints at different steps {sorted(steps)}")
+        return states
+
+    def identity(self, s: SAEConfig) -> dict:
+        d = {k: v for k, v in asdict(s).items() if k not in IDENTITY_SKIP}
+        src = asdict(self.src)
+        for k in ("run", "version", "live", "model", "dataset", "context_size", "tokens", "batch_size", "repeat",
+                  "data_seed"):
+            d[f"source.{k}"] = src[k]
+        d["source.version"] = self.snapshot[1] if self.snapshot else None
+        return d
+
+    # -- the loop --------------------------------------------------------------------------------
+    def _config(self, s: SAEConfig, g: Group, status: str, norm: dict, extra: dict) -> dict:
+        return {
+            "name": s.name, "arch": s.arch, "hook": ",".join(s.hooks), "out_hook": ",".join(s.all_out_hooks),
+            "hooks": s.hooks, "out_hooks": s.all_out_hooks, "d_in": g.d_in, "d_sae": s.d_sae, "d_out": g.d_out,
+            "k": s.k, "run": self.snapshot[0] if self.snapshot else None,
+            "version": self.snapshot[1] if self.snapshot else None, "model": self.model_spec,
+            "source": "snapshot" if self.snapshot else "live", "dataset": self.src.dataset if self.src.live else None,
+            "status": status, "created": extra.get("created") or now(), "updated": now(),
+            "apply_b_dec_to_input": g.model.apply_b_dec_to_input, "hyperparameters": asdict(s),
+            "training": {"tokens": self.src.tokens, "batch_size": self.src.batch_size, "steps": self.total_steps,
+                         "data_seed": self.src.data_seed, "repeat": self.src.repeat, "device": self.src.device,
+                         "autocast": self.src.autocast, "stacked_with": [c.name for c in g.cfgs]},
+            "normalization": {"method": s.normalize, "target": "E|x| = sqrt(d) per hook",
+                              "hooks": {h: norm[h] for h in s.hooks + s.all_out_hooks}, "folded": False},
+            "bos_excluded": self.bos_excluded, "outlier_factor": s.outlier_factor,
+            "outlier_rule": "drop tokens whose norm at any of the SAE's hooks exceeds outlier_factor x that hook's "
+                            "median norm", "dead_window": s.dead_window,
+            "metric_definitions": METRIC_DEFINITIONS, "identity": self.identity(s), **extra,
+        }
+
+    def run(self) -> list[dict]:
+        src, device = self.src, self.src.device
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
+        groups: dict[tuple, list[SAEConfig]] = {}
+        for s in self.saes:
+            groups.setdefault(s.group_key(), []).append(s)
+        groups = [Group(cfgs, self.d_model, device) for cfgs in groups.values()]
+        by_name = {c.name: (g, i) for g in groups for i, c in enumerate(g.cfgs)}
+        step, rows, created, dropped, norm, metrics = 0, 0, now(), {s.name: 0 for s in self.saes}, None, {}
+        window = {s.name: [0.0, 0.0, 0.0, 0] for s in self.saes}  # sq, var, l0·B, tokens (last 10% of steps)
+        if self.start:
+            for name, (tensors, state) in self.start.items():
+                g, i = by_name[name]
+                g.load_member_tensors(i, tensors)
+                g.adam_t, g.thr_steps = state["adam_t"], state["thr_steps"]
+                step, rows, norm, created = state["step"], state["rows"], state["norm"], state["created"]
+                dropped[name], window[name] = state["dropped"], state["window"]
+                metrics[name] = self.store.metrics(name)[:state["n_metrics"]]
+        autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if src.autocast == "bf16" else nullcontext()
+        batches = self.source.token_batches(src.batch_size, self.hooks, seed=src.data_seed, start=rows,
+                                            repeat=src.repeat)
+        bar = tqdm(total=src.tokens, initial=min(rows, src.tokens), unit="tok", unit_scale=True,
+                   disable=not self.progress, desc="train", dynamic_ncols=True)
+        t0, status = time.perf_counter(), "complete"
+        for batch in batches:
+            if step >= self.total_steps:
+                break
+            if norm is None:  # first batch of a fresh run: norm stats, b_dec init, the config on disk
+                norm = self._norm_stats(batch)
+                self._init_b_dec(groups, batch, norm)
+                for s in self.saes:
+                    g, _ = by_name[s.name]
+                    self.store.save(self._config(s, g, "training", norm, {"created": created}), register=False)
+            n_take = min(len(batch), src.tokens - step * src.batch_size)
+            x_raw = {h: batch.acts[h][:n_take].to(device, torch.float32) for h in self.hooks}
+            norms = {h: x_raw[h].norm(dim=-1) for h in self.hooks}
+            xn = {h: x_raw[h] * norm[h]["scale"] for h in self.hooks}
+            shown = {}
+            for g in groups:
+                c = g.cfg
+                keep = torch.ones(n_take, dtype=torch.bool, device=device)
+                if c.outlier_factor is not None:
+                    for h in set(c.hooks + c.all_out_hooks):
+                        keep &= norms[h] <= c.outlier_factor * norm[h]["median_norm"]
+                x = torch.cat([xn[h] for h in c.hooks], -1)
+                y = x if c.all_out_hooks == c.hooks else torch.cat([xn[h] for h in c.all_out_hooks], -1)
+                if not bool(keep.all()):
+                    x, y = x[keep], y[keep]
+                out = g.step(x, y, step, self.total_steps, c.dead_window, autocast)
+                in_window = step >= self.total_steps - max(1, self.total_steps // 10)
+                for i, s in enumerate(g.cfgs):
+                    dropped[s.name] += int((~keep).sum())
+                    if in_window:
+                        w = window[s.name]
+                        w[0] += float(out["sq"][i]); w[1] += float(out["var"][i])
+                        w[2] += float(out["l0"][i]) * len(x); w[3] += len(x)
+                    if step % self.log_every == 0 or step == self.total_steps - 1:
+                        fvu = float(out["sq"][i] / out["var"][i].clamp_min(1e-12))
+                        rows_ = {"loss": out["loss"][i], "mse": out["mse"][i], "fvu": fvu, "l0": out["l0"][i],
+                                 "dead_fraction": out["dead_fraction"][i], "lr": out["lr"][i], "l1": out["l1"][i],
+                                 "aux_loss": out["aux_loss"][i]}
+                        if s.k:
+                            rows_["k"] = out["k"][i]
+                        metrics.setdefault(s.name, []).extend(
+                            {"step": step, "tokens": (step + 1) * src.batch_size, "name": k, "value": float(v)}
+                            for k, v in rows_.items())
+                        shown.setdefault("fvu", []).append(fvu)
+                        shown.setdefault("l0", []).append(float(out["l0"][i]))
+                        shown.setdefault("loss", []).append(float(out["loss"][i]))
+            step += 1
+            rows += len(batch)
+            bar.update(n_take)
+            if shown:
+                bar.set_postfix({k: f"{sum(v) / len(v):.3g}" for k, v in shown.items()}, refresh=False)
+            if step < self.total_steps and step % self.ckpt_every == 0:
+                self._checkpoint(groups, step, self.source.state().get("rows", rows), norm, created, dropped,
+                                 window, metrics)
+                if self.stop_after is not None and step >= self.stop_after:
+                    status = "interrupted"
+                    break
+        bar.close()
+        if step < self.total_steps and status == "complete":
+            raise UserError(f"the source ran out after {step} of {self.total_steps} steps: pass --repeat or "
+                            "lower --tokens")
+        seconds = time.perf_counter() - t0
+        if status != "complete":
+            return [dict(self.store.config(s.name), status=status, step=step) for s in self.saes]
+        return [self._finish(s, *by_name[s.name], norm, created, dropped[s.name], window[s.name],
+                             metrics.get(s.name, []), step, seconds) for s in self.saes]
+
+    @torch.no_grad()
+    def _init_b_dec(self, groups: list[Group], batch, norm: dict) -> None:
+        for g in groups:
+            c = g.cfg
+            if c.b_dec_init == "zeros":
+                continue
+            y = torch.cat([batch.acts[h].to(g.model.b_dec.device, torch.float32) * norm[h]["scale"]
+                           for h in c.all_out_hooks], -1)
+            g.model.b_dec.copy_((y.mean(0) if c.b_dec_init == "mean" else y.median(0).values).expand(g.n, -1))
+
+    def _checkpoint(self, groups, step, rows, norm, created, dropped, window, metrics) -> None:
+        for g in groups:
+            for i, s in enumerate(g.cfgs):
+                state = {"step": step, "rows": rows, "adam_t": g.adam_t, "thr_steps": g.thr_steps, "norm": norm,
+                         "created": created, "dropped": dropped[s.name], "window": window[s.name],
+                         "n_metrics": len(metrics.get(s.name, [])), "reader": self.source.state()}
+                self.store.st.write_json(metrics.get(s.name, []), "saes", s.name, "metrics.json")
+                self.store.write_checkpoint(s.name, g.member_tensors(i), state)
+
+    def _finish(self, s: SAEConfig, g: Group, i: int, norm: dict, created: str, dropped: int, window: list,
+                metrics: list[dict], step: int, seconds: float) -> dict:
+        state = g.model.member_state(i)
+        s_in = scale_vector(s.hooks, {h: norm[h]["scale"] for h in s.hooks}, self.d_model).to(state["W_enc"].device)
+        s_out = scale_vector(s.all_out_hooks, {h: norm[h]["scale"] for h in s.all_out_hooks},
+                             self.d_model).to(state["W_enc"].device)
+        if s.normalize == "none":
+            s_in, s_out = torch.ones_like(s_in), torch.ones_like(s_out)
+        weights = fold_normalization(state, s_in, s_out, s.arch)
+        sq, var, l0n, ntok = window
+        dead = g.since_fired[i] >= min(s.dead_window, step * self.src.batch_size)
+        final = {"fvu": sq / var if var else None, "l0": l0n / ntok if ntok else None,
+                 "dead_fraction": float(dead.float().mean())}
+        tokens = min(self.src.tokens, step * self.src.batch_size)
+        extra = {"created": created, "tokens_trained": tokens, "tokens_dropped_outliers": dropped,
+                 "train_seconds": round(seconds, 2), "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
+                 **final, "explained_variance": 1 - final["fvu"] if final["fvu"] is not None else None,
+                 "final_metrics": {"window": "training batches of the last 10% of steps (at least one), "
+                                             "normalised units", "fvu": final["fvu"], "l0": final["l0"],
+                                   "dead_fraction": final["dead_fraction"],
+                                   "dead_window_tokens": min(s.dead_window, tokens)}}
+        cfg = self._config(s, g, "complete", norm, extra)
+        cfg["normalization"]["folded"] = True  # the weights below take raw activations
+        final_rows = [{"step": step, "tokens": tokens, "name": f"final_{k}", "value": float(v)}
+                      for k, v in final.items() if v is not None]
+        self.store.save(cfg, weights, metrics + final_rows)
+        return cfg
