@@ -145,7 +145,7 @@ def _chunk_tables(cfg: IngestConfig, model: LoadedModel, ctxs, bos: int) -> dict
     out: dict[str, pa.Table] = {}
     if "2d" in cfg.layouts:
         cols = {"context_id": pa.array(ctx_ids), "doc_id": pa.array([c.doc_id for c in ctxs], pa.int64()),
-                "offset": pa.array([c.offset for c in ctxs], pa.int32()),
+                "doc_offset": pa.array([c.offset for c in ctxs], pa.int32()),
                 "tokens": pa.FixedSizeListArray.from_arrays(pa.array(tokens.numpy().ravel()), T)}
         fields = [pa.field(k, v.type) for k, v in cols.items()]
         for h in cfg.hooks:

@@ -2,7 +2,7 @@
 
 tokens.lance (1d):   token_id int32, context_id int64, position int32,
                      <col> fixed_size_list<dtype, d>, <col>_norm float32    (per hook)
-contexts.lance (2d): context_id int64, doc_id int64, offset int32,
+contexts.lance (2d): context_id int64, doc_id int64, doc_offset int32,
                      tokens fixed_size_list<int32, T>,
                      <col> fixed_size_list<fixed_size_list<dtype, d>, T>,
                      <col>_norm fixed_size_list<float32, T>                  (per hook)

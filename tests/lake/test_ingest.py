@@ -140,3 +140,15 @@ def test_append_makes_a_new_version_and_keeps_the_old(tmp_path, tiny_model, tiny
     toks = torch.cat([b.tokens for b in v2.context_batches(64)])
     n = m1["contexts"]
     assert not torch.equal(toks[:n], toks[n:2 * n])
+
+
+def test_contexts_record_their_document_and_offset(tiny_lake, tiny_corpus, tiny_model):
+    from lake import documents
+
+    tok = load_model(tiny_model).tokenizer
+    doc = tok(next(documents(tiny_corpus)), add_special_tokens=False)["input_ids"]  # one .txt = one document
+    code, out, err = cli("query", "--lake", tiny_lake, "--json",
+                         "select context_id, doc_id, doc_offset, tokens from contexts__r1 order by 1 limit 3")
+    assert code == 0, err
+    for row in json.loads(out):
+        assert row["doc_id"] == 0 and row["tokens"][1:] == doc[row["doc_offset"]:row["doc_offset"] + 31]
