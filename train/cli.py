@@ -88,8 +88,8 @@ def train_cmd(lake_uri, config_path, run, version, live, model, dataset, text_co
     trainer = Trainer(src, saes, resume=resume, progress=not quiet, stop_after=stop_after)
     for cfg in trainer.run():
         if cfg["status"] != "complete":
-            click.echo(f"sae {cfg['name']}: {cfg['status']} at step {cfg.get('step')} (checkpoint saved; continue "
-                       "with --resume)")
+            click.echo(f"sae {cfg['name']}: {cfg['status']} at step {cfg.get('step')} (checkpoint saved; "
+                       "continue with --resume)")
             continue
         click.echo(f"sae {cfg['name']}: {cfg['arch']} d_sae {cfg['d_sae']}" + (f" k {cfg['k']}" if cfg['k'] else "")
                    + f", {cfg['tokens_trained']} tokens, FVU {_fmt(cfg['fvu'], '.4f')}, L0 {_fmt(cfg['l0'], '.1f')}, "

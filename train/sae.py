@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")  # used for one op
 ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
 SPARSE_ARCHS = ("topk", "batchtopk")
 

@@ -8,6 +8,7 @@ Checkpoints (weights + Adam state as safetensors, trainer + reader state as JSON
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -22,7 +23,8 @@ from .config import SAEConfig, SourceConfig
 from .sae import SPARSE_ARCHS, Codes, SparseCoder, _SparseDecode, _SparseEncode, _Step
 from .store import METRIC_DEFINITIONS, SAEStore, fold_normalization, now, scale_vector
 
-IDENTITY_SKIP = ("name",)  # config keys that may differ on --resume: none but the name
+IDENTITY_SKIP = ("name",)
+SLOW = float(os.environ.get("SAELAKE_TRAIN_SLOW", "0"))  # config keys that may differ on --resume: none but the name
 
 
 class Group:
@@ -35,6 +37,7 @@ class Group:
         self.d_out = sum(d_model[h] for h in c.all_out_hooks)
         ks = [x.k or 0 for x in cfgs]
         self.model = SparseCoder(c.arch, self.d_in, c.d_sae, self.d_out, self.n, k=ks,
+                                 apply_b_dec_to_input=c.all_out_hooks == c.hooks,
                                  decoder_norm_topk=c.decoder_norm_topk, bandwidth=c.bandwidth,
                                  init_threshold=c.init_threshold, device=device)
         self.model.initialize([torch.Generator().manual_seed(x.seed) for x in cfgs],
@@ -118,9 +121,9 @@ class Group:
                 mins = torch.where(torch.isfinite(mins), mins, model.threshold)
                 model.threshold += (mins - model.threshold) / min(self.thr_steps, 1000)
             denom = (y - y.mean(0)).pow(2).sum()
-            return {"loss": mse + l1 * sparsity + c.aux_coef * aux, "mse": mse, "sq": sq.sum(-1),
+            return {k: v.detach() for k, v in {"loss": mse + l1 * sparsity + c.aux_coef * aux, "mse": mse, "sq": sq.sum(-1),
                     "var": denom.expand(n), "l0": codes.l0(), "aux_loss": aux, "lr": lr, "l1": l1,
-                    "k": k.float(), "dead_fraction": dead.float().mean(-1), "tokens": torch.tensor(B)}
+                    "k": k.float(), "dead_fraction": dead.float().mean(-1), "tokens": torch.tensor(B)}.items()}
 
     def _aux_loss(self, x, e, dead) -> torch.Tensor:
         """AuxK: reconstruct the residual with the top ``aux_k`` dead latents (normalised MSE)."""
@@ -349,6 +352,8 @@ class Trainer:
                         shown.setdefault("loss", []).append(float(out["loss"][i]))
             step += 1
             rows += len(batch)
+            if SLOW:  # tests: widen the window in which a kill lands between checkpoints
+                time.sleep(SLOW)
             bar.update(n_take)
             if shown:
                 bar.set_postfix({k: f"{sum(v) / len(v):.3g}" for k, v in shown.items()}, refresh=False)

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"]
+HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out"]
 H0, H1, MLP_IN, MLP_OUT = HOOKS
 
 
