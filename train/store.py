@@ -94,7 +94,8 @@ class SAEStore:
         from catalog import CatalogError
 
         try:
-            self.lake.catalog.upsert_sae(self.config(name), self.st.uri("saes", name), self.metrics(name))
+            # (an empty metrics list would make the catalog's executemany fail: pass None then)
+            self.lake.catalog.upsert_sae(self.config(name), self.st.uri("saes", name), self.metrics(name) or None)
         except CatalogError as e:
             raise UserError(f"{e} (the SAE is saved; run `lake catalog sync` later)") from None
 

@@ -113,13 +113,14 @@ class Group:
             fired = codes.fired()
             self.since_fired += B
             self.since_fired[fired] = 0
-            if c.arch == "batchtopk":  # inference threshold: running mean of the smallest kept activation
+            if c.arch == "batchtopk":  # inference threshold: moving average (window ~10% of the steps) of
+                # the smallest kept activation per batch
                 self.thr_steps += 1
                 member = codes.bag // B
                 kept = codes.vals.detach().masked_fill(codes.vals.detach() <= 0, float("inf"))
                 mins = torch.full((n,), float("inf"), device=x.device).scatter_reduce(0, member, kept, "amin")
                 mins = torch.where(torch.isfinite(mins), mins, model.threshold)
-                model.threshold += (mins - model.threshold) / min(self.thr_steps, 1000)
+                model.threshold += (mins - model.threshold) * max(1 / self.thr_steps, min(1.0, 10 / total))
             denom = (y - y.mean(0)).pow(2).sum()
             return {k: v.detach() for k, v in {"loss": mse + l1 * sparsity + c.aux_coef * aux, "mse": mse, "sq": sq.sum(-1),
                     "var": denom.expand(n), "l0": codes.l0(), "aux_loss": aux, "lr": lr, "l1": l1,
