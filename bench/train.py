@@ -1,0 +1,262 @@
+"""Training benchmark: TopK SAE throughput against the step's FLOP-bound limit, sparse vs dense
+decoding, an 8-SAE stacked sweep against 8 separate runs, FVU on held-out tokens, peak RSS.
+
+Default sizes follow issue 3: a snapshot of the bundled SmolLM2-135M at blocks.5.hook_resid_post
+(d_model 576), TopK with 8x = 4608 latents, k = 32, batch 4096, fp32, 2 threads.
+
+  bound     the encoder forward matmul at the matmul rate measured in this run, plus the measured
+            top-k, plus the sparse decode (embedding_bag), the sampled product for the latent
+            gradients and the two sparse x dense products for the gradients of W_dec and W_enc.
+  sparse    `train` (the real Trainer: reading, normalising, Adam, metrics) on the snapshot.
+  dense     the same SAE with a dense decoder (scatter the top-k into [B, d_sae], dense matmuls,
+            plain autograd): the reference.
+  sweep     8 TopK SAEs (k = 8..64) in one `train` call (one read, stacked steps) vs 8 runs.
+
+Each phase runs in a fresh subprocess (its peak RSS is its own).
+
+    python bench/train.py                 # real sizes (~10 min on 2 cores); --write updates bench/RESULTS.md
+    python bench/train.py --model DIR --dataset FILE --hook blocks.1.hook_resid_post --ingest-tokens 2000 \
+        --heldout-dataset FILE --d-sae 128 --k 8 --batch-size 256 --steps 4 --fvu-tokens 2048   # smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def args_parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lake", default="/tmp/saelake-bench-train")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dataset", default="builtin:pydoc")
+    p.add_argument("--heldout-dataset", default="builtin:stdlib")
+    p.add_argument("--hook", default="blocks.5.hook_resid_post")
+    p.add_argument("--ingest-tokens", type=int, default=40_000)
+    p.add_argument("--d-sae", type=int, default=4608)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=20, help="steps per throughput measurement")
+    p.add_argument("--fvu-tokens", type=int, default=2_000_000, help="training tokens for the FVU comparison")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--write", action="store_true", help="write the results into bench/RESULTS.md")
+    p.add_argument("--phase", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def ensure_snapshot(a) -> None:
+    import lake
+
+    for run, ds in (("bench", a.dataset), ("heldout", a.heldout_dataset)):
+        if run not in lake.Lake(a.lake).run_names():
+            lake.ingest(lake.IngestConfig(lake=a.lake, model=a.model, dataset=ds, hooks=[a.hook],
+                                          tokens=a.ingest_tokens if run == "bench" else 8192, context_size=128,
+                                          layouts=["1d"], run=run), progress=False)
+
+
+def timeit(f, n=5):
+    f()
+    best = float("inf")
+    for _ in range(n):
+        t = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def phase_bound(a) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    B, d, S, k = a.batch_size, 576, a.d_sae, a.k
+    x, W = torch.randn(B, d), torch.randn(d, S) / d ** 0.5
+    Wd = torch.randn(S, d)
+    t_mm = timeit(lambda: torch.mm(x, W))
+    pre = x @ W
+    t_topk = timeit(lambda: pre.topk(k, dim=-1))
+    idx = pre.topk(k, dim=-1).indices.reshape(-1)
+    vals = torch.rand(B * k)
+    bag = torch.arange(B).repeat_interleave(k)
+    offs = torch.arange(0, B * k, k)
+    g = torch.randn(B, d)
+    crow = torch.arange(0, B * k + 1, k)
+    pattern = torch.sparse_csr_tensor(crow, idx, torch.zeros(B * k), (B, S))
+    At = torch.sparse_coo_tensor(torch.stack([idx, bag]), vals, (S, B))
+    t_dec = timeit(lambda: F.embedding_bag(idx, Wd, offs, mode="sum", per_sample_weights=vals))
+    t_sddmm = timeit(lambda: torch.sparse.sampled_addmm(pattern, g, Wd.t(), beta=0))
+    t_spmm = timeit(lambda: torch.sparse.mm(At, g))
+    step = t_mm + t_topk + t_dec + t_sddmm + 2 * t_spmm
+    return {"matmul_gflops": 2 * B * d * S / t_mm / 1e9, "t_encoder_matmul": t_mm, "t_topk": t_topk,
+            "t_sparse_decode": t_dec, "t_sampled_grad": t_sddmm, "t_sparse_weight_grad": t_spmm,
+            "bound_step_s": step, "bound_tok_s": B / step}
+
+
+def phase_sparse(a, tokens=None, names=("sparse",), ks=None, heldout=False) -> dict:
+    from train import SAEConfig, train
+
+    tokens = tokens or a.steps * a.batch_size
+    ks = ks or [a.k] * len(names)
+    tag = f"{time.time_ns()}"
+    saes = [SAEConfig(hooks=[a.hook], name=f"{n}-{tag}", arch="topk", d_sae=a.d_sae, k=kk, lr=None, seed=i)
+            for i, (n, kk) in enumerate(zip(names, ks))]
+    t = time.perf_counter()
+    cfgs = train(a.lake, saes, run="bench", tokens=tokens, batch_size=a.batch_size, repeat=True, progress=False,
+                 device=a.device, checkpoint_every=10 ** 9, log_every=10 ** 9)
+    wall = time.perf_counter() - t
+    out = {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall, "train_tok_s": cfgs[0]["tokens_per_second"],
+           "fvu_train_window": [c["fvu"] for c in cfgs]}
+    if heldout:
+        out["fvu_heldout"] = heldout_fvu(a, saes[0].name)
+    return out
+
+
+def heldout_fvu(a, name, sae=None) -> float:
+    import torch
+
+    from lake import SnapshotSource
+    from train import load_sae
+
+    if sae is None:
+        sae, _ = load_sae(a.lake, name)
+    src = SnapshotSource(a.lake, "heldout")
+    sq = var = 0.0
+    with torch.no_grad():
+        for b in src.token_batches(4096, [a.hook], seed=0):
+            x = b.acts[a.hook].float()
+            keep = x.norm(dim=-1) <= 10 * src.manifest["stats"][a.hook]["median_norm"]  # as in training
+            x = x[keep]
+            sq += float((sae(x)[0] - x).pow(2).sum())
+            var += float((x - x.mean(0)).pow(2).sum())
+    return sq / var
+
+
+def phase_dense(a, tokens=None, heldout=False) -> dict:
+    """Reference: TopK with a dense decoder and plain autograd, same data, init and schedule."""
+    import math
+
+    import torch
+
+    from lake import SnapshotSource
+    from train.sae import SparseCoder
+
+    tokens = tokens or a.steps * a.batch_size
+    src = SnapshotSource(a.lake, "bench")
+    st = src.manifest["stats"][a.hook]
+    scale, limit = math.sqrt(576) / st["mean_norm"], 10 * st["median_norm"]
+    m = SparseCoder("topk", 576, a.d_sae, n=1, k=a.k)
+    m.initialize([torch.Generator().manual_seed(0)])
+    params = [m.W_enc, m.b_enc, m.W_dec, m.b_dec]
+    lr = 2e-4 / (a.d_sae / 2 ** 14) ** 0.5
+    opt = torch.optim.Adam(params, lr=lr)
+    steps = math.ceil(tokens / a.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / max(1, round(0.02 * steps))) * (
+        min(1, (steps - s) / max(1, round(0.2 * steps)))))
+    t = time.perf_counter()
+    first = True
+    for i, b in enumerate(src.token_batches(a.batch_size, [a.hook], seed=0, repeat=True)):
+        if i >= steps:
+            break
+        x = b.acts[a.hook].float()
+        x = x[x.norm(dim=-1) <= limit] * scale
+        if first:
+            with torch.no_grad():
+                m.b_dec[0] = x.mean(0)
+            first = False
+        pre = (x - m.b_dec[0]) @ m.W_enc[0] + m.b_enc[0]
+        v, idx = pre.topk(a.k, dim=-1)
+        acts = torch.zeros_like(pre).scatter(1, idx, torch.relu(v))
+        x_hat = acts @ m.W_dec[0] + m.b_dec[0]
+        loss = (x_hat - x).pow(2).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            m.normalize_decoder()
+    wall = time.perf_counter() - t
+    out = {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall}
+    if heldout:
+        with torch.no_grad():  # fold the scale for raw activations
+            m.b_dec /= scale
+            m.b_enc /= scale
+        m.use_threshold = True
+        out["fvu_heldout"] = heldout_fvu(a, None, m)
+    return out
+
+
+def run_phase(a, phase: str) -> dict:
+    cmd = [sys.executable, __file__, "--phase", phase] + [x for x in sys.argv[1:] if x != "--write"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if p.returncode:
+        sys.exit(f"phase {phase} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main():
+    a = args_parser().parse_args()
+    if a.phase:
+        import torch
+
+        torch.set_num_threads(a.threads)
+        sweep_ks = [8, 12, 16, 24, 32, 40, 48, 64]
+        tok = a.steps * a.batch_size
+        res = {"bound": lambda: phase_bound(a),
+               "sparse": lambda: phase_sparse(a),
+               "dense": lambda: phase_dense(a),
+               "sweep8": lambda: phase_sparse(a, tok, [f"sw{i}" for i in range(8)], sweep_ks),
+               "separate8": lambda: {"runs": [phase_sparse(a, tok, [f"sep{i}"], [kk]) for i, kk in enumerate(sweep_ks)]},
+               "fvu_sparse": lambda: phase_sparse(a, a.fvu_tokens, heldout=True),
+               "fvu_dense": lambda: phase_dense(a, a.fvu_tokens, heldout=True)}[a.phase]()
+        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(res))
+        return
+    ensure_snapshot(a)
+    r = {ph: run_phase(a, ph) for ph in ("bound", "sparse", "dense", "sweep8", "separate8", "fvu_sparse", "fvu_dense")}
+    sep_wall = sum(x["wall_s"] for x in r["separate8"]["runs"])
+    sep_rss = max(x["peak_rss_mb"] for x in [r["separate8"]])
+    b = r["bound"]
+    lines = [
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {a.threads}, "
+        f"device {a.device}",
+        f"setup: {a.model} {a.hook} (d_in 576), TopK d_sae {a.d_sae}, k {a.k}, batch {a.batch_size}, fp32; "
+        f"{a.steps} steps per throughput run",
+        f"matmul rate: {b['matmul_gflops']:.0f} GFLOP/s; step bound: encoder {b['t_encoder_matmul'] * 1e3:.0f} ms + "
+        f"topk {b['t_topk'] * 1e3:.0f} ms + sparse decode {b['t_sparse_decode'] * 1e3:.0f} ms + latent grads "
+        f"{b['t_sampled_grad'] * 1e3:.0f} ms + 2 x weight grads {b['t_sparse_weight_grad'] * 1e3:.0f} ms "
+        f"= {b['bound_step_s'] * 1e3:.0f} ms -> {b['bound_tok_s']:.0f} tok/s",
+        f"sparse TopK (Trainer, incl. reading): {r['sparse']['tok_s']:.0f} tok/s = "
+        f"{r['sparse']['tok_s'] / b['bound_tok_s']:.0%} of the bound; peak RSS {r['sparse']['peak_rss_mb']:.0f} MB",
+        f"dense-decoder TopK reference: {r['dense']['tok_s']:.0f} tok/s; peak RSS {r['dense']['peak_rss_mb']:.0f} MB",
+        f"sweep of 8 (k 8..64, stacked): {r['sweep8']['wall_s']:.1f} s vs 8 separate runs {sep_wall:.1f} s "
+        f"({sep_wall / r['sweep8']['wall_s']:.2f}x); peak RSS {r['sweep8']['peak_rss_mb']:.0f} MB vs "
+        f"{sep_rss:.0f} MB",
+        f"held-out FVU after {a.fvu_tokens} training tokens ({a.heldout_dataset}, 8k tokens): sparse "
+        f"{r['fvu_sparse']['fvu_heldout']:.4f} ({r['fvu_sparse']['tok_s']:.0f} tok/s), dense reference "
+        f"{r['fvu_dense']['fvu_heldout']:.4f} ({r['fvu_dense']['tok_s']:.0f} tok/s)",
+    ]
+    print("\n".join(lines))
+    if a.write:
+        path = HERE / "RESULTS.md"
+        text = path.read_text() if path.exists() else "# Benchmark results\n"
+        section = "## train\n\n`python bench/train.py` (" + time.strftime("%Y-%m-%d") + ")\n\n" + "\n".join(
+            f"- {ln}" for ln in lines) + "\n"
+        if "## train" in text:
+            text = re.sub(r"## train\n.*?(?=\n## |\Z)", section.rstrip("\n") + "\n", text, flags=re.S)
+        else:
+            text = text.rstrip("\n") + "\n\n" + section
+        path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
