@@ -1,0 +1,201 @@
+"""``analyze()``: stream 2d contexts through an SAE and write the feature store."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from lake import Lake, LiveSource, SnapshotSource, UserError, load_model
+from lake.storage import check_name
+
+from .directions import neighbours, top_logits, unembedding, vocab_strings
+from .stats import FeatureStats
+from .stores import EmbeddedStore, MongoStore, open_store
+from .table import FeatureTable
+
+DEFINITIONS = {
+    "density": "count / valid tokens; valid = not BOS (position 0 and document separators) and not the pad token",
+    "mean_act": "mean of the non-zero activations (over valid tokens)",
+    "max_act": "largest activation over valid tokens",
+    "context_max": "a sample's max_act: the feature's largest activation over the context's valid tokens",
+    "top": "the top_k contexts by context max (exact)",
+    "interval": "interval j: contexts with max in [p_{j+1}·M, p_j·M), p_0 = 1 (top closed), M = the feature's max; "
+                "up to per_interval of them by lowest priority hash, chosen while streaming (see analyze/stats.py)",
+    "zero": "contexts where the feature is 0 on every valid token, by lowest priority hash",
+    "histogram": "non-zero activations in quarter-octave bins [2^(-20+i/4), 2^(-20+(i+1)/4)), plus (0, 2^-20) "
+                 "and [2^20, max]; only the non-empty bin range is stored",
+    "logits": "top/bottom of norm_linear(W_dec[f]) @ W_U (final norm's weight folded in, LayerNorm centring, "
+              "its 1/sigma scale and biases dropped; direct path only)",
+    "neighbours": "features with the largest decoder cosine similarity (self excluded)",
+}
+
+
+@dataclass
+class AnalyzeConfig:
+    lake: str | None
+    sae: str
+    run: str | None = None
+    version: int | None = None
+    tokens: int | None = None
+    batch_size: int = 16
+    top_k: int = 20
+    intervals: tuple[float, ...] = (0.8, 0.6, 0.4)
+    per_interval: int = 5
+    n_zero: int = 5
+    n_logits: int = 10
+    n_neighbours: int = 10
+    store: str | None = None
+    name: str | None = None
+    overwrite: bool = False
+    live: bool = False
+    model: str | None = None
+    dataset: str | None = None
+    text_column: str = "text"
+    context_size: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    extra: dict = field(default_factory=dict)
+
+
+def load_sae(lake: Lake, spec: str):
+    """An SAE by catalog name, or a path to an SAE directory (config.json + weights.safetensors)."""
+    from train.store import SAEStore, from_bytes, sae_from_weights
+
+    path = Path(spec).expanduser()
+    if "/" in spec or spec.startswith(".") or (path.is_dir() and (path / "config.json").exists()):
+        if not (path / "config.json").exists() or not (path / "weights.safetensors").exists():
+            raise UserError(f"SAE {spec!r} not found: no config.json + weights.safetensors in {path}")
+        cfg = json.loads((path / "config.json").read_text())
+        sae = sae_from_weights(cfg, from_bytes((path / "weights.safetensors").read_bytes()))
+        return sae, cfg, cfg.get("name") or path.name
+    sae, cfg = SAEStore(lake).load(spec)
+    return sae, cfg, spec
+
+
+def latents(sae, x: torch.Tensor, valid: torch.Tensor):
+    """Non-zero latents of valid rows: (rows, lat, vals, dense [N, S] or None)."""
+    codes = sae.encode(x)
+    if codes.acts is not None:
+        f = codes.acts[0]
+        f[~valid] = 0
+        rows, lat = (f > 0).nonzero(as_tuple=True)
+        return rows, lat, f[rows, lat], f
+    keep = (codes.vals > 0) & valid[codes.bag]
+    return codes.bag[keep], codes.lat[keep], codes.vals[keep], None
+
+
+def _source(cfg: AnalyzeConfig, lake: Lake, sae_cfg: dict, hooks: list[str]):
+    """-> (source, model spec, context size, description)."""
+    if cfg.live:
+        spec = cfg.model or sae_cfg.get("model")
+        if not spec:
+            raise UserError("--live needs --model (the SAE's config names no model)")
+        dataset = cfg.dataset or sae_cfg.get("dataset") or "builtin"
+        T = cfg.context_size or 128
+        model = load_model(spec, cfg.device)
+        missing = [h for h in hooks if h not in model.hook_names()]
+        if missing:
+            raise UserError(f"hook {missing[0]!r} of the SAE is not a hook of model {spec}")
+        src = LiveSource(model, dataset, hooks, T, text_column=cfg.text_column, batch_size=cfg.batch_size,
+                         device=cfg.device)
+        return src, model, T, {"source": "live", "model": spec, "dataset": dataset, "run": None, "version": None}
+    run = cfg.run or sae_cfg.get("run")
+    if not run:
+        raise UserError(f"SAE {sae_cfg.get('name')!r} was trained live: give --run RUN (a run with a 2d table) "
+                        "or --live --model M --dataset D")
+    version = cfg.version if cfg.version is not None else (sae_cfg.get("version") if run == sae_cfg.get("run") else None)
+    src = SnapshotSource(lake, run, version)
+    if "contexts" not in src.snapshot["tables"]:
+        raise UserError(f"run {run!r} has no 2d table: ingest one with `lake ingest --layout 2d --run NEW ...` "
+                        "or analyze with --live --model M --dataset D")
+    for h in hooks:
+        if h not in src.hooks:
+            raise UserError(f"hook {h!r} of the SAE is not in run {run!r}: it has {', '.join(src.hooks)}")
+    return src, None, src.context_size, {"source": "snapshot", "model": src.manifest["model"],
+                                         "dataset": src.manifest.get("dataset"), "run": run, "version": src.version}
+
+
+def analyze(cfg: AnalyzeConfig, progress: bool = True) -> dict:
+    """Analyze one SAE into a feature store; returns the analysis record. Checks all input first."""
+    lake = Lake(cfg.lake) if cfg.lake else None
+    if lake is None:
+        raise UserError("--lake is required to analyze (the SAE and the activations live there)")
+    sae, sae_cfg, sae_name = load_sae(lake, cfg.sae)
+    hooks = list(sae_cfg.get("hooks") or [sae_cfg["hook"]])
+    src, model, T, desc = _source(cfg, lake, sae_cfg, hooks)
+    d_model = sum(src.d_model[h] for h in hooks)
+    if sae.d_in != d_model:
+        raise UserError(f"SAE {sae_name!r} takes inputs of size {sae.d_in}, but hook {','.join(hooks)} has "
+                        f"d_model {d_model}" + (f" in run {desc['run']!r}" if desc["run"] else ""))
+    name = check_name(cfg.name or sae_name, "analysis name")
+    store = open_store(lake, cfg.store)
+    embedded = EmbeddedStore(lake)
+    if not cfg.overwrite and (store.exists(name) or embedded.exists(name)):
+        raise UserError(f"analysis {name!r} already exists: choose another --name or pass --overwrite")
+    if model is None:
+        model = load_model(desc["model"], cfg.device)
+    n_max = math.ceil(cfg.tokens / T) if cfg.tokens else (src.n_contexts if not cfg.live else math.ceil(20_000 / T))
+
+    stats = FeatureStats(sae.d_sae, T, top_k=cfg.top_k, intervals=cfg.intervals, per_interval=cfg.per_interval,
+                         n_zero=cfg.n_zero, seed=cfg.seed)
+    skip = {model.bos_token_id}
+    if getattr(model.tokenizer, "pad_token_id", None) is not None:
+        skip.add(int(model.tokenizer.pad_token_id))
+    skip = torch.tensor(sorted(skip), dtype=torch.int32)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=n_max * T, unit="tok", desc=f"analyze {name}", smoothing=0.1)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for batch in src.context_batches(cfg.batch_size, hooks):
+            n = min(len(batch), n_max - stats.n_contexts)
+            if n <= 0:
+                break
+            x = torch.cat([batch.acts[h][:n] for h in hooks], -1).reshape(n * T, -1).to(cfg.device, torch.float32)
+            tokens = batch.tokens[:n]
+            valid = ~torch.isin(tokens, skip)
+            rows, lat, vals, dense = latents(sae, x, valid.reshape(-1).to(x.device))
+            stats.update(rows.cpu(), lat.cpu(), vals.cpu(), tokens, valid, batch.context_id[:n], batch.doc_id[:n],
+                         None if dense is None else dense.cpu())
+            if bar is not None:
+                bar.update(n * T)
+            if stats.n_contexts >= n_max:
+                break
+    seconds = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    if stats.n_contexts == 0:
+        raise UserError("no contexts to analyze: the source is empty")
+
+    W_dec = sae.W_dec[0].detach().float().cpu()
+    W_U, norm = unembedding(model)
+    logits = top_logits(W_dec, W_U, norm, cfg.n_logits)
+    nbrs = neighbours(W_dec, cfg.n_neighbours) if cfg.n_neighbours > 0 and sae.d_sae > 1 else None
+    vocab = vocab_strings(model.tokenizer, max(W_U.shape[1], len(model.tokenizer)))
+    record = {
+        "name": name, "sae": sae_name, "run": desc["run"], "version": desc["version"], "store": store.where,
+        "n_features": sae.d_sae, "tokens": stats.n_valid, "tokens_total": stats.n_tokens,
+        "contexts": stats.n_contexts, "context_size": T, "hook": ",".join(hooks), "hooks": hooks,
+        "source": desc["source"], "model": desc["model"], "dataset": desc["dataset"],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": round(seconds, 3),
+        "tokens_per_second": round(stats.n_tokens / max(seconds, 1e-9), 1), "final_norm": norm,
+        "excluded_token_ids": skip.tolist(), "status": "complete", "definitions": DEFINITIONS,
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("lake", "store", "overwrite", "extra")},
+    }
+    table = FeatureTable(stats, vocab, logits, nbrs)
+    if isinstance(store, MongoStore):
+        store.write(record, table, overwrite=cfg.overwrite, sae_config=sae_cfg)
+        lake.storage.write_json(record, "analyses", name, "analysis.json")  # a pointer for ls/sync
+    else:
+        store.write(record, table, overwrite=cfg.overwrite)
+    try:
+        lake.catalog.upsert_analysis(record, lake.storage.uri("analyses", name))
+    except Exception as e:  # the store is written; the catalog is an index
+        print(f"warning: catalog not updated ({e}); run `lake catalog sync`")
+    return record
