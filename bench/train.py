@@ -16,7 +16,7 @@ Each phase runs in a fresh subprocess (its peak RSS is its own).
 
     python bench/train.py                 # real sizes (~10 min on 2 cores); --write updates bench/RESULTS.md
     python bench/train.py --model DIR --dataset FILE --hook blocks.1.hook_resid_post --ingest-tokens 2000 \
-        --heldout-dataset FILE --d-sae 128 --k 8 --batch-size 256 --steps 4 --fvu-tokens 2048   # smoke run
+        --context-size 32 --heldout-dataset FILE --d-sae 128 --k 8 --batch-size 256 --steps 4 --fvu-tokens 2048   # smoke run
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# this file is bench/train.py: keep bench/ off the path so `import train` finds the package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 
 def args_parser():
@@ -47,6 +49,7 @@ def args_parser():
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--steps", type=int, default=20, help="steps per throughput measurement")
     p.add_argument("--fvu-tokens", type=int, default=2_000_000, help="training tokens for the FVU comparison")
+    p.add_argument("--context-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--write", action="store_true", help="write the results into bench/RESULTS.md")
@@ -60,7 +63,7 @@ def ensure_snapshot(a) -> None:
     for run, ds in (("bench", a.dataset), ("heldout", a.heldout_dataset)):
         if run not in lake.Lake(a.lake).run_names():
             lake.ingest(lake.IngestConfig(lake=a.lake, model=a.model, dataset=ds, hooks=[a.hook],
-                                          tokens=a.ingest_tokens if run == "bench" else 8192, context_size=128,
+                                          tokens=a.ingest_tokens if run == "bench" else 8192, context_size=a.context_size,
                                           layouts=["1d"], run=run), progress=False)
 
 
@@ -78,7 +81,7 @@ def phase_bound(a) -> dict:
     import torch
     import torch.nn.functional as F
 
-    B, d, S, k = a.batch_size, 576, a.d_sae, a.k
+    B, d, S, k = a.batch_size, a.d_in, a.d_sae, a.k
     x, W = torch.randn(B, d), torch.randn(d, S) / d ** 0.5
     Wd = torch.randn(S, d)
     t_mm = timeit(lambda: torch.mm(x, W))
@@ -152,8 +155,8 @@ def phase_dense(a, tokens=None, heldout=False) -> dict:
     tokens = tokens or a.steps * a.batch_size
     src = SnapshotSource(a.lake, "bench")
     st = src.manifest["stats"][a.hook]
-    scale, limit = math.sqrt(576) / st["mean_norm"], 10 * st["median_norm"]
-    m = SparseCoder("topk", 576, a.d_sae, n=1, k=a.k)
+    scale, limit = math.sqrt(a.d_in) / st["mean_norm"], 10 * st["median_norm"]
+    m = SparseCoder("topk", a.d_in, a.d_sae, n=1, k=a.k)
     m.initialize([torch.Generator().manual_seed(0)])
     params = [m.W_enc, m.b_enc, m.W_dec, m.b_dec]
     lr = 2e-4 / (a.d_sae / 2 ** 14) ** 0.5
@@ -208,6 +211,9 @@ def main():
     if a.phase:
         import torch
 
+        from lake import SnapshotSource
+
+        a.d_in = SnapshotSource(a.lake, "bench").d_model[a.hook]
         torch.set_num_threads(a.threads)
         sweep_ks = [8, 12, 16, 24, 32, 40, 48, 64]
         tok = a.steps * a.batch_size
@@ -229,7 +235,7 @@ def main():
     lines = [
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {a.threads}, "
         f"device {a.device}",
-        f"setup: {a.model} {a.hook} (d_in 576), TopK d_sae {a.d_sae}, k {a.k}, batch {a.batch_size}, fp32; "
+        f"setup: {a.model} {a.hook}, TopK d_sae {a.d_sae}, k {a.k}, batch {a.batch_size}, fp32; "
         f"{a.steps} steps per throughput run",
         f"matmul rate: {b['matmul_gflops']:.0f} GFLOP/s; step bound: encoder {b['t_encoder_matmul'] * 1e3:.0f} ms + "
         f"topk {b['t_topk'] * 1e3:.0f} ms + sparse decode {b['t_sparse_decode'] * 1e3:.0f} ms + latent grads "
