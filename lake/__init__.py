@@ -1,4 +1,7 @@
 """saelake's activation lake: models, corpora, ingest, and the shared reader interface."""
+import os
+
+os.environ.setdefault("LANCE_LOG", "error")  # Lance warns on every first write to a new dataset
 from .corpus import documents, pack_contexts
 from .errors import UserError
 from .ingest import IngestConfig, ingest

@@ -44,7 +44,8 @@ def cli():
 @click.option("--context-size", type=int, default=128, show_default=True)
 @click.option("--layout", default="1d,2d", show_default=True, help="1d (shuffled tokens), 2d (contexts), or both.")
 @click.option("--dtype", default="float16", show_default=True, help="float16, bfloat16 or float32.")
-@click.option("--run", default=None, help="Run name (default: run-<timestamp>).")
+@click.option("--run", "--run-name", "run", default=None,
+              help="Run name (default: run-<timestamp>); spell it --run-name under torchrun.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Contexts per forward pass.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--shuffle-buffer", type=int, default=32768, show_default=True,
@@ -53,11 +54,16 @@ def cli():
 @click.option("--resume", is_flag=True, help="Finish an interrupted run (same settings).")
 @click.option("--append", is_flag=True, help="Extend a complete run by --tokens as a new snapshot version.")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="Processes on this machine (launches torchrun; each takes a share of the chunks).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def ingest(lake_uri, model, dataset, text_column, hooks, tokens, context_size, layout, dtype, run, batch_size,
-           seed, shuffle_buffer, keep_bos, resume, append, device, quiet):
+           seed, shuffle_buffer, keep_bos, resume, append, device, nproc, quiet):
     """Run a model over a corpus; write 1d/2d activations to the lake."""
     from .ingest import IngestConfig, ingest as run_ingest
+
+    if nproc > 1:
+        _torchrun(nproc)
 
     cfg = IngestConfig(lake=lake_uri, model=model, dataset=dataset, text_column=text_column, hooks=_split(hooks),
                        tokens=tokens, context_size=context_size, layouts=_split(layout), dtype=dtype, run=run,
@@ -66,6 +72,23 @@ def ingest(lake_uri, model, dataset, text_column, hooks, tokens, context_size, l
     m = run_ingest(cfg, progress=not quiet)
     click.echo(f"run {m['name']}: {m['status']}, {m['tokens']} tokens in {m['contexts']} contexts "
                f"({m['rows_1d']} 1d rows), tables {', '.join(m['tables'])}, snapshot version {len(m['versions'])}")
+
+
+def _torchrun(nproc: int) -> None:
+    """Re-run this very command under torchrun with nproc CPU processes (gloo)."""
+    import os
+    import subprocess
+
+    args = sys.argv[1:]
+    i = args.index("--nproc")
+    args = args[:i] + args[i + 2:]
+    # torchrun's own parser would take `--run` for an abbreviation of its --run-path
+    args = ["--run-name" if a == "--run" else "--run-name=" + a[6:] if a.startswith("--run=") else a for a in args]
+    threads = max(1, (os.cpu_count() or 1) // nproc)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    code = subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc-per-node={nproc}", "-m", "lake", *args], env=env)
+    sys.exit(code)
 
 
 @cli.command("ls")

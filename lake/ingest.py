@@ -10,15 +10,13 @@ recomputes exactly that chunk, so the final table equals an uninterrupted run's.
 from __future__ import annotations
 
 import itertools
+import json
 import math
-import time
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-import lance
 import numpy as np
-import pyarrow as pa
-import torch
 from tqdm import tqdm
 
 from .corpus import check_corpus, documents, pack_contexts
@@ -26,7 +24,8 @@ from .errors import UserError
 from .lake import TABLES, Lake
 from .models import LoadedModel, load_model
 from .storage import check_name
-from .tables import DTYPES, acts_field, acts_to_arrow, column_name
+from .tables import DTYPES, column_name
+from .writer import Lease, chunk_tables, commit_fragments, committed_contexts, write_chunk_fragments
 
 # Settings that define a run: --resume and --append must repeat them exactly.
 IDENTITY = ("model", "dataset", "text_column", "hooks", "context_size", "dtype", "layouts", "seed",
@@ -80,20 +79,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _committed_contexts(ds: lance.LanceDataset | None) -> int:
-    """How many contexts the latest commit of a table covers (0 if there is no table)."""
-    if ds is None:
-        return 0
-    txn = ds.read_transaction(ds.version)
-    return int(txn.transaction_properties.get("contexts_done", 0)) if txn else 0
-
-
-def _open(lake: Lake, run: str, table: str) -> lance.LanceDataset | None:
-    if not lake.storage.exists("runs", run, f"{table}.lance"):
-        return None
-    return lake.dataset(run, table)
-
-
 def _new_manifest(cfg: IngestConfig, model: LoadedModel) -> dict:
     m = {k: getattr(cfg, k) for k in IDENTITY}
     m |= {
@@ -131,50 +116,6 @@ def _prepare(cfg: IngestConfig, lake: Lake) -> dict | None:
     return m
 
 
-def _chunk_tables(cfg: IngestConfig, model: LoadedModel, ctxs, bos: int) -> dict[str, pa.Table]:
-    """Forward a chunk of contexts and build its 1d and 2d Arrow tables."""
-    tokens = torch.from_numpy(np.stack([c.tokens for c in ctxs]))  # [n, T]
-    acts = {h: [] for h in cfg.hooks}
-    for i in range(0, len(ctxs), cfg.batch_size):
-        out = model.activations(tokens[i:i + cfg.batch_size].to(cfg.device), cfg.hooks)
-        for h in cfg.hooks:
-            acts[h].append(out[h].float().cpu())
-    acts = {h: torch.cat(v) for h, v in acts.items()}  # [n, T, d] float32
-    n, T = tokens.shape
-    ctx_ids = np.array([c.context_id for c in ctxs], np.int64)
-    out: dict[str, pa.Table] = {}
-    if "2d" in cfg.layouts:
-        cols = {"context_id": pa.array(ctx_ids), "doc_id": pa.array([c.doc_id for c in ctxs], pa.int64()),
-                "doc_offset": pa.array([c.offset for c in ctxs], pa.int32()),
-                "tokens": pa.FixedSizeListArray.from_arrays(pa.array(tokens.numpy().ravel()), T)}
-        fields = [pa.field(k, v.type) for k, v in cols.items()]
-        for h in cfg.hooks:
-            col, d = column_name(h), acts[h].shape[-1]
-            cols[col] = acts_to_arrow(acts[h], cfg.dtype)
-            cols[col + "_norm"] = pa.FixedSizeListArray.from_arrays(
-                pa.array(acts[h].norm(dim=-1).numpy().ravel()), T)
-            fields += [acts_field(col, cfg.dtype, (T, d)), pa.field(col + "_norm", pa.list_(pa.float32(), T))]
-        out["contexts"] = pa.Table.from_arrays(list(cols.values()), schema=pa.schema(fields))
-    if "1d" in cfg.layouts:
-        flat_tokens = tokens.reshape(-1)
-        keep = torch.ones_like(flat_tokens, dtype=torch.bool) if cfg.keep_bos else flat_tokens != bos
-        rng = np.random.default_rng([cfg.seed, int(ctx_ids[0])])
-        idx = torch.from_numpy(rng.permutation(int(keep.sum())))
-        rows = keep.nonzero().squeeze(1)[idx]  # shuffled flat (context, position) indices
-        cols = {"token_id": pa.array(flat_tokens[rows].numpy()),
-                "context_id": pa.array(ctx_ids[(rows // T).numpy()]),
-                "position": pa.array((rows % T).to(torch.int32).numpy())}
-        fields = [pa.field(k, v.type) for k, v in cols.items()]
-        for h in cfg.hooks:
-            col = column_name(h)
-            x = acts[h].reshape(n * T, -1)[rows]
-            cols[col] = acts_to_arrow(x, cfg.dtype)
-            cols[col + "_norm"] = pa.array(x.norm(dim=-1).numpy())
-            fields += [acts_field(col, cfg.dtype, (x.shape[1],)), pa.field(col + "_norm", pa.float32())]
-        out["tokens"] = pa.Table.from_arrays(list(cols.values()), schema=pa.schema(fields))
-    return out
-
-
 def _stats(lake: Lake, m: dict) -> dict:
     """Per-hook norm statistics over the whole run (non-BOS tokens unless keep_bos)."""
     stats = {}
@@ -197,13 +138,54 @@ def _stats(lake: Lake, m: dict) -> dict:
     return stats
 
 
+def _dist() -> tuple[int, int]:
+    """(rank, world size) under torchrun (gloo on CPU), else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), world
+
+
+def _gather(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _agree(fn, world: int, rank: int):
+    """Run fn on rank 0 and hand its result (or its UserError) to every rank."""
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except UserError as e:
+            error = str(e)
+    if world > 1:
+        result, error = _gather((result, error), world)[0]
+    if error:
+        raise UserError(error)
+    return result
+
+
 def ingest(cfg: IngestConfig, progress: bool = True) -> dict:
-    """Run an ingest (new, --resume or --append). Returns the final run manifest."""
+    """Run an ingest (new, --resume or --append); under torchrun every rank calls this.
+
+    Returns the final run manifest."""
     cfg.validate()
+    rank, world = _dist()
     lake = Lake(cfg.lake)
-    existing = _prepare(cfg, lake)
+    existing = _agree(lambda: _prepare(cfg, lake), world, rank)
     if cfg.resume and existing and existing["status"] == "complete":
-        print(f"run {cfg.run} is already complete ({existing['tokens']} tokens): nothing to do")
+        if rank == 0:
+            print(f"run {cfg.run} is already complete ({existing['tokens']} tokens): nothing to do")
         return existing
     check_corpus(cfg.dataset, cfg.text_column)
     model = load_model(cfg.model, cfg.device)
@@ -211,67 +193,101 @@ def ingest(cfg: IngestConfig, progress: bool = True) -> dict:
     if cfg.context_size > model.n_ctx:
         raise UserError(f"--context-size {cfg.context_size} is larger than {cfg.model}'s context of "
                         f"{model.n_ctx} tokens")
+    lease = Lease(lake, cfg.run)
+    m = _agree(lambda: _start(cfg, lake, model, existing, lease), world, rank)
+    try:
+        _write_chunks(cfg, lake, model, m, lease, progress and rank == 0, rank, world)
+        if rank == 0:
+            m = _finish(lake, m)
+        return _gather(m, world)[0]
+    except BaseException as e:  # Ctrl-C included: the run is resumable, and says it failed
+        if rank == 0:
+            m["status"], m["updated"] = "failed", _now()
+            m["error"] = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"[:500]
+            try:
+                lake.write_manifest(m)
+                lake.register_run(m)
+            except Exception:
+                pass
+        raise
+    finally:
+        if rank == 0:
+            try:
+                lease.release()
+            except Exception:
+                pass
+
+
+def _start(cfg: IngestConfig, lake: Lake, model: LoadedModel, existing: dict | None, lease: Lease) -> dict:
+    """Create or reopen the run's manifest and take its lease (rank 0)."""
     new_contexts = math.ceil(cfg.tokens / cfg.context_size)
     if existing is None:
         m = _new_manifest(cfg, model)
         m["contexts_target"] = new_contexts
-        import json
         if not lake.storage.create_exclusive(json.dumps(m, indent=2).encode(), "runs", cfg.run, "manifest.json"):
             raise UserError(f"run {cfg.run!r} was just created by another ingest: choose another --run")
-    else:
-        m = existing
-        if cfg.append:
-            m["segment_start"] = m["contexts"]
-            m["contexts_target"] = m["contexts"] + new_contexts
-        elif m["contexts_target"] != m["segment_start"] + new_contexts and not m["versions"]:
-            raise UserError(f"run {cfg.run!r} was started with --tokens for {m['contexts_target']} contexts, "
-                            f"not {new_contexts}: repeat the original --tokens")
-        m["status"], m["error"], m["updated"] = "running", None, _now()
-        lake.write_manifest(m)
-    try:
-        _write_chunks(cfg, lake, model, m, progress)
-        return _finish(lake, m)
-    except BaseException as e:  # Ctrl-C included: the run is resumable, and says it failed
-        m["status"], m["updated"] = "failed", _now()
-        m["error"] = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"[:500]
-        try:
-            lake.write_manifest(m)
-            lake.register_run(m)
-        except Exception:
-            pass
-        raise
+        lease.acquire()
+        return m
+    lease.acquire()
+    m = lake.manifest(cfg.run)  # re-read under the lease
+    if cfg.append:
+        m["segment_start"] = m["contexts"]
+        m["contexts_target"] = m["contexts"] + new_contexts
+    elif m["contexts_target"] != m["segment_start"] + new_contexts:
+        raise UserError(f"run {cfg.run!r} was started with --tokens for {m['contexts_target'] - m['segment_start']} "
+                        f"contexts, not {new_contexts}: repeat the original --tokens")
+    m["status"], m["error"], m["updated"] = "running", None, _now()
+    lake.write_manifest(m)
+    return m
 
 
-def _write_chunks(cfg: IngestConfig, lake: Lake, model: LoadedModel, m: dict, progress: bool) -> None:
+def _write_chunks(cfg: IngestConfig, lake: Lake, model: LoadedModel, m: dict, lease: Lease, progress: bool,
+                  rank: int, world: int) -> None:
+    """Process chunks in rounds of ``world`` (chunk i of a round on rank i); commit each round."""
     tables = m["tables"]
-    done = {t: _committed_contexts(_open(lake, cfg.run, t)) for t in tables}
+    done = {t: committed_contexts(lake, cfg.run, t) for t in tables}
     base, target, T = m["segment_start"], m["contexts_target"], cfg.context_size
-    start = min(done.values())
+    start = min(c for c, _ in done.values())
     per_chunk = max(1, cfg.shuffle_buffer // T)
+    # chunk boundaries are fixed by the segment start, so a resumed run cuts the same chunks
+    bounds = [(a, min(a + per_chunk, target)) for a in range(base, target, per_chunk) if a + per_chunk > start]
+    if bounds and bounds[0][0] != start:
+        raise UserError(f"run {cfg.run!r} has {start} contexts committed, not at a chunk boundary: was "
+                        "--shuffle-buffer changed? repeat the original settings")
     contexts = pack_contexts(documents(cfg.dataset, cfg.text_column), model.tokenizer, T, model.bos_token_id)
     contexts = itertools.islice(contexts, start, target)  # skip what is committed everywhere
     bar = tqdm(total=(target - base) * T, initial=(start - base) * T, unit="tok", unit_scale=True,
                desc=f"ingest {cfg.run}", disable=not progress, smoothing=0.1)
-    pos = start
-    while pos < target:
-        # chunk boundaries are fixed by the segment start, so a resumed run cuts the same chunks
-        end = min(base + ((pos - base) // per_chunk + 1) * per_chunk, target)
-        chunk = list(itertools.islice(contexts, end - pos))
-        if not chunk:
-            tqdm.write(f"corpus {cfg.dataset} ran out after {pos} contexts ({pos * T} tokens); stopping there")
-            m["contexts_target"] = target = pos
+    schemas: dict = {}
+    for r in range(0, len(bounds), world):
+        round_bounds = bounds[r:r + world]
+        mine = None
+        for i, (a, b) in enumerate(round_bounds):  # every rank reads the stream; each keeps its chunk
+            chunk = list(itertools.islice(contexts, b - a))
+            if i == rank:
+                mine = chunk
+        built, end = {}, (mine[-1].context_id + 1 if mine else 0)
+        if mine:
+            for table, data in chunk_tables(cfg, model, mine, model.bos_token_id).items():
+                if done[table][0] < end:  # else: committed before a crash (the other table was not)
+                    built[table] = (write_chunk_fragments(lake, cfg.run, table, data), data.schema)
+        results = _gather((end, len(mine or []), built), world)
+        round_end = max(e for e, _, _ in results)
+        if rank == 0 and round_end:
+            for table in tables:
+                frags = [f for _, _, bt in results if table in bt for f in bt[table][0]]
+                schemas.setdefault(table, next((bt[table][1] for _, _, bt in results if table in bt), None))
+                if frags:
+                    done[table] = commit_fragments(lake, cfg.run, table, frags, schemas[table], done[table],
+                                                   round_end)
+            lease.renew()
+        bar.update(sum(n for _, n, _ in results) * T)
+        if round_end < (round_bounds[-1][1] if round_bounds else 0):
+            if rank == 0:
+                tqdm.write(f"corpus {cfg.dataset} ran out after {round_end} contexts ({round_end * T} tokens); "
+                           "stopping there")
+            m["contexts_target"] = round_end
             break
-        end = pos + len(chunk)
-        built = _chunk_tables(cfg, model, chunk, model.bos_token_id)
-        for table, data in built.items():
-            if done[table] >= end:
-                continue  # this table committed the chunk before a crash; the other did not
-            lance.write_dataset(data, lake.table_uri(cfg.run, table), mode="append" if done[table] else "create",
-                                storage_options=lake.storage.storage_options, max_rows_per_file=1 << 24,
-                                transaction_properties={"contexts_done": str(end)})
-            done[table] = end
-        pos = end
-        bar.update(len(chunk) * T)
     bar.close()
 
 

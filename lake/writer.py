@@ -1,0 +1,161 @@
+"""Writing activation chunks: Arrow tables, Lance fragments, commits, the run lease.
+
+A chunk is a run of consecutive contexts (``shuffle_buffer`` tokens). Each rank turns its
+chunks into Lance fragments (data files that nothing references yet); rank 0 then commits
+one round's fragments in a single Lance transaction that records ``contexts_done``. Until
+that commit nothing is visible; after it, everything up to ``contexts_done`` is.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+
+import lance
+import numpy as np
+import pyarrow as pa
+import torch
+from lance.fragment import FragmentMetadata, write_fragments
+
+from .errors import UserError
+from .lake import Lake
+from .tables import acts_field, acts_to_arrow, column_name
+
+LEASE_SECONDS = 120  # a writer that has not renewed its lease for this long is presumed dead
+
+
+def chunk_tables(cfg, model, ctxs, bos: int) -> dict[str, pa.Table]:
+    """Forward a chunk of contexts and build its 1d and 2d Arrow tables."""
+    tokens = torch.from_numpy(np.stack([c.tokens for c in ctxs]))  # [n, T]
+    parts = [model.activations(tokens[i:i + cfg.batch_size].to(cfg.device), cfg.hooks)
+             for i in range(0, len(ctxs), cfg.batch_size)]
+    acts = {h: torch.cat([p[h].float().cpu() for p in parts]) for h in cfg.hooks}  # [n, T, d]
+    n, T = tokens.shape
+    ctx_ids = np.array([c.context_id for c in ctxs], np.int64)
+    out: dict[str, pa.Table] = {}
+    if "2d" in cfg.layouts:
+        cols = {"context_id": pa.array(ctx_ids), "doc_id": pa.array([c.doc_id for c in ctxs], pa.int64()),
+                "doc_offset": pa.array([c.offset for c in ctxs], pa.int32()),
+                "tokens": pa.FixedSizeListArray.from_arrays(pa.array(tokens.numpy().ravel()), T)}
+        fields = [pa.field(k, v.type) for k, v in cols.items()]
+        for h in cfg.hooks:
+            col, d = column_name(h), acts[h].shape[-1]
+            cols[col] = acts_to_arrow(acts[h], cfg.dtype)
+            cols[col + "_norm"] = pa.FixedSizeListArray.from_arrays(pa.array(acts[h].norm(dim=-1).numpy().ravel()), T)
+            fields += [acts_field(col, cfg.dtype, (T, d)), pa.field(col + "_norm", pa.list_(pa.float32(), T))]
+        out["contexts"] = pa.Table.from_arrays(list(cols.values()), schema=pa.schema(fields))
+    if "1d" in cfg.layouts:
+        flat_tokens = tokens.reshape(-1)
+        keep = torch.ones_like(flat_tokens, dtype=torch.bool) if cfg.keep_bos else flat_tokens != bos
+        # the write-time shuffle: seeded by the chunk's first context, so any rank or a resumed run
+        # produces the same rows in the same order
+        rng = np.random.default_rng([cfg.seed, int(ctx_ids[0])])
+        rows = keep.nonzero().squeeze(1)[torch.from_numpy(rng.permutation(int(keep.sum())))]
+        cols = {"token_id": pa.array(flat_tokens[rows].numpy()),
+                "context_id": pa.array(ctx_ids[(rows // T).numpy()]),
+                "position": pa.array((rows % T).to(torch.int32).numpy())}
+        fields = [pa.field(k, v.type) for k, v in cols.items()]
+        for h in cfg.hooks:
+            col = column_name(h)
+            x = acts[h].reshape(n * T, -1)[rows]
+            cols[col] = acts_to_arrow(x, cfg.dtype)
+            cols[col + "_norm"] = pa.array(x.norm(dim=-1).numpy())
+            fields += [acts_field(col, cfg.dtype, (x.shape[1],)), pa.field(col + "_norm", pa.float32())]
+        out["tokens"] = pa.Table.from_arrays(list(cols.values()), schema=pa.schema(fields))
+    return out
+
+
+def _store_error(lake: Lake, run: str, e: Exception) -> UserError:
+    where = lake.storage.endpoint or lake.root
+    first = (str(e).splitlines() or [""])[0][:160]
+    return UserError(f"writing run {run!r} to {where} failed ({type(e).__name__}: {first}); what was committed is "
+                     "kept: rerun with --resume once the store is reachable")
+
+
+def committed_contexts(lake: Lake, run: str, table: str) -> tuple[int, int]:
+    """(contexts covered by the latest commit, its Lance version); (0, 0) if no table yet."""
+    if not lake.storage.exists("runs", run, f"{table}.lance", "_versions"):  # fragments alone are not a table
+        return 0, 0
+    ds = lake.dataset(run, table)
+    txn = ds.read_transaction(ds.version)
+    return (int(txn.transaction_properties.get("contexts_done", 0)) if txn else 0), ds.version
+
+
+def write_chunk_fragments(lake: Lake, run: str, table: str, data: pa.Table) -> list[str]:
+    """Write a chunk as uncommitted Lance fragments; returns their metadata as JSON strings."""
+    try:
+        frags = write_fragments(data, lake.table_uri(run, table), schema=data.schema, max_rows_per_file=1 << 24,
+                                storage_options=lake.storage.storage_options)
+    except Exception as e:
+        raise _store_error(lake, run, e) from None
+    return [json.dumps(f.to_json()) for f in frags]
+
+
+def commit_fragments(lake: Lake, run: str, table: str, fragments: list[str], schema: pa.Schema,
+                     expected: tuple[int, int], contexts_done: int) -> tuple[int, int]:
+    """Make fragments visible in one commit, if nobody else committed since ``expected``.
+
+    ``expected`` is (contexts_done, version) as this writer last saw it; a different value
+    means another writer is on this run, and committing would duplicate rows.
+    """
+    uri = lake.table_uri(run, table)
+    try:
+        now = committed_contexts(lake, run, table)
+        if now[0] != expected[0]:
+            raise UserError(f"run {run!r} was extended by another writer ({table}: {now[0]} contexts committed, "
+                            f"expected {expected[0]}): stop the other ingest, then --resume")
+        frags = [FragmentMetadata.from_json(f) for f in fragments]
+        op = lance.LanceOperation.Append(frags) if now[1] else lance.LanceOperation.Overwrite(schema, frags)
+        txn = lance.Transaction(read_version=now[1], operation=op,
+                                transaction_properties={"contexts_done": str(contexts_done)})
+        ds = lance.LanceDataset.commit(uri, txn, storage_options=lake.storage.storage_options)
+    except UserError:
+        raise
+    except Exception as e:
+        raise _store_error(lake, run, e) from None
+    return contexts_done, ds.version
+
+
+class Lease:
+    """One writer per run: ``runs/<run>/lease.json`` names the writer and is renewed per chunk.
+
+    Another writer is refused while the lease is fresh and (on this host) its process lives;
+    a SIGKILLed writer's lease is ignored at once on the same host, after LEASE_SECONDS elsewhere.
+    """
+
+    def __init__(self, lake: Lake, run: str):
+        self.lake, self.run = lake, run
+        self.me = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+
+    def _holder(self) -> dict | None:
+        held = self.lake.storage.read_json("runs", self.run, "lease.json")
+        if not held or held.get("owner") == self.me["owner"]:
+            return None
+        if held["host"] == self.me["host"]:
+            try:
+                os.kill(held["pid"], 0)
+            except ProcessLookupError:
+                return None  # died without releasing
+            except PermissionError:
+                pass
+            else:
+                if held["pid"] == os.getpid():
+                    return None
+        return held if time.time() - held["renewed"] < LEASE_SECONDS else None
+
+    def acquire(self) -> None:
+        held = self._holder()
+        if held:
+            raise UserError(f"run {self.run!r} is being written by pid {held['pid']} on {held['host']}: wait for it "
+                            "to finish (or stop it) before --resume/--append")
+        self.renew()
+
+    def renew(self) -> None:
+        self.lake.storage.write_json(self.me | {"renewed": time.time()}, "runs", self.run, "lease.json")
+
+    def release(self) -> None:
+        held = self.lake.storage.read_json("runs", self.run, "lease.json")
+        if held and held.get("owner") == self.me["owner"]:
+            self.lake.storage.remove("runs", self.run, "lease.json")
