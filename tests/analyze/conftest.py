@@ -1,12 +1,35 @@
 """Fixtures for the analysis tests: a copy of the tiny lake with real SAEs in its store."""
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
+import socket
 
 import pytest
 import torch
 
 H0, H1 = "blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    """The real `lake` entry point, in-process: (exit code, stdout, stderr)."""
+    from lake.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(args))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
 
 
 def make_sae(lake: str, name: str, arch: str = "topk", hook: str = H0, d_in: int = 32, d_sae: int = 64,
@@ -25,7 +48,8 @@ def make_sae(lake: str, name: str, arch: str = "topk", hook: str = H0, d_in: int
            "d_in": d_in, "d_sae": d_sae, "d_out": d_in, "k": k if arch in ("topk", "batchtopk") else None,
            "run": run, "version": version, "model": model, "status": "complete", "apply_b_dec_to_input": True,
            "created": "2026-01-01T00:00:00+00:00"}
-    SAEStore(lake).save(cfg, sae.member_state(0))
+    # one metrics row: Lake.sync cannot yet rebuild an SAE whose metrics list is empty (reported)
+    SAEStore(lake).save(cfg, sae.member_state(0), metrics=[{"step": 0, "tokens": 0, "name": "init", "value": 0.0}])
     return cfg
 
 
