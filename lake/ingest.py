@@ -25,7 +25,7 @@ from .lake import TABLES, Lake
 from .models import LoadedModel, load_model
 from .storage import check_name
 from .tables import DTYPES, column_name
-from .writer import Lease, chunk_tables, commit_fragments, committed_contexts, write_chunk_fragments
+from .writer import Lease, chunk_tables, commit_fragments, committed_contexts, store_error, write_chunk_fragments
 
 # Settings that define a run: --resume and --append must repeat them exactly.
 IDENTITY = ("model", "dataset", "text_column", "hooks", "context_size", "dtype", "layouts", "seed",
@@ -201,6 +201,8 @@ def ingest(cfg: IngestConfig, progress: bool = True) -> dict:
             m = _finish(lake, m)
         return _gather(m, world)[0]
     except BaseException as e:  # Ctrl-C included: the run is resumable, and says it failed
+        if _is_store_failure(e):
+            e = store_error(lake, cfg.run, e)
         if rank == 0:
             m["status"], m["updated"] = "failed", _now()
             m["error"] = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"[:500]
@@ -209,6 +211,8 @@ def ingest(cfg: IngestConfig, progress: bool = True) -> dict:
                 lake.register_run(m)
             except Exception:
                 pass
+        if isinstance(e, UserError):
+            raise e from None
         raise
     finally:
         if rank == 0:
@@ -216,6 +220,12 @@ def ingest(cfg: IngestConfig, progress: bool = True) -> dict:
                 lease.release()
             except Exception:
                 pass
+
+
+def _is_store_failure(e: BaseException) -> bool:
+    """Errors of the object store or filesystem (not bugs): reported in one line, resumable."""
+    mod = type(e).__module__ or ""
+    return isinstance(e, OSError) or mod.startswith(("botocore", "aiobotocore", "s3fs", "fsspec", "aiohttp"))
 
 
 def _start(cfg: IngestConfig, lake: Lake, model: LoadedModel, existing: dict | None, lease: Lease) -> dict:

@@ -67,7 +67,7 @@ def chunk_tables(cfg, model, ctxs, bos: int) -> dict[str, pa.Table]:
     return out
 
 
-def _store_error(lake: Lake, run: str, e: Exception) -> UserError:
+def store_error(lake: Lake, run: str, e: Exception) -> UserError:
     where = lake.storage.endpoint or lake.root
     first = (str(e).splitlines() or [""])[0][:160]
     return UserError(f"writing run {run!r} to {where} failed ({type(e).__name__}: {first}); what was committed is "
@@ -76,10 +76,13 @@ def _store_error(lake: Lake, run: str, e: Exception) -> UserError:
 
 def committed_contexts(lake: Lake, run: str, table: str) -> tuple[int, int]:
     """(contexts covered by the latest commit, its Lance version); (0, 0) if no table yet."""
-    if not lake.storage.exists("runs", run, f"{table}.lance", "_versions"):  # fragments alone are not a table
-        return 0, 0
-    ds = lake.dataset(run, table)
-    txn = ds.read_transaction(ds.version)
+    try:
+        if not lake.storage.exists("runs", run, f"{table}.lance", "_versions"):  # fragments alone are not a table
+            return 0, 0
+        ds = lance.dataset(lake.table_uri(run, table), storage_options=lake.storage.storage_options)
+        txn = ds.read_transaction(ds.version)
+    except Exception as e:
+        raise store_error(lake, run, e) from None
     return (int(txn.transaction_properties.get("contexts_done", 0)) if txn else 0), ds.version
 
 
@@ -89,7 +92,7 @@ def write_chunk_fragments(lake: Lake, run: str, table: str, data: pa.Table) -> l
         frags = write_fragments(data, lake.table_uri(run, table), schema=data.schema, max_rows_per_file=1 << 24,
                                 storage_options=lake.storage.storage_options)
     except Exception as e:
-        raise _store_error(lake, run, e) from None
+        raise store_error(lake, run, e) from None
     return [json.dumps(f.to_json()) for f in frags]
 
 
@@ -114,7 +117,7 @@ def commit_fragments(lake: Lake, run: str, table: str, fragments: list[str], sch
     except UserError:
         raise
     except Exception as e:
-        raise _store_error(lake, run, e) from None
+        raise store_error(lake, run, e) from None
     return contexts_done, ds.version
 
 

@@ -10,7 +10,7 @@ from conftest import HOOKS, REPO, free_port
 from lake import Lake
 
 
-def _args(lake, model, corpus, run="r1", tokens="6000", *extra):
+def _args(lake, model, corpus, run="r1", tokens="3000", *extra):
     return [sys.executable, "-m", "lake", "ingest", "--lake", lake, "--model", model, "--dataset", corpus,
             "--hooks", ",".join(HOOKS), "--tokens", tokens, "--context-size", "32", "--run", run,
             "--shuffle-buffer", "512", "--quiet", *extra]
@@ -26,7 +26,7 @@ def _sorted_rows(lake, run="r1"):
 def test_torchrun_ingest_equals_single_process(tmp_path, tiny_model, tiny_corpus):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     subprocess.run(_args(one, tiny_model, tiny_corpus), cwd=REPO, check=True, capture_output=True)
-    p = subprocess.run(_args(two, tiny_model, tiny_corpus, "r1", "6000", "--nproc", "2"), cwd=REPO,
+    p = subprocess.run(_args(two, tiny_model, tiny_corpus, "r1", "3000", "--nproc", "2"), cwd=REPO,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert Lake(two).manifest("r1")["status"] == "complete"
