@@ -14,7 +14,7 @@ from lake import Lake, LiveSource, SnapshotSource, UserError, load_model
 from lake.storage import check_name
 
 from .directions import neighbours, top_logits, unembedding, vocab_strings
-from .stats import FeatureStats
+from .stats import FeatureStats, one_thread
 from .stores import EmbeddedStore, MongoStore, open_store
 from .table import FeatureTable
 
@@ -80,13 +80,14 @@ def load_sae(lake: Lake, spec: str):
 def latents(sae, x: torch.Tensor, valid: torch.Tensor):
     """Non-zero latents of valid rows: (rows, lat, vals, dense [N, S] or None)."""
     codes = sae.encode(x)
-    if codes.acts is not None:
-        f = codes.acts[0]
-        f[~valid] = 0
-        rows, lat = (f > 0).nonzero(as_tuple=True)
-        return rows, lat, f[rows, lat], f
-    keep = (codes.vals > 0) & valid[codes.bag]
-    return codes.bag[keep], codes.lat[keep], codes.vals[keep], None
+    with one_thread():
+        if codes.acts is not None:
+            f = codes.acts[0]
+            f[~valid] = 0
+            rows, lat = (f > 0).nonzero(as_tuple=True)
+            return rows, lat, f[rows, lat], f
+        keep = (codes.vals > 0) & valid[codes.bag]
+        return codes.bag[keep], codes.lat[keep], codes.vals[keep], None
 
 
 def _source(cfg: AnalyzeConfig, lake: Lake, sae_cfg: dict, hooks: list[str]):

@@ -34,6 +34,7 @@ number of tokens analysed.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -54,6 +55,17 @@ def hist_bin(v: torch.Tensor) -> torch.Tensor:
     """Bin index of positive activations (see ``hist_edges``)."""
     b = torch.floor((torch.log2(v.double()) - HIST_LO) * HIST_PER_OCTAVE).long() + 1
     return b.clamp_(0, HIST_BINS - 1)
+
+
+@contextmanager
+def one_thread():
+    """Small tensor ops on one thread (see ``FeatureStats.update``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def priority(ctx: torch.Tensor, features: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -82,11 +94,11 @@ class Slots:
         return self.ctx >= 0
 
     def refill(self, keep_old: torch.Tensor, keep_new: torch.Tensor, batch_ctx: torch.Tensor, cval: torch.Tensor,
-               cu: torch.Tensor, f: torch.Tensor | None) -> torch.Tensor:
+               cu: torch.Tensor, acts_of=None) -> torch.Tensor:
         """Keep ``keep_old`` slots; move the batch candidates ``keep_new`` [S, n] into freed slots.
 
-        ``cval``/``cu`` [S, n]: the candidates' context max and priority; ``f`` [n, T, S]: the
-        batch's latents (per-token activations of the new samples). Returns the batch context
+        ``cval``/``cu`` [S, n]: the candidates' context max and priority; ``acts_of(features,
+        contexts)`` -> [m, T]: per-token activations of the new samples. Returns the batch context
         indices now referenced."""
         self.ctx[~keep_old] = -1
         C, n = keep_old.shape[1], keep_new.shape[1]
@@ -101,8 +113,31 @@ class Slots:
         self.val[fi, slot] = cval[fi, src]
         self.u[fi, slot] = cu[fi, src]
         if self.acts is not None and len(fi):
-            self.acts[fi, slot] = f[src, :, fi]
+            self.acts[fi, slot] = acts_of(fi, src)
         return src.unique()
+
+
+class _PerToken:
+    """Per-token activations of (feature, context) pairs of a batch, gathered from a feature-major
+    [S, n, T] copy of the latents, built once per batch and only when needed (few new samples
+    come straight from the dense [n·T, S] latents)."""
+
+    def __init__(self, rows, lat, vals, dense, n, T, S):
+        self.rows, self.lat, self.vals, self.dense, self.shape = rows, lat, vals, dense, (n, T, S)
+        self.fT = None
+
+    def __call__(self, fi: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        n, T, S = self.shape
+        if self.fT is None:
+            if self.dense is not None and len(fi) * T * 16 < self.dense.numel():
+                return self.dense.view(n, T, S)[src, :, fi]
+            if self.dense is not None:
+                self.fT = self.dense.t().contiguous().view(S, n, T)
+            else:
+                self.fT = torch.zeros(S, n * T)
+                self.fT[self.lat, self.rows] = self.vals
+                self.fT = self.fT.view(S, n, T)
+        return self.fT[fi, src]
 
 
 class FeatureStats:
@@ -134,7 +169,14 @@ class FeatureStats:
                dense: torch.Tensor | None = None) -> None:
         """One batch of n whole contexts: non-zero latents (``rows`` = context·T + position,
         ``lat``, ``vals``) already restricted to valid tokens; ``tokens`` [n, T]; ``valid`` [n, T];
-        ``dense``: the same latents as [n·T, S] when the caller has them (else built here)."""
+        ``dense``: the same latents as [n·T, S] when the caller has them (else built here).
+
+        Runs on one thread: the bookkeeping is many small ops on [d_sae, batch] tensors, where
+        OpenMP hand-offs cost more than they save (100x on two busy cores)."""
+        with one_thread():
+            self._update(rows, lat, vals, tokens, valid, context_id, doc_id, dense)
+
+    def _update(self, rows, lat, vals, tokens, valid, context_id, doc_id, dense) -> None:
         n, T, S = tokens.shape[0], self.T, self.S
         self.n_tokens += n * T
         self.n_valid += int(valid.sum())
@@ -146,10 +188,7 @@ class FeatureStats:
         self.hist += torch.bincount(lat * HIST_BINS + hist_bin(vals), minlength=S * HIST_BINS)
         # context max per feature, and the dense per-token latents for new samples
         cmax = torch.zeros(n * S).scatter_reduce_(0, (rows // T) * S + lat, vals, "amax").view(n, S).t()  # [S, n]
-        if dense is None:
-            dense = torch.zeros(n * T, S)
-            dense[rows, lat] = vals
-        f = dense.view(n, T, S)
+        f = _PerToken(rows, lat, vals, dense, n, T, S)
         cu = priority(context_id, self.features, self.seed)  # [S, n]
         used = [self._update_top(cmax, context_id, cu, f), self._update_intervals(cmax, context_id, cu, f),
                 self._update_zero(cmax, context_id, cu)]
@@ -200,7 +239,7 @@ class FeatureStats:
         allk = torch.cat([torch.where(self.zero.used, -self.zero.u, NEG), cand], 1)
         sel = allk.topk(min(Z, allk.shape[1]), dim=1).indices
         keep = torch.zeros_like(allk, dtype=torch.bool).scatter_(1, sel, True) & (allk > NEG)
-        return self.zero.refill(keep[:, :Z], keep[:, Z:], ctx, cmax, cu, None)
+        return self.zero.refill(keep[:, :Z], keep[:, Z:], ctx, cmax, cu)
 
     def finish(self) -> None:
         """Drop the tokens of contexts no sample references any more."""

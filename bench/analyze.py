@@ -1,0 +1,138 @@
+"""Analysis throughput vs the SAE encoder alone, and peak RSS at two token counts.
+
+    python bench/analyze.py [--lake /tmp/saelake-bench] [--tokens 24576]
+
+Needs a 2d snapshot of the bundled SmolLM2-135M (made on first use: run `b2d`, hook
+blocks.3.hook_resid_post, context 128) and a TopK SAE on it (`bench-topk`: 8 x 576 latents,
+k 32, tied random init saved through train's SAEStore; the cost per token does not depend on
+training). Throughput: the same in-memory batches go through (a) ``sae.encode`` only and (b)
+``analyze.run.latents`` + ``FeatureStats.update`` (what ``lake analyze`` does per batch); best
+of --repeats. RSS: ``lake analyze`` end to end (model load, stream, logits, neighbours, write
+the embedded store) in a fresh subprocess per token count; ru_maxrss.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+# this script is bench/analyze.py: keep bench/ off the path so `import analyze`/`train` find the packages
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import torch  # noqa: E402
+
+HOOK, RUN, SAE = "blocks.3.hook_resid_post", "b2d", "bench-topk"
+
+
+def setup(lake: str, tokens: int, arch: str) -> str:
+    from lake import IngestConfig, Lake, ingest
+    from train.sae import SparseCoder
+    from train.store import SAEStore
+
+    if RUN not in Lake(lake).run_names():
+        ingest(IngestConfig(lake=lake, model="smollm2-135m", dataset="builtin", hooks=[HOOK], tokens=tokens,
+                            context_size=128, layouts=["2d"], run=RUN), progress=False)
+    name = f"bench-{arch}"
+    if not SAEStore(lake).exists(name):
+        d, S = 576, 8 * 576
+        sae = SparseCoder(arch, d, S, k=32 if arch == "topk" else None)
+        sae.initialize([torch.Generator().manual_seed(0)])
+        if arch == "relu":
+            with torch.no_grad():
+                sae.b_enc.fill_(-2.0)  # a sparse-ish ReLU code on raw activations
+        SAEStore(lake).save({"name": name, "arch": arch, "hook": HOOK, "hooks": [HOOK], "out_hook": HOOK,
+                             "out_hooks": [HOOK], "d_in": d, "d_sae": S, "k": 32 if arch == "topk" else None,
+                             "run": RUN, "version": 1, "model": "smollm2-135m", "status": "complete",
+                             "apply_b_dec_to_input": True}, sae.member_state(0),
+                            metrics=[{"step": 0, "tokens": 0, "name": "init", "value": 0.0}])
+    return name
+
+
+def throughput(lake: str, sae_name: str, tokens: int, batch_size: int, repeats: int) -> dict:
+    from analyze.run import latents
+    from analyze.stats import FeatureStats
+    from lake import SnapshotSource
+    from train.store import SAEStore
+
+    sae, _ = SAEStore(lake).load(sae_name)
+    src = SnapshotSource(lake, RUN)
+    batches = []
+    for b in src.context_batches(batch_size, [HOOK]):
+        batches.append((b.acts[HOOK].clone(), b.tokens.clone(), b.context_id.clone(), b.doc_id.clone()))
+        if sum(len(x[1]) for x in batches) * src.context_size >= tokens:
+            break
+    n_tok = sum(x[0].shape[0] * x[0].shape[1] for x in batches)
+    skip = torch.tensor([1, 2], dtype=torch.int32)  # SmolLM2 BOS, pad
+
+    def encode_only():
+        for acts, *_ in batches:
+            sae.encode(acts.reshape(-1, acts.shape[-1]).float())
+
+    def analysis():
+        st = FeatureStats(sae.d_sae, src.context_size)
+        for acts, toks, cid, did in batches:
+            valid = ~torch.isin(toks, skip)
+            rows, lat, vals, dense = latents(sae, acts.reshape(-1, acts.shape[-1]).float(), valid.reshape(-1))
+            st.update(rows, lat, vals, toks, valid, cid, did, dense)
+
+    out = {}
+    with torch.no_grad():
+        for name, fn in (("encoder_only", encode_only), ("analysis", analysis)):
+            best = min(_timed(fn) for _ in range(repeats))
+            out[name] = n_tok / best
+    out["ratio"] = out["analysis"] / out["encoder_only"]
+    out["tokens"] = n_tok
+    return out
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def child(lake: str, sae_name: str, tokens: int) -> None:
+    """One full `lake analyze`, then print peak RSS."""
+    from analyze.run import AnalyzeConfig, analyze
+
+    rec = analyze(AnalyzeConfig(lake=lake, sae=sae_name, tokens=tokens, name=f"rss-{tokens}", overwrite=True),
+                  progress=False)
+    print(json.dumps({"tokens": rec["tokens_total"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                      / 1024, "seconds": rec["seconds"], "tokens_per_second": rec["tokens_per_second"]}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lake", default="/tmp/saelake-bench")
+    p.add_argument("--tokens", type=int, default=24576, help="snapshot size (and the larger RSS run)")
+    p.add_argument("--small", type=int, default=6144, help="the smaller RSS run")
+    p.add_argument("--throughput-tokens", type=int, default=8192)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--arch", default="topk", choices=["topk", "relu"])
+    p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    name = f"bench-{a.arch}"
+    if a.child:
+        return child(a.lake, name, a.child)
+    setup(a.lake, a.tokens, a.arch)
+    tp = throughput(a.lake, name, a.throughput_tokens, a.batch_size, a.repeats)
+    print(f"{a.arch} SAE d_sae 4608 on d_model 576, {tp['tokens']} tokens in batches of {a.batch_size} contexts x 128, "
+          f"{torch.get_num_threads()} threads")
+    print(f"  encoder only   {tp['encoder_only']:9.0f} tok/s")
+    print(f"  analysis       {tp['analysis']:9.0f} tok/s   ratio {tp['ratio']:.2f}")
+    for n in (a.small, a.tokens):
+        r = subprocess.run([sys.executable, __file__, "--lake", a.lake, "--arch", a.arch, "--child", str(n)],
+                           capture_output=True, text=True, check=True)
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        print(f"  lake analyze {res['tokens']:6d} tokens: peak RSS {res['peak_rss_mb']:7.0f} MB, "
+              f"stream {res['tokens_per_second']:.0f} tok/s")
+
+
+if __name__ == "__main__":
+    main()
