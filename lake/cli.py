@@ -184,6 +184,48 @@ def catalog_sync(lake_uri):
 
 
 @cli.command()
+@_lake_option
+@click.argument("names", nargs=-1)
+@click.option("--quick", is_flag=True, help="Check sizes and counts only; do not decode every fragment.")
+def verify(lake_uri, names, quick):
+    """Check runs and SAEs against their manifests, Lance and the catalog. Exit 1 on any problem."""
+    from .lake import Lake
+    from .maintenance import verify_run, verify_sae
+
+    lake = Lake(lake_uri)
+    runs, saes = lake.run_names(), lake.storage.listdir("saes")
+    names = list(names) or runs + saes
+    problems: list[str] = []
+    for name in names:
+        if name in runs:
+            problems += verify_run(lake, name, deep=not quick)
+        elif name in saes:
+            problems += verify_sae(lake, name)
+        else:
+            raise UserError(f"nothing named {name!r} in {lake.root}: see lake ls")
+    for p in problems:
+        click.echo(p)
+    click.echo(f"verified {len(names)} item(s): {len(problems)} problem(s)", err=bool(problems))
+    if problems:
+        sys.exit(1)
+
+
+@cli.command()
+@_lake_option
+@click.option("--dry-run", is_flag=True, help="List what would be removed.")
+def gc(lake_uri, dry_run):
+    """Remove failed runs nothing pins, and Lance versions that are not snapshots."""
+    from .lake import Lake
+    from .maintenance import gc as run_gc
+
+    removed = run_gc(Lake(lake_uri), dry_run=dry_run)
+    for line in removed:
+        click.echo(("would remove " if dry_run else "removed ") + line)
+    if not removed:
+        click.echo("nothing to remove")
+
+
+@cli.command()
 @click.option("--model", default="smollm2-135m", show_default=True)
 @click.option("--grep", default="", help="Only names containing this.")
 def hooks(model, grep):

@@ -177,7 +177,7 @@ class SnapshotSource:
                     if skip >= n:
                         skip -= n
                         continue
-                    t = fragments[fi].to_table(columns=cols, offset=off, limit=n)
+                    t = self._read(fragments[fi], "tokens", lambda f: f.to_table(columns=cols, offset=off, limit=n))
                     perm = np.random.default_rng([seed, epoch, b, 2]).permutation(n)[skip:]
                     skip = 0
                     yield t.take(perm)
@@ -195,6 +195,16 @@ class SnapshotSource:
             carry = block.slice(i) if i < len(block) else None
         if carry is not None and len(carry):
             yield self._token_batch(carry, hooks)
+
+    def _unreadable(self, table: str, files: str, e: Exception) -> UserError:
+        return UserError(f"run {self.run!r} {table}.lance: cannot read {files} ({str(e).splitlines()[0][:150]}); "
+                         f"the file is damaged: `lake verify {self.run}` checks the whole run")
+
+    def _read(self, fragment, table: str, fn):
+        try:
+            return fn(fragment)
+        except Exception as e:
+            raise self._unreadable(table, ", ".join(f.path for f in fragment.metadata.files), e) from None
 
     def _token_batch(self, t: pa.Table, hooks: list[str]) -> TokenBatch:
         t = t.combine_chunks()
@@ -219,9 +229,13 @@ class SnapshotSource:
                              scan_in_order=True, strict_batch_size=True)
 
         def batches():
-            for b in scanner.to_batches():
-                if len(b):
-                    yield b
+            try:
+                for b in scanner.to_batches():
+                    if len(b):
+                        yield b
+            except Exception as e:
+                raise self._unreadable("contexts", ", ".join(f.path for fr in ds.get_fragments()
+                                                             for f in fr.metadata.files), e) from None
 
         for b in _prefetch(batches()):
             batch = ContextBatch(
