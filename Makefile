@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 LAKE    ?= ./lake-demo
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 
-.PHONY: venv demo test test-slow bench clean
+.PHONY: venv browser demo test test-slow bench clean
 
 venv: $(VENV)/.installed
 
@@ -23,7 +23,11 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 demo: venv
 	$(BIN)/python examples/demo.py --lake $(LAKE)
 
-test: venv
+# Debian's Chromium for the web UI's browser tests (Playwright cannot download browsers here).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+
+test: venv browser
 	$(BIN)/python -m pytest -q
 
 test-slow: venv
