@@ -130,10 +130,14 @@ def gc(lake: Lake, dry_run: bool = False) -> list[str]:
             ds = lake.dataset(run, table)
             keep = {v["tables"][table] for v in m["versions"] if table in v["tables"]} | {ds.latest_version}
             old = [v["version"] for v in ds.versions() if v["version"] not in keep]
-            if old:
-                removed.append(f"run {run} {table}.lance: {len(old)} intermediate versions")
-                if not dry_run:
-                    ds.cleanup_old_versions(older_than=timedelta(0), versions=old, delete_unverified=True,
+            # runs only append, so the latest version references every committed data file
+            used = {p for p, _ in _fragment_files(ds)}
+            orphans = [f for f in lake.storage.listdir("runs", run, f"{table}.lance", "data") if f not in used]
+            if old or orphans:
+                removed.append(f"run {run} {table}.lance: {len(old)} intermediate versions, {len(orphans)} "
+                               "uncommitted data files")
+                if not dry_run:  # snapshot versions are tagged complete-N; Lance keeps tagged versions
+                    ds.cleanup_old_versions(older_than=timedelta(0), delete_unverified=True,
                                             error_if_tagged_old_versions=False)
     if not dry_run and removed:
         lake.sync()

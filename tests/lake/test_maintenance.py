@@ -54,17 +54,23 @@ def test_gc_keeps_snapshots_and_removes_the_rest(tmp_path, tiny_model, tiny_corp
     ingest_tiny(str(root), tiny_model, tiny_corpus, tokens=1000, append=True)
     before = [b.context_id.tolist() for b in SnapshotSource(str(root), "r1", 1).context_batches(16)]
     n_versions = len(lance.dataset(str(root / "runs/r1/tokens.lance")).versions())
+    # a chunk a crashed ingest wrote but never committed
+    from lance.fragment import write_fragments
+    t = lance.dataset(str(root / "runs/r1/tokens.lance")).to_table(limit=10)
+    write_fragments(t, str(root / "runs/r1/tokens.lance"), schema=t.schema)
+    n_files = len(list((root / "runs/r1/tokens.lance/data").iterdir()))
     # a failed run that nothing pins
     (root / "runs/dead").mkdir()
     m = Lake(str(root)).manifest("r1") | {"name": "dead", "status": "failed", "versions": []}
     Lake(str(root)).write_manifest(m)
     code, out, _ = cli("gc", "--lake", str(root), "--dry-run")
-    assert code == 0 and "would remove run dead" in out and "intermediate versions" in out
+    assert code == 0 and "would remove run dead" in out and "1 uncommitted data files" in out
     assert (root / "runs/dead").exists()
     code, out, _ = cli("gc", "--lake", str(root))
     assert code == 0 and not (root / "runs/dead").exists()
     versions = lance.dataset(str(root / "runs/r1/tokens.lance")).versions()
     assert len(versions) == 2 < n_versions  # the two snapshots
+    assert len(list((root / "runs/r1/tokens.lance/data").iterdir())) == n_files - 1
     assert [b.context_id.tolist() for b in SnapshotSource(str(root), "r1", 1).context_batches(16)] == before
     assert cli("verify", "--lake", str(root))[0] == 0
     assert Path(root / "runs/r1/manifest.json").exists()
