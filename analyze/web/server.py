@@ -1,0 +1,204 @@
+"""``lake serve``: a standard-library HTTP server (ThreadingHTTPServer) over ``WebApp``.
+
+``WebApp.handle(method, path, query, body)`` is the whole application (routing, pages, JSON) and
+returns ``(status, content_type, body_bytes, headers)``; the server only moves bytes. Routes:
+
+    /                              lake: runs, snapshots, SAEs, analyses
+    /run/<run>                     one run: manifest, snapshots, hook statistics
+    /sae/<sae>[?analysis=A&dmin=&dmax=&amin=&amax=&sort=&desc=&page=]
+                                   SAE: hyper-parameters, curves, density histogram, feature list
+    /sae/<sae>/feature/<i>[?analysis=A]   one feature
+    /sae/<sae>/random[?analysis=A]        302 to a random (live) feature
+    /sae/<sae>/live                live inference: top features per token
+    POST /api/live                 {"sae", "text", "feature"?, "top"?} -> tokens + activations (JSON)
+
+No route serves files: names in URLs are looked up in the lake's listings after ``check_name``.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import random
+import sys
+import threading
+import time
+import traceback
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote
+
+from lake import UserError
+
+from .data import LakeData, NotFound, StoreDown, shown
+from .live import LiveEncoder, LiveError
+from .pages import Renderer
+
+MAX_BODY = 64 * 1024
+HTML = "text/html; charset=utf-8"
+JSON = "application/json"
+
+
+class WebApp:
+    def __init__(self, lake_uri: str, store: str | None = None, model: str | None = None, live: bool = True):
+        self.data = LakeData(lake_uri, store=store, model=model)
+        self.live = LiveEncoder(self.data) if live else None
+        self.pages = Renderer(self.data, live=live)
+
+    # -- dispatch --------------------------------------------------------------------------------
+    def handle(self, method: str, raw_path: str, body: bytes = b"") -> tuple[int, str, bytes, dict]:
+        path, _, qs = raw_path.partition("#")[0].partition("?")  # (not urlsplit: "//x" is no host here)
+        query = {k: v[-1] for k, v in parse_qs(qs, keep_blank_values=True).items()}
+        segs = [unquote(s) for s in path.split("/") if s]
+        try:
+            if method == "POST" and segs == ["api", "live"]:
+                return self._live(body)
+            if method not in ("GET", "HEAD"):
+                return self._json(405, {"error": f"{method} is not allowed here"})
+            return self._page(segs, query, path)
+        except NotFound as e:
+            return self._html(404, self.pages.error_page(404, str(e)))
+        except StoreDown as e:
+            return self._html(503, self.pages.error_page(503, str(e)))
+        except UserError as e:
+            return self._html(400, self.pages.error_page(400, str(e)))
+        except Exception as e:  # a bug: say so, keep serving
+            traceback.print_exc()
+            return self._html(500, self.pages.error_page(500, f"internal error ({type(e).__name__}): {e}"))
+
+    def _page(self, segs: list[str], query: dict, path: str):
+        p = self.pages
+        analysis = query.get("analysis") or None
+        if not segs:
+            return self._html(200, p.lake_page())
+        if segs[0] == "favicon.ico" and len(segs) == 1:
+            return 204, "image/x-icon", b"", {}
+        if segs[0] == "run" and len(segs) == 2:
+            return self._html(200, p.run_page(segs[1]))
+        if segs[0] == "sae" and len(segs) >= 2:
+            sae = segs[1]
+            if len(segs) == 2:
+                return self._html(200, p.sae_page(sae, query, analysis))
+            if len(segs) == 4 and segs[2] == "feature":
+                return self._html(200, p.feature_page(sae, self._index(sae, segs[3]), analysis))
+            if len(segs) == 3 and segs[2] == "random":
+                return self._random(sae, analysis)
+            if len(segs) == 3 and segs[2] == "live":
+                return self._html(200, p.live_page(sae, analysis))
+        raise NotFound(f"no page {shown(path)!r}")
+
+    @staticmethod
+    def _index(sae: str, s: str) -> int:
+        if not s.isascii() or not s.isdigit() or len(s) > 9:
+            raise NotFound(f"no feature {shown(s)!r} in SAE {shown(sae)!r}: feature ids are numbers")
+        return int(s)
+
+    def _random(self, sae: str, analysis: str | None):
+        self.data.sae(sae)
+        rec = self.data.analysis_for(sae, analysis)
+        if rec is None:
+            raise NotFound(f"SAE {sae!r} has no analysis yet (run `lake analyze {sae}`)")
+        sc = self.data.scalars(rec)
+        alive = sc.feature[sc.count > 0]
+        pool = alive if len(alive) else sc.feature
+        index = int(random.choice(pool.tolist())) if len(pool) else 0
+        return 302, HTML, b"", {"Location": self.pages.links.feature(sae, index, rec["name"])}
+
+    def _live(self, body: bytes):
+        if self.live is None:
+            return self._json(503, {"error": "live inference is off (lake serve --no-live)"})
+        try:
+            req = json.loads(body or b"{}")
+            if not isinstance(req, dict):
+                raise ValueError
+        except ValueError:
+            return self._json(400, {"error": "send a JSON object: {\"sae\": ..., \"text\": ...}"})
+        feature = req.get("feature")
+        if feature is not None and (isinstance(feature, bool) or not isinstance(feature, int)):
+            return self._json(400, {"error": "feature must be an integer"})
+        top = req.get("top", 5)
+        if isinstance(top, bool) or not isinstance(top, int):
+            return self._json(400, {"error": "top must be an integer"})
+        try:
+            t0 = time.perf_counter()
+            out = self.live.run(str(req.get("sae") or ""), req.get("text"), feature, top)
+            out["ms"] = round(1000 * (time.perf_counter() - t0), 1)
+            return self._json(200, out)
+        except NotFound as e:
+            return self._json(404, {"error": str(e)})
+        except LiveError as e:
+            return self._json(e.status, {"error": str(e)})
+
+    @staticmethod
+    def _html(status: int, html: str):
+        return status, HTML, html.encode("utf-8"), {}
+
+    @staticmethod
+    def _json(status: int, obj):
+        return status, JSON, json.dumps(obj).encode(), {}
+
+
+class Handler(BaseHTTPRequestHandler):
+    app: WebApp
+    quiet = False
+    server_version = "saelake"
+    protocol_version = "HTTP/1.1"
+
+    def _respond(self, method: str, body: bytes = b""):
+        t0 = time.perf_counter()
+        status, ctype, data, headers = self.app.handle(method, self.path, body)
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Server-Timing", f"app;dur={1000 * (time.perf_counter() - t0):.1f}")
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if method != "HEAD":
+            self.wfile.write(data)
+
+    def do_GET(self):
+        self._respond("GET")
+
+    def do_HEAD(self):
+        self._respond("HEAD")
+
+    def do_POST(self):
+        try:
+            n = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            n = -1
+        if not 0 <= n <= MAX_BODY:
+            self.send_error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request body too large")
+            return
+        self._respond("POST", self.rfile.read(n))
+
+    def log_message(self, fmt, *args):
+        if not self.quiet:
+            sys.stderr.write(f"{self.address_string()} - {fmt % args}\n")
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True  # SO_REUSEADDR (the default) still refuses a port another server listens on
+
+
+def make_server(app: WebApp, host: str = "127.0.0.1", port: int = 8765, quiet: bool = False) -> Server:
+    handler = type("BoundHandler", (Handler,), {"app": app, "quiet": quiet})
+    try:
+        return Server((host, port), handler)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is already in use: stop the other server or pass --port N") \
+                from None
+        if e.errno in (errno.EADDRNOTAVAIL, errno.EACCES) or isinstance(e, OSError):
+            raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+        raise
+
+
+def start_in_thread(app: WebApp, host: str = "127.0.0.1", port: int = 0) -> tuple[Server, threading.Thread]:
+    """For tests and notebooks: serve in a daemon thread; ``server.shutdown()`` stops it."""
+    server = make_server(app, host, port, quiet=True)
+    t = threading.Thread(target=server.serve_forever, name="saelake-web", daemon=True)
+    t.start()
+    return server, t
