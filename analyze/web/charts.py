@@ -103,7 +103,7 @@ def bar_chart(labels: list[tuple[str, str]], counts: list[int], title: str, xlab
     if extra:
         h = tr(extra[1]) / top * ph
         body.append(f'<rect class="bar dead" x="{x + 1:.1f}" y="{MT + ph - h:.1f}" width="{max(bw - 2, 1):.1f}" '
-                    f'height="{h:.1f}"><title>{escape(extra[0])}: {extra[1]}</title></rect>'
+                    f'height="{h:.1f}" data-count="{extra[1]}"><title>{escape(extra[0])}: {extra[1]}</title></rect>'
                     f'<text class="tick" x="{x + bw / 2:.1f}" y="{MT + ph + 12}" text-anchor="middle">'
                     f'{escape(extra[0])}</text>')
         x += bw * 1.5

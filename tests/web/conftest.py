@@ -1,0 +1,148 @@
+"""Fixtures for the web UI tests: one lake with a trained SAE and two real analyses (embedded and
+MongoDB), a server per store on a free port in a thread, and one headless Chromium."""
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+H0 = "blocks.0.hook_resid_post"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    """The real `lake` entry point, in-process: (exit code, stdout, stderr)."""
+    from lake.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(args))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="session")
+def mongo_server(tmp_path_factory):
+    """Like tests/conftest.py's, but with its own --pid-file/--log-file: nx-27017 otherwise keeps one
+    global /tmp/nx.pid and refuses to start while any other nx-27017 runs on the machine."""
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    d = tmp_path_factory.mktemp("nx")
+    exe = Path(sys.executable).parent / "nx-27017"
+    proc = subprocess.Popen([str(exe), "--db", "memory", "-p", str(port), "--pid-file", str(d / "nx.pid"),
+                             "--log-file", str(d / "nx.log")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"nx-27017 exited with {proc.returncode} (see {d / 'nx.log'})", pytrace=False)
+            time.sleep(0.05)
+    yield f"mongodb://127.0.0.1:{port}/"
+    proc.terminate()
+    proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def web_lake(tmp_path_factory, tiny_lake, tiny_model, mongo_server) -> dict:
+    """tiny lake + SAE ``web-sae`` (topk, 64 latents, really trained) + analyses ``web-sae`` (embedded)
+    and ``web-sae-mongo`` (MongoDB) + an SAE without analysis (``bare``)."""
+    import torch
+
+    from analyze import AnalyzeConfig, analyze
+    from train import SAEConfig, train
+
+    root = tmp_path_factory.mktemp("web") / "lake"
+    shutil.copytree(tiny_lake, root, ignore=shutil.ignore_patterns("catalog.duckdb*"))
+    root = str(root)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name in ("web-sae", "bare"):
+            train(root, [SAEConfig(name=name, arch="topk", hooks=[H0], expansion=2, k=4, lr=3e-3)], run="r1",
+                  tokens=4096, batch_size=256, repeat=True, progress=False)
+        kw = dict(lake=root, sae="web-sae", batch_size=16, top_k=6, per_interval=2, n_zero=2)
+        analyze(AnalyzeConfig(**kw), progress=False)
+        store = mongo_server + "web"
+        analyze(AnalyzeConfig(**kw, name="web-sae-mongo", store=store), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return {"lake": root, "store": store, "model": tiny_model}
+
+
+def _serve(app):
+    from analyze.web import start_in_thread
+
+    server, thread = start_in_thread(app, port=0)
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.fixture(scope="session")
+def server(web_lake):
+    """The UI over the lake (embedded store by default; MongoDB analyses through their records)."""
+    from analyze.web import WebApp
+
+    srv, url = _serve(WebApp(web_lake["lake"]))
+    yield url
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture(scope="session")
+def mongo_ui(web_lake):
+    """The UI started with --store mongodb://...: MongoDB analyses are the default ones."""
+    from analyze.web import WebApp
+
+    srv, url = _serve(WebApp(web_lake["lake"], store=web_lake["store"]))
+    yield url
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Debian Chromium through Playwright. Missing -> the tests fail (make test installs it)."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: the web UI tests need Debian's chromium "
+                    "(`make browser` or apt-get install -y chromium)", pytrace=False)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = ctx.new_page()
+    pg.set_default_timeout(15_000)
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.on("request", lambda r: errors.append(f"external request {r.url}")
+          if not r.url.startswith(("http://127.0.0.1", "file://", "data:", "about:")) else None)
+    pg.js_errors = errors
+    yield pg
+    ctx.close()
+    assert not errors, errors
