@@ -6,7 +6,7 @@ table per SAE. ``lake train`` without ``--config`` is a sweep of one.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from lake import UserError

@@ -69,7 +69,6 @@ def evaluate(lake: Lake | str, name: str, *, model: str | None = None, dataset: 
         if seen >= tokens:
             break
         toks = toks.to(device)
-        b, T = toks.shape
         keep = toks != bos  # [b, T]
         acts: dict[str, torch.Tensor] = {}
         capture = [(h, lambda t, hook, h=h: acts.__setitem__(h, t.detach().clone())) for h in dict.fromkeys(hooks + out_hooks)]

@@ -11,7 +11,6 @@ import json
 import re
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from lake import Lake, UserError

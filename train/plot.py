@@ -4,11 +4,11 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from lake import UserError  # noqa: E402
+from lake import UserError
 
-from .store import SAEStore  # noqa: E402
+from .store import SAEStore
 
 CURVES = ("loss", "fvu", "l0", "dead_fraction", "lr", "aux_loss")
 

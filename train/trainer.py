@@ -20,7 +20,7 @@ from lake import Lake, LiveSource, SnapshotSource, UserError
 from lake.storage import check_name
 
 from .config import SAEConfig, SourceConfig
-from .sae import SPARSE_ARCHS, Codes, SparseCoder, _SparseDecode, _SparseEncode, _Step
+from .sae import SPARSE_ARCHS, SparseCoder, _SparseDecode, _SparseEncode, _Step
 from .store import METRIC_DEFINITIONS, SAEStore, fold_normalization, now, scale_vector
 
 IDENTITY_SKIP = ("name",)
@@ -42,7 +42,7 @@ class Group:
                                  init_threshold=c.init_threshold, device=device)
         self.model.initialize([torch.Generator().manual_seed(x.seed) for x in cfgs],
                               dec_norm=0.1 if c.arch == "relu" else 1.0)
-        dev = lambda v: torch.tensor(v, dtype=torch.float32, device=device)  # noqa: E731
+        dev = lambda v: torch.tensor(v, dtype=torch.float32, device=device)
         self.k_end = torch.tensor(ks, device=device)
         self.k_start = torch.tensor([x.k_start or x.k or 0 for x in cfgs], device=device)
         self.lr, self.l1 = dev([x.lr for x in cfgs]), dev([x.l1 for x in cfgs])

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import H0, H1, MLP_IN, MLP_OUT, lake_main
-from safetensors.torch import load_file
 
 from lake import Lake
 from train import SAEConfig, SAEStore, load_sae, train
