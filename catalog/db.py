@@ -114,6 +114,7 @@ class Catalog:
                     [config.get(c) for c in cols] + [uri, json.dumps(config, default=str)])
         if metrics is not None:
             con.execute("delete from metrics where sae = ?", [config["name"]])
+        if metrics:
             con.executemany("insert into metrics values (?,?,?,?,?)",
                             [[config["name"], r["step"], r["tokens"], r["name"], r["value"]] for r in metrics])
         con.execute("commit")

@@ -86,7 +86,7 @@ def _new_manifest(cfg: IngestConfig, model: LoadedModel) -> dict:
         "model_info": {"n_layers": model.n_layers, "d_model": model.d_model, "n_ctx": model.n_ctx,
                        "d_vocab": model.d_vocab, "bos_token_id": model.bos_token_id},
         "columns": {h: column_name(h) for h in cfg.hooks},
-        "d_model": {h: model.d_model for h in cfg.hooks},
+        "d_model": model.hook_dims(cfg.hooks),
         "tables": [TABLES[x] for x in cfg.layouts],
         "contexts": 0, "tokens": 0, "rows_1d": 0, "contexts_target": 0, "segment_start": 0,
         "versions": [], "stats": {},

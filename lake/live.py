@@ -31,7 +31,7 @@ class LiveSource:
         self.model.check_hooks(self.hooks)
         if context_size > self.model.n_ctx:
             raise UserError(f"context size {context_size} is larger than the model's {self.model.n_ctx}")
-        self.d_model = {h: self.model.d_model for h in self.hooks}
+        self.d_model = self.model.hook_dims(self.hooks)
         self.corpus, self.text_column, self.context_size = corpus, text_column, context_size
         self.forward_batch, self.shuffle_buffer, self.device = batch_size, shuffle_buffer, device
         self.dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]

@@ -99,6 +99,16 @@ class LoadedModel:
                     f"valid names look like blocks.0.hook_resid_post ({len(valid)} hooks; `lake hooks --model M` lists them)"
                 raise UserError(f"unknown hook {h!r} for model {self.spec}: {hint}")
 
+    def enable_hooks(self, hooks: list[str]) -> None:
+        """Some TransformerLens hooks only fire once switched on (they cost memory otherwise)."""
+        switches = {"hook_mlp_in": "set_use_hook_mlp_in", "hook_attn_in": "set_use_attn_in",
+                    "hook_result": "set_use_attn_result", "hook_q_input": "set_use_split_qkv_input",
+                    "hook_k_input": "set_use_split_qkv_input", "hook_v_input": "set_use_split_qkv_input"}
+        for h in hooks:
+            switch = switches.get(h.rsplit(".", 1)[-1])
+            if switch and hasattr(self.bridge, switch):
+                getattr(self.bridge, switch)(True)
+
     def stop_layer(self, hooks: list[str]) -> int | None:
         """Run blocks only up to the last one a hook needs (None = the whole model)."""
         last = -1
@@ -112,12 +122,22 @@ class LoadedModel:
                 return None  # ln_final, unembed...: need the full pass
         return last + 1
 
+    def hook_dims(self, hooks: list[str]) -> dict[str, int]:
+        """Width of each hook's per-token vector (d_model, d_mlp, ...), from a 2-token probe."""
+        out = self.activations(torch.tensor([[self.bos_token_id, self.bos_token_id]]), hooks)
+        for h, t in out.items():
+            if t.ndim != 3:
+                raise UserError(f"hook {h!r} gives {tuple(t.shape[2:])} per token; the lake stores one vector "
+                                "per token: pick a hook like blocks.N.hook_resid_post or blocks.N.hook_mlp_out")
+        return {h: int(t.shape[-1]) for h, t in out.items()}
+
     @torch.no_grad()
     def activations(self, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
         """One forward pass serving every hook: {hook: [batch, ctx, d]} in float32."""
         out: dict[str, torch.Tensor] = {}
 
         # run_with_hooks, not run_with_cache: nothing but the requested tensors is kept.
+        self.enable_hooks(hooks)
         fwd = [(h, lambda t, hook, h=h: out.__setitem__(h, t.detach())) for h in hooks]
         self.bridge.run_with_hooks(tokens, fwd_hooks=fwd, stop_at_layer=self.stop_layer(hooks))
         missing = [h for h in hooks if h not in out]

@@ -35,6 +35,7 @@ CASES = {
     "bad dtype": (dict(dtype="float8"), "unsupported dtype"),
     "bad layout": (dict(layout="3d"), "unknown layout"),
     "bad run name": (dict(run="../escape"), "invalid run name"),
+    "per-head hook": (dict(hooks="blocks.0.attn.hook_result"), "one vector per token"),
 }
 
 

@@ -152,3 +152,16 @@ def test_contexts_record_their_document_and_offset(tiny_lake, tiny_corpus, tiny_
     assert code == 0, err
     for row in json.loads(out):
         assert row["doc_id"] == 0 and row["tokens"][1:] == doc[row["doc_offset"]:row["doc_offset"] + 31]
+
+
+def test_hooks_of_other_widths_and_switched_hooks(tmp_path, tiny_model, tiny_corpus):
+    """mlp.hook_post is d_mlp wide; hook_mlp_in only fires once switched on."""
+    lake = str(tmp_path / "lake")
+    hooks = ["blocks.0.mlp.hook_post", "blocks.1.hook_mlp_in"]
+    m = ingest_tiny(lake, tiny_model, tiny_corpus, tokens=300, hooks=hooks)
+    assert m["d_model"] == {"blocks.0.mlp.hook_post": 128, "blocks.1.hook_mlp_in": 32}
+    b = next(SnapshotSource(lake, "r1").context_batches(2))
+    _, cache = load_model(tiny_model).bridge.run_with_cache(b.tokens, names_filter=["blocks.0.mlp.hook_post"])
+    torch.testing.assert_close(b.acts["blocks.0.mlp.hook_post"].float(), cache["blocks.0.mlp.hook_post"],
+                               rtol=2e-3, atol=2e-3)
+    assert b.acts["blocks.1.hook_mlp_in"].shape == (2, 32, 32)
