@@ -104,7 +104,7 @@ class EmbeddedStore:
 class MongoStore:
     kind = "mongodb"
 
-    def __init__(self, uri: str, timeout_s: float = 4.0):
+    def __init__(self, uri: str, timeout_s: float = 3.0):
         import pymongo
         from pymongo.errors import PyMongoError
 

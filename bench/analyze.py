@@ -43,7 +43,7 @@ def setup(lake: str, tokens: int, arch: str) -> str:
         sae.initialize([torch.Generator().manual_seed(0)])
         if arch == "relu":
             with torch.no_grad():
-                sae.b_enc.fill_(-2.0)  # a sparse-ish ReLU code on raw activations
+                sae.b_enc.fill_(-7.25)  # L0 about 60 on these raw activations, like a trained ReLU SAE
         SAEStore(lake).save({"name": name, "arch": arch, "hook": HOOK, "hooks": [HOOK], "out_hook": HOOK,
                              "out_hooks": [HOOK], "d_in": d, "d_sae": S, "k": 32 if arch == "topk" else None,
                              "run": RUN, "version": 1, "model": "smollm2-135m", "status": "complete",
@@ -110,7 +110,7 @@ def main() -> None:
     p.add_argument("--lake", default="/tmp/saelake-bench")
     p.add_argument("--tokens", type=int, default=24576, help="snapshot size (and the larger RSS run)")
     p.add_argument("--small", type=int, default=6144, help="the smaller RSS run")
-    p.add_argument("--throughput-tokens", type=int, default=8192)
+    p.add_argument("--throughput-tokens", type=int, default=24576)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--arch", default="topk", choices=["topk", "relu"])
@@ -123,7 +123,7 @@ def main() -> None:
     setup(a.lake, a.tokens, a.arch)
     tp = throughput(a.lake, name, a.throughput_tokens, a.batch_size, a.repeats)
     print(f"{a.arch} SAE d_sae 4608 on d_model 576, {tp['tokens']} tokens in batches of {a.batch_size} contexts x 128, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
     print(f"  encoder only   {tp['encoder_only']:9.0f} tok/s")
     print(f"  analysis       {tp['analysis']:9.0f} tok/s   ratio {tp['ratio']:.2f}")
     for n in (a.small, a.tokens):
