@@ -14,9 +14,20 @@ def fmt(v: float) -> str:
     if v == 0:
         return "0"
     a = abs(v)
+    if float(v).is_integer() and a < 1e6:
+        return str(int(v))
     if a >= 1e5 or a < 1e-3:
         return f"{v:.1e}".replace("e+0", "e").replace("e-0", "e-")
     return f"{v:.3g}"
+
+
+def si(v: float) -> str:
+    """Compact axis label for counts: 120000 -> 120k, 2500000 -> 2.5M."""
+    a = abs(v)
+    for div, suf in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if a >= div:
+            return f"{v / div:.3g}{suf}"
+    return fmt(v)
 
 
 def _svg(body: list[str], title: str, cls: str, w: int = W, h: int = H) -> str:
@@ -67,12 +78,18 @@ def line_chart(points: list[tuple[float, float]], title: str, xlabel: str = "tok
     sx = lambda x: ML + (x - x0) / (x1 - x0) * pw  # noqa: E731
     sy = lambda y: MT + ph - (y - y0) / (y1 - y0) * ph  # noqa: E731
     body = [f'<rect class="plot" x="{ML}" y="{MT}" width="{pw}" height="{ph}"/>']
-    for t in _ticks(y0, y1):
+    if logy:
+        yt = [float(k) for k in range(math.ceil(y0), math.floor(y1) + 1)]  # powers of ten
+        if len(yt) < 2:
+            yt = [math.log10(v) for v in _ticks(10 ** y0, 10 ** y1, 3) if v > 0]
+    else:
+        yt = _ticks(y0, y1)
+    for t in yt:
         label = fmt(10 ** t) if logy else fmt(t)
         body.append(f'<line class="grid" x1="{ML}" x2="{ML + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}"/>'
                     f'<text class="tick" x="{ML - 4}" y="{sy(t) + 3:.1f}" text-anchor="end">{label}</text>')
     for t in _ticks(x0, x1, 3):
-        body.append(f'<text class="tick" x="{sx(t):.1f}" y="{MT + ph + 12}" text-anchor="middle">{fmt(t)}</text>')
+        body.append(f'<text class="tick" x="{sx(t):.1f}" y="{MT + ph + 12}" text-anchor="middle">{si(t)}</text>')
     body.append(f'<text class="axis" x="{ML + pw / 2}" y="{H - 3}" text-anchor="middle">{escape(xlabel)}'
                 f'{" (log y)" if logy else ""}</text>')
     d = " ".join(f"{sx(x):.1f},{sy(tr(y)):.1f}" for x, y in _downsample(pts))
@@ -112,7 +129,7 @@ def bar_chart(labels: list[tuple[str, str]], counts: list[int], title: str, xlab
         h = tr(c) / top * ph
         body.append(f'<rect class="bar" x="{x + i * bw:.2f}" y="{MT + ph - h:.1f}" width="{max(bw - 0.6, 0.6):.2f}" '
                     f'height="{h:.1f}" data-count="{c}"><title>{escape(hover)}: {c}</title></rect>')
-        if i % every == 0 and tick:
+        if i % every == 0 and tick and not (extra and i == 0):
             body.append(f'<text class="tick" x="{x + i * bw:.1f}" y="{MT + ph + 12}" text-anchor="middle">'
                         f'{escape(tick)}</text>')
     if xlabel:

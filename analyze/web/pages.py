@@ -254,20 +254,22 @@ class Renderer:
         return self.render("error.html", title=heading.lower(), status=status, heading=heading, message=message)
 
 
-def _hyper(cfg: dict) -> list[tuple[str, object]]:
+def _hyper(cfg: dict) -> tuple[list[tuple[str, object]], list[tuple[str, object]]]:
+    """(summary rows, all other hyper-parameters)."""
     keys = ["arch", "hook", "out_hook", "d_in", "d_sae", "k", "tokens_trained", "fvu", "l0", "dead_fraction",
             "status", "model", "created"]
-    rows = [(k, cfg.get(k)) for k in keys if cfg.get(k) is not None]
+    main = [(k, cfg.get(k)) for k in keys if cfg.get(k) is not None]
+    rest = []
     for k, v in (cfg.get("hyperparameters") or {}).items():
         if k not in ("hooks", "name", "out_hooks", "arch", "k", "d_sae") and v is not None:
-            rows.append((k, v))
+            rest.append((k, v))
     tr = cfg.get("training") or {}
     for k in ("batch_size", "steps", "device"):
         if tr.get(k) is not None:
-            rows.append((f"training.{k}", tr[k]))
+            rest.append((f"training.{k}", tr[k]))
     if cfg.get("normalization"):
-        rows.append(("normalization", (cfg["normalization"] or {}).get("method")))
-    return rows
+        rest.append(("normalization", (cfg["normalization"] or {}).get("method")))
+    return main, rest
 
 
 def _float(query: dict, key: str, errors: list[str]) -> float | None:

@@ -2,38 +2,17 @@
 MongoDB), a server per store on a free port in a thread, and one headless Chromium."""
 from __future__ import annotations
 
-import contextlib
-import io
 import shutil
 import socket
 from pathlib import Path
 
 import pytest
+from web_helpers import free_port
 
 H0 = "blocks.0.hook_resid_post"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cli(*args: str) -> tuple[int, str, str]:
-    """The real `lake` entry point, in-process: (exit code, stdout, stderr)."""
-    from lake.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(list(args))
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="session")

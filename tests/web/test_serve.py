@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import cli, free_port
+from web_helpers import cli, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
