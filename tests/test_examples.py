@@ -19,3 +19,17 @@ def test_generate_activations_examples(tmp_path, tiny_model, tiny_corpus):
     assert "run acts-1d:" in out and "token rows" in out
     out = _run("generate_activations_2d.py", *common)
     assert "run acts-2d:" in out and "(8, 32, 32)" in out and "contexts of 32 tokens" in out
+
+
+def test_demo_runs_the_whole_pipeline(tmp_path, tiny_model, tiny_corpus):
+    lake = tmp_path / "lake"
+    out = _run("demo.py", "--lake", str(lake), "--model", tiny_model, "--dataset", tiny_corpus,
+               "--hook", "blocks.1.hook_resid_post", "--tokens", "2000", "--context-size", "32",
+               "--train-tokens", "4000", "--analyze-tokens", "1000")
+    assert "demo done" in out and "lake serve --lake" in out
+    assert (lake / "pareto.png").stat().st_size > 10_000
+    from lake import Lake
+    names, rows = Lake(str(lake)).query("select count(*) from saes")
+    assert rows == [(3,)]
+    names, rows = Lake(str(lake)).query("select count(*) from analyses")
+    assert rows == [(1,)]
