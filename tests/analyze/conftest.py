@@ -48,8 +48,7 @@ def make_sae(lake: str, name: str, arch: str = "topk", hook: str = H0, d_in: int
            "d_in": d_in, "d_sae": d_sae, "d_out": d_in, "k": k if arch in ("topk", "batchtopk") else None,
            "run": run, "version": version, "model": model, "status": "complete", "apply_b_dec_to_input": True,
            "created": "2026-01-01T00:00:00+00:00"}
-    # one metrics row: Lake.sync cannot yet rebuild an SAE whose metrics list is empty (reported)
-    SAEStore(lake).save(cfg, sae.member_state(0), metrics=[{"step": 0, "tokens": 0, "name": "init", "value": 0.0}])
+    SAEStore(lake).save(cfg, sae.member_state(0))
     return cfg
 
 
