@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import re
 from functools import cached_property
+from importlib.metadata import entry_points
 
 import lance
 
@@ -94,6 +95,9 @@ class Lake:
             if name is None:
                 raise UserError(f"no run {run!r} for {table}__{run}: see `lake ls`")
             relations[f"{table}__{run}"] = self._sql_reader(name, table, sql)
+        # other packages expose their own tables (analyze: features__<analysis>)
+        for ep in entry_points(group="saelake.relations"):
+            relations.update(ep.load()(self, sql))
         try:
             return self.catalog.query(sql, relations)
         except CatalogError as e:

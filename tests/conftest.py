@@ -108,18 +108,22 @@ def s3_env(s3_server, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def mongo_server():
+def mongo_server(tmp_path_factory):
     """A real MongoDB wire-protocol server (nx-27017) on 127.0.0.1; yields its URI."""
     port = free_port()
     exe = Path(sys.executable).parent / "nx-27017"
-    proc = subprocess.Popen([str(exe), "--db", "memory", "-p", str(port)], stdout=subprocess.DEVNULL,
+    state = tmp_path_factory.mktemp("nx")  # its own pid file: the default one is shared machine-wide
+    proc = subprocess.Popen([str(exe), "--db", "memory", "-p", str(port), "--pid-file", str(state / "nx.pid"),
+                             "--log-file", str(state / "nx.log")], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 10
-    while time.time() < deadline:
+    while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             break
         except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"nx-27017 did not start on port {port}: see {state / 'nx.log'}")
             time.sleep(0.05)
     yield f"mongodb://127.0.0.1:{port}/"
     proc.terminate()
