@@ -182,6 +182,11 @@ class Handler(BaseHTTPRequestHandler):
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # SO_REUSEADDR (the default) still refuses a port another server listens on
 
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            return  # the browser went elsewhere before the page was sent: nothing to report
+        super().handle_error(request, client_address)
+
 
 def make_server(app: WebApp, host: str = "127.0.0.1", port: int = 8765, quiet: bool = False) -> Server:
     handler = type("BoundHandler", (Handler,), {"app": app, "quiet": quiet})
