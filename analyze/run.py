@@ -195,6 +195,7 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> dict:
         lake.storage.write_json(record, "analyses", name, "analysis.json")  # a pointer for ls/sync
     else:
         store.write(record, table, overwrite=cfg.overwrite)
+        record = store.record(name)  # as written (with its table's name): what `lake catalog sync` will read
     try:
         lake.catalog.upsert_analysis(record, lake.storage.uri("analyses", name))
     except Exception as e:  # the store is written; the catalog is an index
