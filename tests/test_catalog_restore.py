@@ -1,7 +1,7 @@
 """The catalog is an index: delete it, `lake catalog sync` restores every run, SAE and analysis."""
 import shutil
 
-from conftest import HOOKS, cli
+from tests.conftest import HOOKS, cli
 
 
 def test_catalog_sync_restores_runs_saes_and_analyses(tmp_path, tiny_lake):

@@ -2,7 +2,7 @@
 import subprocess
 import sys
 
-from conftest import REPO
+from tests.conftest import REPO
 
 
 def _run(script, *args):

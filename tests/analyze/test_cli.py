@@ -5,7 +5,7 @@ import pytest
 
 from analyze.sql import relations
 from analyze.stores import EmbeddedStore
-from conftest import H0, cli, make_sae
+from tests.analyze.conftest import H0, cli, make_sae
 from lake import Lake
 
 

@@ -9,7 +9,7 @@ import pytest
 from analyze.run import AnalyzeConfig, analyze
 from analyze.sql import relations
 from analyze.stores import EmbeddedStore, MongoStore, redact
-from conftest import cli, free_port
+from tests.analyze.conftest import cli, free_port
 from lake import Lake, UserError
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HOOKS, cli, free_port, ingest_tiny
+from tests.conftest import HOOKS, cli, free_port, ingest_tiny
 
 
 def _listing(root: Path) -> list[str]:

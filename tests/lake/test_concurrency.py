@@ -6,7 +6,7 @@ import time
 import lance
 import numpy as np
 
-from conftest import HOOKS, REPO, free_port
+from tests.conftest import HOOKS, REPO, free_port
 from lake import Lake
 
 

@@ -10,7 +10,7 @@ import lance
 import numpy as np
 import pytest
 
-from conftest import HOOKS, REPO, ingest_tiny
+from tests.conftest import HOOKS, REPO, ingest_tiny
 from lake import Lake
 
 

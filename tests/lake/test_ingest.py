@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HOOKS, cli, ingest_tiny
+from tests.conftest import HOOKS, cli, ingest_tiny
 from lake import Lake, SnapshotSource, load_model
 
 

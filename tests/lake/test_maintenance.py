@@ -5,7 +5,7 @@ from pathlib import Path
 import lance
 import pytest
 
-from conftest import cli, ingest_tiny
+from tests.conftest import cli, ingest_tiny
 from lake import Lake, SnapshotSource, UserError
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HOOKS
+from tests.conftest import HOOKS
 from lake import LiveSource, SnapshotSource, UserError, load_model
 
 

@@ -3,7 +3,7 @@ import json
 
 import lance
 
-from conftest import HOOKS, cli, ingest_tiny
+from tests.conftest import HOOKS, cli, ingest_tiny
 from lake import Lake, SnapshotSource
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli
+from tests.conftest import cli
 from lake import Lake, load_model
 
 pytestmark = pytest.mark.slow

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import H1, lake_main
+from tests.train.conftest import H1, lake_main
 
 from lake import Lake
 from train import SAEStore

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import H1
+from tests.train.conftest import H1
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--tokens", "1024", "--batch-size", "256", "--context-size", "32", "--expansion", "2", "--hook", H1]

@@ -9,7 +9,7 @@ import lance
 import numpy as np
 import pytest
 import torch
-from conftest import H1, MLP_IN, MLP_OUT, lake_main
+from tests.train.conftest import H1, MLP_IN, MLP_OUT, lake_main
 from safetensors.numpy import load_file
 
 from lake import SnapshotSource

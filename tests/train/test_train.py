@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import H0, H1, MLP_IN, MLP_OUT, lake_main
+from tests.train.conftest import H0, H1, MLP_IN, MLP_OUT, lake_main
 
 from lake import Lake
 from train import SAEConfig, SAEStore, load_sae, train

@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from web_helpers import free_port
+from tests.web.web_helpers import free_port
 
 H0 = "blocks.0.hook_resid_post"
 CHROMIUM = "/usr/bin/chromium"

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from web_helpers import cli, free_port
+from tests.web.web_helpers import cli, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
