@@ -33,7 +33,8 @@ class Codes:
     """Latents of a batch for all members: sparse (``bag``/``lat``/``vals``) or dense ``acts``.
 
     Sparse: entry ``i`` is latent ``lat[i]`` (0..d_sae-1) of row ``bag[i]`` (= member·B + token),
-    with value ``vals[i]`` (may be 0 for masked entries); ``bag`` is sorted.
+    with value ``vals[i]`` (may be 0); ``bag`` is sorted. ``pat`` holds the index structure and
+    ``pre`` the pre-activations [n, B, d_sae] (no grad; training reuses them for AuxK).
     """
     n: int
     B: int
@@ -42,21 +43,22 @@ class Codes:
     lat: torch.Tensor | None = None
     vals: torch.Tensor | None = None
     acts: torch.Tensor | None = None  # [n, B, d_sae]
+    pat: Pattern | None = None
+    pre: torch.Tensor | None = None
 
     def l0(self) -> torch.Tensor:
         """[n]: mean number of non-zero latents per token."""
         if self.acts is not None:
             return (self.acts != 0).sum(-1).float().mean(-1)
-        nz = (self.vals != 0).float()
-        return torch.zeros(self.n * self.B, device=nz.device).index_add_(0, self.bag, nz).view(self.n, self.B).mean(-1)
+        return self.pat.member_sums((self.vals.detach() != 0).float()) / self.B
 
     def fired(self) -> torch.Tensor:
         """[n, d_sae] bool: latents non-zero on at least one token of the batch."""
         if self.acts is not None:
             return (self.acts != 0).any(1)
-        member = self.bag // self.B
         out = torch.zeros(self.n * self.d_sae, dtype=torch.bool, device=self.bag.device)
-        out[(member * self.d_sae + self.lat)[self.vals != 0]] = True
+        with _one_thread():
+            out[self.pat.flat[self.vals.detach() != 0]] = True
         return out.view(self.n, self.d_sae)
 
     def dense(self) -> torch.Tensor:
@@ -67,62 +69,147 @@ class Codes:
         return out.view(self.n, self.B, self.d_sae)
 
 
+def _one_thread():
+    """Index bookkeeping (sort, bincount, scatter) on one thread: with OpenMP's spinning waits on
+    a busy machine, a 2-thread argsort of 100k ints takes 100x longer than a 1-thread one."""
+    return _Threads(1)
+
+
+class _Threads:
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        if self.before != self.n:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        if self.before != self.n:
+            torch.set_num_threads(self.before)
+
+
+class Pattern:
+    """Where the non-zero latents of a batch are, for ``n`` members: entry ``i`` is latent ``lat[i]``
+    of row ``bag[i]`` (= member·B + token); entries are sorted by row, ``crow`` [n·B + 1] are the
+    row pointers. The latent-major order (for the weight gradients) is computed once and shared by
+    the encoder's and the decoder's backward."""
+
+    def __init__(self, n: int, B: int, S: int, bag: torch.Tensor, lat: torch.Tensor, crow: torch.Tensor):
+        self.n, self.B, self.S, self.bag, self.lat, self.crow = n, B, S, bag, lat, crow
+        self.flat = lat if n == 1 else (bag // B) * S + lat  # row of the stacked [n·S, d] weights
+        self._t = None
+
+    @property
+    def tok(self) -> torch.Tensor:
+        return self.bag if self.n == 1 else self.bag % self.B
+
+    def by_latent(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._t is None:
+            with _one_thread():
+                perm = torch.argsort(self.flat, stable=True)
+                crow_t = torch.zeros(self.n * self.S + 1, dtype=torch.long, device=self.flat.device)
+                crow_t[1:] = torch.bincount(self.flat, minlength=self.n * self.S).cumsum(0)
+            self._t = perm, crow_t
+        return self._t
+
+    def t_mm(self, values: torch.Tensor, cols: torch.Tensor, n_cols: int, dense: torch.Tensor) -> torch.Tensor:
+        """``Aᵀ @ dense`` with A [n_cols, n·S] holding ``values`` at (cols[i], flat[i]): [n·S, d]."""
+        perm, crow_t = self.by_latent()
+        with _one_thread():
+            col, val = cols[perm], values[perm]
+        At = torch.sparse_csr_tensor(crow_t, col, val.to(dense.dtype), (self.n * self.S, n_cols),
+                                     check_invariants=False)
+        return torch.sparse.mm(At, dense)
+
+    def sampled(self, g: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """``g[bag[i]] · W[flat[i]]`` for every entry (a sampled dense-dense product)."""
+        pattern = torch.sparse_csr_tensor(self.crow, self.flat, torch.zeros_like(self.flat, dtype=g.dtype),
+                                          (self.n * self.B, self.n * self.S), check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, g.contiguous(), W.t(), beta=0).values()
+
+    def member_sums(self, v: torch.Tensor) -> torch.Tensor:
+        """[n]: sum of per-entry ``v`` over each member's entries."""
+        cs = torch.zeros(len(v) + 1, dtype=v.dtype, device=v.device)
+        torch.cumsum(v, 0, out=cs[1:])
+        ends = cs[self.crow[::self.B]]
+        return ends[1:] - ends[:-1]
+
+    def member_slices(self) -> list[slice]:
+        b = self.crow[::self.B].tolist()
+        return [slice(b[m], b[m + 1]) for m in range(self.n)]
+
+
 class _SparseEncode(torch.autograd.Function):
-    """``pre`` at the selected entries; backward touches only those entries (no dense grad)."""
+    """relu(pre) at the selected entries (``pre_vals``, computed without grad); the backward touches
+    only those entries: b_enc by index_add, W_enc by a sparse x dense product."""
 
     @staticmethod
-    def forward(ctx, x, b_dec, W_enc, b_enc, pre, bag, lat, apply_b_dec):
-        n, B, S = pre.shape
-        ctx.save_for_backward(x, b_dec, W_enc, bag, lat)
-        ctx.apply_b_dec, ctx.shape = apply_b_dec, (n, B, S)
-        return pre.reshape(n * B, S)[bag, lat]
+    def forward(ctx, x, b_dec, W_enc, b_enc, pre_vals, pat, apply_b_dec):
+        pre_vals = pre_vals.float()
+        ctx.save_for_backward(x, b_dec, W_enc, pre_vals)
+        ctx.pat, ctx.apply_b_dec = pat, apply_b_dec
+        return F.relu(pre_vals)
 
     @staticmethod
     def backward(ctx, g):
-        x, b_dec, W_enc, bag, lat = ctx.saved_tensors
-        n, B, S = ctx.shape
-        member, tok = bag // B, bag % B
-        flat = member * S + lat
-        g_b_enc = torch.zeros(n * S, dtype=g.dtype, device=g.device).index_add_(0, flat, g)
-        # dL/dW_enc[m, :, j] = sum_b g[m,b,j] * (x_b - b_dec_m): a sparse [n*S, B] @ dense [B, d_in]
-        At = torch.sparse_coo_tensor(torch.stack([flat, tok]), g, (n * S, B), check_invariants=False)
-        g_W = torch.sparse.mm(At, x.to(g.dtype)).view(n, S, -1)
+        x, b_dec, W_enc, pre_vals = ctx.saved_tensors
+        pat = ctx.pat
+        n, S = pat.n, pat.S
+        g = g * (pre_vals > 0)
+        with _one_thread():
+            g_b_enc = torch.zeros(n * S, dtype=g.dtype, device=g.device).index_add_(0, pat.flat, g).view(n, S)
+        g_Wt = pat.t_mm(g, pat.tok, pat.B, x.to(g.dtype)).view(n, S, -1)  # dL/dW_enc, transposed
         g_b_dec = None
-        if ctx.apply_b_dec:
-            g_W = g_W - g_b_enc.view(n, S, 1) * b_dec.view(n, 1, -1)
-            g_b_dec = -torch.bmm(W_enc, g_b_enc.view(n, S, 1)).squeeze(-1)
-        return None, g_b_dec, g_W.transpose(1, 2), g_b_enc.view(n, S), None, None, None, None
+        if ctx.apply_b_dec:  # pre = (x - b_dec) W_enc + b_enc
+            g_Wt.baddbmm_(g_b_enc.unsqueeze(2), b_dec.unsqueeze(1), alpha=-1)
+            g_b_dec = -torch.bmm(W_enc, g_b_enc.unsqueeze(2)).squeeze(2)
+        return None, g_b_dec, g_Wt.transpose(1, 2).contiguous(), g_b_enc, None, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
-    """``sum_i vals[i] * W_dec[member, lat[i]]`` per bag; sparse backward for vals and W_dec."""
+    """``[b_dec +] sum_i vals[i]·W_dec[member, lat[i]]`` per row (embedding_bag); sparse backward."""
 
     @staticmethod
-    def forward(ctx, vals, W_dec, bag, lat, n_bags, B):
+    def forward(ctx, vals, W_dec, b_dec, pat):
         n, S, d = W_dec.shape
-        flat = (bag // B) * S + lat
-        counts = torch.bincount(bag, minlength=n_bags)
-        offsets = counts.cumsum(0) - counts
-        ctx.save_for_backward(vals, W_dec, bag, flat, counts)
-        ctx.n_bags = n_bags
-        return F.embedding_bag(flat, W_dec.reshape(n * S, d), offsets, mode="sum", per_sample_weights=vals)
+        ctx.save_for_backward(vals, W_dec)
+        ctx.pat, ctx.has_bias = pat, b_dec is not None
+        out = F.embedding_bag(pat.flat, W_dec.reshape(n * S, d), pat.crow[:-1], mode="sum",
+                              per_sample_weights=vals.to(W_dec.dtype)).view(n, pat.B, d)
+        if b_dec is not None:
+            out += b_dec.unsqueeze(1)
+        return out
 
     @staticmethod
     def backward(ctx, g):
-        vals, W_dec, bag, flat, counts = ctx.saved_tensors
+        vals, W_dec = ctx.saved_tensors
+        pat = ctx.pat
         n, S, d = W_dec.shape
-        W = W_dec.reshape(n * S, d)
-        g_vals = g_W = None
-        if ctx.needs_input_grad[0]:  # sampled dense-dense product: g[bag[i]] · W[flat[i]]
-            crow = torch.zeros(ctx.n_bags + 1, dtype=torch.long, device=g.device)
-            crow[1:] = counts.cumsum(0)
-            pattern = torch.sparse_csr_tensor(crow, flat, torch.zeros_like(vals), (ctx.n_bags, n * S),
-                                              check_invariants=False)
-            g_vals = torch.sparse.sampled_addmm(pattern, g.contiguous(), W.t(), beta=0).values()
+        g2 = g.reshape(n * pat.B, d)
+        g_vals = g_W = g_b = None
+        if ctx.needs_input_grad[0]:
+            g_vals = pat.sampled(g2, W_dec.reshape(n * S, d))
         if ctx.needs_input_grad[1]:
-            A_t = torch.sparse_coo_tensor(torch.stack([flat, bag]), vals, (n * S, ctx.n_bags), check_invariants=False)
-            g_W = torch.sparse.mm(A_t, g).view(n, S, d)
-        return g_vals, g_W, None, None, None, None
+            g_W = pat.t_mm(vals, pat.bag, n * pat.B, g2).view(n, S, d)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            g_b = g.sum(1)
+        return g_vals, g_W, g_b, None
+
+
+class _SqErr(torch.autograd.Function):
+    """Per-row squared error ``||y_hat - y||²`` [n, B] (y shared by the members), fused backward."""
+
+    @staticmethod
+    def forward(ctx, y_hat, y):
+        err = y_hat - y
+        ctx.save_for_backward(err)
+        return torch.linalg.vecdot(err, err)
+
+    @staticmethod
+    def backward(ctx, g):
+        (err,) = ctx.saved_tensors
+        return err.mul_(2 * g.unsqueeze(-1)), None
 
 
 class _JumpReLU(torch.autograd.Function):
@@ -230,39 +317,78 @@ class SparseCoder(nn.Module):
             else:
                 acts = pre * (pre > self.threshold.view(n, 1, 1))
             return Codes(n, B, S, acts=acts, vals=pre)  # vals: pre, for the JumpReLU L0 penalty
-        k = self.k if k is None else k
+        ks = [int(v) for v in (self.k if k is None else k).tolist()] if not isinstance(k, list) else k
         with torch.no_grad():
             pre = self.pre(x)
-            score = pre * self.W_dec.norm(dim=-1).unsqueeze(1) if self.decoder_norm_topk else pre
-            bag, lat = self._select(score, k)
-        vals = F.relu(_SparseEncode.apply(x, self.b_dec, self.W_enc, self.b_enc, pre, bag, lat,
-                                          self.apply_b_dec_to_input))
-        if self.arch == "topk" and bool((k != k.max()).any()):  # members with a smaller k
-            rank = torch.arange(len(bag), device=bag.device) % int(k.max())
-            vals = vals * (rank < k[bag // B]).to(vals.dtype)
-        return Codes(n, B, S, bag=bag, lat=lat, vals=vals)
+            score = pre * self.W_dec.norm(dim=-1).unsqueeze(1).to(pre.dtype) if self.decoder_norm_topk else pre
+            pat, pre_vals = self._select(pre, score, ks)
+        vals = _SparseEncode.apply(x, self.b_dec, self.W_enc, self.b_enc, pre_vals, pat, self.apply_b_dec_to_input)
+        return Codes(n, B, S, bag=pat.bag, lat=pat.lat, vals=vals, pat=pat, pre=pre)
 
-    def _select(self, score: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _select(self, pre: torch.Tensor, score: torch.Tensor, ks: list[int]) -> tuple[Pattern, torch.Tensor]:
+        """-> (pattern, pre-activations at its entries). TopK: each member's own k per token (one
+        topk call when the members share k); BatchTopK: the k·B largest positive scores per member."""
         n, B, S = score.shape
+        dev = score.device
         if self.arch == "topk":
-            kmax = int(k.max())
-            lat = score.topk(kmax, dim=-1, sorted=True).indices.reshape(-1)
-            bag = torch.arange(n * B, device=score.device).repeat_interleave(kmax)
-            return bag, lat
-        # BatchTopK: the k·B largest (positive) scores of the whole batch, per member
-        mask = torch.zeros(n, B * S, dtype=torch.bool, device=score.device)
-        for m in range(n):  # one topk per member over its flattened batch (n is small)
-            top = score[m].reshape(-1).topk(min(int(k[m]) * B, B * S), sorted=False)
-            mask[m, top.indices[top.values > 0]] = True
-        rows, lat = mask.view(n * B, S).nonzero(as_tuple=True)
-        return rows, lat
+            if len(set(ks)) == 1:
+                k = ks[0]
+                top = score.topk(k, dim=-1, sorted=False)
+                lat = top.indices.reshape(-1)
+                vals = top.values if score is pre else pre.gather(-1, top.indices)
+                crow = torch.arange(0, n * B * k + 1, k, device=dev)
+                bag = torch.arange(n * B, device=dev).repeat_interleave(k)
+                return Pattern(n, B, S, bag, lat, crow), vals.reshape(-1)
+            lats, vals, counts = [], [], []
+            for m, k in enumerate(ks):  # members with different k: each pays for its own k only
+                top = score[m].topk(k, dim=-1, sorted=False)
+                lats.append(top.indices.reshape(-1))
+                vals.append((top.values if score is pre else pre[m].gather(-1, top.indices)).reshape(-1))
+                counts.append(torch.full((B,), k, dtype=torch.long, device=dev))
+            return self._pattern(n, B, S, torch.cat(counts), torch.cat(lats)), torch.cat(vals)
+        lats, vals, counts = [], [], []
+        for m in range(n):  # BatchTopK: one topk per member over its flattened batch (n is small)
+            top = score[m].reshape(-1).topk(min(ks[m] * B, B * S), sorted=False)
+            with _one_thread():
+                idx = top.indices[top.values > 0].sort().values  # row-major: sorted by token
+                rows = idx // S
+                lats.append(idx - rows * S)
+                vals.append(pre[m].reshape(-1)[idx])
+                counts.append(torch.bincount(rows, minlength=B))
+        return self._pattern(n, B, S, torch.cat(counts), torch.cat(lats)), torch.cat(vals)
 
-    def decode(self, codes: Codes) -> torch.Tensor:
-        """-> [n, B, d_out]."""
+    @staticmethod
+    def _pattern(n: int, B: int, S: int, counts: torch.Tensor, lat: torch.Tensor) -> Pattern:
+        with _one_thread():
+            crow = torch.zeros(n * B + 1, dtype=torch.long, device=lat.device)
+            crow[1:] = counts.cumsum(0)
+            bag = torch.arange(n * B, device=lat.device).repeat_interleave(counts, output_size=len(lat))
+        return Pattern(n, B, S, bag, lat, crow)
+
+    def aux_codes(self, x: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor, aux_k: int) -> Codes:
+        """AuxK: per member, the top ``aux_k`` dead latents of each token (from the batch's
+        pre-activations ``pre``, no second encoder pass); members without dead latents get none."""
+        n, B, S = pre.shape
+        lats, vals, counts = [], [], []
+        for m in range(n):
+            with _one_thread():
+                idx = dead[m].nonzero().squeeze(1)
+            ka = min(aux_k, len(idx))
+            counts.append(torch.full((B,), ka, dtype=torch.long, device=pre.device))
+            if ka:
+                sub = pre[m] if len(idx) == S else pre[m].index_select(1, idx)
+                top = sub.topk(ka, dim=-1, sorted=False)
+                lats.append((top.indices if len(idx) == S else idx[top.indices]).reshape(-1))
+                vals.append(top.values.reshape(-1))
+        pat = self._pattern(n, B, S, torch.cat(counts), torch.cat(lats))
+        v = _SparseEncode.apply(x, self.b_dec, self.W_enc, self.b_enc, torch.cat(vals), pat, self.apply_b_dec_to_input)
+        return Codes(n, B, S, bag=pat.bag, lat=pat.lat, vals=v, pat=pat)
+
+    def decode(self, codes: Codes, bias: bool = True) -> torch.Tensor:
+        """-> [n, B, d_out] (``bias=False``: without b_dec, for AuxK)."""
         if codes.acts is not None:
             return torch.baddbmm(self.b_dec.unsqueeze(1), codes.acts, self.W_dec)
-        out = _SparseDecode.apply(codes.vals, self.W_dec, codes.bag, codes.lat, codes.n * codes.B, codes.B)
-        return out.view(codes.n, codes.B, self.d_out) + self.b_dec.unsqueeze(1)
+        return _SparseDecode.apply(codes.vals, self.W_dec, self.b_dec if bias else None, codes.pat)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))

@@ -20,7 +20,7 @@ from lake import Lake, LiveSource, SnapshotSource, UserError
 from lake.storage import check_name
 
 from .config import SAEConfig, SourceConfig
-from .sae import SPARSE_ARCHS, SparseCoder, _SparseDecode, _SparseEncode, _Step
+from .sae import SPARSE_ARCHS, SparseCoder, _SqErr, _Step
 from .store import METRIC_DEFINITIONS, SAEStore, fold_normalization, now, scale_vector
 
 IDENTITY_SKIP = ("name",)
@@ -42,19 +42,21 @@ class Group:
                                  init_threshold=c.init_threshold, device=device)
         self.model.initialize([torch.Generator().manual_seed(x.seed) for x in cfgs],
                               dec_norm=0.1 if c.arch == "relu" else 1.0)
-        dev = lambda v: torch.tensor(v, dtype=torch.float32, device=device)
-        self.k_end = torch.tensor(ks, device=device)
-        self.k_start = torch.tensor([x.k_start or x.k or 0 for x in cfgs], device=device)
-        self.lr, self.l1 = dev([x.lr for x in cfgs]), dev([x.l1 for x in cfgs])
+        self.k_end = ks
+        self.k_start = [x.k_start or x.k or 0 for x in cfgs]
+        self.lr, self.l1 = [x.lr for x in cfgs], [x.l1 for x in cfgs]
+        self.l1_t = torch.tensor(self.l1, dtype=torch.float32, device=device)
         self.params = dict(self.model.named_parameters())
         self.m = {k: torch.zeros_like(p) for k, p in self.params.items()}
         self.v = {k: torch.zeros_like(p) for k, p in self.params.items()}
         self.adam_t = 0
         self.since_fired = torch.zeros(self.n, c.d_sae, dtype=torch.long, device=device)
         self.thr_steps = 0
+        self.input_key = (tuple(c.hooks), tuple(c.all_out_hooks), c.outlier_factor, c.normalize)
 
     # -- schedules (same shape for every member; values per member) --------------------------
-    def schedule(self, step: int, total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def schedule(self, step: int, total: int) -> tuple[list[float], float, list[int]]:
+        """(lr per member, sparsity warm-up factor, k per member) at ``step``: plain Python numbers."""
         c = self.cfg
         warm = max(1, round(c.lr_warmup * total))
         decay = round(c.lr_decay * total)
@@ -64,34 +66,38 @@ class Group:
         sw = max(1, round(c.sparsity_warmup * total))
         anneal = round(c.k_anneal * total)
         frac = min(1.0, step / anneal) if anneal else 1.0
-        k = torch.round(self.k_start + (self.k_end - self.k_start) * frac).long()
-        return self.lr * f, self.l1 * min(1.0, (step + 1) / sw), k
+        k = [round(s + (e - s) * frac) for s, e in zip(self.k_start, self.k_end)]
+        return [lr * f for lr in self.lr], min(1.0, (step + 1) / sw), k
 
-    def adam(self, lr: torch.Tensor, betas=(0.9, 0.999), eps=1e-8) -> None:
+    def adam(self, lr: list[float], betas=(0.9, 0.999), eps=1e-8) -> None:
+        """One fused Adam kernel per member (members have their own learning rate)."""
         self.adam_t += 1
-        b1, b2 = betas
-        bc1, bc2 = 1 - b1 ** self.adam_t, 1 - b2 ** self.adam_t
+        names = [k for k, p in self.params.items() if p.grad is not None]
+        step = torch.tensor(float(self.adam_t), device=self.since_fired.device)
         with torch.no_grad():
-            for k, p in self.params.items():
-                if p.grad is None:
-                    continue
-                g = p.grad
-                self.m[k].mul_(b1).add_(g, alpha=1 - b1)
-                self.v[k].mul_(b2).addcmul_(g, g, value=1 - b2)
-                step = (lr / bc1).view(-1, *[1] * (p.dim() - 1))
-                p.sub_(step * self.m[k] / (self.v[k].div(bc2).sqrt_().add_(eps)))
-                p.grad = None
+            for i in range(self.n):
+                def sl(t, i=i):
+                    return t if self.n == 1 else t[i]
+                torch._fused_adam_([sl(self.params[k].detach()) for k in names],
+                                   [sl(self.params[k].grad) for k in names], [sl(self.m[k]) for k in names],
+                                   [sl(self.v[k]) for k in names], [], [step] * len(names), lr=lr[i],
+                                   beta1=betas[0], beta2=betas[1], weight_decay=0.0, eps=eps, amsgrad=False,
+                                   maximize=False)
+        for k in names:
+            self.params[k].grad = None
 
     # -- one step ----------------------------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor, step: int, total: int, dead_window: int,
-             autocast) -> dict[str, torch.Tensor]:
+             autocast, stats: bool = True) -> dict[str, torch.Tensor]:
+        """One optimizer step of every member on ``x`` -> ``y``. ``stats``: also the metrics
+        (FVU parts, L0...), else only what the loop needs every step."""
         c, model, n, B = self.cfg, self.model, self.n, x.shape[0]
-        lr, l1, k = self.schedule(step, total)
+        lr, l1f, k = self.schedule(step, total)
+        l1 = self.l1_t * l1f
         with autocast:
             codes = model.encode(x, k, training=True)
             y_hat = model.decode(codes)
-        err = (y_hat.float() - y)
-        sq = err.pow(2).sum(-1)  # [n, B]
+        sq = _SqErr.apply(y_hat.float(), y)  # [n, B]
         mse = sq.mean(-1)
         loss = mse.sum()
         sparsity = torch.zeros(n, device=x.device)
@@ -99,12 +105,14 @@ class Group:
             sparsity = (codes.acts * model.W_dec.norm(dim=-1).unsqueeze(1)).sum(-1).mean(-1)
         elif c.arch == "jumprelu":
             sparsity = _Step.apply(codes.vals, model.theta.unsqueeze(1), model.bandwidth).sum(-1).mean(-1)
-        loss = loss + (l1 * sparsity).sum()
+        if c.arch in ("relu", "jumprelu"):
+            loss = loss + (l1 * sparsity).sum()
         dead = self.since_fired >= dead_window
         aux = torch.zeros(n, device=x.device)
         if c.arch in SPARSE_ARCHS and c.aux_coef > 0 and bool(dead.any()):
-            aux = self._aux_loss(x, (y - y_hat).detach(), dead)
+            aux = self._aux_loss(x, codes, (y - y_hat).detach(), dead)
             loss = loss + c.aux_coef * aux.sum()
+        codes.pre = None  # free the pre-activations before the backward
         loss.backward()
         self.adam(lr)
         if c.normalize_decoder:
@@ -112,33 +120,32 @@ class Group:
         with torch.no_grad():
             fired = codes.fired()
             self.since_fired += B
-            self.since_fired[fired] = 0
+            self.since_fired.masked_fill_(fired, 0)
             if c.arch == "batchtopk":  # inference threshold: moving average (window ~10% of the steps) of
                 # the smallest kept activation per batch
                 self.thr_steps += 1
-                member = codes.bag // B
                 kept = codes.vals.detach().masked_fill(codes.vals.detach() <= 0, float("inf"))
-                mins = torch.full((n,), float("inf"), device=x.device).scatter_reduce(0, member, kept, "amin")
+                mins = torch.stack([kept[s].min() if s.stop > s.start else kept.new_tensor(float("inf"))
+                                    for s in codes.pat.member_slices()])
                 mins = torch.where(torch.isfinite(mins), mins, model.threshold)
                 model.threshold += (mins - model.threshold) * max(1 / self.thr_steps, min(1.0, 10 / total))
-            denom = (y - y.mean(0)).pow(2).sum()
-            return {k: v.detach() for k, v in {"loss": mse + l1 * sparsity + c.aux_coef * aux, "mse": mse, "sq": sq.sum(-1),
-                    "var": denom.expand(n), "l0": codes.l0(), "aux_loss": aux, "lr": lr, "l1": l1,
-                    "k": k.float(), "dead_fraction": dead.float().mean(-1), "tokens": torch.tensor(B)}.items()}
+            out = {"sq": sq.detach().sum(-1), "l0": codes.l0()}
+            if stats:
+                denom = (y - y.mean(0)).pow(2).sum()
+                out |= {"loss": mse.detach() + l1 * sparsity.detach() + c.aux_coef * aux.detach(),
+                        "mse": mse.detach(), "var": denom.expand(n), "aux_loss": aux.detach(),
+                        "lr": torch.tensor(lr), "l1": l1, "k": torch.tensor(k, dtype=torch.float32),
+                        "dead_fraction": dead.float().mean(-1)}
+            return out
 
-    def _aux_loss(self, x, e, dead) -> torch.Tensor:
+    def _aux_loss(self, x, codes, e, dead) -> torch.Tensor:
         """AuxK: reconstruct the residual with the top ``aux_k`` dead latents (normalised MSE)."""
-        model, n, B = self.model, self.n, x.shape[0]
+        model = self.model
         with torch.no_grad():
-            pre = model.pre(x).masked_fill(~dead.unsqueeze(1), -float("inf"))
-            ka = min(self.cfg.aux_k, int(dead.sum(-1).max()))
-            lat = pre.topk(ka, dim=-1, sorted=False).indices.reshape(-1)
-            bag = torch.arange(n * B, device=x.device).repeat_interleave(ka)
-            ok = dead.view(-1)[(bag // B) * model.d_sae + lat]
-        vals = torch.relu(_SparseEncode.apply(x, model.b_dec, model.W_enc, model.b_enc, pre,
-                                              bag, lat, model.apply_b_dec_to_input)) * ok
-        e_hat = _SparseDecode.apply(vals, model.W_dec, bag, lat, n * B, B).view(n, B, -1)
-        num = (e_hat - e).pow(2).sum((-1, -2))
+            pre = codes.pre if codes.pre.dtype == torch.float32 else codes.pre.float()
+        ac = model.aux_codes(x, pre, dead, self.cfg.aux_k)
+        e_hat = model.decode(ac, bias=False)
+        num = _SqErr.apply(e_hat, e).sum(-1)
         den = (e - e.mean(1, keepdim=True)).pow(2).sum((-1, -2)).clamp_min(1e-12)
         return torch.where(dead.any(-1), num / den, torch.zeros_like(num))
 
@@ -316,29 +323,21 @@ class Trainer:
                     g, _ = by_name[s.name]
                     self.store.save(self._config(s, g, "training", norm, {"created": created}), register=False)
             n_take = min(len(batch), src.tokens - step * src.batch_size)
-            x_raw = {h: batch.acts[h][:n_take].to(device, torch.float32) for h in self.hooks}
-            norms = {h: x_raw[h].norm(dim=-1) for h in self.hooks}
-            xn = {h: x_raw[h] * norm[h]["scale"] for h in self.hooks}
+            log_now = step % self.log_every == 0 or step == self.total_steps - 1
+            in_window = step >= self.total_steps - max(1, self.total_steps // 10)
+            inputs = self._inputs(batch, n_take, norm, groups)
             shown = {}
             for g in groups:
-                c = g.cfg
-                keep = torch.ones(n_take, dtype=torch.bool, device=device)
-                if c.outlier_factor is not None:
-                    for h in set(c.hooks + c.all_out_hooks):
-                        keep &= norms[h] <= c.outlier_factor * norm[h]["median_norm"]
-                x = torch.cat([xn[h] for h in c.hooks], -1)
-                y = x if c.all_out_hooks == c.hooks else torch.cat([xn[h] for h in c.all_out_hooks], -1)
-                if not bool(keep.all()):
-                    x, y = x[keep], y[keep]
-                out = g.step(x, y, step, self.total_steps, c.dead_window, autocast)
-                in_window = step >= self.total_steps - max(1, self.total_steps // 10)
+                x, y, _ = inputs[g.input_key]
+                out = g.step(x, y, step, self.total_steps, g.cfg.dead_window, autocast, stats=log_now)
+                n_drop = n_take - len(x)
                 for i, s in enumerate(g.cfgs):
-                    dropped[s.name] += int((~keep).sum())
+                    dropped[s.name] += n_drop
                     if in_window:
                         w = window[s.name]
-                        w[0] += float(out["sq"][i]); w[1] += float(out["var"][i])
+                        w[0] += float(out["sq"][i]); w[1] += float(self._var(y, out, i))
                         w[2] += float(out["l0"][i]) * len(x); w[3] += len(x)
-                    if step % self.log_every == 0 or step == self.total_steps - 1:
+                    if log_now:
                         fvu = float(out["sq"][i] / out["var"][i].clamp_min(1e-12))
                         rows_ = {"loss": out["loss"][i], "mse": out["mse"][i], "fvu": fvu, "l0": out["l0"][i],
                                  "dead_fraction": out["dead_fraction"][i], "lr": out["lr"][i], "l1": out["l1"][i],
@@ -374,14 +373,53 @@ class Trainer:
         return [self._finish(s, *by_name[s.name], norm, created, dropped[s.name], window[s.name],
                              metrics.get(s.name, []), step, seconds) for s in self.saes]
 
+    @staticmethod
+    def _var(y: torch.Tensor, out: dict, i: int) -> torch.Tensor:
+        if "var" in out:
+            return out["var"][i]
+        return (y - y.mean(0)).pow(2).sum()
+
+    @torch.no_grad()
+    def _inputs(self, batch, n_take: int, norm: dict, groups: list[Group]) -> dict:
+        """Per distinct input setting of the groups: (x, y, keep). Each hook is converted to fp32 and
+        normalised once per batch, whatever the number of SAEs; outliers are dropped once per setting."""
+        device = self.src.device
+        raw, scaled, norms, out = {}, {}, {}, {}
+        need_raw = any(g.cfg.normalize == "none" for g in groups)
+        for h in self.hooks:
+            a = batch.acts[h][:n_take].to(device, torch.float32)
+            norms[h] = torch.linalg.vector_norm(a, dim=-1)
+            raw[h] = a
+            scaled[h] = a * norm[h]["scale"] if need_raw else a.mul_(norm[h]["scale"])  # `a`: a fresh copy
+        for g in groups:
+            c = g.cfg
+            key = g.input_key
+            if key in out:
+                continue
+            xn = raw if c.normalize == "none" else scaled
+            keep = None
+            if c.outlier_factor is not None:
+                for h in dict.fromkeys(c.hooks + c.all_out_hooks):
+                    ok = norms[h] <= c.outlier_factor * norm[h]["median_norm"]
+                    keep = ok if keep is None else keep & ok
+            x = xn[c.hooks[0]] if len(c.hooks) == 1 else torch.cat([xn[h] for h in c.hooks], -1)
+            same = c.all_out_hooks == c.hooks
+            y = x if same else (xn[c.all_out_hooks[0]] if len(c.all_out_hooks) == 1
+                                else torch.cat([xn[h] for h in c.all_out_hooks], -1))
+            if keep is not None and not bool(keep.all()):
+                x = x[keep]
+                y = x if same else y[keep]
+            out[key] = (x, y, keep)
+        return out
+
     @torch.no_grad()
     def _init_b_dec(self, groups: list[Group], batch, norm: dict) -> None:
         for g in groups:
             c = g.cfg
             if c.b_dec_init == "zeros":
                 continue
-            y = torch.cat([batch.acts[h].to(g.model.b_dec.device, torch.float32) * norm[h]["scale"]
-                           for h in c.all_out_hooks], -1)
+            y = torch.cat([batch.acts[h].to(g.model.b_dec.device, torch.float32)
+                           * (norm[h]["scale"] if c.normalize != "none" else 1.0) for h in c.all_out_hooks], -1)
             g.model.b_dec.copy_((y.mean(0) if c.b_dec_init == "mean" else y.median(0).values).expand(g.n, -1))
 
     def _checkpoint(self, groups, step, rows, norm, created, dropped, window, metrics) -> None:
