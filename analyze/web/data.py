@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +25,10 @@ SCALAR_COLUMNS = ("feature", "count", "density", "max_act", "mean_act")
 
 class NotFound(Exception):
     """-> a 404 page that says what was not found."""
+
+
+class Loading(Exception):
+    """The data is being loaded in the background: the page says so and refreshes."""
 
 
 class StoreDown(Exception):
@@ -119,6 +125,9 @@ class LakeData:
         self._store_errors: dict = {}  # uri -> (time, message): do not wait on a dead server every request
         self._scalars: dict = {}
         self._datasets: dict = {}
+        self._loading: dict = {}
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="saelake-web-load")
+        self.scalars_wait_s = 5.0
 
     # -- small TTL cache -------------------------------------------------------------------------
     def cached(self, key, fn, ttl: float | None = None):
@@ -320,7 +329,10 @@ class LakeData:
             raise NotFound(f"feature {index} is missing from analysis {rec['name']!r}")
         return row
 
-    def scalars(self, rec: dict) -> Scalars:
+    def scalars(self, rec: dict, wait_s: float | None = None) -> Scalars:
+        """The analysis's per-feature scalars (cached). A MongoDB store loads them in a background
+        thread: past ``wait_s`` this raises ``Loading`` (the page says so and refreshes) instead of
+        holding the request while a slow server streams every feature document."""
         key = (rec["name"], rec.get("store"), rec.get("features_table"), rec.get("created"))
         with self._lock:
             hit = self._scalars.get(key)
@@ -329,9 +341,30 @@ class LakeData:
         if self._store_uri_of(rec) is None:
             t = self._dataset(rec).to_table(columns=list(SCALAR_COLUMNS))
             sc = Scalars.from_columns({k: t.column(k).to_numpy() for k in SCALAR_COLUMNS})
-        else:
+            with self._lock:
+                self._scalars[key] = sc
+            return sc
+
+        def load() -> Scalars:
             rows = self._mongo(rec, lambda st: st.scalars(rec["name"]))
             sc = Scalars.from_columns({k: np.array([r[k] for r in rows]) for k in SCALAR_COLUMNS})
+            with self._lock:
+                self._scalars[key] = sc
+            return sc
+
         with self._lock:
-            self._scalars[key] = sc
-        return sc
+            fut = self._loading.get(key)
+            if fut is None:
+                fut = self._pool.submit(load)
+                self._loading[key] = fut
+        try:
+            return fut.result(timeout=self.scalars_wait_s if wait_s is None else wait_s)
+        except FutureTimeout:
+            raise Loading(f"loading the density, max and mean of {int(rec.get('n_features') or 0):,} features "
+                          f"of analysis {rec['name']!r} from {rec.get('store')}: this page refreshes by itself") \
+                from None
+        except BaseException:
+            with self._lock:
+                if self._loading.get(key) is fut:
+                    del self._loading[key]  # let the next request retry
+            raise

@@ -190,18 +190,21 @@ class Renderer:
             if pts:
                 curves.append(Markup(charts.line_chart(pts, metric, logy=logy, cls=f"curve-{metric}")))
         ctx = dict(title=f"SAE {name}", cfg=cfg, rec=rec, curves=curves, analyses=d.analyses_of(name),
-                   hyper=_hyper(cfg), run=None, store_error=None, listing=None, density_svg=None)
+                   hyper=_hyper(cfg), run=None, store_error=None, listing=None, density_svg=None,
+                   loading=None)
         if cfg.get("run"):
             try:
                 ctx["run"] = d.run(cfg["run"])
             except NotFound:
                 pass
         if rec is not None:
-            from .data import StoreDown
+            from .data import Loading, StoreDown
             try:
-                sc = d.scalars(rec)
+                sc = d.scalars(rec, wait_s=None if not self.links.static else 3600)
             except StoreDown as e:
                 ctx["store_error"] = str(e)
+            except Loading as e:
+                ctx["loading"] = str(e)
             else:
                 edges, counts, dead = sc.density_histogram()
                 ctx["density_svg"] = Markup(charts.density_histogram(edges, counts, dead))

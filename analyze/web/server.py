@@ -29,7 +29,7 @@ from urllib.parse import parse_qs, unquote
 
 from lake import UserError
 
-from .data import LakeData, NotFound, StoreDown, shown
+from .data import LakeData, Loading, NotFound, StoreDown, shown
 from .live import LiveEncoder, LiveError
 from .pages import Renderer
 
@@ -97,10 +97,13 @@ class WebApp:
         rec = self.data.analysis_for(sae, analysis)
         if rec is None:
             raise NotFound(f"SAE {sae!r} has no analysis yet (run `lake analyze {sae}`)")
-        sc = self.data.scalars(rec)
-        alive = sc.feature[sc.count > 0]
-        pool = alive if len(alive) else sc.feature
-        index = int(random.choice(pool.tolist())) if len(pool) else 0
+        try:
+            sc = self.data.scalars(rec, wait_s=1.0)
+            alive = sc.feature[sc.count > 0]
+            pool = alive if len(alive) else sc.feature
+            index = int(random.choice(pool.tolist())) if len(pool) else 0
+        except Loading:  # not loaded yet: any feature
+            index = random.randrange(max(1, int(rec.get("n_features") or 1)))
         return 302, HTML, b"", {"Location": self.pages.links.feature(sae, index, rec["name"])}
 
     def _live(self, body: bytes):

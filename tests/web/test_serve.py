@@ -192,3 +192,29 @@ def test_export_dashboard_bad_input(web_lake, tmp_path, args, message):
     code, _, err = cli("export-dashboard", "--lake", web_lake["lake"], *args, "-o", str(tmp_path / "d"))
     assert code == 2 and message in err, err
     assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())
+
+
+def test_slow_store_feature_list_loads_in_background(web_lake):
+    """A MongoDB store that streams the scalars slowly: the SAE page says it is loading and refreshes
+    instead of holding the request; then the list appears."""
+    from analyze.web import WebApp, start_in_thread
+
+    app = WebApp(web_lake["lake"], store=web_lake["store"], live=False)
+    app.data.scalars_wait_s = 0.0
+    srv, _ = start_in_thread(app, port=0)
+    base = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        status, _, body = get(base, "/sae/web-sae?analysis=web-sae-mongo")
+        assert status == 200 and 'id="loading"' in body and 'http-equiv="refresh"' in body and "64 features" in body
+        status, headers, _ = get(base, "/sae/web-sae/random?analysis=web-sae-mongo")
+        assert status == 302 and re.search(r"/feature/\d+\?analysis=web-sae-mongo$", headers["Location"])
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            status, _, body = get(base, "/sae/web-sae?analysis=web-sae-mongo")
+            if 'id="features"' in body:
+                break
+            time.sleep(0.2)
+        assert 'id="loading"' not in body and body.count("<tr data-feature=") == 50
+    finally:
+        srv.shutdown()
+        srv.server_close()
