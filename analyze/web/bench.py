@@ -17,9 +17,15 @@ from .server import WebApp, start_in_thread
 
 
 def _get(url: str) -> tuple[float, int]:
+    import urllib.error
+
     t0 = time.perf_counter()
-    with urllib.request.urlopen(url, timeout=60) as r:
-        n = len(r.read())
+    try:
+        with urllib.request.urlopen(url, timeout=120) as r:
+            n = len(r.read())
+    except urllib.error.HTTPError as e:
+        print(f"  HTTP {e.code} for {url}")
+        n = len(e.read())
     return time.perf_counter() - t0, n
 
 
