@@ -10,11 +10,13 @@ Default sizes follow issue 3: a snapshot of the bundled SmolLM2-135M at blocks.5
   sparse    `train` (the real Trainer: reading, normalising, Adam, metrics) on the snapshot.
   dense     the same SAE with a dense decoder (scatter the top-k into [B, d_sae], dense matmuls,
             plain autograd): the reference.
-  sweep     8 TopK SAEs (k = 8..64) in one `train` call (one read, stacked steps) vs 8 runs.
+  sweep     8 TopK SAEs (k 32, lr and seed varied) in one `train` call (one read, stacked steps) vs 8
+            separate `train` calls (each reads the snapshot and sets up on its own); --mixed-k adds
+            the same with k = 8..64 (each member pays only for its own k).
 
 Each phase runs in a fresh subprocess (its peak RSS is its own).
 
-    python bench/train.py                 # real sizes (~10 min on 2 cores); --write updates bench/RESULTS.md
+    python bench/train.py                 # real sizes (~25 min on 2 busy cores); --write updates bench/RESULTS.md
     python bench/train.py --model DIR --dataset FILE --hook blocks.1.hook_resid_post --ingest-tokens 2000 \
         --context-size 32 --heldout-dataset FILE --d-sae 128 --k 8 --batch-size 256 --steps 4 --fvu-tokens 2048   # smoke run
 """
@@ -52,6 +54,8 @@ def args_parser():
     p.add_argument("--context-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the throughput phases (medians)")
+    p.add_argument("--mixed-k", action="store_true", help="also a sweep of 8 with k 8..64 against 8 separate runs")
     p.add_argument("--write", action="store_true", help="write the results into bench/RESULTS.md")
     p.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     return p
@@ -78,46 +82,70 @@ def timeit(f, n=5):
 
 
 def phase_bound(a) -> dict:
+    """The step's bound, each primitive timed with 1 and with all threads (the faster counts)."""
     import torch
     import torch.nn.functional as F
 
     B, d, S, k = a.batch_size, a.d_in, a.d_sae, a.k
     x, W = torch.randn(B, d), torch.randn(d, S) / d ** 0.5
     Wd = torch.randn(S, d)
-    t_mm = timeit(lambda: torch.mm(x, W))
     pre = x @ W
-    t_topk = timeit(lambda: pre.topk(k, dim=-1))
     idx = pre.topk(k, dim=-1).indices.reshape(-1)
     vals = torch.rand(B * k)
-    bag = torch.arange(B).repeat_interleave(k)
     offs = torch.arange(0, B * k, k)
     g = torch.randn(B, d)
     crow = torch.arange(0, B * k + 1, k)
+    bag = torch.arange(B).repeat_interleave(k)
     pattern = torch.sparse_csr_tensor(crow, idx, torch.zeros(B * k), (B, S))
-    At = torch.sparse_coo_tensor(torch.stack([idx, bag]), vals, (S, B))
-    t_dec = timeit(lambda: F.embedding_bag(idx, Wd, offs, mode="sum", per_sample_weights=vals))
-    t_sddmm = timeit(lambda: torch.sparse.sampled_addmm(pattern, g, Wd.t(), beta=0))
-    t_spmm = timeit(lambda: torch.sparse.mm(At, g))
-    step = t_mm + t_topk + t_dec + t_sddmm + 2 * t_spmm
+
+    def sort():  # latent-major order of the entries, shared by both weight gradients
+        perm = torch.argsort(idx, stable=True)
+        crow_t = torch.zeros(S + 1, dtype=torch.long)
+        crow_t[1:] = torch.bincount(idx, minlength=S).cumsum(0)
+        return perm, crow_t
+
+    perm, crow_t = sort()
+    At = torch.sparse_csr_tensor(crow_t, bag[perm], vals[perm], (S, B))
+
+    def best(f):
+        threads = a.threads
+        out = []
+        for t in sorted({1, threads}):
+            torch.set_num_threads(t)
+            out.append(timeit(f))
+        torch.set_num_threads(threads)
+        return min(out)
+
+    t_mm = timeit(lambda: torch.mm(x, W))  # the matmul rate: all threads
+    t_topk = best(lambda: pre.topk(k, dim=-1, sorted=False))
+    t_dec = best(lambda: F.embedding_bag(idx, Wd, offs, mode="sum", per_sample_weights=vals))
+    t_sddmm = best(lambda: torch.sparse.sampled_addmm(pattern, g, Wd.t(), beta=0))
+    t_sort = best(sort)
+    t_spmm = best(lambda: torch.sparse.mm(At, g))
+    step = t_mm + t_topk + t_dec + t_sddmm + t_sort + 2 * t_spmm
     return {"matmul_gflops": 2 * B * d * S / t_mm / 1e9, "t_encoder_matmul": t_mm, "t_topk": t_topk,
-            "t_sparse_decode": t_dec, "t_sampled_grad": t_sddmm, "t_sparse_weight_grad": t_spmm,
+            "t_sparse_decode": t_dec, "t_sampled_grad": t_sddmm, "t_sort": t_sort, "t_sparse_weight_grad": t_spmm,
             "bound_step_s": step, "bound_tok_s": B / step}
 
 
-def phase_sparse(a, tokens=None, names=("sparse",), ks=None, heldout=False) -> dict:
+def phase_sparse(a, tokens=None, names=("sparse",), ks=None, lrs=None, heldout=False) -> dict:
     from train import SAEConfig, train
 
     tokens = tokens or a.steps * a.batch_size
     ks = ks or [a.k] * len(names)
+    lrs = lrs or [None] * len(names)
     tag = f"{time.time_ns()}"
-    saes = [SAEConfig(hooks=[a.hook], name=f"{n}-{tag}", arch="topk", d_sae=a.d_sae, k=kk, lr=None, seed=i)
-            for i, (n, kk) in enumerate(zip(names, ks))]
+    # throughput runs: the dead-latent window of a long run (1M tokens), so that AuxK does not switch on
+    # after a few steps of a 20-step measurement; the FVU run keeps the default (tokens / 4)
+    dead = None if heldout else 1_000_000
+    saes = [SAEConfig(hooks=[a.hook], name=f"{n}-{tag}", arch="topk", d_sae=a.d_sae, k=kk, lr=lr, seed=i,
+                      dead_window=dead) for i, (n, kk, lr) in enumerate(zip(names, ks, lrs))]
     t = time.perf_counter()
     cfgs = train(a.lake, saes, run="bench", tokens=tokens, batch_size=a.batch_size, repeat=True, progress=False,
-                 device=a.device, checkpoint_every=10 ** 9, log_every=10 ** 9)
+                 device=a.device, checkpoint_every=10 ** 9, log_every=max(1, tokens // a.batch_size // 10))
     wall = time.perf_counter() - t
     out = {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall, "train_tok_s": cfgs[0]["tokens_per_second"],
-           "fvu_train_window": [c["fvu"] for c in cfgs]}
+           "loop_s": tokens / cfgs[0]["tokens_per_second"], "fvu_train_window": [c["fvu"] for c in cfgs]}
     if heldout:
         out["fvu_heldout"] = heldout_fvu(a, saes[0].name)
     return out
@@ -206,6 +234,21 @@ def run_phase(a, phase: str) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+SWEEP_LRS = [x * 1e-4 for x in (2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0)]
+SWEEP_KS = [8, 12, 16, 24, 32, 40, 48, 64]
+
+
+def separate(a, tok, ks, lrs) -> dict:
+    runs = [phase_sparse(a, tok, [f"sep{i}"], [kk], [lr]) for i, (kk, lr) in enumerate(zip(ks, lrs))]
+    return {"runs": runs, "wall_s": sum(r["wall_s"] for r in runs)}
+
+
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
 def main():
     a = args_parser().parse_args()
     if a.phase:
@@ -215,42 +258,63 @@ def main():
 
         a.d_in = SnapshotSource(a.lake, "bench").d_model[a.hook]
         torch.set_num_threads(a.threads)
-        sweep_ks = [8, 12, 16, 24, 32, 40, 48, 64]
         tok = a.steps * a.batch_size
+        same_k, same_lr = [a.k] * 8, [None] * 8
         res = {"bound": lambda: phase_bound(a),
                "sparse": lambda: phase_sparse(a),
                "dense": lambda: phase_dense(a),
-               "sweep8": lambda: phase_sparse(a, tok, [f"sw{i}" for i in range(8)], sweep_ks),
-               "separate8": lambda: {"runs": [phase_sparse(a, tok, [f"sep{i}"], [kk]) for i, kk in enumerate(sweep_ks)]},
+               "sweep8": lambda: phase_sparse(a, tok, [f"sw{i}" for i in range(8)], same_k, SWEEP_LRS),
+               "separate8": lambda: separate(a, tok, same_k, SWEEP_LRS),
+               "sweep8k": lambda: phase_sparse(a, tok, [f"swk{i}" for i in range(8)], SWEEP_KS, same_lr),
+               "separate8k": lambda: separate(a, tok, SWEEP_KS, same_lr),
                "fvu_sparse": lambda: phase_sparse(a, a.fvu_tokens, heldout=True),
                "fvu_dense": lambda: phase_dense(a, a.fvu_tokens, heldout=True)}[a.phase]()
         res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(res))
         return
     ensure_snapshot(a)
-    r = {ph: run_phase(a, ph) for ph in ("bound", "sparse", "dense", "sweep8", "separate8", "fvu_sparse", "fvu_dense")}
-    sep_wall = sum(x["wall_s"] for x in r["separate8"]["runs"])
-    sep_rss = max(x["peak_rss_mb"] for x in [r["separate8"]])
-    b = r["bound"]
+    load = [os.getloadavg()[0]]
+    rounds: dict[str, list] = {}
+    for _ in range(a.rounds):  # interleaved: A, B, A, B...; medians below
+        for ph in ("bound", "sparse", "dense", "sweep8", "separate8") + (("sweep8k", "separate8k") if a.mixed_k else ()):
+            rounds.setdefault(ph, []).append(run_phase(a, ph))
+        load.append(os.getloadavg()[0])
+    r = {ph: run_phase(a, ph) for ph in ("fvu_sparse", "fvu_dense")} if a.fvu_tokens else {}
+    load.append(os.getloadavg()[0])
+    med = lambda ph, key: median([x[key] for x in rounds[ph]])  # noqa: E731
+    b = {key: med("bound", key) for key in rounds["bound"][0] if key != "peak_rss_mb"}
+    sparse_loop = med("sparse", "loop_s")
+    tok = a.steps * a.batch_size
+    sparse_tok_s = tok / sparse_loop
     lines = [
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {a.threads}, "
-        f"device {a.device}",
+        f"device {a.device}; load average (1 min) during the run: {', '.join(f'{x:.1f}' for x in load)}",
         f"setup: {a.model} {a.hook}, TopK d_sae {a.d_sae}, k {a.k}, batch {a.batch_size}, fp32; "
-        f"{a.steps} steps per throughput run",
-        f"matmul rate: {b['matmul_gflops']:.0f} GFLOP/s; step bound: encoder {b['t_encoder_matmul'] * 1e3:.0f} ms + "
-        f"topk {b['t_topk'] * 1e3:.0f} ms + sparse decode {b['t_sparse_decode'] * 1e3:.0f} ms + latent grads "
-        f"{b['t_sampled_grad'] * 1e3:.0f} ms + 2 x weight grads {b['t_sparse_weight_grad'] * 1e3:.0f} ms "
+        f"{a.steps} steps per throughput run; {a.rounds} interleaved rounds, medians",
+        f"matmul rate: {b['matmul_gflops']:.0f} GFLOP/s; step bound (each primitive at its faster thread count): "
+        f"encoder {b['t_encoder_matmul'] * 1e3:.0f} ms + topk {b['t_topk'] * 1e3:.0f} ms + sparse decode "
+        f"{b['t_sparse_decode'] * 1e3:.0f} ms + latent grads {b['t_sampled_grad'] * 1e3:.0f} ms + latent-major sort "
+        f"{b['t_sort'] * 1e3:.0f} ms + 2 x weight grads {b['t_sparse_weight_grad'] * 1e3:.0f} ms "
         f"= {b['bound_step_s'] * 1e3:.0f} ms -> {b['bound_tok_s']:.0f} tok/s",
-        f"sparse TopK (Trainer, incl. reading): {r['sparse']['tok_s']:.0f} tok/s = "
-        f"{r['sparse']['tok_s'] / b['bound_tok_s']:.0%} of the bound; peak RSS {r['sparse']['peak_rss_mb']:.0f} MB",
-        f"dense-decoder TopK reference: {r['dense']['tok_s']:.0f} tok/s; peak RSS {r['dense']['peak_rss_mb']:.0f} MB",
-        f"sweep of 8 (k 8..64, stacked): {r['sweep8']['wall_s']:.1f} s vs 8 separate runs {sep_wall:.1f} s "
-        f"({sep_wall / r['sweep8']['wall_s']:.2f}x); peak RSS {r['sweep8']['peak_rss_mb']:.0f} MB vs "
-        f"{sep_rss:.0f} MB",
-        f"held-out FVU after {a.fvu_tokens} training tokens ({a.heldout_dataset}, 8k tokens): sparse "
-        f"{r['fvu_sparse']['fvu_heldout']:.4f} ({r['fvu_sparse']['tok_s']:.0f} tok/s), dense reference "
-        f"{r['fvu_dense']['fvu_heldout']:.4f} ({r['fvu_dense']['tok_s']:.0f} tok/s)",
+        f"sparse TopK (Trainer loop: reading, normalising, step, Adam, metrics every {max(1, a.steps // 10)} steps): "
+        f"{sparse_tok_s:.0f} tok/s = {sparse_tok_s / b['bound_tok_s']:.0%} of the bound "
+        f"({[round(tok / x['loop_s']) for x in rounds['sparse']]}); with setup and saving: "
+        f"{tok / med('sparse', 'wall_s'):.0f} tok/s; peak RSS {med('sparse', 'peak_rss_mb'):.0f} MB",
+        f"dense-decoder TopK reference: {med('dense', 'tok_s'):.0f} tok/s; peak RSS {med('dense', 'peak_rss_mb'):.0f} MB",
+        f"sweep of 8 (k {a.k}, lr 2e-4..1.2e-3, seeds 0..7; stacked, one read): {med('sweep8', 'wall_s'):.1f} s vs "
+        f"8 separate runs (each with its own reading and setup) {med('separate8', 'wall_s'):.1f} s "
+        f"({med('separate8', 'wall_s') / med('sweep8', 'wall_s'):.2f}x; per round "
+        f"{[round(x['wall_s'], 1) for x in rounds['sweep8']]} vs {[round(x['wall_s'], 1) for x in rounds['separate8']]}); "
+        f"peak RSS {med('sweep8', 'peak_rss_mb'):.0f} MB vs {med('separate8', 'peak_rss_mb'):.0f} MB",
     ]
+    if a.mixed_k:
+        lines.append(f"sweep of 8 with k 8..64 (stacked, each member its own top-k): {med('sweep8k', 'wall_s'):.1f} s "
+                     f"vs 8 separate runs {med('separate8k', 'wall_s'):.1f} s "
+                     f"({med('separate8k', 'wall_s') / med('sweep8k', 'wall_s'):.2f}x)")
+    if r:
+        lines.append(f"held-out FVU after {a.fvu_tokens} training tokens ({a.heldout_dataset}, 8k tokens): sparse "
+                     f"{r['fvu_sparse']['fvu_heldout']:.4f} ({r['fvu_sparse']['tok_s']:.0f} tok/s incl. setup), dense "
+                     f"reference {r['fvu_dense']['fvu_heldout']:.4f} ({r['fvu_dense']['tok_s']:.0f} tok/s)")
     print("\n".join(lines))
     if a.write:
         path = HERE / "RESULTS.md"

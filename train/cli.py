@@ -5,6 +5,7 @@ Registered through the ``saelake.commands`` / ``saelake.show`` entry points (pyp
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime
 
 import click
@@ -19,7 +20,7 @@ def _fmt(v, spec=".4g"):
 @click.command("train")
 @_lake_option
 @click.option("--config", "config_path", default=None, help="Sweep TOML: top-level defaults + one [[sae]] per SAE.")
-@click.option("--run", default=None, help="Snapshot source: run name.")
+@click.option("--run", "--run-name", "run", default=None, help="Snapshot source: run name.")
 @click.option("--version", type=int, default=None, help="Snapshot version (default: the latest).")
 @click.option("--live", is_flag=True, help="Run the model instead of reading a snapshot (needs --model/--dataset).")
 @click.option("--model", default=None, help="Live: model (local folder or smollm2-135m).")
@@ -54,20 +55,33 @@ def _fmt(v, spec=".4g"):
 @click.option("--checkpoint-every", type=int, default=None, help="Steps between checkpoints (default: 5 per run).")
 @click.option("--log-every", type=int, default=None, help="Steps between metric rows.")
 @click.option("--stop-after", type=int, default=None, hidden=True, help="Stop at the first checkpoint >= this step.")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="Relaunch under torchrun with N CPU processes (gloo); see --parallel.")
+@click.option("--parallel", type=click.Choice(["data", "sweep"]), default=None,
+              help="Under torchrun: data-parallel replicas (grads all-reduced) or a sweep's SAEs split across ranks "
+                   "(default: sweep when there are at least as many SAEs as ranks).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_cmd(lake_uri, config_path, run, version, live, model, dataset, text_column, context_size, hook, out_hook,
               arch, expansion, d_sae, k, k_start, k_anneal, l1, lr, aux_k, dead_window, decoder_norm_topk,
               outlier_factor, normalize, seed, tokens, batch_size, repeat, data_seed, name, resume, device, autocast,
-              checkpoint_every, log_every, stop_after, quiet):
+              checkpoint_every, log_every, stop_after, nproc, parallel, quiet):
     """Train one SAE, or a sweep of many (--config), from a snapshot or a live model."""
     from lake import UserError
+
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {nproc}")
+    if nproc > 1:
+        from lake.cli import _torchrun
+
+        _torchrun(nproc)
 
     from .config import SAEConfig, SourceConfig, load_sweep
     from .trainer import Trainer
 
     source = dict(run=run, version=version, live=live or None, model=model, dataset=dataset, text_column=text_column,
                   context_size=context_size, tokens=tokens, batch_size=batch_size, repeat=repeat, data_seed=data_seed,
-                  device=device, autocast=autocast, checkpoint_every=checkpoint_every, log_every=log_every)
+                  device=device, autocast=autocast, checkpoint_every=checkpoint_every, log_every=log_every,
+                  parallel=parallel)
     if config_path:
         src, saes = load_sweep(config_path, lake_uri, {**source, "name": name})
     else:
@@ -79,6 +93,8 @@ def train_cmd(lake_uri, config_path, run, version, live, model, dataset, text_co
             raise UserError(f"--expansion must be positive, got {expansion}")
         if d_sae is not None and d_sae <= 0:
             raise UserError(f"--d-sae must be positive, got {d_sae}")
+        if name is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("--name is required under torchrun (every rank must use the same name)")
         src = SourceConfig(lake=lake_uri, **{k_: v for k_, v in source.items() if v is not None})
         saes = [SAEConfig(hooks=_split(hook), out_hooks=_split(out_hook) if out_hook else None, arch=arch,
                           name=name or f"{arch}-{datetime.now().strftime('%Y%m%d-%H%M%S')}", expansion=expansion,
@@ -86,7 +102,10 @@ def train_cmd(lake_uri, config_path, run, version, live, model, dataset, text_co
                           dead_window=dead_window, decoder_norm_topk=decoder_norm_topk,
                           outlier_factor=outlier_factor or None, normalize=normalize, seed=seed)]
     trainer = Trainer(src, saes, resume=resume, progress=not quiet, stop_after=stop_after)
-    for cfg in trainer.run():
+    results = trainer.run()
+    if trainer.parallel == "data" and trainer.comm.rank != 0:
+        return  # the replicas are identical: rank 0 reports
+    for cfg in results:
         if cfg["status"] != "complete":
             click.echo(f"sae {cfg['name']}: {cfg['status']} at step {cfg.get('step')} (checkpoint saved; "
                        "continue with --resume)")

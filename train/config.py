@@ -121,6 +121,7 @@ class SourceConfig:
     checkpoint_every: int | None = None  # steps (default: 5 checkpoints per run)
     log_every: int | None = None  # steps (default: about 100 points per run)
     name: str | None = None  # sweep: name prefix
+    parallel: str | None = None  # under torchrun: "data" (replicas, grads all-reduced) or "sweep" (SAEs split)
 
 
 SAE_KEYS = {f.name: f.type for f in fields(SAEConfig)}

@@ -16,6 +16,7 @@ sparse×dense products), so only the encoder's forward matmul is dense.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -87,6 +88,30 @@ class _Threads:
     def __exit__(self, *exc):
         if self.before != self.n:
             torch.set_num_threads(self.before)
+
+
+SPARSE_THREADS = int(os.environ.get("SAELAKE_SPARSE_THREADS", "1"))
+_DENSE: list[int] = []
+
+
+class sparse_section:
+    """A training step: the dense, compute-bound ops (encoder GEMM, top-k) keep every thread torch
+    had when the step began; everything else (sparse products, gathers, elementwise ops, Adam) runs on
+    ``SPARSE_THREADS`` (default 1, env SAELAKE_SPARSE_THREADS): these ops are memory-bound, and
+    OpenMP's spin-waits make them several times slower on 2 threads once other jobs share the cores."""
+
+    def __enter__(self):
+        self.outer = torch.get_num_threads()
+        _DENSE.append(self.outer)
+        torch.set_num_threads(min(SPARSE_THREADS, self.outer))
+
+    def __exit__(self, *exc):
+        _DENSE.pop()
+        torch.set_num_threads(self.outer)
+
+
+def dense_threads() -> _Threads:
+    return _Threads(_DENSE[-1] if _DENSE else torch.get_num_threads())
 
 
 class Pattern:
@@ -301,9 +326,12 @@ class SparseCoder(nn.Module):
         bias = self.b_enc
         if self.apply_b_dec_to_input:
             bias = bias - torch.bmm(self.b_dec.unsqueeze(1), self.W_enc).squeeze(1)
-        if self.n == 1:  # one fused GEMM + bias
-            return torch.addmm(bias, x, self.W_enc[0]).unsqueeze(0)
-        return torch.baddbmm(bias.unsqueeze(1), x.expand(self.n, *x.shape), self.W_enc)
+        # GEMM, then the bias in place (addmm/baddbmm would first copy the broadcast bias into the
+        # [B, d_sae] output: one more pass over the largest tensor of the step)
+        with dense_threads():
+            if self.n == 1:
+                return torch.mm(x, self.W_enc[0]).add_(bias).unsqueeze(0)
+            return torch.bmm(x.expand(self.n, *x.shape), self.W_enc).add_(bias.unsqueeze(1))
 
     def encode(self, x: torch.Tensor, k: torch.Tensor | None = None, *, training: bool = False) -> Codes:
         """Latents of ``x`` for every member. ``k`` [n] overrides the current k (annealing)."""
@@ -333,7 +361,8 @@ class SparseCoder(nn.Module):
         if self.arch == "topk":
             if len(set(ks)) == 1:
                 k = ks[0]
-                top = score.topk(k, dim=-1, sorted=False)
+                with dense_threads():
+                    top = score.topk(k, dim=-1, sorted=False)
                 lat = top.indices.reshape(-1)
                 vals = top.values if score is pre else pre.gather(-1, top.indices)
                 crow = torch.arange(0, n * B * k + 1, k, device=dev)
@@ -341,14 +370,16 @@ class SparseCoder(nn.Module):
                 return Pattern(n, B, S, bag, lat, crow), vals.reshape(-1)
             lats, vals, counts = [], [], []
             for m, k in enumerate(ks):  # members with different k: each pays for its own k only
-                top = score[m].topk(k, dim=-1, sorted=False)
+                with dense_threads():
+                    top = score[m].topk(k, dim=-1, sorted=False)
                 lats.append(top.indices.reshape(-1))
                 vals.append((top.values if score is pre else pre[m].gather(-1, top.indices)).reshape(-1))
                 counts.append(torch.full((B,), k, dtype=torch.long, device=dev))
             return self._pattern(n, B, S, torch.cat(counts), torch.cat(lats)), torch.cat(vals)
         lats, vals, counts = [], [], []
         for m in range(n):  # BatchTopK: one topk per member over its flattened batch (n is small)
-            top = score[m].reshape(-1).topk(min(ks[m] * B, B * S), sorted=False)
+            with dense_threads():
+                top = score[m].reshape(-1).topk(min(ks[m] * B, B * S), sorted=False)
             with _one_thread():
                 idx = top.indices[top.values > 0].sort().values  # row-major: sorted by token
                 rows = idx // S
@@ -376,8 +407,9 @@ class SparseCoder(nn.Module):
             ka = min(aux_k, len(idx))
             counts.append(torch.full((B,), ka, dtype=torch.long, device=pre.device))
             if ka:
-                sub = pre[m] if len(idx) == S else pre[m].index_select(1, idx)
-                top = sub.topk(ka, dim=-1, sorted=False)
+                with dense_threads():
+                    sub = pre[m] if len(idx) == S else pre[m].index_select(1, idx)
+                    top = sub.topk(ka, dim=-1, sorted=False)
                 lats.append((top.indices if len(idx) == S else idx[top.indices]).reshape(-1))
                 vals.append(top.values.reshape(-1))
         pat = self._pattern(n, B, S, torch.cat(counts), torch.cat(lats))

@@ -12,6 +12,7 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -20,7 +21,8 @@ from lake import Lake, LiveSource, SnapshotSource, UserError
 from lake.storage import check_name
 
 from .config import SAEConfig, SourceConfig
-from .sae import SPARSE_ARCHS, SparseCoder, _SqErr, _Step
+from .dist import Comm, LocalComm
+from .sae import SPARSE_ARCHS, SparseCoder, _SqErr, _Step, sparse_section
 from .store import METRIC_DEFINITIONS, SAEStore, fold_normalization, now, scale_vector
 
 IDENTITY_SKIP = ("name",)
@@ -88,38 +90,47 @@ class Group:
 
     # -- one step ----------------------------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor, step: int, total: int, dead_window: int,
-             autocast, stats: bool = True) -> dict[str, torch.Tensor]:
+             autocast, stats: bool = True, comm: Comm | None = None, window: bool = False) -> dict[str, torch.Tensor]:
         """One optimizer step of every member on ``x`` -> ``y``. ``stats``: also the metrics
         (FVU parts, L0...), else only what the loop needs every step."""
+        with sparse_section():
+            return self._step(x, y, step, total, dead_window, autocast, stats, comm or LocalComm(), window)
+
+    def _step(self, x, y, step, total, dead_window, autocast, stats, comm, window):
         c, model, n, B = self.cfg, self.model, self.n, x.shape[0]
         lr, l1f, k = self.schedule(step, total)
         l1 = self.l1_t * l1f
+        # data-parallel: the loss is a mean over the tokens of the global batch (all ranks)
+        N = int(comm.sum_(torch.tensor([B], dtype=torch.long))[0]) if comm.active else B
         with autocast:
             codes = model.encode(x, k, training=True)
             y_hat = model.decode(codes)
         sq = _SqErr.apply(y_hat.float(), y)  # [n, B]
-        mse = sq.mean(-1)
+        mse = sq.sum(-1) / N
         loss = mse.sum()
         sparsity = torch.zeros(n, device=x.device)
         if c.arch == "relu":
-            sparsity = (codes.acts * model.W_dec.norm(dim=-1).unsqueeze(1)).sum(-1).mean(-1)
+            sparsity = (codes.acts * model.W_dec.norm(dim=-1).unsqueeze(1)).sum(-1).sum(-1) / N
         elif c.arch == "jumprelu":
-            sparsity = _Step.apply(codes.vals, model.theta.unsqueeze(1), model.bandwidth).sum(-1).mean(-1)
+            sparsity = _Step.apply(codes.vals, model.theta.unsqueeze(1), model.bandwidth).sum(-1).sum(-1) / N
         if c.arch in ("relu", "jumprelu"):
             loss = loss + (l1 * sparsity).sum()
         dead = self.since_fired >= dead_window
         aux = torch.zeros(n, device=x.device)
         if c.arch in SPARSE_ARCHS and c.aux_coef > 0 and bool(dead.any()):
-            aux = self._aux_loss(x, codes, (y - y_hat).detach(), dead)
+            aux = self._aux_loss(x, codes, (y - y_hat).detach(), dead, comm, N)
             loss = loss + c.aux_coef * aux.sum()
         codes.pre = None  # free the pre-activations before the backward
         loss.backward()
+        comm.sum_grads(list(self.params.values()))
         self.adam(lr)
         if c.normalize_decoder:
             model.normalize_decoder()
         with torch.no_grad():
             fired = codes.fired()
-            self.since_fired += B
+            if comm.active:
+                fired = comm.max_(fired.to(torch.uint8)).bool()
+            self.since_fired += N
             self.since_fired.masked_fill_(fired, 0)
             if c.arch == "batchtopk":  # inference threshold: moving average (window ~10% of the steps) of
                 # the smallest kept activation per batch
@@ -127,18 +138,30 @@ class Group:
                 kept = codes.vals.detach().masked_fill(codes.vals.detach() <= 0, float("inf"))
                 mins = torch.stack([kept[s].min() if s.stop > s.start else kept.new_tensor(float("inf"))
                                     for s in codes.pat.member_slices()])
+                if comm.active:
+                    mins = -comm.max_(-mins)
                 mins = torch.where(torch.isfinite(mins), mins, model.threshold)
                 model.threshold += (mins - model.threshold) * max(1 / self.thr_steps, min(1.0, 10 / total))
-            out = {"sq": sq.detach().sum(-1), "l0": codes.l0()}
+            out = {"sq": sq.detach().sum(-1), "l0": codes.l0(), "n": N}
+            if comm.active:  # batch-wide metrics: sums over the ranks
+                out["sq"] = comm.sum_(out["sq"].double()).float()
+                out["l0"] = (comm.sum_(out["l0"].double() * B) / N).float()
+            if stats or window:
+                if comm.active:
+                    yd = y.double()
+                    s = comm.sum_(torch.cat([yd.sum(0), (yd * yd).sum().view(1)]))
+                    denom = (s[-1] - s[:-1].pow(2).sum() / N).float()
+                else:
+                    denom = (y - y.mean(0)).pow(2).sum()
+                out["var"] = denom.expand(n)
             if stats:
-                denom = (y - y.mean(0)).pow(2).sum()
                 out |= {"loss": mse.detach() + l1 * sparsity.detach() + c.aux_coef * aux.detach(),
-                        "mse": mse.detach(), "var": denom.expand(n), "aux_loss": aux.detach(),
+                        "mse": mse.detach(), "aux_loss": aux.detach(),
                         "lr": torch.tensor(lr), "l1": l1, "k": torch.tensor(k, dtype=torch.float32),
                         "dead_fraction": dead.float().mean(-1)}
             return out
 
-    def _aux_loss(self, x, codes, e, dead) -> torch.Tensor:
+    def _aux_loss(self, x, codes, e, dead, comm, N) -> torch.Tensor:
         """AuxK: reconstruct the residual with the top ``aux_k`` dead latents (normalised MSE)."""
         model = self.model
         with torch.no_grad():
@@ -146,7 +169,12 @@ class Group:
         ac = model.aux_codes(x, pre, dead, self.cfg.aux_k)
         e_hat = model.decode(ac, bias=False)
         num = _SqErr.apply(e_hat, e).sum(-1)
-        den = (e - e.mean(1, keepdim=True)).pow(2).sum((-1, -2)).clamp_min(1e-12)
+        if comm.active:  # the residual's variance over the global batch
+            ed = e.double()
+            s = comm.sum_(torch.cat([ed.sum(1), (ed * ed).sum((1, 2)).unsqueeze(1)], 1))
+            den = (s[:, -1] - s[:, :-1].pow(2).sum(1) / N).float().clamp_min(1e-12)
+        else:
+            den = (e - e.mean(1, keepdim=True)).pow(2).sum((-1, -2)).clamp_min(1e-12)
         return torch.where(dead.any(-1), num / den, torch.zeros_like(num))
 
     # -- state ---------------------------------------------------------------------------------
@@ -182,6 +210,21 @@ class Trainer:
             raise UserError(f"SAE names must be unique in a sweep: {', '.join(names)}")
         for n in names:
             check_name(n, "SAE name")
+        self.comm = Comm(src.device)
+        self.all_names, self.parallel = names, None
+        W, R = self.comm.world, self.comm.rank
+        if self.comm.active:
+            self.parallel = src.parallel or ("sweep" if len(saes) >= W and len(saes) > 1 else "data")
+            if self.parallel not in ("data", "sweep"):
+                raise UserError(f"--parallel must be data or sweep, got {self.parallel!r}")
+            if self.parallel == "sweep":
+                if len(saes) < W:
+                    raise UserError(f"sweep-parallel training needs at least one SAE per rank: {len(saes)} SAEs, "
+                                    f"{W} ranks (use --parallel data)")
+                saes = self.saes = saes[R::W]  # rank r: SAEs r, r + W, ... (each reads the snapshot once)
+            elif src.batch_size % W or src.tokens % src.batch_size:
+                raise UserError(f"data-parallel training over {W} ranks: --batch-size ({src.batch_size}) must be a "
+                                f"multiple of the number of ranks and --tokens ({src.tokens}) a multiple of it")
         self.hooks = list(dict.fromkeys(h for s in saes for h in s.hooks + s.all_out_hooks))
         self.source = self._open_source()
         self.d_model = {h: self.source.d_model[h] for h in self.hooks}
@@ -190,10 +233,21 @@ class Trainer:
         self.total_steps = math.ceil(src.tokens / src.batch_size)
         self.ckpt_every = src.checkpoint_every or max(1, self.total_steps // 5)
         self.log_every = src.log_every or max(1, self.total_steps // 100)
-        for n in names:
-            if self.store.exists(n) and not resume:
-                raise UserError(f"SAE name {n!r} is taken in {self.lake.root}: pick another --name, or --resume it")
-        self.start = self._resume_state() if resume else None
+        err = None
+        try:
+            for s in saes:
+                if self.store.exists(s.name) and not resume:
+                    raise UserError(f"SAE name {s.name!r} is taken in {self.lake.root}: pick another --name, "
+                                    "or --resume it")
+            self.start = self._resume_state() if resume else None
+        except UserError as e:
+            err = e
+        if self.comm.active:  # every rank agrees before anyone writes
+            if int(self.comm.max_(torch.tensor([int(err is not None)]))[0]) and err is None:
+                err = UserError("another rank refused this run (see its message above)")
+            self.comm.barrier()
+        if err is not None:
+            raise err
 
     # -- source ----------------------------------------------------------------------------------
     def _open_source(self):
@@ -278,6 +332,7 @@ class Trainer:
             "status": status, "created": extra.get("created") or now(), "updated": now(),
             "apply_b_dec_to_input": g.model.apply_b_dec_to_input, "hyperparameters": asdict(s),
             "training": {"tokens": self.src.tokens, "batch_size": self.src.batch_size, "steps": self.total_steps,
+                         "parallel": self.parallel, "world_size": self.comm.world,
                          "data_seed": self.src.data_seed, "repeat": self.src.repeat, "device": self.src.device,
                          "autocast": self.src.autocast, "stacked_with": [c.name for c in g.cfgs]},
             "normalization": {"method": s.normalize, "target": "E|x| = sqrt(d) per hook",
@@ -308,35 +363,47 @@ class Trainer:
                 dropped[name], window[name] = state["dropped"], state["window"]
                 metrics[name] = self.store.metrics(name)[:state["n_metrics"]]
         autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if src.autocast == "bf16" else nullcontext()
-        batches = self.source.token_batches(src.batch_size, self.hooks, seed=src.data_seed, start=rows,
-                                            repeat=src.repeat)
+        dp = self.parallel == "data"
+        W, R = self.comm.world, self.comm.rank
+        writer = not dp or R == 0  # data-parallel: the replicas are identical, rank 0 writes
+        comm = self.comm if dp else None
+        # data-parallel: the single-process row stream cut into micro-batches; rank r takes every W-th
+        batches = self.source.token_batches(src.batch_size // W if dp else src.batch_size, self.hooks,
+                                            seed=src.data_seed, start=rows, repeat=src.repeat)
         bar = tqdm(total=src.tokens, initial=min(rows, src.tokens), unit="tok", unit_scale=True,
-                   disable=not self.progress, desc="train", dynamic_ncols=True)
+                   disable=not self.progress or R != 0, desc="train", dynamic_ncols=True)
         t0, status = time.perf_counter(), "complete"
-        for batch in batches:
+        for j, batch in enumerate(batches):
             if step >= self.total_steps:
                 break
+            if dp and j % W != R:
+                continue
             if norm is None:  # first batch of a fresh run: norm stats, b_dec init, the config on disk
-                norm = self._norm_stats(batch)
-                self._init_b_dec(groups, batch, norm)
+                first = SimpleNamespace(acts={h: self.comm.gather_rows(a) for h, a in batch.acts.items()}) \
+                    if dp else batch
+                norm = self._norm_stats(first)
+                self._init_b_dec(groups, first, norm)
                 for s in self.saes:
                     g, _ = by_name[s.name]
-                    self.store.save(self._config(s, g, "training", norm, {"created": created}), register=False)
+                    if writer:
+                        self.store.save(self._config(s, g, "training", norm, {"created": created}), register=False)
             n_take = min(len(batch), src.tokens - step * src.batch_size)
+            n_global = n_take * W if dp else n_take
             log_now = step % self.log_every == 0 or step == self.total_steps - 1
             in_window = step >= self.total_steps - max(1, self.total_steps // 10)
             inputs = self._inputs(batch, n_take, norm, groups)
             shown = {}
             for g in groups:
                 x, y, _ = inputs[g.input_key]
-                out = g.step(x, y, step, self.total_steps, g.cfg.dead_window, autocast, stats=log_now)
-                n_drop = n_take - len(x)
+                out = g.step(x, y, step, self.total_steps, g.cfg.dead_window, autocast, stats=log_now, comm=comm,
+                             window=in_window)
+                N = out["n"]  # tokens kept in the (global) batch
                 for i, s in enumerate(g.cfgs):
-                    dropped[s.name] += n_drop
+                    dropped[s.name] += n_global - N
                     if in_window:
                         w = window[s.name]
-                        w[0] += float(out["sq"][i]); w[1] += float(self._var(y, out, i))
-                        w[2] += float(out["l0"][i]) * len(x); w[3] += len(x)
+                        w[0] += float(out["sq"][i]); w[1] += float(out["var"][i])
+                        w[2] += float(out["l0"][i]) * N; w[3] += N
                     if log_now:
                         fvu = float(out["sq"][i] / out["var"][i].clamp_min(1e-12))
                         rows_ = {"loss": out["loss"][i], "mse": out["mse"][i], "fvu": fvu, "l0": out["l0"][i],
@@ -351,15 +418,16 @@ class Trainer:
                         shown.setdefault("l0", []).append(float(out["l0"][i]))
                         shown.setdefault("loss", []).append(float(out["loss"][i]))
             step += 1
-            rows += len(batch)
+            rows += len(batch) * (W if dp else 1)
             if SLOW:  # tests: widen the window in which a kill lands between checkpoints
                 time.sleep(SLOW)
-            bar.update(n_take)
+            bar.update(n_global)
             if shown:
                 bar.set_postfix({k: f"{sum(v) / len(v):.3g}" for k, v in shown.items()}, refresh=False)
             if step < self.total_steps and step % self.ckpt_every == 0:
-                self._checkpoint(groups, step, self.source.state().get("rows", rows), norm, created, dropped,
-                                 window, metrics)
+                if writer:
+                    self._checkpoint(groups, step, rows if dp else self.source.state().get("rows", rows), norm,
+                                     created, dropped, window, metrics)
                 if self.stop_after is not None and step >= self.stop_after:
                     status = "interrupted"
                     break
@@ -369,15 +437,17 @@ class Trainer:
                             "lower --tokens")
         seconds = time.perf_counter() - t0
         if status != "complete":
+            self.comm.barrier()
             return [dict(self.store.config(s.name), status=status, step=step) for s in self.saes]
-        return [self._finish(s, *by_name[s.name], norm, created, dropped[s.name], window[s.name],
+        out = [self._finish(s, *by_name[s.name], norm, created, dropped[s.name], window[s.name],
                              metrics.get(s.name, []), step, seconds) for s in self.saes]
-
-    @staticmethod
-    def _var(y: torch.Tensor, out: dict, i: int) -> torch.Tensor:
-        if "var" in out:
-            return out["var"][i]
-        return (y - y.mean(0)).pow(2).sum()
+        if self.comm.active:  # every rank's SAEs are on disk: rank 0 registers them all (one catalog writer)
+            self.comm.barrier()
+            if R == 0:
+                for name in self.all_names:
+                    self.store.register(name)
+            self.comm.barrier()
+        return out
 
     @torch.no_grad()
     def _inputs(self, batch, n_take: int, norm: dict, groups: list[Group]) -> dict:
@@ -456,5 +526,6 @@ class Trainer:
         cfg["normalization"]["folded"] = True  # the weights below take raw activations
         final_rows = [{"step": step, "tokens": tokens, "name": f"final_{k}", "value": float(v)}
                       for k, v in final.items() if v is not None]
-        self.store.save(cfg, weights, metrics + final_rows)
+        if self.parallel != "data" or self.comm.rank == 0:
+            self.store.save(cfg, weights, metrics + final_rows, register=not self.comm.active)
         return cfg
