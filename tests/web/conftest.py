@@ -3,43 +3,14 @@ MongoDB), a server per store on a free port in a thread, and one headless Chromi
 from __future__ import annotations
 
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
-from tests.web.web_helpers import free_port
 
 H0 = "blocks.0.hook_resid_post"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-
-
-@pytest.fixture(scope="session")
-def mongo_server(tmp_path_factory):
-    """Like tests/conftest.py's, but with its own --pid-file/--log-file: nx-27017 otherwise keeps one
-    global /tmp/nx.pid and refuses to start while any other nx-27017 runs on the machine."""
-    import subprocess
-    import sys
-    import time
-
-    port = free_port()
-    d = tmp_path_factory.mktemp("nx")
-    exe = Path(sys.executable).parent / "nx-27017"
-    proc = subprocess.Popen([str(exe), "--db", "memory", "-p", str(port), "--pid-file", str(d / "nx.pid"),
-                             "--log-file", str(d / "nx.log")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 15
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(f"nx-27017 exited with {proc.returncode} (see {d / 'nx.log'})", pytrace=False)
-            time.sleep(0.05)
-    yield f"mongodb://127.0.0.1:{port}/"
-    proc.terminate()
-    proc.wait(5)
 
 
 @pytest.fixture(scope="session")
