@@ -132,7 +132,7 @@ class MongoStore:
         return self.db.analyses.find_one({"name": name}, {"_id": 1}) is not None
 
     def record(self, name: str) -> dict | None:
-        return self.db.analyses.find_one({"name": name}, {"_id": 0})
+        return self.db.analyses.find_one({"name": name}, {"_id": 0, "scalars": 0})
 
     def write(self, record: dict, batches: Iterable[pa.RecordBatch], overwrite: bool = False,
               sae_config: dict | None = None) -> None:
@@ -142,14 +142,22 @@ class MongoStore:
         if overwrite:
             self.db.analyses.delete_one({"name": name})
         self.db.features.delete_many({"analysis": name})  # leftovers of a failed run
+        from .table import SCALARS
+
+        scalars: dict[str, list] = {k: [] for k in SCALARS}
         try:
             for batch in batches:
-                docs = [{"sae": sae, "analysis": name, **row} for row in batch.to_pylist()]
+                # _id = "<analysis>:<feature>": servers look documents up by _id fastest
+                docs = [{"_id": f"{name}:{row['feature']}", "sae": sae, "analysis": name, **row}
+                        for row in batch.to_pylist()]
                 if docs:
                     self.db.features.bulk_write([InsertOne(d) for d in docs], ordered=False)
+                for k in SCALARS:
+                    scalars[k] += batch.column(k).to_pylist()
             if sae_config is not None:
                 self.db.saes.replace_one({"name": sae}, {**sae_config, "name": sae}, upsert=True)
-            self.db.analyses.replace_one({"name": name}, dict(record), upsert=True)
+            # the per-feature numbers (for lists and histograms) ride along as compact arrays
+            self.db.analyses.replace_one({"name": name}, {**record, "scalars": scalars}, upsert=True)
         except BaseException:
             self.db.features.delete_many({"analysis": name})
             raise
@@ -161,14 +169,15 @@ class MongoStore:
         return {"sae": rec["sae"], "analysis": name}
 
     def feature(self, name: str, index: int) -> dict | None:
-        return self.db.features.find_one({**self._key(name), "feature": int(index)},
-                                         {"_id": 0, "sae": 0, "analysis": 0})
+        self._key(name)
+        return self.db.features.find_one({"_id": f"{name}:{int(index)}"}, {"_id": 0, "sae": 0, "analysis": 0})
 
     def scalars(self, name: str) -> list[dict]:
-        from .table import SCALARS
-
-        proj = {"_id": 0, **{k: 1 for k in SCALARS}}
-        return sorted(self.db.features.find(self._key(name), proj), key=lambda d: d["feature"])
+        self._key(name)
+        cols = (self.db.analyses.find_one({"name": name}, {"_id": 0, "scalars": 1}) or {}).get("scalars") or {}
+        if not cols:
+            return []
+        return sorted((dict(zip(cols, vals)) for vals in zip(*cols.values())), key=lambda d: d["feature"])
 
     def close(self) -> None:
         self.client.close()
