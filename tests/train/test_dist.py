@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import torch
-from tests.train.conftest import H1
 
 from lake import Lake
+from tests.train.conftest import H1
 from train import SAEConfig, SAEStore, train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -21,7 +21,7 @@ COMMON = ["--hook", H1, "--arch", "topk", "--k", "8", "--expansion", "4", "--tok
 
 def _lake(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "lake", "train", *args, "--nproc", str(nproc)]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, check=False,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
