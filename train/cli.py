@@ -103,6 +103,7 @@ def train_cmd(lake_uri, config_path, run, version, live, model, dataset, text_co
                           outlier_factor=outlier_factor or None, normalize=normalize, seed=seed)]
     trainer = Trainer(src, saes, resume=resume, progress=not quiet, stop_after=stop_after)
     results = trainer.run()
+    trainer.comm.close()
     if trainer.parallel == "data" and trainer.comm.rank != 0:
         return  # the replicas are identical: rank 0 reports
     for cfg in results:

@@ -11,7 +11,10 @@ steps every same-shape SAE with batched matmuls; each member is an independent S
 
 TopK and BatchTopK never build the dense ``f``: the encoder's backward, the decoder and its
 backward run on the selected (token, latent) pairs only (embedding_bag, sampled matmul,
-sparse×dense products), so only the encoder's forward matmul is dense.
+sparse×dense products), so only the encoder's forward matmul is dense. The pairs are sorted
+latent-major once per step (``Pattern``), and that order serves both weight gradients (CSR
+sparse × dense). Stacked TopK members with different k each take their own top-k: no member
+pays for another's k. AuxK reuses the step's pre-activations (no second encoder pass).
 """
 from __future__ import annotations
 
@@ -351,7 +354,7 @@ class SparseCoder(nn.Module):
             score = pre * self.W_dec.norm(dim=-1).unsqueeze(1).to(pre.dtype) if self.decoder_norm_topk else pre
             pat, pre_vals = self._select(pre, score, ks)
         vals = _SparseEncode.apply(x, self.b_dec, self.W_enc, self.b_enc, pre_vals, pat, self.apply_b_dec_to_input)
-        return Codes(n, B, S, bag=pat.bag, lat=pat.lat, vals=vals, pat=pat, pre=pre)
+        return Codes(n, B, S, bag=pat.bag, lat=pat.lat, vals=vals, pat=pat, pre=pre if training else None)
 
     def _select(self, pre: torch.Tensor, score: torch.Tensor, ks: list[int]) -> tuple[Pattern, torch.Tensor]:
         """-> (pattern, pre-activations at its entries). TopK: each member's own k per token (one

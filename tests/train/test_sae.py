@@ -88,3 +88,28 @@ def test_jumprelu_threshold_gets_gradient():
     codes = m.encode(torch.randn(8, 16))
     m.decode(codes).pow(2).sum().backward()
     assert m.log_threshold.grad.abs().sum() > 0
+
+
+def test_members_pay_only_for_their_own_k():
+    """Stacked TopK members with different k: each member's entries are its own k per token (no
+    member computes or carries the largest k), and the selection equals each member's own top-k."""
+    m = _model("topk", n=3, k=[2, 8, 5])
+    x = torch.randn(11, 16)
+    codes = m.encode(x)
+    assert len(codes.lat) == 11 * (2 + 8 + 5)
+    pre = m.pre(x)
+    for i, k in enumerate([2, 8, 5]):
+        rows = (codes.bag >= i * 11) & (codes.bag < (i + 1) * 11)
+        got = codes.lat[rows].view(11, k).sort(-1).values
+        want = pre[i].topk(k, dim=-1).indices.sort(-1).values
+        assert torch.equal(got, want)
+
+
+def test_auxk_uses_only_dead_latents():
+    m = _model("topk", n=2, k=4)
+    x = torch.randn(6, 16)
+    pre = m.pre(x).detach()
+    dead = torch.zeros(2, 48, dtype=torch.bool)
+    dead[0, :10] = True  # member 1 has no dead latent: no AuxK entries
+    ac = m.aux_codes(x, pre, dead, aux_k=3)
+    assert len(ac.lat) == 6 * 3 and bool((ac.lat < 10).all()) and bool((ac.bag < 6).all())
