@@ -2,6 +2,8 @@
 import os
 
 os.environ.setdefault("LANCE_LOG", "error")  # Lance warns on every first write to a new dataset
+# OpenMP threads that spin while waiting make small ops up to 100x slower on busy cores (before torch loads)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from .corpus import documents, pack_contexts
 from .errors import UserError
 from .ingest import IngestConfig, ingest

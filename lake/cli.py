@@ -80,8 +80,11 @@ def _torchrun(nproc: int) -> None:
     import subprocess
 
     args = sys.argv[1:]
-    i = args.index("--nproc")
-    args = args[:i] + args[i + 2:]
+    if "--nproc" in args:
+        i = args.index("--nproc")
+        args = args[:i] + args[i + 2:]
+    else:
+        args = [a for a in args if not a.startswith("--nproc=")]
     # torchrun's own parser would take `--run` for an abbreviation of its --run-path
     args = ["--run-name" if a == "--run" else "--run-name=" + a[6:] if a.startswith("--run=") else a for a in args]
     threads = max(1, (os.cpu_count() or 1) // nproc)
