@@ -5,6 +5,8 @@ activations as stored in the lake.
 """
 from __future__ import annotations
 
+import hashlib
+
 import math
 from datetime import datetime, timezone
 
@@ -83,7 +85,9 @@ class SAEStore:
         """Weights first, then metrics, then the config (its status says the rest is there)."""
         name = config["name"]
         if weights is not None:
-            self.st.write_bytes(to_bytes(weights, {"format": "saelake-sae"}), "saes", name, "weights.safetensors")
+            data = to_bytes(weights, {"format": "saelake-sae"})
+            self.st.write_bytes(data, "saes", name, "weights.safetensors")
+            config["weights_sha256"] = hashlib.sha256(data).hexdigest()  # `lake verify` checks it
         if metrics is not None:
             self.st.write_json(metrics, "saes", name, "metrics.json")
         self.st.write_json(config, "saes", name, "config.json")

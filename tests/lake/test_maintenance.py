@@ -74,3 +74,17 @@ def test_gc_keeps_snapshots_and_removes_the_rest(tmp_path, tiny_model, tiny_corp
     assert [b.context_id.tolist() for b in SnapshotSource(str(root), "r1", 1).context_batches(16)] == before
     assert cli("verify", "--lake", str(root))[0] == 0
     assert Path(root / "runs/r1/manifest.json").exists()
+
+
+def test_verify_checks_sae_weights(lake):
+    from train import SAEConfig, train
+
+    train(str(lake), [SAEConfig(hooks=["blocks.0.hook_resid_post"], arch="topk", k=4, expansion=2, name="s1")],
+          progress=False, run="r1", tokens=1024, batch_size=256)
+    assert cli("verify", "--lake", str(lake), "s1")[0] == 0
+    w = lake / "saes/s1/weights.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-10] ^= 0xFF
+    w.write_bytes(bytes(data))
+    code, out, _ = cli("verify", "--lake", str(lake), "s1")
+    assert code == 1 and "sae s1: weights.safetensors checksum" in out
