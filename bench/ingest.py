@@ -38,7 +38,6 @@ import platform
 import pstats
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile

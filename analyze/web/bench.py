@@ -11,7 +11,6 @@ import argparse
 import random
 import statistics
 import time
-import urllib.request
 
 from .server import WebApp, start_in_thread
 

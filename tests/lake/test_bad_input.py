@@ -1,5 +1,4 @@
 """Bad input: one clear line on stderr, exit status 2, no traceback, the lake as it was."""
-import os
 from pathlib import Path
 
 import pytest

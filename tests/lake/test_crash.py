@@ -1,5 +1,4 @@
 """Crash safety: SIGKILL or Ctrl-C mid-ingest, then --resume, equals an uninterrupted run."""
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import lance
 import numpy as np
 import pytest
 
-from tests.conftest import HOOKS, REPO, ingest_tiny
+from tests.conftest import HOOKS, REPO
 from lake import Lake
 
 

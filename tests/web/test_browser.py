@@ -197,7 +197,7 @@ def test_same_pages_with_the_mongodb_store(page, mongo_ui, web_lake):
     assert page.locator("#curves svg").count() == 4 and page.locator("svg.density rect.bar").count() > 1
     assert page.locator("#features tbody tr").count() == 50
     f = busiest(web_lake)
-    page.goto(mongo_ui + f"/sae/web-sae?sort=density&desc=1")
+    page.goto(mongo_ui + "/sae/web-sae?sort=density&desc=1")
     page.locator(f"#features tr[data-feature='{f}'] a").click()
     page.wait_for_url(re.compile(rf"/feature/{f}\?analysis=web-sae-mongo$"))
     feat = stored(web_lake, "web-sae-mongo", f)
