@@ -71,7 +71,6 @@ k = 32
 [[sae]]
 name = "{prefix}-jumprelu"
 arch = "jumprelu"
-l1 = 0.1
 """)
 lake_cmd("train", "--lake", L, "--config", str(sweep))
 lake_cmd("plot", "--lake", L, "--pareto", f"{prefix}-topk16", f"{prefix}-topk32", f"{prefix}-jumprelu",

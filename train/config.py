@@ -37,7 +37,7 @@ class SAEConfig:
     decoder_norm_topk: bool = False  # select top-k by pre-activation x decoder norm
     normalize_decoder: bool | None = None  # unit-norm decoder rows after each step (default: not relu)
     bandwidth: float = 0.05  # JumpReLU straight-through kernel width
-    init_threshold: float = 0.01  # JumpReLU initial threshold (normalised units)
+    init_threshold: float = 1.0  # JumpReLU initial threshold, normalised units (pre-activations start ~N(0, 1))
     normalize: str = "dataset"  # "dataset": scale each hook so E|x| = sqrt(d) (from ingest stats); "none"
     outlier_factor: float | None = 10.0  # drop tokens with norm > factor x hook median norm; None keeps all
     b_dec_init: str = "mean"  # "mean", "median" (per dim, of the first batch) or "zeros"
