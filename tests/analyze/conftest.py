@@ -1,35 +1,13 @@
 """Fixtures for the analysis tests: a copy of the tiny lake with real SAEs in its store."""
 from __future__ import annotations
 
-import contextlib
-import io
 import shutil
-import socket
 
 import pytest
 import torch
+from tests.conftest import cli, free_port  # noqa: F401  (re-exported to the tests here)
 
 H0, H1 = "blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cli(*args: str) -> tuple[int, str, str]:
-    """The real `lake` entry point, in-process: (exit code, stdout, stderr)."""
-    from lake.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(list(args))
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
 
 
 def make_sae(lake: str, name: str, arch: str = "topk", hook: str = H0, d_in: int = 32, d_sae: int = 64,

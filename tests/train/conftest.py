@@ -1,12 +1,11 @@
 """Fixtures for the trainer tests: one real tiny-model snapshot shared by the session."""
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 
 import pytest
 import torch
+from tests.conftest import cli as lake_main  # noqa: F401  (the in-process CLI, as train tests call it)
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out"]
 H0, H1, MLP_IN, MLP_OUT = HOOKS
@@ -42,17 +41,3 @@ def lake_dir(snapshot, tmp_path):
     dst = tmp_path / "lake"
     shutil.copytree(snapshot["lake"], dst, ignore=shutil.ignore_patterns("saes", "catalog.duckdb*"))
     return str(dst)
-
-
-def lake_main(*args: str) -> tuple[int, str, str]:
-    """The real `lake` entry point, in-process (fast): (exit code, stdout, stderr)."""
-    from lake.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(list(args))
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
