@@ -14,9 +14,15 @@ On the bundled model and corpus (defaults) it measures, per hook set:
                 (embedding + N layers + final norm, no lm_head), no hooks; once with the
                 default attention implementation and once with "eager" (what the bridge uses).
 
+The machine may be shared, so ratios are measured paired: (a), (c) and (c eager) alternate
+batch by batch over the same contexts; and during each (b) ingest every batch the ingest
+forwards is forwarded once more by a bare call next to it (timed apart, excluded from (b)),
+giving (b)/(a) under the same load at the same moment. Repeats are interleaved; ratios are medians.
+
 It prints tokens/s for each, (b)/(a) (the lake's own overhead; target >= 0.9), (a)/(c) (the
 hook framework's), bytes per token on disk, and the peak RSS of ingests of --rss-tokens
-tokens, each in a fresh subprocess (target: the largest within 10% of the smallest).
+tokens, each in a fresh subprocess: the whole process's peak, and the ingest's own peak after
+the model boot (VmHWM reset via /proc/self/clear_refs); target: largest within 10% of smallest.
 
     python bench/ingest.py                       # real sizes (several minutes on 2 cores)
     python bench/ingest.py --write               # ... and update the "## ingest" section of bench/RESULTS.md
@@ -38,6 +44,7 @@ import platform
 import pstats
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -114,13 +121,16 @@ def busy_processes(n: int = 5) -> list[str]:
 class Stages:
     """Wrap lake.ingest's internals with timers (restored on exit); lake/ itself is untouched."""
 
-    def __init__(self, reset_peak: bool = False):
+    def __init__(self, reset_peak: bool = False, paired: bool = False):
         self.t = defaultdict(float)
         self.rss_after_load = None
         self.reset_peak = reset_peak  # child processes: measure the ingest's peak apart from the model boot's
         self.peak_boot_kb = None
         self.peak_reset = False
         self.in_chunk = False
+        self.paired = paired  # a bare forward of each batch next to the ingest's own (timed apart, excluded from (b))
+        self.paired_tokens = 0
+        self.n_batches = 0
 
     def _timed(self, name, fn):
         def wrapper(*a, **k):
@@ -178,7 +188,8 @@ class Stages:
         for k, stage in self.WRAP:
             if k in saved:
                 setattr(mod, k, self._timed(stage, saved[k]))
-        inner_chunk = getattr(mod, "chunk_tables", None) or getattr(mod, "_chunk_tables")
+        chunk_attr = "chunk_tables" if "chunk_tables" in saved else "_chunk_tables"
+        inner_chunk = getattr(mod, chunk_attr)  # the timed wrapper set just above
 
         def chunk_tables(*a, **k):  # forward time inside chunk tables, so build_tables excludes exactly it
             stages.in_chunk = True
@@ -186,9 +197,20 @@ class Stages:
                 return inner_chunk(*a, **k)
             finally:
                 stages.in_chunk = False
-        setattr(mod, "chunk_tables" if "chunk_tables" in saved else "_chunk_tables", chunk_tables)
+        setattr(mod, chunk_attr, chunk_tables)
+
+        def bare(*a, **k):  # the paired (a): the same call on the same batch, output discarded
+            t0, c0 = time.perf_counter(), time.process_time()
+            saved_acts(*a, **k)
+            stages.t["paired_bare"] += time.perf_counter() - t0
+            stages.t["paired_bare_cpu"] += time.process_time() - c0
+            stages.paired_tokens += a[1].numel()
 
         def activations(*a, **k):
+            paired = stages.paired and stages.in_chunk
+            stages.n_batches += paired
+            if paired and stages.n_batches % 2:  # alternate which of the pair runs first
+                bare(*a, **k)
             t0 = time.perf_counter()
             try:
                 return saved_acts(*a, **k)
@@ -197,6 +219,8 @@ class Stages:
                 stages.t["forward"] += dt
                 if stages.in_chunk:
                     stages.t["forward_in_chunks"] += dt
+                if paired and not stages.n_batches % 2:
+                    bare(*a, **k)
         lance.write_dataset = self._timed("lance_write", saved_write)  # the pre-writer.py ingest wrote this way
         LoadedModel.activations = activations
         try:
@@ -213,7 +237,7 @@ class Stages:
             "check_corpus": t.get("check_corpus", 0.0),
             "tokenize_pack": t.get("tokenize_pack", 0.0),
             "forward": t.get("forward", 0.0),
-            "build_tables": t.get("chunk_tables", 0.0) - t.get("forward_in_chunks", 0.0),
+            "build_tables": t.get("chunk_tables", 0.0) - t.get("forward_in_chunks", 0.0) - t.get("paired_bare", 0.0),
             "lance_write": t.get("lance_write", 0.0),
             "finish_stats": t.get("stats", 0.0),
             "finish_other": t.get("finish", 0.0) - t.get("stats", 0.0),
@@ -234,12 +258,24 @@ def pack(model, dataset: str, text_column: str, tokens: int, T: int):
     return torch.from_numpy(np.stack([c.tokens for c in ctxs])), want
 
 
-def bare_forward(model, toks, hooks: list[str], batch: int) -> float:
-    model.activations(toks[:batch], hooks)  # warm-up (first call allocates / picks kernels)
-    t0, c0 = time.perf_counter(), time.process_time()
-    for i in range(0, len(toks), batch):
-        model.activations(toks[i:i + batch], hooks)
-    return time.perf_counter() - t0, time.process_time() - c0
+def interleaved(runners: dict, toks, batch: int) -> dict[str, tuple[float, float]]:
+    """Time several forwards over the same contexts, alternating batch by batch (order rotated), so a
+    change in the machine's other load hits all of them alike. Returns {name: (wall s, CPU s)}."""
+    import torch
+    names = list(runners)
+    wall = dict.fromkeys(names, 0.0)
+    cpu = dict.fromkeys(names, 0.0)
+    with torch.inference_mode():
+        for name in names:  # warm-up (first call allocates / picks kernels)
+            runners[name](toks[:batch])
+        for j, i in enumerate(range(0, len(toks), batch)):
+            x = toks[i:i + batch]
+            for name in names[j % len(names):] + names[:j % len(names)]:
+                t0, c0 = time.perf_counter(), time.process_time()
+                runners[name](x)
+                wall[name] += time.perf_counter() - t0
+                cpu[name] += time.process_time() - c0
+    return {n: (wall[n], cpu[n]) for n in names}
 
 
 def truncated_hf(path: str, n_layers: int | None, attn: str | None):
@@ -264,25 +300,15 @@ def truncated_hf(path: str, n_layers: int | None, attn: str | None):
     return base, hf.config._attn_implementation
 
 
-def raw_forward(base, toks, batch: int) -> float:
-    import torch
-    with torch.inference_mode():
-        base(input_ids=toks[:batch].long(), use_cache=False)
-        t0, c0 = time.perf_counter(), time.process_time()
-        for i in range(0, len(toks), batch):
-            base(input_ids=toks[i:i + batch].long(), use_cache=False)
-        return time.perf_counter() - t0, time.process_time() - c0
-
-
 def run_ingest(args, hooks: list[str], tokens: int, lake_dir: Path, run: str, profile: Path | None = None,
-               reset_peak: bool = False) -> dict:
+               reset_peak: bool = False, paired: bool = False) -> dict:
     """One in-process lake.ingest call, timed whole, with the stage breakdown and disk usage."""
     import lake
     cfg = lake.IngestConfig(lake=str(lake_dir), hooks=hooks, tokens=tokens, model=args.model, dataset=args.dataset,
                             text_column=args.text_column, context_size=args.context_size,
                             layouts=args.layout.split(","), dtype=args.dtype, run=run, batch_size=args.batch_size,
                             seed=0)
-    stages = Stages(reset_peak)
+    stages = Stages(reset_peak, paired)
     prof = cProfile.Profile() if profile else None
     out = io.StringIO()
     with stages.patched(), contextlib.redirect_stdout(out):
@@ -293,6 +319,8 @@ def run_ingest(args, hooks: list[str], tokens: int, lake_dir: Path, run: str, pr
         if prof:
             prof.disable()
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    dt -= stages.t.get("paired_bare", 0.0)  # the paired bare forwards are not part of the ingest
+    cpu -= stages.t.get("paired_bare_cpu", 0.0)
     if prof:
         prof.dump_stats(profile)
     run_dir = lake_dir / "runs" / run
@@ -300,7 +328,8 @@ def run_ingest(args, hooks: list[str], tokens: int, lake_dir: Path, run: str, pr
     return {"seconds": dt, "cpu_seconds": cpu, "tokens": m["tokens"], "requested": tokens, "rows_1d": m["rows_1d"],
             "bytes": dir_bytes(run_dir), "du_bytes": du_bytes(run_dir), "table_bytes": tables,
             "stages": stages.breakdown(dt), "printed": out.getvalue().strip(), "rss_after_load": stages.rss_after_load,
-            "peak_boot_kb": stages.peak_boot_kb, "peak_reset": stages.peak_reset}
+            "peak_boot_kb": stages.peak_boot_kb, "peak_reset": stages.peak_reset,
+            "paired_tokens": stages.paired_tokens, "paired_seconds": stages.t.get("paired_bare", 0.0)}
 
 
 # -- fresh-process ingests for peak RSS ------------------------------------------------------
@@ -326,7 +355,11 @@ def child(args) -> None:
     q = lambda p: round(samples[min(len(samples) - 1, int(p * len(samples)))], 1) if samples else None
     boot_kb = r.pop("peak_boot_kb")
     reset = r.pop("peak_reset")
-    r |= {"maxrss_mb": round(max(maxrss_mb(), (boot_kb or 0) / 1024, (hwm_end or 0) / 1024), 1),
+    # The process peak comes from VmHWM, not getrusage: a child forked (vfork + exec) from this bench's big
+    # parent inherits the parent's RSS high-water mark into ru_maxrss (Linux keeps the pre-exec mm's peak in
+    # signal->maxrss), so ru_maxrss (and RUSAGE_CHILDREN in the parent) would report the parent's peak.
+    r |= {"maxrss_mb": round(max(boot_kb or 0, hwm_end or 0) / 1024, 1) if hwm_end else round(maxrss_mb(), 1),
+          "ru_maxrss_mb": round(maxrss_mb(), 1),
           "peak_boot_mb": round(boot_kb / 1024, 1) if boot_kb else None,
           "peak_after_boot_mb": round(hwm_end / 1024, 1) if reset and hwm_end else None,
           "max_sampled_mb": round(max(samples), 1) if samples else None, "rss_start_mb": round(rss_start, 1),
@@ -372,6 +405,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats of (a), (b), (c); the best is reported")
     ap.add_argument("--no-raw", action="store_true", help="skip (c)")
+    ap.add_argument("--no-paired", action="store_true",
+                    help="skip the paired (a): a bare forward of each ingest batch, timed next to the ingest's own")
     ap.add_argument("--profile", metavar="FILE", help="cProfile one extra ingest (last hook set) into FILE; print the top")
     ap.add_argument("--workdir", help="where the bench lakes go (default: a temp dir, removed afterwards)")
     ap.add_argument("--write", nargs="?", const=str(ROOT / "bench" / "RESULTS.md"), metavar="RESULTS_MD",
@@ -430,36 +465,38 @@ def main() -> None:
                "a_cpu": [], "c_cpu": [], "c_eager_cpu": []}
         for rep in range(args.repeats):
             rec["load"].append(load())
-            dt, cpu = bare_forward(model, toks, hooks, args.batch_size)
-            rec["a"].append(n_tok / dt)
-            rec["a_cpu"].append(n_tok / cpu)
-            log(f"[{','.join(hooks)}] rep {rep}: (a) bare forward {n_tok / dt:,.0f} tok/s ({dt:.1f}s; "
-                f"{n_tok / cpu:,.0f} tok per CPU-s)")
-            r = run_ingest(args, hooks, args.tokens, work / f"lake-{si}-{rep}", "bench")
+            runners = {"a": lambda x, hooks=hooks: model.activations(x, hooks)}
+            if not args.no_raw:
+                for key, attn in (("c", None), ("c_eager", "eager")):
+                    if (n_layers, attn) not in raw_models:
+                        raw_models[(n_layers, attn)] = truncated_hf(path, n_layers, attn)
+                    base, rec[key + "_impl"] = raw_models[(n_layers, attn)]
+                    runners[key] = lambda x, base=base: base(input_ids=x.long(), use_cache=False)
+            for key, (dt, cpu) in interleaved(runners, toks, args.batch_size).items():
+                rec[key].append(n_tok / dt)
+                rec[key + "_cpu"].append(n_tok / cpu)
+                what = {"a": "bare forward (bridge)", "c": f"raw transformers, {n_layers} layers, attn={rec.get('c_impl')}",
+                        "c_eager": f"raw transformers, {n_layers} layers, attn=eager"}[key]
+                log(f"[{','.join(hooks)}] rep {rep}: ({key}) {what}: {n_tok / dt:,.0f} tok/s ({dt:.1f}s; "
+                    f"{n_tok / cpu:,.0f} tok per CPU-s)")
+            r = run_ingest(args, hooks, args.tokens, work / f"lake-{si}-{rep}", "bench", paired=not args.no_paired)
             r["tok_s"] = r["tokens"] / r["seconds"]
             steady = r["seconds"] - r["stages"]["load_model"]
             r["tok_s_no_boot"] = r["tokens"] / steady
             r["tok_cpu_s"] = r["tokens"] / r["cpu_seconds"]
             r["forward_share"] = r["stages"]["forward"] / r["seconds"]
+            r["paired_a_tok_s"] = r["paired_tokens"] / r["paired_seconds"] if r["paired_seconds"] else None
+            r["paired_ratio"] = r["tok_s"] / r["paired_a_tok_s"] if r["paired_a_tok_s"] else None
+            paired = (f"; paired (a) on the same batches {r['paired_a_tok_s']:,.0f} tok/s -> (b)/(a) paired "
+                      f"{r['paired_ratio']:.3f}" if r["paired_ratio"] else "")
             rec["b"].append(r)
             log(f"[{','.join(hooks)}] rep {rep}: (b) lake.ingest {r['tok_s']:,.0f} tok/s ({r['seconds']:.1f}s for "
                 f"{r['tokens']} tokens; {r['tok_s_no_boot']:,.0f} tok/s without the {r['stages']['load_model']:.1f}s "
-                f"model boot; {r['tok_cpu_s']:,.0f} tok per CPU-s; forward is {r['forward_share']:.1%} of the call) | "
+                f"model boot; {r['tok_cpu_s']:,.0f} tok per CPU-s; forward is {r['forward_share']:.1%} of the call{paired}) | "
                 f"{fmt_stages(r['stages'])}")
             if r["printed"]:
                 log(f"    ingest printed: {r['printed']}")
             shutil.rmtree(work / f"lake-{si}-{rep}", ignore_errors=True) if rep else None
-            if not args.no_raw:
-                for key, attn in (("c", None), ("c_eager", "eager")):
-                    if (n_layers, attn) not in raw_models:
-                        raw_models[(n_layers, attn)] = truncated_hf(path, n_layers, attn)
-                    base, impl = raw_models[(n_layers, attn)]
-                    dt, cpu = raw_forward(base, toks, args.batch_size)
-                    rec[key].append(n_tok / dt)
-                    rec[key + "_cpu"].append(n_tok / cpu)
-                    rec[key + "_impl"] = impl
-                    log(f"[{','.join(hooks)}] rep {rep}: ({key}) raw transformers, {n_layers} layers, attn={impl}: "
-                        f"{n_tok / dt:,.0f} tok/s ({dt:.1f}s; {n_tok / cpu:,.0f} tok per CPU-s)")
             rec["load"][-1] += " -> " + load()
         results.append(rec)
     raw_models.clear()
@@ -498,7 +535,6 @@ def main() -> None:
 
 
 def render(args, env, boot, n_tok, corpus_note, results, rss, rss_hooks) -> str:
-    best = max
     L = ["## ingest", "",
          f"`python bench/ingest.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
          "",
@@ -518,43 +554,50 @@ def render(args, env, boot, n_tok, corpus_note, results, rss, rss_hooks) -> str:
          f"repeats, best shown (all in the log line below each table).",
          ""]
     L += [] if results else ["(no throughput runs: --repeats 0)", ""]
-    L += [] if not results else ["Ratios three ways: **best wall-clock** tok/s of each ((b)/(a) = best (b) / best (a), sensitive to other "
-          "load on the machine); **in-run**: the share of the ingest call spent inside `LoadedModel.activations` (the "
-          "same function (a) times, so this is (b)/(a) under identical load; the rest is the lake's own work); "
-          "**CPU**: tokens per CPU-second of this process (less sensitive to other load, but inflated by OpenMP "
-          "spin-waits under contention).", "",
-          "| hooks | layers | (a) bare tok/s | (b) ingest tok/s | (c) raw HF tok/s | (c) raw HF eager tok/s "
-          "| **(b)/(a)** wall | **(b)/(a)** in-run | (b)/(a) CPU | (a)/(c) wall | (a)/(c eager) wall | (a)/(c) CPU "
-          "| bytes/token on disk |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    med = statistics.median
+    L += [] if not results else [
+        "How the ratios are measured, so that other load on this shared machine cancels out: (a), (c) and (c eager) "
+        "run over the same contexts alternating batch by batch (order rotated), so (a)/(c) compares like with like. "
+        "**(b)/(a) paired**: during each (b) ingest, each batch the ingest forwards is also forwarded once more by a bare "
+        "`LoadedModel.activations` call (before or after the ingest's own, alternating; timed apart and excluded from "
+        "(b)'s time), so paired (a) and (b) see the same load at the same moment. **in-run**: the share of the ingest call spent in "
+        "`LoadedModel.activations` itself (the rest is the lake's own work). Wall tok/s columns are the best repeat; "
+        "ratios are the median over repeats.", "",
+        "| hooks | layers | (a) bare tok/s | (b) ingest tok/s | (c) raw HF tok/s | (c) raw HF eager tok/s "
+        "| **(b)/(a) paired** | (b)/(a) in-run | (a)/(c) | (a)/(c eager) | bytes/token on disk |",
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
     nan = float("nan")
     for r in results:
-        a = best(r["a"])
-        b = max(r["b"], key=lambda x: x["tok_s"])
-        share = max(x["forward_share"] for x in r["b"])
-        c = best(r["c"]) if r["c"] else nan
-        ce = best(r["c_eager"]) if r["c_eager"] else nan
-        a_cpu, b_cpu = best(r["a_cpu"]), max(x["tok_cpu_s"] for x in r["b"])
-        c_cpu = best(r["c_cpu"]) if r["c_cpu"] else nan
+        a, b = max(r["a"]), max(r["b"], key=lambda x: x["tok_s"])
+        c = max(r["c"]) if r["c"] else nan
+        ce = max(r["c_eager"]) if r["c_eager"] else nan
+        paired = [x["paired_ratio"] for x in r["b"] if x.get("paired_ratio")]
+        pr = f"**{med(paired):.2f}**" if paired else "n/a"
+        share = med(x["forward_share"] for x in r["b"])
+        ac = med(x / y for x, y in zip(r["a"], r["c"])) if r["c"] else nan
+        ace = med(x / y for x, y in zip(r["a"], r["c_eager"])) if r["c_eager"] else nan
         tb = ", ".join(f"{k} {v / b['tokens']:,.0f}" for k, v in b["table_bytes"].items())
         L.append(f"| `{','.join(r['hooks'])}` | {r['n_layers']} | {a:,.0f} | {b['tok_s']:,.0f} | {c:,.0f} | {ce:,.0f} "
-                 f"| **{b['tok_s'] / a:.2f}** | **{share:.2f}** | {b_cpu / a_cpu:.2f} | {a / c:.2f} | {a / ce:.2f} "
-                 f"| {a_cpu / c_cpu:.2f} | {b['bytes'] / b['tokens']:,.0f} ({tb}; du {b['du_bytes'] / b['tokens']:,.0f}) |")
+                 f"| {pr} | {share:.2f} | {ac:.2f} | {ace:.2f} "
+                 f"| {b['bytes'] / b['tokens']:,.0f} ({tb}; du {b['du_bytes'] / b['tokens']:,.0f}) |")
     L.append("")
     for r in results:
         bb = max(r["b"], key=lambda x: x["tok_s"])
-        L.append(f"- `{','.join(r['hooks'])}`: wall tok/s per repeat: (a) " + ", ".join(f"{x:,.0f}" for x in r["a"])
-                 + "; (b) " + ", ".join(f"{x['tok_s']:,.0f}" for x in r["b"])
-                 + " (without the in-call model boot: " + ", ".join(f"{x['tok_s_no_boot']:,.0f}" for x in r["b"]) + ")"
+        L.append(f"- `{','.join(r['hooks'])}`, per repeat: (a) " + ", ".join(f"{x:,.0f}" for x in r["a"])
                  + "; (c) " + ", ".join(f"{x:,.0f}" for x in r["c"])
                  + "; (c eager) " + ", ".join(f"{x:,.0f}" for x in r["c_eager"])
-                 + ". Forward share of each ingest: " + ", ".join(f"{x['forward_share']:.3f}" for x in r["b"])
+                 + " tok/s; (b) " + ", ".join(f"{x['tok_s']:,.0f}" for x in r["b"])
+                 + " tok/s (without the in-call model boot " + ", ".join(f"{x['tok_s_no_boot']:,.0f}" for x in r["b"])
+                 + "), paired (a) " + ", ".join(f"{x['paired_a_tok_s']:,.0f}" for x in r["b"] if x.get("paired_a_tok_s"))
+                 + " tok/s, (b)/(a) paired " + ", ".join(f"{x['paired_ratio']:.3f}" for x in r["b"] if x.get("paired_ratio"))
+                 + ", in-run " + ", ".join(f"{x['forward_share']:.3f}" for x in r["b"])
                  + f". Load avg per repeat: {'; '.join(r['load'])}. Stages of the fastest ingest (s): "
                  + fmt_stages(bb["stages"]) + f" (total {bb['seconds']:.1f}s).")
     if rss:
         f = lambda v: f"{v:,.0f}" if v is not None else "n/a"
         L += ["", f"Peak RSS, each ingest in a fresh subprocess (`{','.join(rss_hooks)}`). *Process peak* is the "
-              "whole child's peak (`ru_maxrss` / `VmHWM`); the child resets `VmHWM` right after the in-call model "
+              "whole child's peak (`VmHWM`; not `ru_maxrss`, which a child spawned from this big bench process "
+              "inherits from its parent on Linux); the child resets `VmHWM` right after the in-call model "
               "boot (`/proc/self/clear_refs`), so *ingest peak* is the peak of the ingest proper (corpus, forward, "
               "tables, commits, stats), apart from the boot's transient.", "",
               "| tokens requested | tokens ingested | seconds | tok/s | process peak MB | peak until model boot "
