@@ -278,9 +278,12 @@ def _write_chunks(cfg: IngestConfig, lake: Lake, model: LoadedModel, m: dict, le
                 mine = chunk
         built, end = {}, (mine[-1].context_id + 1 if mine else 0)
         if mine:
-            for table, data in chunk_tables(cfg, model, mine, model.bos_token_id).items():
+            chunk_data = chunk_tables(cfg, model, mine, model.bos_token_id)
+            for table in list(chunk_data):
+                data = chunk_data.pop(table)
                 if done[table][0] < end:  # else: committed before a crash (the other table was not)
                     built[table] = (write_chunk_fragments(lake, cfg.run, table, data), data.schema)
+                del data  # free each table once written, before the next forward
         results = _gather((end, len(mine or []), built), world)
         round_end = max(e for e, _, _ in results)
         if rank == 0 and round_end:

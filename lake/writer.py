@@ -21,7 +21,7 @@ from lance.fragment import FragmentMetadata, write_fragments
 
 from .errors import UserError
 from .lake import Lake
-from .tables import acts_field, acts_to_arrow, column_name
+from .tables import DTYPES, acts_field, acts_to_arrow, column_name
 
 LEASE_SECONDS = 120  # a writer that has not renewed its lease for this long is presumed dead
 
@@ -29,10 +29,21 @@ LEASE_SECONDS = 120  # a writer that has not renewed its lease for this long is 
 def chunk_tables(cfg, model, ctxs, bos: int) -> dict[str, pa.Table]:
     """Forward a chunk of contexts and build its 1d and 2d Arrow tables."""
     tokens = torch.from_numpy(np.stack([c.tokens for c in ctxs]))  # [n, T]
-    parts = [model.activations(tokens[i:i + cfg.batch_size].to(cfg.device), cfg.hooks)
-             for i in range(0, len(ctxs), cfg.batch_size)]
-    acts = {h: torch.cat([p[h].float().cpu() for p in parts]) for h in cfg.hooks}  # [n, T, d]
     n, T = tokens.shape
+    # one buffer per hook in the storage dtype, filled batch by batch: a chunk never holds its
+    # float32 activations twice (peak memory ~ the stored chunk, not 5x it)
+    acts: dict[str, torch.Tensor] = {}
+    norms: dict[str, torch.Tensor] = {}
+    for i in range(0, n, cfg.batch_size):
+        out = model.activations(tokens[i:i + cfg.batch_size].to(cfg.device), cfg.hooks)
+        for h in cfg.hooks:
+            x = out[h].float().cpu()
+            if h not in acts:
+                acts[h] = torch.empty(n, T, x.shape[-1], dtype=DTYPES[cfg.dtype])
+                norms[h] = torch.empty(n, T, dtype=torch.float32)
+            acts[h][i:i + len(x)] = x
+            norms[h][i:i + len(x)] = x.norm(dim=-1)
+        del out
     ctx_ids = np.array([c.context_id for c in ctxs], np.int64)
     out: dict[str, pa.Table] = {}
     if "2d" in cfg.layouts:
@@ -43,7 +54,7 @@ def chunk_tables(cfg, model, ctxs, bos: int) -> dict[str, pa.Table]:
         for h in cfg.hooks:
             col, d = column_name(h), acts[h].shape[-1]
             cols[col] = acts_to_arrow(acts[h], cfg.dtype)
-            cols[col + "_norm"] = pa.FixedSizeListArray.from_arrays(pa.array(acts[h].norm(dim=-1).numpy().ravel()), T)
+            cols[col + "_norm"] = pa.FixedSizeListArray.from_arrays(pa.array(norms[h].numpy().ravel()), T)
             fields += [acts_field(col, cfg.dtype, (T, d)), pa.field(col + "_norm", pa.list_(pa.float32(), T))]
         out["contexts"] = pa.Table.from_arrays(list(cols.values()), schema=pa.schema(fields))
     if "1d" in cfg.layouts:
@@ -61,7 +72,7 @@ def chunk_tables(cfg, model, ctxs, bos: int) -> dict[str, pa.Table]:
             col = column_name(h)
             x = acts[h].reshape(n * T, -1)[rows]
             cols[col] = acts_to_arrow(x, cfg.dtype)
-            cols[col + "_norm"] = pa.array(x.norm(dim=-1).numpy())
+            cols[col + "_norm"] = pa.array(norms[h].reshape(-1)[rows].numpy())
             fields += [acts_field(col, cfg.dtype, (x.shape[1],)), pa.field(col + "_norm", pa.float32())]
         out["tokens"] = pa.Table.from_arrays(list(cols.values()), schema=pa.schema(fields))
     return out
