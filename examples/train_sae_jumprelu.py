@@ -3,32 +3,7 @@
     python examples/train_sae_jumprelu.py --lake ./lake-demo
 
 About a minute at the defaults on the bundled SmolLM2-135M (2 CPU cores). For a tiny run:
---model DIR --dataset FILE --tokens 2048 --batch-size 256 --context-size 32 --expansion 2.
-"""
-import argparse
-import time
+--model DIR --dataset FILE --tokens 2048 --batch-size 256 --context-size 32 --expansion 2."""
+from live_training import main
 
-from train import SAEConfig, train
-
-p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-p.add_argument("--lake", default="./lake-demo")
-p.add_argument("--model", default="smollm2-135m")
-p.add_argument("--dataset", default="builtin")
-p.add_argument("--hook", default="blocks.5.hook_resid_post")
-p.add_argument("--tokens", type=int, default=40_000)
-p.add_argument("--batch-size", type=int, default=1024)
-p.add_argument("--context-size", type=int, default=128)
-p.add_argument("--expansion", type=float, default=4)
-p.add_argument("--k", type=int, default=32)
-p.add_argument("--l1", type=float, default=None, help="JumpReLU L0 coefficient")
-p.add_argument("--lr", type=float, default=2e-3)
-p.add_argument("--name", default=None)
-args = p.parse_args()
-
-name = args.name or f"jumprelu-live-{time.strftime('%Y%m%d-%H%M%S')}"
-sae = SAEConfig(hooks=[args.hook], arch="jumprelu", name=name, expansion=args.expansion, lr=args.lr, l1=args.l1)
-cfg = train(args.lake, [sae], live=True, model=args.model, dataset=args.dataset, context_size=args.context_size,
-            tokens=args.tokens, batch_size=args.batch_size)[0]
-print(f"sae {name}: jumprelu, d_sae {cfg['d_sae']}, {cfg['tokens_trained']} live tokens, FVU {cfg['fvu']:.3f}, "
-      f"L0 {cfg['l0']:.1f}, dead {cfg['dead_fraction']:.3f} ({cfg['tokens_per_second']:.0f} tok/s incl. the model)")
-print(f"next: lake show --lake {args.lake} {name};  lake eval --lake {args.lake} {name}")
+main("jumprelu", __doc__.splitlines()[0])

@@ -73,9 +73,8 @@ class Lake:
         """
         st = self.storage
         runs = [(self.manifest(n), st.uri("runs", n)) for n in self.run_names()]
-        saes = [(st.read_json("saes", n, "config.json"), st.uri("saes", n), st.read_json("saes", n, "metrics.json"))
+        saes = [(st.read_json("saes", n, "config.json"), st.uri("saes", n), st.read_json("saes", n, "metrics.json") or [])
                 for n in st.listdir("saes") if st.exists("saes", n, "config.json")]
-        saes = [(c, u, m if isinstance(m, list) else (m or {}).get("rows", [])) for c, u, m in saes]
         analyses = [(st.read_json("analyses", n, "analysis.json"), st.uri("analyses", n))
                     for n in st.listdir("analyses") if st.exists("analyses", n, "analysis.json")]
         self.catalog.rebuild(runs, saes, analyses)

@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -85,6 +85,7 @@ class LoadedModel:
     n_ctx: int
     d_vocab: int
     bos_token_id: int
+    enabled: set = field(default_factory=set)  # hooks whose switch (if any) is already on
 
     def hook_names(self) -> list[str]:
         names = set(self.bridge.hook_dict.keys())
@@ -101,6 +102,8 @@ class LoadedModel:
 
     def enable_hooks(self, hooks: list[str]) -> None:
         """Some TransformerLens hooks only fire once switched on (they cost memory otherwise)."""
+        hooks = [h for h in hooks if h not in self.enabled]
+        self.enabled.update(hooks)
         switches = {"hook_mlp_in": "set_use_hook_mlp_in", "hook_attn_in": "set_use_attn_in",
                     "hook_result": "set_use_attn_result", "hook_q_input": "set_use_split_qkv_input",
                     "hook_k_input": "set_use_split_qkv_input", "hook_v_input": "set_use_split_qkv_input"}

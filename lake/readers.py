@@ -146,14 +146,6 @@ class SnapshotSource:
         return hooks
 
     # -- 1d --------------------------------------------------------------------------------
-    def _blocks(self, seed: int, epoch: int) -> list[tuple[int, int, int]]:
-        """(fragment index, offset, rows) read blocks, in a seeded order for this epoch."""
-        ds = self._table("tokens")
-        blocks = [(i, off, min(self.block_rows, f.count_rows() - off))
-                  for i, f in enumerate(ds.get_fragments()) for off in range(0, f.count_rows(), self.block_rows)]
-        order = np.random.default_rng([seed, epoch, 1]).permutation(len(blocks))
-        return [blocks[j] for j in order]
-
     def token_batches(self, batch_size: int, hooks: Sequence[str] | None = None, *, seed: int = 0,
                       start: int = 0, repeat: bool = False) -> Iterator[TokenBatch]:
         """Shuffled token batches; ``start`` rows are skipped exactly (for resume).
@@ -163,8 +155,10 @@ class SnapshotSource:
         """
         hooks = self._hooks(hooks)
         cols = ["token_id", "context_id", "position"] + [self.columns[h] for h in hooks]
-        ds = self._table("tokens")
-        fragments = ds.get_fragments()
+        fragments = self._table("tokens").get_fragments()
+        # (fragment, offset, rows) read blocks; each epoch reads them in its own seeded order
+        blocks_in_order = [(f, off, min(self.block_rows, f.count_rows() - off))
+                           for f in fragments for off in range(0, f.count_rows(), self.block_rows)]
         total = self.n_tokens
         if total == 0:
             raise UserError(f"run {self.run!r} has an empty 1d table")
@@ -173,11 +167,13 @@ class SnapshotSource:
         def blocks():
             epoch, skip = divmod(start, total)
             while True:
-                for b, (fi, off, n) in enumerate(self._blocks(seed, epoch)):
+                order = np.random.default_rng([seed, epoch, 1]).permutation(len(blocks_in_order))
+                for b, j in enumerate(order):
+                    frag, off, n = blocks_in_order[j]
                     if skip >= n:
                         skip -= n
                         continue
-                    t = self._read(fragments[fi], "tokens", lambda f: f.to_table(columns=cols, offset=off, limit=n))
+                    t = self._read(frag, "tokens", columns=cols, offset=off, limit=n)
                     perm = np.random.default_rng([seed, epoch, b, 2]).permutation(n)[skip:]
                     skip = 0
                     yield t.take(perm)
@@ -200,9 +196,9 @@ class SnapshotSource:
         return UserError(f"run {self.run!r} {table}.lance: cannot read {files} ({str(e).splitlines()[0][:150]}); "
                          f"the file is damaged: `lake verify {self.run}` checks the whole run")
 
-    def _read(self, fragment, table: str, fn):
+    def _read(self, fragment, table: str, **kwargs) -> pa.Table:
         try:
-            return fn(fragment)
+            return fragment.to_table(**kwargs)
         except Exception as e:
             raise self._unreadable(table, ", ".join(f.path for f in fragment.metadata.files), e) from None
 

@@ -63,13 +63,6 @@ def arrow_to_acts(arr, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     return t.view(-1, *shape)
 
 
-def arrow_to_int(arr, shape: tuple[int, ...] = ()) -> torch.Tensor:
-    values = _values(arr, len(shape)) if shape else (arr.to_numpy() if isinstance(arr, pa.ChunkedArray) else
-                                                       arr.to_numpy(zero_copy_only=False))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(np.asarray(values)).view(-1, *shape)
-
 
 def as_float32_for_sql(batch: pa.RecordBatch, dtypes: dict[str, str]) -> pa.RecordBatch:
     """Cast activation columns to float32 lists: DuckDB cannot read Arrow float16 or our bf16 bits."""

@@ -132,6 +132,16 @@ def commit_fragments(lake: Lake, run: str, table: str, fragments: list[str], sch
     return contexts_done, ds.version
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    return True
+
+
 class Lease:
     """One writer per run: ``runs/<run>/lease.json`` names the writer and is renewed per chunk.
 
@@ -147,16 +157,8 @@ class Lease:
         held = self.lake.storage.read_json("runs", self.run, "lease.json")
         if not held or held.get("owner") == self.me["owner"]:
             return None
-        if held["host"] == self.me["host"]:
-            try:
-                os.kill(held["pid"], 0)
-            except ProcessLookupError:
-                return None  # died without releasing
-            except PermissionError:
-                pass
-            else:
-                if held["pid"] == os.getpid():
-                    return None
+        if held["host"] == self.me["host"] and (held["pid"] == os.getpid() or not _alive(held["pid"])):
+            return None  # this process's own stale lease, or a writer that died without releasing
         return held if time.time() - held["renewed"] < LEASE_SECONDS else None
 
     def acquire(self) -> None:
