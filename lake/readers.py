@@ -7,6 +7,7 @@ zero-copy from Arrow where possible); callers cast to float32 for compute.
 """
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 from dataclasses import dataclass
@@ -56,6 +57,18 @@ class ActivationSource(Protocol):
     def state(self) -> dict: ...
 
 
+_running: set[tuple[threading.Event, threading.Thread]] = set()
+
+
+@atexit.register
+def _stop_prefetchers():
+    # A daemon thread still inside native Lance code when the interpreter tears down aborts
+    # the process (SIGABRT), so stop every worker a consumer left unfinished and wait for it.
+    for stop, worker in list(_running):
+        stop.set()
+        worker.join()
+
+
 def _prefetch(gen: Iterator, depth: int = 2) -> Iterator:
     """Run a generator in a background thread (Lance I/O and decoding release the GIL)."""
     q: queue.Queue = queue.Queue(maxsize=depth)
@@ -80,7 +93,9 @@ def _prefetch(gen: Iterator, depth: int = 2) -> Iterator:
         except BaseException as e:  # hand errors to the consumer
             put(e)
 
-    threading.Thread(target=work, daemon=True).start()
+    worker = threading.Thread(target=work, daemon=True)
+    _running.add((stop, worker))
+    worker.start()
     try:
         while True:
             item = q.get()
@@ -91,6 +106,8 @@ def _prefetch(gen: Iterator, depth: int = 2) -> Iterator:
             yield item
     finally:
         stop.set()
+        worker.join()
+        _running.discard((stop, worker))
 
 
 class SnapshotSource:

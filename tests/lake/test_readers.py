@@ -1,4 +1,7 @@
 """The shared reader interface: SnapshotSource and LiveSource."""
+import subprocess
+import sys
+
 import lance
 import numpy as np
 import pytest
@@ -90,3 +93,13 @@ def test_reader_errors(tiny_lake):
         SnapshotSource(tiny_lake, "r1", version=5)
     with pytest.raises(UserError, match="not in run 'r1'"):
         next(SnapshotSource(tiny_lake, "r1").token_batches(10, ["blocks.9.hook_resid_post"]))
+
+
+def test_abandoned_readers_exit_cleanly(tiny_lake):
+    # A script that takes one batch and exits leaves the prefetch thread mid-read; the
+    # interpreter must not tear down under it (that aborted with SIGABRT, exit -6).
+    script = (f"import lake; s = lake.SnapshotSource({tiny_lake!r}, 'r1'); "
+              "t = s.token_batches(64); next(t); c = s.context_batches(2); next(c); print('ok')")
+    for _ in range(3):
+        p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and p.stdout.strip() == "ok", (p.returncode, p.stderr[-1000:])
