@@ -4,8 +4,9 @@ The corpus is packed into contexts deterministically, so context ``i`` is the sa
 context on every run. Contexts are processed in chunks of ``shuffle_buffer`` tokens;
 each chunk is one Lance commit per table (1d rows shuffled inside the chunk with a
 generator seeded by ``(seed, first context of the chunk)``) and the commit records how
-many contexts are done. A crash loses at most the chunk in flight, and ``--resume``
-recomputes exactly that chunk, so the final table equals an uninterrupted run's.
+many contexts are done. A crash loses at most the two chunks in flight (one being written,
+one in the forward), and ``--resume`` recomputes exactly those, so the final table equals an
+uninterrupted run's.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import itertools
 import json
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -25,7 +27,8 @@ from .lake import TABLES, Lake
 from .models import LoadedModel, load_model
 from .storage import check_name
 from .tables import DTYPES, column_name
-from .writer import Lease, chunk_tables, commit_fragments, committed_contexts, store_error, write_chunk_fragments
+from .writer import (Chunk, Lease, chunk_table, commit_fragments, committed_contexts, forward_chunk, store_error,
+                     write_chunk_fragments)
 
 # Settings that define a run: --resume and --append must repeat them exactly.
 IDENTITY = ("model", "dataset", "text_column", "hooks", "context_size", "dtype", "layouts", "seed",
@@ -280,24 +283,22 @@ def _write_chunks(cfg: IngestConfig, lake: Lake, model: LoadedModel, m: dict, le
     bar = tqdm(total=(target - base) * T, initial=(start - base) * T, unit="tok", unit_scale=True,
                desc=f"ingest {cfg.run}", disable=not progress, smoothing=0.1)
     schemas: dict = {}
-    for r in range(0, len(bounds), world):
-        round_bounds = bounds[r:r + world]
-        mine = None
-        for i, (a, b) in enumerate(round_bounds):  # every rank reads the stream; each keeps its chunk
-            chunk = list(itertools.islice(contexts, b - a))
-            if i == rank:
-                mine = chunk
-        built, end = {}, (mine[-1].context_id + 1 if mine else 0)
-        if mine:
-            chunk_data = chunk_tables(cfg, model, mine, model.bos_token_id)
-            for table in list(chunk_data):
-                data = chunk_data.pop(table)
-                if done[table][0] < end:  # else: committed before a crash (the other table was not)
-                    built[table] = (write_chunk_fragments(lake, cfg.run, table, data), data.schema)
-                del data  # free each table once written, before the next forward
-            del chunk_data
-            _release_memory()
-        results = _gather((end, len(mine or []), built), world)
+
+    def write(chunk: Chunk) -> dict:
+        """Build and write a chunk's tables, one at a time (each freed once written)."""
+        built = {}
+        for table in tables:
+            if done[table][0] < chunk.end:  # else: committed before a crash (the other table was not)
+                data = chunk_table(table, cfg, chunk, model.bos_token_id)
+                built[table] = (write_chunk_fragments(lake, cfg.run, table, data), data.schema)
+                del data
+        _release_memory()
+        return built
+
+    def commit(pending) -> bool:
+        """Wait for a round's writes, commit them in one transaction per table; False if the corpus ran out."""
+        written, end, n, round_bounds = pending
+        results = _gather((end, n, written.result() if written else {}), world)
         round_end = max(e for e, _, _ in results)
         if rank == 0 and round_end:
             for table in tables:
@@ -313,7 +314,32 @@ def _write_chunks(cfg: IngestConfig, lake: Lake, model: LoadedModel, m: dict, le
                 tqdm.write(f"corpus {cfg.dataset} ran out after {round_end} contexts ({round_end * T} tokens); "
                            "stopping there")
             m["contexts_target"] = round_end
-            break
+            return False
+        return True
+
+    # The writer thread builds and writes round r's tables while this thread runs round r+1's
+    # forward (Lance and torch release the GIL); commits stay in order, one round behind.
+    writer = ThreadPoolExecutor(1, thread_name_prefix="saelake-writer")
+    pending = None
+    try:
+        for r in range(0, len(bounds), world):
+            round_bounds = bounds[r:r + world]
+            mine = None
+            for i, (a, b) in enumerate(round_bounds):  # every rank reads the stream; each keeps its chunk
+                chunk = list(itertools.islice(contexts, b - a))
+                if i == rank:
+                    mine = chunk
+            chunk = forward_chunk(cfg, model, mine) if mine else None
+            if pending and not commit(pending):
+                pending = None
+                break
+            pending = (writer.submit(write, chunk) if chunk else None, chunk.end if chunk else 0,
+                       len(mine or []), round_bounds)
+            del chunk
+        if pending:
+            commit(pending)
+    finally:
+        writer.shutdown(wait=True)  # never leave a write running under a failed or interrupted ingest
     bar.close()
 
 

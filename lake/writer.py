@@ -12,6 +12,7 @@ import os
 import socket
 import time
 import uuid
+from dataclasses import dataclass
 
 import lance
 import numpy as np
@@ -26,8 +27,22 @@ from .tables import DTYPES, acts_field, acts_to_arrow, column_name
 LEASE_SECONDS = 120  # a writer that has not renewed its lease for this long is presumed dead
 
 
-def chunk_tables(cfg, model, ctxs, bos: int) -> dict[str, pa.Table]:
-    """Forward a chunk of contexts and build its 1d and 2d Arrow tables."""
+@dataclass
+class Chunk:
+    """A forwarded chunk: its contexts, tokens [n, T], and per hook the activations [n, T, d]
+    in the storage dtype and their float32 norms [n, T]."""
+    ctxs: list
+    tokens: torch.Tensor
+    acts: dict[str, torch.Tensor]
+    norms: dict[str, torch.Tensor]
+
+    @property
+    def end(self) -> int:
+        return self.ctxs[-1].context_id + 1
+
+
+def forward_chunk(cfg, model, ctxs) -> Chunk:
+    """Run the model over a chunk of contexts, batch by batch."""
     tokens = torch.from_numpy(np.stack([c.tokens for c in ctxs]))  # [n, T]
     n, T = tokens.shape
     # one buffer per hook in the storage dtype, filled batch by batch: a chunk never holds its
@@ -44,38 +59,63 @@ def chunk_tables(cfg, model, ctxs, bos: int) -> dict[str, pa.Table]:
             acts[h][i:i + len(x)] = x
             norms[h][i:i + len(x)] = x.norm(dim=-1)
         del out
-    ctx_ids = np.array([c.context_id for c in ctxs], np.int64)
-    out: dict[str, pa.Table] = {}
-    if "2d" in cfg.layouts:
-        cols = {"context_id": pa.array(ctx_ids), "doc_id": pa.array([c.doc_id for c in ctxs], pa.int64()),
-                "doc_offset": pa.array([c.offset for c in ctxs], pa.int32()),
-                "tokens": pa.FixedSizeListArray.from_arrays(pa.array(tokens.numpy().ravel()), T)}
-        fields = [pa.field(k, v.type) for k, v in cols.items()]
-        for h in cfg.hooks:
-            col, d = column_name(h), acts[h].shape[-1]
-            cols[col] = acts_to_arrow(acts[h], cfg.dtype)
-            cols[col + "_norm"] = pa.FixedSizeListArray.from_arrays(pa.array(norms[h].numpy().ravel()), T)
-            fields += [acts_field(col, cfg.dtype, (T, d)), pa.field(col + "_norm", pa.list_(pa.float32(), T))]
-        out["contexts"] = pa.Table.from_arrays(list(cols.values()), schema=pa.schema(fields))
-    if "1d" in cfg.layouts:
-        flat_tokens = tokens.reshape(-1)
-        keep = torch.ones_like(flat_tokens, dtype=torch.bool) if cfg.keep_bos else flat_tokens != bos
-        # the write-time shuffle: seeded by the chunk's first context, so any rank or a resumed run
-        # produces the same rows in the same order
-        rng = np.random.default_rng([cfg.seed, int(ctx_ids[0])])
-        rows = keep.nonzero().squeeze(1)[torch.from_numpy(rng.permutation(int(keep.sum())))]
-        cols = {"token_id": pa.array(flat_tokens[rows].numpy()),
-                "context_id": pa.array(ctx_ids[(rows // T).numpy()]),
-                "position": pa.array((rows % T).to(torch.int32).numpy())}
-        fields = [pa.field(k, v.type) for k, v in cols.items()]
-        for h in cfg.hooks:
-            col = column_name(h)
-            x = acts[h].reshape(n * T, -1)[rows]
-            cols[col] = acts_to_arrow(x, cfg.dtype)
-            cols[col + "_norm"] = pa.array(norms[h].reshape(-1)[rows].numpy())
-            fields += [acts_field(col, cfg.dtype, (x.shape[1],)), pa.field(col + "_norm", pa.float32())]
-        out["tokens"] = pa.Table.from_arrays(list(cols.values()), schema=pa.schema(fields))
-    return out
+    return Chunk(ctxs, tokens, acts, norms)
+
+
+WRITE_ROWS = 8192  # rows per record batch handed to Lance: bounds the memory a write adds
+
+
+def contexts_table(cfg, chunk: Chunk) -> pa.RecordBatchReader:
+    """The 2d table of a chunk: one row per context, in corpus order (zero-copy from the buffers)."""
+    ctxs, T = chunk.ctxs, chunk.tokens.shape[1]
+    cols = {"context_id": pa.array([c.context_id for c in ctxs], pa.int64()),
+            "doc_id": pa.array([c.doc_id for c in ctxs], pa.int64()),
+            "doc_offset": pa.array([c.offset for c in ctxs], pa.int32()),
+            "tokens": pa.FixedSizeListArray.from_arrays(pa.array(chunk.tokens.numpy().ravel()), T)}
+    fields = [pa.field(k, v.type) for k, v in cols.items()]
+    for h in cfg.hooks:
+        col, d = column_name(h), chunk.acts[h].shape[-1]
+        cols[col] = acts_to_arrow(chunk.acts[h], cfg.dtype)
+        cols[col + "_norm"] = pa.FixedSizeListArray.from_arrays(pa.array(chunk.norms[h].numpy().ravel()), T)
+        fields += [acts_field(col, cfg.dtype, (T, d)), pa.field(col + "_norm", pa.list_(pa.float32(), T))]
+    table = pa.Table.from_arrays(list(cols.values()), schema=pa.schema(fields))
+    return table.to_reader(max_chunksize=max(1, WRITE_ROWS // T))
+
+
+def tokens_table(cfg, chunk: Chunk, bos: int) -> pa.RecordBatchReader:
+    """The 1d table of a chunk: one row per (non-BOS) token, shuffled within the chunk.
+
+    Rows are gathered slice by slice as Lance consumes them, so the shuffled copy of the
+    chunk never exists whole."""
+    n, T = chunk.tokens.shape
+    ctx_ids = np.array([c.context_id for c in chunk.ctxs], np.int64)
+    flat_tokens = chunk.tokens.reshape(-1)
+    keep = torch.ones_like(flat_tokens, dtype=torch.bool) if cfg.keep_bos else flat_tokens != bos
+    # the write-time shuffle: seeded by the chunk's first context, so any rank or a resumed run
+    # produces the same rows in the same order
+    rng = np.random.default_rng([cfg.seed, int(ctx_ids[0])])
+    rows = keep.nonzero().squeeze(1)[torch.from_numpy(rng.permutation(int(keep.sum())))]
+    fields = [pa.field("token_id", pa.from_numpy_dtype(flat_tokens.numpy().dtype)), pa.field("context_id", pa.int64()),
+              pa.field("position", pa.int32())]
+    for h in cfg.hooks:
+        col = column_name(h)
+        fields += [acts_field(col, cfg.dtype, (chunk.acts[h].shape[-1],)), pa.field(col + "_norm", pa.float32())]
+    schema = pa.schema(fields)
+
+    def batches():
+        for i in range(0, len(rows), WRITE_ROWS):
+            r = rows[i:i + WRITE_ROWS]
+            cols = [pa.array(flat_tokens[r].numpy()), pa.array(ctx_ids[(r // T).numpy()]),
+                    pa.array((r % T).to(torch.int32).numpy())]
+            for h in cfg.hooks:
+                cols += [acts_to_arrow(chunk.acts[h].reshape(n * T, -1)[r], cfg.dtype),
+                         pa.array(chunk.norms[h].reshape(-1)[r].numpy())]
+            yield pa.RecordBatch.from_arrays(cols, schema=schema)
+    return pa.RecordBatchReader.from_batches(schema, batches())
+
+
+def chunk_table(table: str, cfg, chunk: Chunk, bos: int) -> pa.RecordBatchReader:
+    return contexts_table(cfg, chunk) if table == "contexts" else tokens_table(cfg, chunk, bos)
 
 
 def store_error(lake: Lake, run: str, e: Exception) -> UserError:
@@ -97,7 +137,7 @@ def committed_contexts(lake: Lake, run: str, table: str) -> tuple[int, int]:
     return (int(txn.transaction_properties.get("contexts_done", 0)) if txn else 0), ds.version
 
 
-def write_chunk_fragments(lake: Lake, run: str, table: str, data: pa.Table) -> list[str]:
+def write_chunk_fragments(lake: Lake, run: str, table: str, data: pa.Table | pa.RecordBatchReader) -> list[str]:
     """Write a chunk as uncommitted Lance fragments; returns their metadata as JSON strings."""
     try:
         frags = write_fragments(data, lake.table_uri(run, table), schema=data.schema, max_rows_per_file=1 << 24,
