@@ -48,7 +48,17 @@ class LiveSource:
         return {h: torch.cat([o[h] for o in outs]).to("cpu", self.dtype) for h in hooks}
 
     def token_batches(self, batch_size: int, hooks: Sequence[str] | None = None, *, seed: int = 0,
-                      start: int = 0, repeat: bool = False) -> Iterator[TokenBatch]:
+                      start: int = 0, repeat: bool = False,
+                      shard: tuple[int, int] = (0, 1)) -> Iterator[TokenBatch]:
+        """``shard=(rank, world)``: this rank's micro-batch of each global batch, as SnapshotSource.
+        Live, every rank runs the model over the whole stream (it has no cache to split)."""
+        rank, world = shard
+        for i, batch in enumerate(self._token_stream(batch_size, hooks, seed, start)):
+            if i % world == rank:
+                yield batch
+
+    def _token_stream(self, batch_size: int, hooks: Sequence[str] | None, seed: int,
+                      start: int) -> Iterator[TokenBatch]:
         hooks = list(hooks or self.hooks)
         self._pos = {"kind": "tokens", "rows": start, "seed": seed}
         per_chunk = max(1, self.shuffle_buffer // self.context_size)

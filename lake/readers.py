@@ -49,7 +49,8 @@ class ActivationSource(Protocol):
     d_model: Mapping[str, int]
 
     def token_batches(self, batch_size: int, hooks: Sequence[str] | None = None, *, seed: int = 0,
-                      start: int = 0, repeat: bool = False) -> Iterator[TokenBatch]: ...
+                      start: int = 0, repeat: bool = False,
+                      shard: tuple[int, int] = (0, 1)) -> Iterator[TokenBatch]: ...
 
     def context_batches(self, batch_size: int, hooks: Sequence[str] | None = None, *,
                         start: int = 0) -> Iterator[ContextBatch]: ...
@@ -164,12 +165,21 @@ class SnapshotSource:
 
     # -- 1d --------------------------------------------------------------------------------
     def token_batches(self, batch_size: int, hooks: Sequence[str] | None = None, *, seed: int = 0,
-                      start: int = 0, repeat: bool = False) -> Iterator[TokenBatch]:
-        """Shuffled token batches; ``start`` rows are skipped exactly (for resume).
+                      start: int = 0, repeat: bool = False,
+                      shard: tuple[int, int] = (0, 1)) -> Iterator[TokenBatch]:
+        """Shuffled token batches; ``start`` rows of the stream are skipped exactly (for resume).
 
         Order: the table is shuffled at write time; on top, blocks of ``block_rows`` are read in
         a seeded order per epoch and each block is permuted in memory with a seeded generator.
+
+        ``shard=(rank, world)`` (data-parallel): the stream is cut into global batches of
+        ``batch_size * world`` rows, and this rank reads and gets only its micro-batch of each,
+        stream rows ``[g*B*W + rank*B, g*B*W + (rank+1)*B)``. Ranks read disjoint rows, and
+        together they see exactly the single-process stream (``start`` counts its rows).
         """
+        rank, world = shard
+        if not 0 <= rank < world:
+            raise ValueError(f"shard {shard}: need 0 <= rank < world")
         hooks = self._hooks(hooks)
         cols = ["token_id", "context_id", "position"] + [self.columns[h] for h in hooks]
         fragments = self._table("tokens").get_fragments()
@@ -179,21 +189,29 @@ class SnapshotSource:
         total = self.n_tokens
         if total == 0:
             raise UserError(f"run {self.run!r} has an empty 1d table")
-        self._pos = {"kind": "tokens", "rows": start, "seed": seed, "run": self.run, "version": self.version}
+        self._pos = {"kind": "tokens", "rows": start, "seed": seed, "run": self.run, "version": self.version,
+                     "world": world}
 
         def blocks():
-            epoch, skip = divmod(start, total)
+            epoch = start // total
+            pos = epoch * total  # stream position of the next block's first row
             while True:
                 order = np.random.default_rng([seed, epoch, 1]).permutation(len(blocks_in_order))
                 for b, j in enumerate(order):
                     frag, off, n = blocks_in_order[j]
-                    if skip >= n:
-                        skip -= n
+                    pos, first = pos + n, pos
+                    if pos <= start:
                         continue
-                    t = self._read(frag, "tokens", columns=cols, offset=off, limit=n)
-                    perm = np.random.default_rng([seed, epoch, b, 2]).permutation(n)[skip:]
-                    skip = 0
-                    yield t.take(perm)
+                    perm = np.random.default_rng([seed, epoch, b, 2]).permutation(n)
+                    at = np.arange(first, pos)
+                    mine = (at >= start) & ((at // batch_size) % world == rank)
+                    if world == 1:  # one contiguous read of the block
+                        yield self._read(frag, "tokens", columns=cols, offset=off, limit=n).take(perm[mine])
+                    elif mine.any():  # only this rank's rows (Lance takes sorted row offsets)
+                        rows = perm[mine]
+                        order_ = np.argsort(rows)
+                        t = self._read(frag, "tokens", columns=cols, indices=rows[order_] + off)
+                        yield t.take(np.argsort(order_))
                 epoch += 1
                 if not repeat:
                     return
@@ -213,9 +231,9 @@ class SnapshotSource:
         return UserError(f"run {self.run!r} {table}.lance: cannot read {files} ({str(e).splitlines()[0][:150]}); "
                          f"the file is damaged: `lake verify {self.run}` checks the whole run")
 
-    def _read(self, fragment, table: str, **kwargs) -> pa.Table:
+    def _read(self, fragment, table: str, indices=None, **kwargs) -> pa.Table:
         try:
-            return fragment.to_table(**kwargs)
+            return fragment.take(indices, **kwargs) if indices is not None else fragment.to_table(**kwargs)
         except Exception as e:
             raise self._unreadable(table, ", ".join(f.path for f in fragment.metadata.files), e) from None
 
@@ -226,7 +244,7 @@ class SnapshotSource:
             token_id=torch.from_numpy(t.column("token_id").to_numpy()),
             context_id=torch.from_numpy(t.column("context_id").to_numpy()),
             position=torch.from_numpy(t.column("position").to_numpy()))
-        self._pos["rows"] += len(batch)
+        self._pos["rows"] += len(batch) * self._pos["world"]  # stream rows: every rank's micro-batch
         return batch
 
     # -- 2d --------------------------------------------------------------------------------

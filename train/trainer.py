@@ -203,17 +203,16 @@ class Trainer:
         W, R = self.comm.world, self.comm.rank
         writer = not dp or R == 0  # data-parallel: the replicas are identical, rank 0 writes
         comm = self.comm if dp else None
-        # data-parallel: the single-process row stream cut into micro-batches; rank r takes every W-th
+        # data-parallel: the single-process row stream cut into micro-batches; rank r reads only its own
         batches = self.source.token_batches(src.batch_size // W if dp else src.batch_size, self.hooks,
-                                            seed=src.data_seed, start=rows, repeat=src.repeat)
+                                            seed=src.data_seed, start=rows, repeat=src.repeat,
+                                            shard=(R, W) if dp else (0, 1))
         bar = tqdm(total=src.tokens, initial=min(rows, src.tokens), unit="tok", unit_scale=True,
                    disable=not self.progress or R != 0, desc="train", dynamic_ncols=True)
         t0, status = time.perf_counter(), "complete"
-        for j, batch in enumerate(batches):
+        for batch in batches:
             if step >= self.total_steps:
                 break
-            if dp and j % W != R:
-                continue
             if norm is None:  # first batch of a fresh run: norm stats, b_dec init, the config on disk
                 first = SimpleNamespace(acts={h: self.comm.gather_rows(a) for h, a in batch.acts.items()}) \
                     if dp else batch

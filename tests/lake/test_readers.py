@@ -58,6 +58,26 @@ def test_token_batches_resume_exactly_from_state(tiny_lake):
     assert sorted(both[:n].tolist()) == sorted(both[n:].tolist()) and not torch.equal(both[:n], both[n:])
 
 
+def test_sharded_token_batches_split_the_stream_disjointly(tiny_lake):
+    # data-parallel: rank r reads only its micro-batch of each global batch; interleaved, the
+    # ranks' batches are the single-process stream, also when resumed mid-stream and across epochs
+    B, W, steps, start = 40, 3, 20, 7 * 120
+    single = _keys([b for _, b in zip(range(steps), SnapshotSource(tiny_lake, "r1", block_rows=500).token_batches(
+        B * W, seed=5, start=start, repeat=True))])
+    per_rank = []
+    for r in range(W):
+        src = SnapshotSource(tiny_lake, "r1", block_rows=500)
+        it = src.token_batches(B, seed=5, start=start, repeat=True, shard=(r, W))
+        per_rank.append([next(it) for _ in range(steps)])
+        assert src.state()["rows"] == start + steps * B * W
+    merged = [per_rank[r][g] for g in range(steps) for r in range(W)]
+    assert all(len(b) == B for b in merged)
+    assert torch.equal(_keys(merged), single)
+    v = SnapshotSource(tiny_lake, "r1", block_rows=500).token_batches(B * W, seed=5, start=start)
+    assert torch.equal(torch.cat([b.acts[HOOKS[0]] for b in per_rank[1][:2]]),
+                       torch.cat([b.acts[HOOKS[0]][B:2 * B] for _, b in zip(range(2), v)]))
+
+
 def test_context_batches_are_in_order_and_resume(tiny_lake):
     src = SnapshotSource(tiny_lake, "r1")
     batches = list(src.context_batches(10))
