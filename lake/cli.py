@@ -48,7 +48,7 @@ def cli():
               help="Run name (default: run-<timestamp>); spell it --run-name under torchrun.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Contexts per forward pass.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--shuffle-buffer", type=int, default=32768, show_default=True,
+@click.option("--shuffle-buffer", type=int, default=16384, show_default=True,
               help="Tokens per chunk: the 1d shuffle window and the commit unit.")
 @click.option("--keep-bos", is_flag=True, help="Keep BOS positions in the 1d table.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted run (same settings).")

@@ -49,7 +49,7 @@ class IngestConfig:
     run: str | None = None
     batch_size: int = 16  # contexts per forward pass
     seed: int = 0
-    shuffle_buffer: int = 32768  # tokens per chunk: the 1d shuffle window and the commit unit
+    shuffle_buffer: int = 16384  # tokens per chunk: the write-time 1d shuffle window and the commit unit
     keep_bos: bool = False  # keep BOS positions in the 1d table and its statistics
     resume: bool = False
     append: bool = False

@@ -169,8 +169,9 @@ class SnapshotSource:
                       shard: tuple[int, int] = (0, 1)) -> Iterator[TokenBatch]:
         """Shuffled token batches; ``start`` rows of the stream are skipped exactly (for resume).
 
-        Order: the table is shuffled at write time; on top, blocks of ``block_rows`` are read in
-        a seeded order per epoch and each block is permuted in memory with a seeded generator.
+        Order: the table is shuffled at write time (within ingest chunks); on top, blocks of at
+        most ``block_rows`` rows (within a fragment) are read in a seeded order per epoch, gathered
+        into windows of at least ``block_rows`` rows, and each window is permuted in memory.
 
         ``shard=(rank, world)`` (data-parallel): the stream is cut into global batches of
         ``batch_size * world`` rows, and this rank reads and gets only its micro-batch of each,
@@ -183,7 +184,7 @@ class SnapshotSource:
         hooks = self._hooks(hooks)
         cols = ["token_id", "context_id", "position"] + [self.columns[h] for h in hooks]
         fragments = self._table("tokens").get_fragments()
-        # (fragment, offset, rows) read blocks; each epoch reads them in its own seeded order
+        # (fragment, offset, rows) blocks of at most block_rows; each epoch reads them in its own seeded order
         blocks_in_order = [(f, off, min(self.block_rows, f.count_rows() - off))
                            for f in fragments for off in range(0, f.count_rows(), self.block_rows)]
         total = self.n_tokens
@@ -192,32 +193,36 @@ class SnapshotSource:
         self._pos = {"kind": "tokens", "rows": start, "seed": seed, "run": self.run, "version": self.version,
                      "world": world}
 
-        def blocks():
+        def windows():
             epoch = start // total
-            pos = epoch * total  # stream position of the next block's first row
+            pos = epoch * total  # stream position of the next window's first row
             while True:
                 order = np.random.default_rng([seed, epoch, 1]).permutation(len(blocks_in_order))
-                for b, j in enumerate(order):
-                    frag, off, n = blocks_in_order[j]
+                # consecutive blocks of this epoch's order are mixed in windows of >= block_rows rows,
+                # so how well batches mix does not depend on how big the ingest's chunks were
+                groups, cur = [], []
+                for j in order:
+                    cur.append(blocks_in_order[j])
+                    if sum(n for _, _, n in cur) >= self.block_rows:
+                        groups.append(cur)
+                        cur = []
+                groups += [cur] if cur else []
+                for w, group in enumerate(groups):
+                    n = sum(n for _, _, n in group)
                     pos, first = pos + n, pos
                     if pos <= start:
                         continue
-                    perm = np.random.default_rng([seed, epoch, b, 2]).permutation(n)
                     at = np.arange(first, pos)
                     mine = (at >= start) & ((at // batch_size) % world == rank)
-                    if world == 1:  # one contiguous read of the block
-                        yield self._read(frag, "tokens", columns=cols, offset=off, limit=n).take(perm[mine])
-                    elif mine.any():  # only this rank's rows (Lance takes sorted row offsets)
-                        rows = perm[mine]
-                        order_ = np.argsort(rows)
-                        t = self._read(frag, "tokens", columns=cols, indices=rows[order_] + off)
-                        yield t.take(np.argsort(order_))
+                    rows = np.random.default_rng([seed, epoch, w, 2]).permutation(n)[mine]  # in stream order
+                    if len(rows):
+                        yield self._window_rows(group, rows, cols, whole=world == 1)
                 epoch += 1
                 if not repeat:
                     return
 
         carry: pa.Table | None = None
-        for block in _prefetch(blocks()):
+        for block in _prefetch(windows()):
             block = block if carry is None else pa.concat_tables([carry, block])
             i = 0
             while len(block) - i >= batch_size:
@@ -226,6 +231,21 @@ class SnapshotSource:
             carry = block.slice(i) if i < len(block) else None
         if carry is not None and len(carry):
             yield self._token_batch(carry, hooks)
+
+    def _window_rows(self, group: list, rows: np.ndarray, cols: list[str], whole: bool) -> pa.Table:
+        """Rows ``rows`` (indices into the window's blocks, concatenated) in that order. ``whole``
+        reads each block contiguously; otherwise only the wanted rows are read (Lance takes
+        sorted offsets), so data-parallel ranks read disjoint rows."""
+        if whole:
+            return pa.concat_tables([self._read(f, "tokens", columns=cols, offset=off, limit=n)
+                                     for f, off, n in group]).take(rows)
+        wanted, parts, lo = np.sort(rows), [], 0
+        for f, off, n in group:
+            sel = wanted[(wanted >= lo) & (wanted < lo + n)] - lo
+            if len(sel):
+                parts.append(self._read(f, "tokens", columns=cols, indices=sel + off))
+            lo += n
+        return pa.concat_tables(parts).take(np.searchsorted(wanted, rows))
 
     def _unreadable(self, table: str, files: str, e: Exception) -> UserError:
         return UserError(f"run {self.run!r} {table}.lance: cannot read {files} ({str(e).splitlines()[0][:150]}); "

@@ -27,6 +27,14 @@ def test_token_batches_cover_every_row_once_per_epoch(tiny_lake):
     assert not torch.equal(keys, _keys(SnapshotSource(tiny_lake, "r1", block_rows=700).token_batches(256, seed=4)))
 
 
+def test_token_batches_mix_across_ingest_chunks(tiny_lake):
+    # the lake's fragments are ingest chunks of 32 contexts; a read window spans several of them
+    src = SnapshotSource(tiny_lake, "r1", block_rows=4000)
+    assert len(src._table("tokens").get_fragments()) >= 4
+    b = next(src.token_batches(256, seed=1))
+    assert len(set((b.context_id // 32).tolist())) >= 3
+
+
 def test_token_batches_match_the_table(tiny_lake):
     src = SnapshotSource(tiny_lake, "r1")
     b = next(src.token_batches(64, [HOOKS[1]], seed=0))
