@@ -40,7 +40,9 @@ existing = lake.Lake(L).run_names()
 # 1. ingest: 1d (shuffled tokens, for training) and 2d (contexts, for analysis)
 lake_cmd("ingest", "--lake", L, "--model", args.model, "--dataset", args.dataset, "--hooks", args.hook,
          "--tokens", str(args.tokens), "--context-size", str(args.context_size), "--layout", "1d,2d",
-         "--run", "demo", *(["--resume"] if "demo" in existing else []))
+         "--run", "demo",  # a re-run resumes with the run's own chunking (older demos used other defaults)
+         *(["--resume", "--shuffle-buffer", str(lake.Lake(L).manifest("demo")["shuffle_buffer"])]
+           if "demo" in existing else []))
 lake_cmd("show", "--lake", L, "demo")
 col = args.hook.replace(".", "_")
 lake_cmd("query", "--lake", L, f"select position, round(avg({col}_norm), 1) as mean_norm, count(*) as n "

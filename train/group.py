@@ -10,7 +10,8 @@ import torch
 
 from .config import SAEConfig
 from .dist import Comm, LocalComm
-from .sae import SPARSE_ARCHS, SparseCoder, _SqErr, _Step, sparse_section
+from .kernels import _SqErr, _Step, sparse_section
+from .sae import SPARSE_ARCHS, SparseCoder
 
 
 class Group:
