@@ -14,7 +14,7 @@ from lake import Lake, LiveSource, SnapshotSource, UserError, load_model
 from lake.storage import check_name
 
 from .directions import neighbours, top_logits, unembedding, vocab_strings
-from .stats import FeatureStats, one_thread
+from .stats import FeatureStats, bookkeeping_threads
 from .stores import EmbeddedStore, MongoStore, open_store
 from .table import FeatureTable
 
@@ -78,16 +78,17 @@ def load_sae(lake: Lake, spec: str):
 
 
 def latents(sae, x: torch.Tensor, valid: torch.Tensor):
-    """Non-zero latents of valid rows: (rows, lat, vals, dense [N, S] or None)."""
+    """Non-zero latents of valid rows: (rows, lat, vals)."""
     codes = sae.encode(x)
-    with one_thread():
-        if codes.acts is not None:
-            f = codes.acts[0]
-            f[~valid] = 0
-            rows, lat = (f > 0).nonzero(as_tuple=True)
-            return rows, lat, f[rows, lat], f
+    if codes.acts is not None:  # dense [N, S] (ReLU, JumpReLU): one big scan, worth every thread
+        f = codes.acts[0]  # >= 0: non-zero is active
+        rows, lat = f.nonzero(as_tuple=True)
+        keep = valid[rows]
+        rows, lat = rows[keep], lat[keep]
+        return rows, lat, f[rows, lat]
+    with bookkeeping_threads():
         keep = (codes.vals > 0) & valid[codes.bag]
-        return codes.bag[keep], codes.lat[keep], codes.vals[keep], None
+        return codes.bag[keep], codes.lat[keep], codes.vals[keep]
 
 
 def _source(cfg: AnalyzeConfig, lake: Lake, sae_cfg: dict, hooks: list[str]):
@@ -161,9 +162,8 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> dict:
             x = torch.cat([batch.acts[h][:n] for h in hooks], -1).reshape(n * T, -1).to(cfg.device, torch.float32)
             tokens = batch.tokens[:n]
             valid = ~torch.isin(tokens, skip)
-            rows, lat, vals, dense = latents(sae, x, valid.reshape(-1).to(x.device))
-            stats.update(rows.cpu(), lat.cpu(), vals.cpu(), tokens, valid, batch.context_id[:n], batch.doc_id[:n],
-                         None if dense is None else dense.cpu())
+            rows, lat, vals = latents(sae, x, valid.reshape(-1).to(x.device))
+            stats.update(rows.cpu(), lat.cpu(), vals.cpu(), tokens, valid, batch.context_id[:n], batch.doc_id[:n])
             if bar is not None:
                 bar.update(n * T)
             if stats.n_contexts >= n_max:

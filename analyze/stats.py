@@ -34,6 +34,7 @@ number of tokens analysed.
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 
 import numpy as np
@@ -58,10 +59,15 @@ def hist_bin(v: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def one_thread():
-    """Small tensor ops on one thread (see ``FeatureStats.update``)."""
+def bookkeeping_threads():
+    """Threads for the bookkeeping's many small ops: torch's own count, or SAELAKE_ANALYZE_THREADS.
+
+    On a free machine all threads are fastest (2 cores: update 1.8x faster than on one). Where
+    the cores are shared with other busy processes, OpenMP hand-offs can make these small ops
+    up to 100x slower: there, set SAELAKE_ANALYZE_THREADS=1."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    want = int(os.environ.get("SAELAKE_ANALYZE_THREADS", "0")) or threads
+    torch.set_num_threads(want)
     try:
         yield
     finally:
@@ -118,26 +124,22 @@ class Slots:
 
 
 class _PerToken:
-    """Per-token activations of (feature, context) pairs of a batch, gathered from a feature-major
-    [S, n, T] copy of the latents, built once per batch and only when needed (few new samples
-    come straight from the dense [n·T, S] latents)."""
+    """Per-token activations [m, T] of (feature, context) pairs of a batch, scattered straight
+    from the batch's non-zero entries: O(entries + m·T), never a dense [S, n·T] copy."""
 
-    def __init__(self, rows, lat, vals, dense, n, T, S):
-        self.rows, self.lat, self.vals, self.dense, self.shape = rows, lat, vals, dense, (n, T, S)
-        self.fT = None
+    def __init__(self, rows, lat, vals, n, T, S):
+        self.pair = lat * n + torch.div(rows, T, rounding_mode="floor")  # (feature, context) of each entry
+        self.pos, self.vals, self.shape = rows % T, vals, (n, T, S)
 
     def __call__(self, fi: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
         n, T, S = self.shape
-        if self.fT is None:
-            if self.dense is not None and len(fi) * T * 16 < self.dense.numel():
-                return self.dense.view(n, T, S)[src, :, fi]
-            if self.dense is not None:
-                self.fT = self.dense.t().contiguous().view(S, n, T)
-            else:
-                self.fT = torch.zeros(S, n * T)
-                self.fT[self.lat, self.rows] = self.vals
-                self.fT = self.fT.view(S, n, T)
-        return self.fT[fi, src]
+        slot = torch.full((S * n,), -1, dtype=torch.long)
+        slot[fi * n + src] = torch.arange(len(fi))
+        p = slot[self.pair]
+        hit = p >= 0
+        out = torch.zeros(len(fi), T)
+        out[p[hit], self.pos[hit]] = self.vals[hit]
+        return out
 
 
 class FeatureStats:
@@ -165,18 +167,14 @@ class FeatureStats:
     # -- one batch ---------------------------------------------------------------------------
     @torch.no_grad()
     def update(self, rows: torch.Tensor, lat: torch.Tensor, vals: torch.Tensor, tokens: torch.Tensor,
-               valid: torch.Tensor, context_id: torch.Tensor, doc_id: torch.Tensor,
-               dense: torch.Tensor | None = None) -> None:
+               valid: torch.Tensor, context_id: torch.Tensor, doc_id: torch.Tensor) -> None:
         """One batch of n whole contexts: non-zero latents (``rows`` = context·T + position,
-        ``lat``, ``vals``) already restricted to valid tokens; ``tokens`` [n, T]; ``valid`` [n, T];
-        ``dense``: the same latents as [n·T, S] when the caller has them (else built here).
+        ``lat``, ``vals``) already restricted to valid tokens; ``tokens`` [n, T]; ``valid`` [n, T].
+        Thread count: see ``bookkeeping_threads``."""
+        with bookkeeping_threads():
+            self._update(rows, lat, vals, tokens, valid, context_id, doc_id)
 
-        Runs on one thread: the bookkeeping is many small ops on [d_sae, batch] tensors, where
-        OpenMP hand-offs cost more than they save (100x on two busy cores)."""
-        with one_thread():
-            self._update(rows, lat, vals, tokens, valid, context_id, doc_id, dense)
-
-    def _update(self, rows, lat, vals, tokens, valid, context_id, doc_id, dense) -> None:
+    def _update(self, rows, lat, vals, tokens, valid, context_id, doc_id) -> None:
         n, T, S = tokens.shape[0], self.T, self.S
         self.n_tokens += n * T
         self.n_valid += int(valid.sum())
@@ -186,9 +184,9 @@ class FeatureStats:
         self.total.index_add_(0, lat, vals.double())
         self.max.scatter_reduce_(0, lat, vals, "amax")
         self.hist += torch.bincount(lat * HIST_BINS + hist_bin(vals), minlength=S * HIST_BINS)
-        # context max per feature, and the dense per-token latents for new samples
+        # context max per feature, and the per-token latents of new samples
         cmax = torch.zeros(n * S).scatter_reduce_(0, (rows // T) * S + lat, vals, "amax").view(n, S).t()  # [S, n]
-        f = _PerToken(rows, lat, vals, dense, n, T, S)
+        f = _PerToken(rows, lat, vals, n, T, S)
         cu = priority(context_id, self.features, self.seed)  # [S, n]
         used = [self._update_top(cmax, context_id, cu, f), self._update_intervals(cmax, context_id, cu, f),
                 self._update_zero(cmax, context_id, cu)]

@@ -8,14 +8,13 @@ k 32, tied random init saved through train's SAEStore; the cost per token does n
 training). Throughput: the same in-memory batches go through (a) ``sae.encode`` only and (b)
 ``analyze.run.latents`` + ``FeatureStats.update`` (what ``lake analyze`` does per batch); best
 of --repeats. RSS: ``lake analyze`` end to end (model load, stream, logits, neighbours, write
-the embedded store) in a fresh subprocess per token count; ru_maxrss.
+the embedded store) in a fresh subprocess per token count; VmHWM.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -76,8 +75,8 @@ def throughput(lake: str, sae_name: str, tokens: int, batch_size: int, repeats: 
         st = FeatureStats(sae.d_sae, src.context_size)
         for acts, toks, cid, did in batches:
             valid = ~torch.isin(toks, skip)
-            rows, lat, vals, dense = latents(sae, acts.reshape(-1, acts.shape[-1]).float(), valid.reshape(-1))
-            st.update(rows, lat, vals, toks, valid, cid, did, dense)
+            rows, lat, vals = latents(sae, acts.reshape(-1, acts.shape[-1]).float(), valid.reshape(-1))
+            st.update(rows, lat, vals, toks, valid, cid, did)
 
     out = {}
     with torch.no_grad():
@@ -101,8 +100,10 @@ def child(lake: str, sae_name: str, tokens: int) -> None:
 
     rec = analyze(AnalyzeConfig(lake=lake, sae=sae_name, tokens=tokens, name=f"rss-{tokens}", overwrite=True),
                   progress=False)
-    print(json.dumps({"tokens": rec["tokens_total"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                      / 1024, "seconds": rec["seconds"], "tokens_per_second": rec["tokens_per_second"]}))
+    # VmHWM, not ru_maxrss: a child exec'd from this bench process can report its parent's peak
+    peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(json.dumps({"tokens": rec["tokens_total"], "peak_rss_mb": peak_kb / 1024,
+                      "seconds": rec["seconds"], "tokens_per_second": rec["tokens_per_second"]}))
 
 
 def main() -> None:

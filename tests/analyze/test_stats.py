@@ -164,7 +164,7 @@ def test_latents_match_dense_encode(alake):
     x = torch.randn(40, 32, generator=torch.Generator().manual_seed(1))
     valid = torch.ones(40, dtype=torch.bool)
     valid[::5] = False
-    rows, lat, vals, _ = latents(sae, x, valid)
+    rows, lat, vals = latents(sae, x, valid)
     dense = sae.encode(x).dense()[0] * valid[:, None]
     r2, l2 = (dense > 0).nonzero(as_tuple=True)
     assert sorted(zip(rows.tolist(), lat.tolist())) == sorted(zip(r2.tolist(), l2.tolist()))
