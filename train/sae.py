@@ -92,8 +92,10 @@ class SparseCoder(nn.Module):
                 return torch.mm(x, self.W_enc[0]).add_(bias).unsqueeze(0)
             return torch.bmm(x.expand(self.n, *x.shape), self.W_enc).add_(bias.unsqueeze(1))
 
-    def encode(self, x: torch.Tensor, k: torch.Tensor | None = None, *, training: bool = False) -> Codes:
-        """Latents of ``x`` for every member. ``k`` [n] overrides the current k (annealing)."""
+    def encode(self, x: torch.Tensor, k: torch.Tensor | None = None, *, training: bool = False,
+               comm=None) -> Codes:
+        """Latents of ``x`` for every member. ``k`` [n] overrides the current k (annealing).
+        ``comm`` (data-parallel training): BatchTopK selects over the global batch of all ranks."""
         n, B, S = self.n, x.shape[0], self.d_sae
         if self.arch in ("relu", "jumprelu") or (self.arch == "batchtopk" and self.use_threshold and not training):
             pre = self.pre(x)
@@ -108,13 +110,15 @@ class SparseCoder(nn.Module):
         with torch.no_grad():
             pre = self.pre(x)
             score = pre * self.W_dec.norm(dim=-1).unsqueeze(1).to(pre.dtype) if self.decoder_norm_topk else pre
-            pat, pre_vals = self._select(pre, score, ks)
+            pat, pre_vals = self._select(pre, score, ks, comm)
         vals = _SparseEncode.apply(x, self.b_dec, self.W_enc, self.b_enc, pre_vals, pat, self.apply_b_dec_to_input)
         return Codes(n, B, S, bag=pat.bag, lat=pat.lat, vals=vals, pat=pat, pre=pre if training else None)
 
-    def _select(self, pre: torch.Tensor, score: torch.Tensor, ks: list[int]) -> tuple[Pattern, torch.Tensor]:
+    def _select(self, pre: torch.Tensor, score: torch.Tensor, ks: list[int],
+                comm=None) -> tuple[Pattern, torch.Tensor]:
         """-> (pattern, pre-activations at its entries). TopK: each member's own k per token (one
-        topk call when the members share k); BatchTopK: the k·B largest positive scores per member."""
+        topk call when the members share k); BatchTopK: the k·B largest positive scores per member
+        (with ``comm``: of the global batch, so data-parallel selects what one process would)."""
         n, B, S = score.shape
         dev = score.device
         if self.arch == "topk":
@@ -136,11 +140,19 @@ class SparseCoder(nn.Module):
                 counts.append(torch.full((B,), k, dtype=torch.long, device=dev))
             return self._pattern(n, B, S, torch.cat(counts), torch.cat(lats)), torch.cat(vals)
         lats, vals, counts = [], [], []
+        world = comm.world if comm is not None else 1
         for m in range(n):  # BatchTopK: one topk per member over its flattened batch (n is small)
+            want = ks[m] * B * world  # k per token of the global batch
             with dense_threads():
-                top = score[m].reshape(-1).topk(min(ks[m] * B, B * S), sorted=False)
+                top = score[m].reshape(-1).topk(min(want, B * S), sorted=False)
+            keep = top.values > 0
+            if world > 1:  # the global want-th largest score: every rank's local candidates hold it
+                cand = torch.full((want,), -math.inf, dtype=top.values.dtype, device=dev)
+                cand[:len(top.values)] = top.values
+                everyone = comm.gather_rows(cand)
+                keep &= top.values >= everyone.topk(want, sorted=False).values.min()
             with _one_thread():
-                idx = top.indices[top.values > 0].sort().values  # row-major: sorted by token
+                idx = top.indices[keep].sort().values  # row-major: sorted by token
                 rows = idx // S
                 lats.append(idx - rows * S)
                 vals.append(pre[m].reshape(-1)[idx])

@@ -46,6 +46,20 @@ def test_data_parallel_resumed_equals_single_process(lake_dir):
     assert {r[0] for r in Lake(lake_dir).query("select name from saes")[1]} >= {"single", "dp"}
 
 
+def test_data_parallel_batchtopk_selects_over_the_global_batch(lake_dir):
+    """BatchTopK's k·B largest scores are taken over both ranks' rows, as one process would."""
+    args = [a if a != "topk" else "batchtopk" for a in COMMON]
+    train(lake_dir, [SAEConfig(hooks=[H1], name="single-b", arch="batchtopk", k=8, expansion=4, lr=3e-3)], run="r1",
+          tokens=2048, batch_size=256, repeat=True, progress=False)
+    res = _lake("--lake", lake_dir, "--run", "r1", *args, "--name", "dp-b", "--parallel", "data")
+    assert res.returncode == 0, res.stderr[-3000:]
+    store = SAEStore(lake_dir)
+    a, b = store.weights("single-b"), store.weights("dp-b")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-3)
+    assert abs(store.config("dp-b")["l0"] - store.config("single-b")["l0"]) < 1e-3
+
+
 SWEEP = f"""
 run = "r1"
 hook = "{H1}"
