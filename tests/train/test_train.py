@@ -41,6 +41,17 @@ def test_each_architecture_learns(lake_dir, arch, l1):
     assert saved["arch"] == arch and sae.d_sae == 128
 
 
+@pytest.mark.parametrize("arch,l1", [("topk", None), ("relu", 0.5)])
+def test_bf16_autocast_learns_with_float32_weights(lake_dir, arch, l1):
+    # the encoder matmul under bf16 autocast (what a GPU run would use); parameters and saved weights stay fp32
+    cfg = train(lake_dir, [SAEConfig(name=f"bf16-{arch}", arch=arch, expansion=4, k=8 if arch == "topk" else None,
+                                     l1=l1, lr=3e-3, hooks=[H1])],
+                run="r1", tokens=12000, batch_size=256, repeat=True, progress=False, autocast="bf16")[0]
+    assert cfg["training"]["autocast"] == "bf16" and cfg["fvu"] < 0.6, cfg["fvu"]
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in SAEStore(lake_dir).weights(
+        f"bf16-{arch}").values())
+
+
 def test_topk_catalog_show_ls_and_metrics(lake_dir):
     _train(lake_dir, "s1", k=8)
     rows = Lake(lake_dir).query("select name, arch, hook, d_sae, k, run, version, tokens_trained, fvu, status "
