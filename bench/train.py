@@ -12,7 +12,8 @@ Default sizes follow issue 3: a snapshot of the bundled SmolLM2-135M at blocks.5
             plain autograd): the reference.
   sweep     8 TopK SAEs (k 32, lr and seed varied) in one `train` call (one read, stacked steps) vs 8
             separate `train` calls (each reads the snapshot and sets up on its own); --mixed-k adds
-            the same with k = 8..64 (each member pays only for its own k).
+            the same with k = 8..64 (each member pays only for its own k); --cli adds one
+            `lake train --config` process against 8 `lake train` processes (what a researcher runs).
 
 Each phase runs in a fresh subprocess (its peak RSS is its own).
 
@@ -56,6 +57,8 @@ def args_parser():
     p.add_argument("--device", default="cpu")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the throughput phases (medians)")
     p.add_argument("--mixed-k", action="store_true", help="also a sweep of 8 with k 8..64 against 8 separate runs")
+    p.add_argument("--cli", action="store_true",
+                   help="also time one `lake train --config` sweep process against 8 `lake train` processes")
     p.add_argument("--write", action="store_true", help="write the results into bench/RESULTS.md")
     p.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     return p
@@ -243,6 +246,37 @@ def separate(a, tok, ks, lrs) -> dict:
     return {"runs": runs, "wall_s": sum(r["wall_s"] for r in runs)}
 
 
+def cli_comparison(a) -> dict:
+    """What a researcher runs: one `lake train --config sweep.toml` process against 8 `lake train`
+    processes (each pays its own interpreter start, imports and snapshot setup)."""
+    import tempfile
+
+    tok, tag = a.steps * a.batch_size, time.time_ns()
+    common = {"d_sae": a.d_sae, "k": a.k, "dead_window": 1_000_000}
+    with tempfile.TemporaryDirectory() as tmp:
+        toml = ['run = "bench"', f'hook = "{a.hook}"', f"tokens = {tok}", f"batch_size = {a.batch_size}",
+                "repeat = true", 'arch = "topk"', "checkpoint_every = 1000000000",
+                *(f"{k} = {v}" for k, v in common.items())]
+        for i, lr in enumerate(SWEEP_LRS):
+            toml += ["[[sae]]", f'name = "cli-sw{i}-{tag}"', f"lr = {lr}", f"seed = {i}"]
+        cfg = Path(tmp) / "sweep.toml"
+        cfg.write_text("\n".join(toml) + "\n")
+        lake_cmd = [sys.executable, "-m", "lake", "train", "--lake", a.lake, "--quiet"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+        t = time.perf_counter()
+        subprocess.run(lake_cmd + ["--config", str(cfg)], check=True, env=env, capture_output=True)
+        sweep = time.perf_counter() - t
+        t = time.perf_counter()
+        for i, lr in enumerate(SWEEP_LRS):
+            subprocess.run(lake_cmd + ["--run", "bench", "--hook", a.hook, "--arch", "topk", "--d-sae", str(a.d_sae),
+                                       "--k", str(a.k), "--lr", str(lr), "--seed", str(i), "--tokens", str(tok),
+                                       "--batch-size", str(a.batch_size), "--repeat", "--dead-window", "1000000",
+                                       "--checkpoint-every", "1000000000", "--name", f"cli-sep{i}-{tag}"],
+                           check=True, env=env, capture_output=True)
+        separate_s = time.perf_counter() - t
+    return {"sweep_s": sweep, "separate_s": separate_s}
+
+
 def median(xs):
     xs = sorted(xs)
     n = len(xs)
@@ -279,6 +313,7 @@ def main():
         for ph in ("bound", "sparse", "dense", "sweep8", "separate8") + (("sweep8k", "separate8k") if a.mixed_k else ()):
             rounds.setdefault(ph, []).append(run_phase(a, ph))
         load.append(os.getloadavg()[0])
+    cli = [cli_comparison(a) for _ in range(a.rounds)] if a.cli else []
     r = {ph: run_phase(a, ph) for ph in ("fvu_sparse", "fvu_dense")} if a.fvu_tokens else {}
     load.append(os.getloadavg()[0])
     med = lambda ph, key: median([x[key] for x in rounds[ph]])  # noqa: E731
@@ -311,6 +346,11 @@ def main():
         lines.append(f"sweep of 8 with k 8..64 (stacked, each member its own top-k): {med('sweep8k', 'wall_s'):.1f} s "
                      f"vs 8 separate runs {med('separate8k', 'wall_s'):.1f} s "
                      f"({med('separate8k', 'wall_s') / med('sweep8k', 'wall_s'):.2f}x)")
+    if cli:
+        sw, sep = median([c["sweep_s"] for c in cli]), median([c["separate_s"] for c in cli])
+        lines.append(f"as processes: one `lake train --config` sweep of 8 {sw:.1f} s vs 8 `lake train` processes "
+                     f"{sep:.1f} s ({sep / sw:.2f}x; per round {[round(c['sweep_s'], 1) for c in cli]} vs "
+                     f"{[round(c['separate_s'], 1) for c in cli]})")
     if r:
         lines.append(f"held-out FVU after {a.fvu_tokens} training tokens ({a.heldout_dataset}, 8k tokens): sparse "
                      f"{r['fvu_sparse']['fvu_heldout']:.4f} ({r['fvu_sparse']['tok_s']:.0f} tok/s incl. setup), dense "
