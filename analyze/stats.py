@@ -58,16 +58,18 @@ def hist_bin(v: torch.Tensor) -> torch.Tensor:
     return b.clamp_(0, HIST_BINS - 1)
 
 
+ANALYZE_THREADS = int(os.environ.get("SAELAKE_ANALYZE_THREADS", "0"))  # 0: torch's own count
+
+
 @contextmanager
 def bookkeeping_threads():
     """Threads for the bookkeeping's many small ops: torch's own count, or SAELAKE_ANALYZE_THREADS.
 
-    On a free machine all threads are fastest (2 cores: update 1.8x faster than on one). Where
-    the cores are shared with other busy processes, OpenMP hand-offs can make these small ops
-    up to 100x slower: there, set SAELAKE_ANALYZE_THREADS=1."""
+    On a free machine all threads are fastest (2 cores: the update 1.7-1.8x faster than on one).
+    Where the cores are shared with other busy processes, OpenMP hand-offs can make these small
+    ops up to 100x slower: there, set SAELAKE_ANALYZE_THREADS=1."""
     threads = torch.get_num_threads()
-    want = int(os.environ.get("SAELAKE_ANALYZE_THREADS", "0")) or threads
-    torch.set_num_threads(want)
+    torch.set_num_threads(ANALYZE_THREADS or threads)
     try:
         yield
     finally:

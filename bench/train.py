@@ -252,11 +252,10 @@ def cli_comparison(a) -> dict:
     import tempfile
 
     tok, tag = a.steps * a.batch_size, time.time_ns()
-    common = {"d_sae": a.d_sae, "k": a.k, "dead_window": 1_000_000}
     with tempfile.TemporaryDirectory() as tmp:
         toml = ['run = "bench"', f'hook = "{a.hook}"', f"tokens = {tok}", f"batch_size = {a.batch_size}",
-                "repeat = true", 'arch = "topk"', "checkpoint_every = 1000000000",
-                *(f"{k} = {v}" for k, v in common.items())]
+                "repeat = true", 'arch = "topk"', "checkpoint_every = 1000000000", f"d_sae = {a.d_sae}",
+                f"k = {a.k}", "dead_window = 1000000"]
         for i, lr in enumerate(SWEEP_LRS):
             toml += ["[[sae]]", f'name = "cli-sw{i}-{tag}"', f"lr = {lr}", f"seed = {i}"]
         cfg = Path(tmp) / "sweep.toml"

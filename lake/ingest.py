@@ -227,7 +227,7 @@ def ingest(cfg: IngestConfig, progress: bool = True) -> dict:
 
 def _release_memory() -> None:
     """Hand freed chunk buffers back to the OS (glibc keeps large freed blocks otherwise), so
-    memory stays at about one chunk whatever the run's length."""
+    memory stays at about two chunks (one written, one forwarded) whatever the run's length."""
     try:
         import ctypes
 
@@ -326,9 +326,9 @@ def _write_chunks(cfg: IngestConfig, lake: Lake, model: LoadedModel, m: dict, le
             round_bounds = bounds[r:r + world]
             mine = None
             for i, (a, b) in enumerate(round_bounds):  # every rank reads the stream; each keeps its chunk
-                chunk = list(itertools.islice(contexts, b - a))
+                part = list(itertools.islice(contexts, b - a))
                 if i == rank:
-                    mine = chunk
+                    mine = part
             chunk = forward_chunk(cfg, model, mine) if mine else None
             if pending and not commit(pending):
                 pending = None

@@ -200,12 +200,13 @@ class SnapshotSource:
                 order = np.random.default_rng([seed, epoch, 1]).permutation(len(blocks_in_order))
                 # consecutive blocks of this epoch's order are mixed in windows of >= block_rows rows,
                 # so how well batches mix does not depend on how big the ingest's chunks were
-                groups, cur = [], []
+                groups, cur, cur_rows = [], [], 0
                 for j in order:
                     cur.append(blocks_in_order[j])
-                    if sum(n for _, _, n in cur) >= self.block_rows:
+                    cur_rows += blocks_in_order[j][2]
+                    if cur_rows >= self.block_rows:
                         groups.append(cur)
-                        cur = []
+                        cur, cur_rows = [], 0
                 groups += [cur] if cur else []
                 for w, group in enumerate(groups):
                     n = sum(n for _, _, n in group)

@@ -63,7 +63,6 @@ def arrow_to_acts(arr, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     return t.view(-1, *shape)
 
 
-
 def as_float32_for_sql(batch: pa.RecordBatch, dtypes: dict[str, str]) -> pa.RecordBatch:
     """Cast activation columns to float32 lists: DuckDB cannot read Arrow float16 or our bf16 bits."""
     cols, fields = [], []

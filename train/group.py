@@ -5,7 +5,6 @@ member keeps its own k, learning rate and sparsity schedule, and its own Adam st
 """
 from __future__ import annotations
 
-
 import torch
 
 from .config import SAEConfig
@@ -88,7 +87,7 @@ class Group:
         # data-parallel: the loss is a mean over the tokens of the global batch (all ranks)
         N = int(comm.sum_(torch.tensor([B], dtype=torch.long))[0]) if comm.active else B
         with autocast:
-            codes = model.encode(x, k, training=True, comm=comm if comm.active else None)
+            codes = model.encode(x, k, training=True, comm=comm)
             y_hat = model.decode(codes)
         sq = _SqErr.apply(y_hat.float(), y)  # [n, B]
         mse = sq.sum(-1) / N

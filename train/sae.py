@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import Codes, Pattern, _JumpReLU, _one_thread, _SparseDecode, _SparseEncode, dense_threads
+
 ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
 SPARSE_ARCHS = ("topk", "batchtopk")
 

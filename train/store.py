@@ -6,7 +6,6 @@ activations as stored in the lake.
 from __future__ import annotations
 
 import hashlib
-
 import math
 from datetime import datetime, timezone
 

@@ -261,8 +261,7 @@ class Trainer:
                 bar.set_postfix({k: f"{sum(v) / len(v):.3g}" for k, v in shown.items()}, refresh=False)
             if step < self.total_steps and step % self.ckpt_every == 0:
                 if writer:
-                    self._checkpoint(groups, step, rows if dp else self.source.state().get("rows", rows), norm,
-                                     created, dropped, window, metrics)
+                    self._checkpoint(groups, step, rows, norm, created, dropped, window, metrics)
                 if self.stop_after is not None and step >= self.stop_after:
                     status = "interrupted"
                     break
