@@ -1,6 +1,6 @@
 """saelake analysis: per-feature statistics and samples of SAEs, and the feature stores.
 
-    from analyze import AnalyzeConfig, analyze
+    from saelake.analyze import AnalyzeConfig, analyze
     rec = analyze(AnalyzeConfig(lake="./lake", sae="my-sae"))          # embedded store
     rec = analyze(AnalyzeConfig(lake="./lake", sae="my-sae", store="mongodb://127.0.0.1:27017/x"))
 """

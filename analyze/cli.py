@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from lake import UserError
+from saelake.lake import UserError
 
 
 def _intervals(value: str) -> tuple[float, ...]:
@@ -66,7 +66,7 @@ def analyze_cmd(lake_uri, sae, run, version, tokens, batch_size, top_k, interval
 
 def find_analysis(lake_uri: str | None, store: str | None, sae: str, name: str | None):
     """-> (store, record) of the named analysis, or the newest one of ``sae``."""
-    from lake import Lake
+    from saelake.lake import Lake
 
     from .stores import EmbeddedStore, MongoStore, open_store
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from lake import Lake, LiveSource, SnapshotSource, UserError, load_model
-from lake.storage import check_name
+from saelake.lake import Lake, LiveSource, SnapshotSource, UserError, load_model
+from saelake.lake.storage import check_name
 
 from .directions import neighbours, top_logits, unembedding, vocab_strings
 from .stats import FeatureStats, bookkeeping_threads
@@ -64,7 +64,7 @@ class AnalyzeConfig:
 
 def load_sae(lake: Lake, spec: str):
     """An SAE by catalog name, or a path to an SAE directory (config.json + weights.safetensors)."""
-    from train.store import SAEStore, from_bytes, sae_from_weights
+    from saelake.train.store import SAEStore, from_bytes, sae_from_weights
 
     path = Path(spec).expanduser()
     if "/" in spec or spec.startswith(".") or (path.is_dir() and (path / "config.json").exists()):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from lake import UserError
+from saelake.lake import UserError
 
 from .stores import EmbeddedStore
 from .table import SCHEMA

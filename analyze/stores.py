@@ -23,7 +23,7 @@ from urllib.parse import urlparse, urlunparse
 
 import pyarrow as pa
 
-from lake import Lake, UserError
+from saelake.lake import Lake, UserError
 
 from .table import SCHEMA
 

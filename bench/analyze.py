@@ -28,9 +28,9 @@ HOOK, RUN, SAE = "blocks.3.hook_resid_post", "b2d", "bench-topk"
 
 
 def setup(lake: str, tokens: int, arch: str) -> str:
-    from lake import IngestConfig, Lake, ingest
-    from train.sae import SparseCoder
-    from train.store import SAEStore
+    from saelake.lake import IngestConfig, Lake, ingest
+    from saelake.train.sae import SparseCoder
+    from saelake.train.store import SAEStore
 
     if RUN not in Lake(lake).run_names():
         ingest(IngestConfig(lake=lake, model="smollm2-135m", dataset="builtin", hooks=[HOOK], tokens=tokens,
@@ -52,10 +52,10 @@ def setup(lake: str, tokens: int, arch: str) -> str:
 
 
 def throughput(lake: str, sae_name: str, tokens: int, batch_size: int, repeats: int) -> dict:
-    from analyze.run import latents
-    from analyze.stats import FeatureStats
-    from lake import SnapshotSource
-    from train.store import SAEStore
+    from saelake.analyze.run import latents
+    from saelake.analyze.stats import FeatureStats
+    from saelake.lake import SnapshotSource
+    from saelake.train.store import SAEStore
 
     sae, _ = SAEStore(lake).load(sae_name)
     src = SnapshotSource(lake, RUN)
@@ -96,7 +96,7 @@ def _timed(fn) -> float:
 
 def child(lake: str, sae_name: str, tokens: int) -> None:
     """One full `lake analyze`, then print peak RSS."""
-    from analyze.run import AnalyzeConfig, analyze
+    from saelake.analyze.run import AnalyzeConfig, analyze
 
     rec = analyze(AnalyzeConfig(lake=lake, sae=sae_name, tokens=tokens, name=f"rss-{tokens}", overwrite=True),
                   progress=False)

@@ -154,8 +154,8 @@ class Stages:
     def patched(self):
         import lance
 
-        from lake.models import LoadedModel
-        mod = importlib.import_module("lake.ingest")
+        from saelake.lake.models import LoadedModel
+        mod = importlib.import_module("saelake.lake.ingest")
         names = ["load_model", "pack_contexts"] + [k for k, _ in self.WRAP]
         saved = {k: getattr(mod, k) for k in names if hasattr(mod, k)}
         missing = {"load_model", "pack_contexts"} - set(saved)
@@ -262,7 +262,7 @@ def pack(model, dataset: str, text_column: str, tokens: int, T: int):
     import numpy as np
     import torch
 
-    import lake
+    from saelake import lake
     want = math.ceil(tokens / T)
     ctxs = list(itertools.islice(lake.pack_contexts(lake.documents(dataset, text_column), model.tokenizer, T,
                                                     model.bos_token_id), want))
@@ -314,7 +314,7 @@ def truncated_hf(path: str, n_layers: int | None, attn: str | None):
 def run_ingest(args, hooks: list[str], tokens: int, lake_dir: Path, run: str, profile: Path | None = None,
                reset_peak: bool = False, paired: bool = False) -> dict:
     """One in-process lake.ingest call, timed whole, with the stage breakdown and disk usage."""
-    import lake
+    from saelake import lake
     cfg = lake.IngestConfig(lake=str(lake_dir), hooks=hooks, tokens=tokens, model=args.model, dataset=args.dataset,
                             text_column=args.text_column, context_size=args.context_size,
                             layouts=args.layout.split(","), dtype=args.dtype, run=run, batch_size=args.batch_size,
@@ -355,7 +355,7 @@ def child(args) -> None:
             samples.append(rss_mb())
 
     rss_start = rss_mb()
-    import lake  # noqa: F401  (imports count toward the baseline, as they would in `lake ingest`)
+    from saelake import lake  # noqa: F401  (imports count toward the baseline, as they would in `lake ingest`)
     rss_imports = rss_mb()
     th = threading.Thread(target=sampler, daemon=True)
     th.start()
@@ -429,8 +429,8 @@ def main() -> None:
 
     import torch
 
-    import lake
-    from lake.models import resolve_model
+    from saelake import lake
+    from saelake.lake.models import resolve_model
     hook_sets = [[h.strip() for h in s.split(",") if h.strip()] for s in args.hooks.split(";") if s.strip()]
     rss_tokens = [int(x) for x in args.rss_tokens.split(",") if x.strip()]
     rss_hooks = [h.strip() for h in args.rss_hooks.split(",")] if args.rss_hooks else hook_sets[-1]

@@ -65,7 +65,7 @@ def args_parser():
 
 
 def ensure_snapshot(a) -> None:
-    import lake
+    from saelake import lake
 
     for run, ds in (("bench", a.dataset), ("heldout", a.heldout_dataset)):
         if run not in lake.Lake(a.lake).run_names():
@@ -132,7 +132,7 @@ def phase_bound(a) -> dict:
 
 
 def phase_sparse(a, tokens=None, names=("sparse",), ks=None, lrs=None, heldout=False) -> dict:
-    from train import SAEConfig, train
+    from saelake.train import SAEConfig, train
 
     tokens = tokens or a.steps * a.batch_size
     ks = ks or [a.k] * len(names)
@@ -157,8 +157,8 @@ def phase_sparse(a, tokens=None, names=("sparse",), ks=None, lrs=None, heldout=F
 def heldout_fvu(a, name, sae=None) -> float:
     import torch
 
-    from lake import SnapshotSource
-    from train import load_sae
+    from saelake.lake import SnapshotSource
+    from saelake.train import load_sae
 
     if sae is None:
         sae, _ = load_sae(a.lake, name)
@@ -180,8 +180,8 @@ def phase_dense(a, tokens=None, heldout=False) -> dict:
 
     import torch
 
-    from lake import SnapshotSource
-    from train.sae import SparseCoder
+    from saelake.lake import SnapshotSource
+    from saelake.train.sae import SparseCoder
 
     tokens = tokens or a.steps * a.batch_size
     src = SnapshotSource(a.lake, "bench")
@@ -260,7 +260,7 @@ def cli_comparison(a) -> dict:
             toml += ["[[sae]]", f'name = "cli-sw{i}-{tag}"', f"lr = {lr}", f"seed = {i}"]
         cfg = Path(tmp) / "sweep.toml"
         cfg.write_text("\n".join(toml) + "\n")
-        lake_cmd = [sys.executable, "-m", "lake", "train", "--lake", a.lake, "--quiet"]
+        lake_cmd = [sys.executable, "-m", "saelake.lake", "train", "--lake", a.lake, "--quiet"]
         env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
         t = time.perf_counter()
         subprocess.run(lake_cmd + ["--config", str(cfg)], check=True, env=env, capture_output=True)
@@ -287,7 +287,7 @@ def main():
     if a.phase:
         import torch
 
-        from lake import SnapshotSource
+        from saelake.lake import SnapshotSource
 
         a.d_in = SnapshotSource(a.lake, "bench").d_model[a.hook]
         torch.set_num_threads(a.threads)

@@ -10,8 +10,8 @@ Without --sae (or when it does not exist yet) a small TopK SAE is first trained 
 import argparse
 import time
 
-from analyze import AnalyzeConfig, EmbeddedStore, analyze, show_feature
-from lake import Lake
+from saelake.analyze import AnalyzeConfig, EmbeddedStore, analyze, show_feature
+from saelake.lake import Lake
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--lake", default="./lake-demo")
@@ -30,10 +30,10 @@ args = p.parse_args()
 
 lake = Lake(args.lake)
 sae = args.sae or f"topk-live-{time.strftime('%Y%m%d-%H%M%S')}"
-from train.store import SAEStore  # noqa: E402
+from saelake.train.store import SAEStore  # noqa: E402
 
 if not SAEStore(lake).exists(sae):
-    from train import SAEConfig, train
+    from saelake.train import SAEConfig, train
 
     cfg = train(args.lake, [SAEConfig(hooks=[args.hook], arch="topk", name=sae, expansion=args.expansion, k=args.k)],
                 live=True, model=args.model, dataset=args.dataset, context_size=args.context_size,

@@ -13,8 +13,8 @@ import argparse
 import os
 import time
 
-import lake
-from analyze import AnalyzeConfig, analyze, open_store
+from saelake import lake
+from saelake.analyze import AnalyzeConfig, analyze, open_store
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--lake", default="./lake-demo")
@@ -39,10 +39,10 @@ if args.run not in L.run_names():
                                   tokens=args.ingest_tokens, context_size=args.context_size, layouts=["1d", "2d"],
                                   run=args.run), progress=False)
 sae = args.sae or f"topk-{args.run}-{time.strftime('%Y%m%d-%H%M%S')}"
-from train.store import SAEStore  # noqa: E402
+from saelake.train.store import SAEStore  # noqa: E402
 
 if not SAEStore(L).exists(sae):
-    from train import SAEConfig, train
+    from saelake.train import SAEConfig, train
 
     cfg = train(args.lake, [SAEConfig(hooks=[args.hook], arch="topk", name=sae, expansion=args.expansion, k=args.k)],
                 run=args.run, tokens=args.train_tokens, batch_size=args.train_batch_size, repeat=True,

@@ -22,7 +22,7 @@ args = p.parse_args()
 
 
 def lake_cmd(*a: str) -> None:
-    from lake.cli import main  # in-process: a ./lake folder in the cwd cannot shadow the package
+    from saelake.lake.cli import main  # in-process: a ./lake folder in the cwd cannot shadow the package
 
     print("\n$ lake " + " ".join(a), flush=True)
     try:
@@ -33,7 +33,7 @@ def lake_cmd(*a: str) -> None:
 
 
 t0 = time.time()
-import lake  # noqa: E402
+from saelake import lake  # noqa: E402
 
 L = args.lake
 existing = lake.Lake(L).run_names()

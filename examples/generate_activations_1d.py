@@ -7,7 +7,7 @@ hook. Defaults run in well under a minute on the bundled SmolLM2-135M.
 """
 import argparse
 
-import lake
+from saelake import lake
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--lake", default="./lake-demo")

@@ -7,7 +7,7 @@ activations per hook), in corpus order, with the source document and offset of e
 """
 import argparse
 
-import lake
+from saelake import lake
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--lake", default="./lake-demo")

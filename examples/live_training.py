@@ -3,7 +3,7 @@ train_sae_jumprelu.py): the model runs over the corpus and feeds the trainer, no
 import argparse
 import time
 
-from train import SAEConfig, train
+from saelake.train import SAEConfig, train
 
 
 def main(arch: str, description: str) -> None:

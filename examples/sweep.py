@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-import lake
-from lake.cli import main
+from saelake import lake
+from saelake.lake.cli import main
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--lake", default="./lake-demo")

@@ -8,8 +8,8 @@ run exists), then 120k training tokens read from the snapshot (looping over it w
 import argparse
 import time
 
-import lake
-from train import SAEConfig, train
+from saelake import lake
+from saelake.train import SAEConfig, train
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--lake", default="./lake-demo")

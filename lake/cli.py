@@ -90,7 +90,7 @@ def _torchrun(nproc: int) -> None:
     threads = max(1, (os.cpu_count() or 1) // nproc)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     code = subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            f"--nproc-per-node={nproc}", "-m", "lake", *args], env=env)
+                            f"--nproc-per-node={nproc}", "-m", "saelake.lake", *args], env=env)
     sys.exit(code)
 
 

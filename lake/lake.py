@@ -8,7 +8,7 @@ from importlib.metadata import entry_points
 
 import lance
 
-from catalog import Catalog, CatalogError
+from saelake.catalog import Catalog, CatalogError
 
 from .errors import UserError
 from .storage import LakeStorage, check_name, saelake_home

@@ -71,7 +71,7 @@ def _saelake_home(tmp_path_factory, monkeypatch):
 def run_cli(*args: str, env: dict | None = None, check: bool = False, timeout: int = 300):
     """Run the real `lake` CLI in a subprocess (as users do)."""
     full_env = {**os.environ, **(env or {})}
-    p = subprocess.run([sys.executable, "-m", "lake", *args], capture_output=True, text=True, env=full_env,
+    p = subprocess.run([sys.executable, "-m", "saelake.lake", *args], capture_output=True, text=True, env=full_env,
                        timeout=timeout, cwd=REPO)
     if check and p.returncode != 0:
         raise AssertionError(f"lake {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
@@ -134,7 +134,7 @@ HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
 
 
 def ingest_tiny(lake: str, model: str, corpus: str, run: str = "r1", tokens: int = 4000, **kw) -> dict:
-    from lake import IngestConfig, ingest
+    from saelake.lake import IngestConfig, ingest
 
     cfg = IngestConfig(lake=lake, model=model, dataset=corpus, hooks=kw.pop("hooks", HOOKS), tokens=tokens,
                        context_size=kw.pop("context_size", 32), run=run, shuffle_buffer=kw.pop("shuffle_buffer", 1024),
@@ -155,7 +155,7 @@ def cli(*args: str) -> tuple[int, str, str]:
     import contextlib
     import io
 
-    from lake.cli import main
+    from saelake.lake.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     code = 0

@@ -5,8 +5,8 @@ from tests.conftest import HOOKS, cli
 
 
 def test_catalog_sync_restores_runs_saes_and_analyses(tmp_path, tiny_lake):
-    from analyze import AnalyzeConfig, analyze
-    from train import SAEConfig, train
+    from saelake.analyze import AnalyzeConfig, analyze
+    from saelake.train import SAEConfig, train
 
     lake = tmp_path / "lake"
     shutil.copytree(tiny_lake, lake)

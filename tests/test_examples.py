@@ -28,7 +28,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path, tiny_model, tiny_corpus):
                "--train-tokens", "4000", "--analyze-tokens", "1000")
     assert "demo done" in out and "lake serve --lake" in out
     assert (lake / "pareto.png").stat().st_size > 10_000
-    from lake import Lake
+    from saelake.lake import Lake
     names, rows = Lake(str(lake)).query("select count(*) from saes")
     assert rows == [(3,)]
     names, rows = Lake(str(lake)).query("select count(*) from analyses")

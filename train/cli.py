@@ -10,7 +10,7 @@ from datetime import datetime
 
 import click
 
-from lake.cli import _lake_option, _split
+from saelake.lake.cli import _lake_option, _split
 
 
 def _fmt(v, spec=".4g"):
@@ -66,12 +66,12 @@ def train_cmd(lake_uri, config_path, run, version, live, model, dataset, text_co
               outlier_factor, normalize, seed, tokens, batch_size, repeat, data_seed, name, resume, device, autocast,
               checkpoint_every, log_every, stop_after, nproc, parallel, quiet):
     """Train one SAE, or a sweep of many (--config), from a snapshot or a live model."""
-    from lake import UserError
+    from saelake.lake import UserError
 
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
     if nproc > 1:
-        from lake.cli import _torchrun
+        from saelake.lake.cli import _torchrun
 
         _torchrun(nproc)
 
@@ -181,7 +181,7 @@ def plot_cmd(lake_uri, names, pareto, out):
         plot_pareto(lake_uri, list(names), out)
     else:
         if len(names) != 1:
-            from lake import UserError
+            from saelake.lake import UserError
             raise UserError("lake plot draws the curves of one SAE; for several use --pareto")
         plot_curves(lake_uri, names[0], out)
     click.echo(f"wrote {out}")
@@ -189,7 +189,7 @@ def plot_cmd(lake_uri, names, pareto, out):
 
 def show_sae(lake, name: str, as_json: bool) -> bool:
     """`lake show NAME` for SAEs: config and final metrics."""
-    from lake.storage import NAME_RE
+    from saelake.lake.storage import NAME_RE
 
     from .store import SAEStore
 

@@ -9,7 +9,7 @@ import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from lake import UserError
+from saelake.lake import UserError
 
 from .sae import ARCHS
 

@@ -12,7 +12,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from lake import Lake, SnapshotSource, UserError, documents, load_model, pack_contexts
+from saelake.lake import Lake, SnapshotSource, UserError, documents, load_model, pack_contexts
 
 from .store import METRIC_DEFINITIONS, SAEStore, now
 

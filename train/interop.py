@@ -13,8 +13,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from lake import Lake, UserError
-from lake.storage import check_name
+from saelake.lake import Lake, UserError
+from saelake.lake.storage import check_name
 
 from .store import CATALOG_COLUMNS, METRIC_DEFINITIONS, SAEStore, now
 

@@ -6,7 +6,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from lake import UserError
+from saelake.lake import UserError
 
 from .store import SAEStore
 

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from lake import Lake, UserError
-from lake.storage import check_name
+from saelake.lake import Lake, UserError
+from saelake.lake.storage import check_name
 
 from .sae import SparseCoder
 
@@ -94,7 +94,7 @@ class SAEStore:
             self.register(name)
 
     def register(self, name: str) -> None:
-        from catalog import CatalogError
+        from saelake.catalog import CatalogError
 
         try:
             # (an empty metrics list would make the catalog's executemany fail: pass None then)

@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
-from lake import Lake, LiveSource, SnapshotSource, UserError
-from lake.storage import check_name
+from saelake.lake import Lake, LiveSource, SnapshotSource, UserError
+from saelake.lake.storage import check_name
 
 from .config import SAEConfig, SourceConfig
 from .dist import Comm

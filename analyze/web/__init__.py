@@ -3,7 +3,7 @@
 Standard library HTTP server + Jinja2 templates + server-side SVG charts + a little vanilla
 JavaScript: no Node build, no CDN, nothing fetched at run time.
 
-    from analyze.web import WebApp, start_in_thread
+    from saelake.analyze.web import WebApp, start_in_thread
     server, _ = start_in_thread(WebApp("./lake"), port=0)   # http://127.0.0.1:<server.server_address[1]>/
 """
 from .export import export_dashboard, parse_features

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from lake import UserError
+from saelake.lake import UserError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lake import Lake, UserError
-from lake.storage import check_name
+from saelake.lake import Lake, UserError
+from saelake.lake.storage import check_name
 
 SCALAR_COLUMNS = ("feature", "count", "density", "max_act", "mean_act")
 
@@ -250,7 +250,7 @@ class LakeData:
         return self.store_uri or where
 
     def store(self, uri: str):
-        from analyze.stores import MongoStore
+        from saelake.analyze.stores import MongoStore
 
         with self._lock:
             if uri in self._stores:
@@ -270,7 +270,7 @@ class LakeData:
         return st
 
     def _forget_store(self, uri: str, what: str) -> str:
-        from analyze.stores import redact
+        from saelake.analyze.stores import redact
 
         with self._lock:
             st = self._stores.pop(uri, None)
@@ -298,7 +298,7 @@ class LakeData:
         with self._lock:
             ds = self._datasets.get(key)
         if ds is None:
-            from analyze.stores import EmbeddedStore
+            from saelake.analyze.stores import EmbeddedStore
             try:
                 ds = EmbeddedStore(self.lake).dataset(rec["name"], rec)
             except UserError as e:

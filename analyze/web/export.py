@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from lake import UserError
+from saelake.lake import UserError
 
 from .data import LakeData, NotFound, StoreDown
 from .pages import Renderer, StaticLinks

@@ -10,7 +10,7 @@ import threading
 
 import torch
 
-from lake import UserError
+from saelake.lake import UserError
 
 from .data import LakeData, NotFound
 
@@ -40,7 +40,7 @@ class LiveEncoder:
         return spec
 
     def _model(self, spec: str):
-        from lake import load_model
+        from saelake.lake import load_model
 
         if spec not in self._models:
             try:
@@ -50,7 +50,7 @@ class LiveEncoder:
         return self._models[spec]
 
     def _sae(self, name: str, cfg: dict):
-        from train.store import SAEStore
+        from saelake.train.store import SAEStore
 
         key = (name, cfg.get("updated") or cfg.get("created"))
         if key not in self._saes:

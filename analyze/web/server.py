@@ -27,7 +27,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote
 
-from lake import UserError
+from saelake.lake import UserError
 
 from .data import LakeData, Loading, NotFound, StoreDown, shown
 from .live import LiveEncoder, LiveError

@@ -14,8 +14,8 @@ def make_sae(lake: str, name: str, arch: str = "topk", hook: str = H0, d_in: int
              k: int | None = 4, run: str | None = "r1", version: int | None = 1, seed: int = 0,
              bias: float = 0.0, model: str | None = None) -> dict:
     """A real SparseCoder (tied random init), saved through train's SAEStore like a trained one."""
-    from train.sae import SparseCoder
-    from train.store import SAEStore
+    from saelake.train.sae import SparseCoder
+    from saelake.train.store import SAEStore
 
     sae = SparseCoder(arch, d_in, d_sae, k=k if arch in ("topk", "batchtopk") else None)
     sae.initialize([torch.Generator().manual_seed(seed)])

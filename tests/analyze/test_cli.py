@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import pytest
 
-from analyze.sql import relations
-from analyze.stores import EmbeddedStore
+from saelake.analyze.sql import relations
+from saelake.analyze.stores import EmbeddedStore
 from tests.analyze.conftest import H0, cli, make_sae
-from lake import Lake
+from saelake.lake import Lake
 
 
 def _ingest_1d_only(lake: str, model: str, corpus: str) -> None:
-    from lake import IngestConfig, ingest
+    from saelake.lake import IngestConfig, ingest
 
     ingest(IngestConfig(lake=lake, model=model, dataset=corpus, hooks=[H0], tokens=300, context_size=32,
                         layouts=["1d"], run="only1d", shuffle_buffer=256), progress=False)

@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 
-from analyze.run import AnalyzeConfig, analyze, latents
-from analyze.stats import HIST_BINS, hist_bin, priority
-from analyze.stores import EmbeddedStore
-from lake import Lake, SnapshotSource, load_model
+from saelake.analyze.run import AnalyzeConfig, analyze, latents
+from saelake.analyze.stats import HIST_BINS, hist_bin, priority
+from saelake.analyze.stores import EmbeddedStore
+from saelake.lake import Lake, SnapshotSource, load_model
 
 BATCH, TOP_K, INTERVALS, PER, ZERO = 8, 5, (0.8, 0.6, 0.4), 3, 4
 
@@ -27,7 +27,7 @@ def analysed(alake, tmp_path_factory):
 
 def brute(root: str, name: str):
     """Dense latents of every context of the snapshot: f [contexts, T, S] (invalid tokens zeroed)."""
-    from train.store import SAEStore
+    from saelake.train.store import SAEStore
 
     sae, cfg = SAEStore(root).load(name)
     src = SnapshotSource(root, "r1")
@@ -137,7 +137,7 @@ def test_interval_and_non_activating_samples_obey_the_rule(analysed, name):
 
 def test_streaming_state_is_bounded():
     """Held samples and context tokens stay bounded however many batches stream by."""
-    from analyze.stats import FeatureStats
+    from saelake.analyze.stats import FeatureStats
 
     S, T, n = 16, 8, 4
     st = FeatureStats(S, T, top_k=3, per_interval=2, n_zero=2)
@@ -158,7 +158,7 @@ def test_streaming_state_is_bounded():
 
 def test_latents_match_dense_encode(alake):
     """The sparse path (TopK codes) and the dense path give the same non-zero latents."""
-    from train.store import SAEStore
+    from saelake.train.store import SAEStore
 
     sae, _ = SAEStore(alake).load("topk")
     x = torch.randn(40, 32, generator=torch.Generator().manual_seed(1))

@@ -6,11 +6,11 @@ import time
 import pymongo
 import pytest
 
-from analyze.run import AnalyzeConfig, analyze
-from analyze.sql import relations
-from analyze.stores import EmbeddedStore, MongoStore, redact
+from saelake.analyze.run import AnalyzeConfig, analyze
+from saelake.analyze.sql import relations
+from saelake.analyze.stores import EmbeddedStore, MongoStore, redact
 from tests.analyze.conftest import cli, free_port
-from lake import Lake, UserError
+from saelake.lake import Lake, UserError
 
 
 def test_embedded_and_mongo_read_back_identical(lake_copy, mongo_server):
@@ -70,7 +70,7 @@ def test_overwrite_replaces_atomically(lake_copy, mongo_server):
 
 
 def test_failed_analysis_leaves_nothing(lake_copy, monkeypatch):
-    import analyze.table as table
+    import saelake.analyze.table as table
 
     def boom(self, f0, f1):
         raise RuntimeError("disk on fire")

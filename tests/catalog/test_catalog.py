@@ -3,7 +3,7 @@ import multiprocessing as mp
 
 import pytest
 
-from catalog import Catalog, CatalogError
+from saelake.catalog import Catalog, CatalogError
 
 
 def _manifest(name: str, tokens: int = 100) -> dict:

@@ -7,11 +7,11 @@ import lance
 import numpy as np
 
 from tests.conftest import HOOKS, REPO, free_port
-from lake import Lake
+from saelake.lake import Lake
 
 
 def _args(lake, model, corpus, run="r1", tokens="3000", *extra):
-    return [sys.executable, "-m", "lake", "ingest", "--lake", lake, "--model", model, "--dataset", corpus,
+    return [sys.executable, "-m", "saelake.lake", "ingest", "--lake", lake, "--model", model, "--dataset", corpus,
             "--hooks", ",".join(HOOKS), "--tokens", tokens, "--context-size", "32", "--run", run,
             "--shuffle-buffer", "512", "--quiet", *extra]
 

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lake import UserError, documents, load_model, pack_contexts
+from saelake.lake import UserError, documents, load_model, pack_contexts
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from tests.conftest import HOOKS, REPO
-from lake import Lake
+from saelake.lake import Lake
 
 
 def _ingest_args(lake, model, corpus, *extra):
-    return [sys.executable, "-m", "lake", "ingest", "--lake", lake, "--model", model, "--dataset", corpus,
+    return [sys.executable, "-m", "saelake.lake", "ingest", "--lake", lake, "--model", model, "--dataset", corpus,
             "--hooks", ",".join(HOOKS), "--tokens", "12000", "--context-size", "32", "--run", "r1",
             "--shuffle-buffer", "256", "--quiet", *extra]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import HOOKS, cli, ingest_tiny
-from lake import Lake, SnapshotSource, load_model
+from saelake.lake import Lake, SnapshotSource, load_model
 
 
 def _tables(lake: str, run: str = "r1"):
@@ -143,7 +143,7 @@ def test_append_makes_a_new_version_and_keeps_the_old(tmp_path, tiny_model, tiny
 
 
 def test_contexts_record_their_document_and_offset(tiny_lake, tiny_corpus, tiny_model):
-    from lake import documents
+    from saelake.lake import documents
 
     tok = load_model(tiny_model).tokenizer
     doc = tok(next(documents(tiny_corpus)), add_special_tokens=False)["input_ids"]  # one .txt = one document

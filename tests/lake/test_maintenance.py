@@ -6,7 +6,7 @@ import lance
 import pytest
 
 from tests.conftest import cli, ingest_tiny
-from lake import Lake, SnapshotSource, UserError
+from saelake.lake import Lake, SnapshotSource, UserError
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_gc_keeps_snapshots_and_removes_the_rest(tmp_path, tiny_model, tiny_corp
 
 
 def test_verify_checks_sae_weights(lake):
-    from train import SAEConfig, train
+    from saelake.train import SAEConfig, train
 
     train(str(lake), [SAEConfig(hooks=["blocks.0.hook_resid_post"], arch="topk", k=4, expansion=2, name="s1")],
           progress=False, run="r1", tokens=1024, batch_size=256)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import HOOKS
-from lake import LiveSource, SnapshotSource, UserError, load_model
+from saelake.lake import LiveSource, SnapshotSource, UserError, load_model
 
 
 def _keys(batches):

@@ -4,7 +4,7 @@ import json
 import lance
 
 from tests.conftest import HOOKS, cli, ingest_tiny
-from lake import Lake, SnapshotSource
+from saelake.lake import Lake, SnapshotSource
 
 
 def test_ingest_query_and_read_on_s3(s3_env, tiny_model, tiny_corpus, tiny_lake):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import cli
-from lake import Lake, load_model
+from saelake.lake import Lake, load_model
 
 pytestmark = pytest.mark.slow
 HOOKS = ["blocks.3.hook_resid_post", "blocks.3.hook_mlp_out"]

@@ -24,7 +24,7 @@ def _one_thread(monkeypatch):
 @pytest.fixture(scope="session")
 def snapshot(tmp_path_factory, tiny_model, tiny_corpus):
     """A lake with run r1: 4 hooks of the tiny model, 1d + 2d, ~4k tokens."""
-    from lake import IngestConfig, ingest
+    from saelake.lake import IngestConfig, ingest
 
     root = str(tmp_path_factory.mktemp("trainlake") / "lake")
     os.environ.setdefault("SAELAKE_HOME", str(tmp_path_factory.getbasetemp() / "saelake-home"))

@@ -6,8 +6,8 @@ import os
 import pytest
 from tests.train.conftest import H1, lake_main
 
-from lake import Lake
-from train import SAEStore
+from saelake.lake import Lake
+from saelake.train import SAEStore
 
 BASE = ["--run", "r1", "--hook", H1, "--arch", "topk", "--k", "4", "--expansion", "2", "--tokens", "512",
         "--batch-size", "256", "--quiet"]

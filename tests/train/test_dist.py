@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from lake import Lake
+from saelake.lake import Lake
 from tests.train.conftest import H1
-from train import SAEConfig, SAEStore, train
+from saelake.train import SAEConfig, SAEStore, train
 
 REPO = Path(__file__).resolve().parents[2]
 COMMON = ["--hook", H1, "--arch", "topk", "--k", "8", "--expansion", "4", "--tokens", "2048", "--batch-size", "256",
@@ -20,7 +20,7 @@ COMMON = ["--hook", H1, "--arch", "topk", "--k", "8", "--expansion", "4", "--tok
 
 
 def _lake(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "lake", "train", *args, "--nproc", str(nproc)]
+    cmd = [sys.executable, "-m", "saelake.lake", "train", *args, "--nproc", str(nproc)]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, check=False,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 

@@ -12,8 +12,8 @@ import torch
 from tests.train.conftest import H1, MLP_IN, MLP_OUT, lake_main
 from safetensors.numpy import load_file
 
-from lake import SnapshotSource
-from train import SAEConfig, SAEStore, load_sae, train
+from saelake.lake import SnapshotSource
+from saelake.train import SAEConfig, SAEStore, load_sae, train
 
 
 def numpy_sae(folder: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

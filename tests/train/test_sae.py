@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train.sae import SparseCoder
-from train.store import fold_normalization, sae_from_weights
+from saelake.train.sae import SparseCoder
+from saelake.train.store import fold_normalization, sae_from_weights
 
 
 def _model(arch, n=1, d_in=16, d_sae=48, d_out=None, k=4, seed=0):

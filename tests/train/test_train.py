@@ -14,8 +14,8 @@ import pytest
 import torch
 from tests.train.conftest import H0, H1, MLP_IN, MLP_OUT, lake_main
 
-from lake import Lake
-from train import SAEConfig, SAEStore, load_sae, train
+from saelake.lake import Lake
+from saelake.train import SAEConfig, SAEStore, load_sae, train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -141,7 +141,7 @@ def test_stacked_sweep_equals_separate_runs(lake_dir):
 
 
 def _cli_train(lake, name, *extra, env=None):
-    args = [sys.executable, "-m", "lake", "train", "--lake", lake, "--run", "r1", "--hook", H1, "--arch", "topk",
+    args = [sys.executable, "-m", "saelake.lake", "train", "--lake", lake, "--run", "r1", "--hook", H1, "--arch", "topk",
             "--k", "8", "--expansion", "4", "--tokens", "8192", "--batch-size", "256", "--repeat", "--lr", "0.003",
             "--checkpoint-every", "4", "--name", name, "--quiet", *extra]
     return subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=300,
@@ -167,7 +167,7 @@ def test_resume_after_sigkill(lake_dir):
     """A real kill -9 after a checkpoint, then --resume: same weights as an uninterrupted run."""
     ref = _cli_train(lake_dir, "ref", "--checkpoint-every", "2")
     assert ref.returncode == 0, ref.stderr
-    args = [sys.executable, "-m", "lake", "train", "--lake", lake_dir, "--run", "r1", "--hook", H1, "--k", "8",
+    args = [sys.executable, "-m", "saelake.lake", "train", "--lake", lake_dir, "--run", "r1", "--hook", H1, "--k", "8",
             "--expansion", "4", "--tokens", "8192", "--batch-size", "256", "--repeat", "--lr", "0.003",
             "--checkpoint-every", "2", "--name", "killed", "--quiet"]
     proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "SAELAKE_TRAIN_SLOW": "0.05"},

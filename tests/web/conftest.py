@@ -19,8 +19,8 @@ def web_lake(tmp_path_factory, tiny_lake, tiny_model, mongo_server) -> dict:
     and ``web-sae-mongo`` (MongoDB) + an SAE without analysis (``bare``)."""
     import torch
 
-    from analyze import AnalyzeConfig, analyze
-    from train import SAEConfig, train
+    from saelake.analyze import AnalyzeConfig, analyze
+    from saelake.train import SAEConfig, train
 
     root = tmp_path_factory.mktemp("web") / "lake"
     shutil.copytree(tiny_lake, root, ignore=shutil.ignore_patterns("catalog.duckdb*"))
@@ -41,7 +41,7 @@ def web_lake(tmp_path_factory, tiny_lake, tiny_model, mongo_server) -> dict:
 
 
 def _serve(app):
-    from analyze.web import start_in_thread
+    from saelake.analyze.web import start_in_thread
 
     server, thread = start_in_thread(app, port=0)
     return server, f"http://127.0.0.1:{server.server_address[1]}"
@@ -50,7 +50,7 @@ def _serve(app):
 @pytest.fixture(scope="session")
 def server(web_lake):
     """The UI over the lake (embedded store by default; MongoDB analyses through their records)."""
-    from analyze.web import WebApp
+    from saelake.analyze.web import WebApp
 
     srv, url = _serve(WebApp(web_lake["lake"]))
     yield url
@@ -61,7 +61,7 @@ def server(web_lake):
 @pytest.fixture(scope="session")
 def mongo_ui(web_lake):
     """The UI started with --store mongodb://...: MongoDB analyses are the default ones."""
-    from analyze.web import WebApp
+    from saelake.analyze.web import WebApp
 
     srv, url = _serve(WebApp(web_lake["lake"], store=web_lake["store"]))
     yield url

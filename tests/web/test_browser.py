@@ -7,9 +7,9 @@ import re
 import pytest
 import torch
 
-from analyze.stores import EmbeddedStore, MongoStore
-from lake import Lake, load_model
-from train.store import SAEStore
+from saelake.analyze.stores import EmbeddedStore, MongoStore
+from saelake.lake import Lake, load_model
+from saelake.train.store import SAEStore
 
 ALPHA = re.compile(r"rgba?\(255,\s*102,\s*0(?:,\s*([\d.]+))?\)")  # alpha 1 is written rgb(...)
 

@@ -82,7 +82,7 @@ def test_pages_render_fast(server):
 
 
 def test_store_unreachable_page_says_so_server_keeps_running(web_lake):
-    from analyze.web import WebApp, start_in_thread
+    from saelake.analyze.web import WebApp, start_in_thread
 
     dead = f"mongodb://127.0.0.1:{free_port()}/web"
     app = WebApp(web_lake["lake"], store=dead)
@@ -123,7 +123,7 @@ def test_serve_port_in_use_one_clear_line(web_lake):
 def test_lake_serve_command_binds_loopback(web_lake):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "lake", "serve", "--lake", web_lake["lake"], "--port", str(port),
+    p = subprocess.Popen([sys.executable, "-m", "saelake.lake", "serve", "--lake", web_lake["lake"], "--port", str(port),
                           "--quiet", "--no-live"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=env, cwd=REPO)
     try:
@@ -197,7 +197,7 @@ def test_export_dashboard_bad_input(web_lake, tmp_path, args, message):
 def test_slow_store_feature_list_loads_in_background(web_lake):
     """A MongoDB store that streams the scalars slowly: the SAE page says it is loading and refreshes
     instead of holding the request; then the list appears."""
-    from analyze.web import WebApp, start_in_thread
+    from saelake.analyze.web import WebApp, start_in_thread
 
     app = WebApp(web_lake["lake"], store=web_lake["store"], live=False)
     app.data.scalars_wait_s = 0.0
