@@ -1,4 +1,4 @@
 """saelake's DuckDB catalog: an index over the lake's manifests (rebuildable, never the source of truth)."""
-from .db import Catalog, CatalogError
+from .db import Catalog, CatalogError, check_select
 
-__all__ = ["Catalog", "CatalogError"]
+__all__ = ["Catalog", "CatalogError", "check_select"]

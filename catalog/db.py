@@ -1,13 +1,13 @@
 """The DuckDB catalog: an index over a lake's manifests.
 
 Manifests in the lake are the source of truth; everything here can be rebuilt from them
-(``rebuild``). Writers hold DuckDB's file lock briefly and retry; ``query`` opens the
-file read-only, so user SQL cannot change it.
+(``rebuild``). Writers hold DuckDB's file lock briefly and retry. ``query`` runs user SQL
+confined to the catalog and the relations it is given: one SELECT statement, on a read-only
+connection whose access to files, other databases and extensions is switched off and locked.
 """
 from __future__ import annotations
 
 import json
-import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +29,12 @@ create table if not exists hooks (
 create table if not exists saes (
     name varchar primary key, arch varchar, hook varchar, out_hook varchar, d_in integer,
     d_sae integer, k integer, run varchar, version bigint, tokens_trained bigint, fvu double,
-    l0 double, dead_fraction double, status varchar, created timestamp, uri varchar, config json);
+    l0 double, dead_fraction double, status varchar, created timestamp, uri varchar, config json,
+    heldout_fvu double, heldout_l0 double, heldout_dead_fraction double);
+-- fvu, l0, dead_fraction: in-sample (training batches); heldout_*: on rows training never read
+alter table saes add column if not exists heldout_fvu double;
+alter table saes add column if not exists heldout_l0 double;
+alter table saes add column if not exists heldout_dead_fraction double;
 create table if not exists metrics (
     sae varchar, step bigint, tokens bigint, name varchar, value double);
 create table if not exists analyses (
@@ -37,8 +42,19 @@ create table if not exists analyses (
     n_features integer, tokens bigint, created timestamp, uri varchar, config json);
 """
 
-WRITE_WORDS = re.compile(r"^\s*(insert|update|delete|create|drop|alter|attach|detach|copy|install|load|"
-                         r"export|import|checkpoint|vacuum|set|pragma|call)\b", re.I)
+# What user SQL may do is decided by the database, not by reading the text: DuckDB refuses file
+# access (read_text, read_csv, glob, COPY, EXPORT), ATTACH and extension INSTALL/LOAD once external
+# access is off, and lock_configuration stops a statement from switching it back on. Registered
+# Arrow objects (the lake's own relations) are not external, so they keep working.
+CONFINED = {
+    "enable_external_access": False,
+    "autoload_known_extensions": False,
+    "autoinstall_known_extensions": False,
+    "allow_community_extensions": False,
+    "allow_unsigned_extensions": False,
+    "python_enable_replacements": False,  # no scanning of Python variables by name
+    "lock_configuration": True,
+}
 
 
 class CatalogError(Exception):
@@ -50,8 +66,11 @@ class Catalog:
         self.path = Path(path)
 
     @contextmanager
-    def connect(self, read_only: bool = False, timeout_s: float = 30.0):
-        """A connection, retrying while another process holds the write lock."""
+    def connect(self, read_only: bool = False, timeout_s: float = 30.0, confined: bool = False):
+        """A connection, retrying while another process holds the write lock.
+
+        ``confined``: read-only, with the CONFINED settings (for user SQL)."""
+        read_only = read_only or confined
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if read_only and not self.path.exists():
             with self.connect():
@@ -60,7 +79,8 @@ class Catalog:
         delay = 0.05
         while True:
             try:
-                con = duckdb.connect(str(self.path), read_only=read_only)
+                con = duckdb.connect(str(self.path), read_only=read_only,
+                                     config=CONFINED if confined else {})
                 break
             except duckdb.IOException as e:
                 if "lock" not in str(e).lower() or time.monotonic() > deadline:
@@ -107,10 +127,10 @@ class Catalog:
             with self.connect() as con:
                 return self.upsert_sae(config, uri, metrics, con)
         cols = ["name", "arch", "hook", "out_hook", "d_in", "d_sae", "k", "run", "version", "tokens_trained",
-                "fvu", "l0", "dead_fraction", "status", "created"]
+                "fvu", "l0", "dead_fraction", "status", "created", "heldout_fvu", "heldout_l0", "heldout_dead_fraction"]
         con.execute("begin")
         con.execute("delete from saes where name = ?", [config["name"]])
-        con.execute(f"insert into saes values ({','.join('?' * (len(cols) + 2))})",
+        con.execute(f"insert into saes ({', '.join(cols)}, uri, config) values ({','.join('?' * (len(cols) + 2))})",
                     [config.get(c) for c in cols] + [uri, json.dumps(config, default=str)])
         if metrics is not None:
             con.execute("delete from metrics where sae = ?", [config["name"]])
@@ -148,17 +168,29 @@ class Catalog:
 
     # -- reads -----------------------------------------------------------------------------
     def query(self, sql: str, relations: dict | None = None) -> tuple[list[str], list[tuple]]:
-        """Read-only SQL. ``relations`` are extra named Arrow readers (activation tables)."""
-        if WRITE_WORDS.match(sql):
-            raise CatalogError("lake query is read-only: only SELECT/WITH/DESCRIBE/SHOW/SUMMARIZE statements")
-        with self.connect(read_only=True) as con:
+        """One read-only SELECT over the catalog, confined to it (see CONFINED).
+
+        ``relations`` are extra named Arrow readers (activation tables)."""
+        check_select(sql)
+        with self.connect(confined=True) as con:
             for name, rel in (relations or {}).items():
                 con.register(name, rel)
-            try:
+            try:  # rows are produced while fetching: a damaged relation fails there
                 cur = con.execute(sql)
+                return [d[0] for d in cur.description], cur.fetchall()
             except duckdb.Error as e:
-                msg = str(e).splitlines()[0]
-                raise CatalogError(f"SQL error: {msg}") from None
-            if cur.description is None:
-                return [], []
-            return [d[0] for d in cur.description], cur.fetchall()
+                raise CatalogError(f"SQL error: {str(e).splitlines()[0]}") from None
+
+
+def check_select(sql: str) -> None:
+    """Exactly one statement, and a SELECT (also WITH, FROM, VALUES, DESCRIBE, SHOW, SUMMARIZE)."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as e:
+        raise CatalogError(f"SQL error: {str(e).splitlines()[0]}") from None
+    if len(statements) != 1:
+        raise CatalogError(f"lake query runs exactly one statement, got {len(statements)}")
+    kind = statements[0].type
+    if kind != duckdb.StatementType.SELECT:
+        raise CatalogError(f"lake query is read-only: only SELECT-like statements (SELECT, WITH, FROM, DESCRIBE, "
+                           f"SHOW, SUMMARIZE), not {kind.name}")
