@@ -8,7 +8,7 @@ from importlib.metadata import entry_points
 
 import lance
 
-from saelake.catalog import Catalog, CatalogError
+from saelake.catalog import Catalog, CatalogError, check_select
 
 from .errors import UserError
 from .storage import LakeStorage, check_name, saelake_home
@@ -81,28 +81,35 @@ class Lake:
         return {"runs": len(runs), "saes": len(saes), "analyses": len(analyses)}
 
     def query(self, sql: str) -> tuple[list[str], list[tuple]]:
-        """Read-only SQL over the catalog, plus activation tables named ``<table>__<run>``.
+        """One read-only SELECT over the catalog, plus activation tables named ``<table>__<run>``.
 
         e.g. ``select position, avg(blocks_3_hook_resid_post_norm) from tokens__r1 group by 1``.
         Activation columns named in the SQL are served as float32 lists (DuckDB has no float16).
+        The SQL sees nothing else: no files, no other databases, no extensions (saelake.catalog).
         """
+        try:
+            check_select(sql)
+        except CatalogError as e:
+            raise UserError(str(e)) from None
         if not self.catalog.path.exists():
             self.sync()
-        relations = {}
+        relations, damaged = {}, []
         for table, run in set(re.findall(r"\b(tokens|contexts)__([A-Za-z0-9_]+)\b", sql)):
             name = next((n for n in self.run_names() if re.sub(r"[^A-Za-z0-9_]", "_", n) == run), None)
             if name is None:
                 raise UserError(f"no run {run!r} for {table}__{run}: see `lake ls`")
-            relations[f"{table}__{run}"] = self._sql_reader(name, table, sql)
+            relations[f"{table}__{run}"] = self._sql_reader(name, table, sql, damaged)
         # other packages expose their own tables (analyze: features__<analysis>)
         for ep in entry_points(group="saelake.relations"):
             relations.update(ep.load()(self, sql))
         try:
             return self.catalog.query(sql, relations)
         except CatalogError as e:
-            raise UserError(str(e)) from None
+            raise (damaged[0] if damaged else UserError(str(e))) from None
 
-    def _sql_reader(self, run: str, table: str, sql: str):
+    def _sql_reader(self, run: str, table: str, sql: str, damaged: list[UserError]):
+        """An Arrow reader over one table; a read error is appended to ``damaged`` (DuckDB's message
+        for an error inside a scan carries a Python traceback) and raised."""
         import pyarrow as pa
 
         m = self.manifest(run)
@@ -110,7 +117,18 @@ class Lake:
         acts = {m["columns"][h]: m["dtype"] for h in m["hooks"]}
         wanted = [f.name for f in ds.schema if f.name not in acts or re.search(rf"\b{f.name}\b", sql)]
         scanner = ds.scanner(columns=wanted, batch_size=8192)
-        batches = (as_float32_for_sql(b, acts) for b in scanner.to_batches())
+
+        def batches():
+            try:
+                for b in scanner.to_batches():
+                    yield as_float32_for_sql(b, acts)
+            except (OSError, pa.ArrowException) as e:  # a damaged data file: name the table, not Lance's internals
+                why = re.sub(r",? */rustc/\S*", "", str(e).splitlines()[0])[:160]
+                damaged.append(UserError(f"cannot read the {table} table of run {run!r} ({why}): "
+                                         f"run `lake verify {run}`"))
+                raise damaged[-1] from None
+
+        batches = batches()
         first = next(batches, None)
         if first is None:
             return pa.table({n: pa.array([], ds.schema.field(n).type) for n in wanted})
