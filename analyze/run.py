@@ -13,6 +13,7 @@ import torch
 from saelake.lake import Lake, LiveSource, SnapshotSource, UserError, load_model
 from saelake.lake.storage import check_name
 
+from saelake.train.config import SourceConfig
 from .directions import neighbours, top_logits, unembedding, vocab_strings
 from .stats import FeatureStats, bookkeeping_threads
 from .stores import EmbeddedStore, MongoStore, open_store
@@ -98,7 +99,7 @@ def _source(cfg: AnalyzeConfig, lake: Lake, sae_cfg: dict, hooks: list[str]):
         if not spec:
             raise UserError("--live needs --model (the SAE's config names no model)")
         dataset = cfg.dataset or sae_cfg.get("dataset") or "builtin"
-        T = cfg.context_size or 128
+        T = cfg.context_size or SourceConfig.context_size
         model = load_model(spec, cfg.device)
         missing = [h for h in hooks if h not in model.hook_names()]
         if missing:
@@ -128,7 +129,7 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> dict:
     if lake is None:
         raise UserError("--lake is required to analyze (the SAE and the activations live there)")
     sae, sae_cfg, sae_name = load_sae(lake, cfg.sae)
-    hooks = list(sae_cfg.get("hooks") or [sae_cfg["hook"]])
+    hooks = sae.hooks
     src, model, T, desc = _source(cfg, lake, sae_cfg, hooks)
     d_model = sum(src.d_model[h] for h in hooks)
     if sae.d_in != d_model:
@@ -159,7 +160,7 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> dict:
             n = min(len(batch), n_max - stats.n_contexts)
             if n <= 0:
                 break
-            x = torch.cat([batch.acts[h][:n] for h in hooks], -1).reshape(n * T, -1).to(cfg.device, torch.float32)
+            x = sae.read({h: batch.acts[h][:n] for h in hooks}).reshape(n * T, -1).to(cfg.device, torch.float32)
             tokens = batch.tokens[:n]
             valid = ~torch.isin(tokens, skip)
             rows, lat, vals = latents(sae, x, valid.reshape(-1).to(x.device))
@@ -174,7 +175,7 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> dict:
     if stats.n_contexts == 0:
         raise UserError("no contexts to analyze: the source is empty")
 
-    W_dec = sae.W_dec[0].detach().float().cpu()
+    W_dec = sae.decoder_directions().float().cpu()  # [d_sae, d_out]: what each feature writes
     W_U, norm = unembedding(model)
     logits = top_logits(W_dec, W_U, norm, cfg.n_logits)
     nbrs = neighbours(W_dec, cfg.n_neighbours) if cfg.n_neighbours > 0 and sae.d_sae > 1 else None

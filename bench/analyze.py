@@ -29,7 +29,7 @@ HOOK, RUN, SAE = "blocks.3.hook_resid_post", "b2d", "bench-topk"
 
 def setup(lake: str, tokens: int, arch: str) -> str:
     from saelake.lake import IngestConfig, Lake, ingest
-    from saelake.train.sae import SparseCoder
+    from saelake.train import dictionaries
     from saelake.train.store import SAEStore
 
     if RUN not in Lake(lake).run_names():
@@ -38,7 +38,7 @@ def setup(lake: str, tokens: int, arch: str) -> str:
     name = f"bench-{arch}"
     if not SAEStore(lake).exists(name):
         d, S = 576, 8 * 576
-        sae = SparseCoder(arch, d, S, k=32 if arch == "topk" else None)
+        sae = dictionaries.get(arch).build(d, S, k=32 if arch == "topk" else None)
         sae.initialize([torch.Generator().manual_seed(0)])
         if arch == "relu":
             with torch.no_grad():

@@ -181,13 +181,13 @@ def phase_dense(a, tokens=None, heldout=False) -> dict:
     import torch
 
     from saelake.lake import SnapshotSource
-    from saelake.train.sae import SparseCoder
+    from saelake.train import dictionaries
 
     tokens = tokens or a.steps * a.batch_size
     src = SnapshotSource(a.lake, "bench")
     st = src.manifest["stats"][a.hook]
     scale, limit = math.sqrt(a.d_in) / st["mean_norm"], 10 * st["median_norm"]
-    m = SparseCoder("topk", a.d_in, a.d_sae, n=1, k=a.k)
+    m = dictionaries.get("topk").build(a.d_in, a.d_sae, k=a.k)
     m.initialize([torch.Generator().manual_seed(0)])
     params = [m.W_enc, m.b_enc, m.W_dec, m.b_dec]
     lr = 2e-4 / (a.d_sae / 2 ** 14) ** 0.5
@@ -223,7 +223,7 @@ def phase_dense(a, tokens=None, heldout=False) -> dict:
         with torch.no_grad():  # fold the scale for raw activations
             m.b_dec /= scale
             m.b_enc /= scale
-        m.use_threshold = True
+        m.inference()
         out["fvu_heldout"] = heldout_fvu(a, None, m)
     return out
 

@@ -1,7 +1,8 @@
-"""SAE training: one sparse-coder family (ReLU, TopK, BatchTopK, JumpReLU; SAEs, transcoders,
-crosscoders), fused sweeps, checkpoints with exact resume, eval, SAELens interop."""
+"""SAE training: dictionary kinds from a registry (``dictionaries``: ReLU, TopK, BatchTopK, JumpReLU;
+SAEs, transcoders, crosscoders), fused sweeps, checkpoints with exact resume, eval, SAELens interop."""
+from . import dictionaries
 from .config import SAEConfig, SourceConfig, load_sweep
-from .sae import ARCHS, SparseCoder
+from .dictionaries import Dictionary
 from .store import METRIC_DEFINITIONS, SAEStore
 from .trainer import Trainer
 
@@ -13,9 +14,9 @@ def train(lake: str, saes: list[SAEConfig], progress: bool = True, resume: bool 
 
 
 def load_sae(lake: str, name: str, device: str = "cpu"):
-    """(SparseCoder taking raw activations, config) of a trained SAE."""
+    """(the dictionary, taking raw activations; its config) of a trained SAE."""
     return SAEStore(lake).load(name, device)
 
 
-__all__ = ["ARCHS", "METRIC_DEFINITIONS", "SAEConfig", "SAEStore", "SourceConfig", "SparseCoder", "Trainer",
+__all__ = ["METRIC_DEFINITIONS", "Dictionary", "SAEConfig", "SAEStore", "SourceConfig", "Trainer", "dictionaries",
            "load_sae", "load_sweep", "train"]

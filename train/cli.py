@@ -4,6 +4,7 @@ Registered through the ``saelake.commands`` / ``saelake.show`` entry points (pyp
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from datetime import datetime
@@ -12,9 +13,40 @@ import click
 
 from saelake.lake.cli import _lake_option, _split
 
+from . import dictionaries
+from .config import (KIND_KEYS, NORMALIZE, BaseSAEConfig, SAEConfig, SourceConfig, common_key_help, kind_key_help,
+                     load_sweep)
+
 
 def _fmt(v, spec=".4g"):
     return "-" if v is None else format(v, spec) if isinstance(v, float) else str(v)
+
+
+def _source_help(text: str, key: str) -> str:
+    default = next(f.default for f in dataclasses.fields(SourceConfig) if f.name == key)
+    return f"{text} (default {default})."
+
+
+def _sae_help(key: str) -> str:
+    return common_key_help(key) + "."
+
+
+def _kind_options(command):
+    """One option per key of the registered dictionary kinds (help: which kinds have it, and each
+    one's default), so that a new kind's keys appear here without editing this file."""
+    types = {"int": int, "float": float, "str": str}
+    for key in reversed(list(KIND_KEYS)):
+        base = str(KIND_KEYS[key].type).replace(" | None", "")
+        flag = "--" + key.replace("_", "-")
+        if base == "bool":
+            command = click.option(flag, is_flag=True, default=None, help=kind_key_help(key) + ".")(command)
+        else:
+            command = click.option(flag, type=types[base], default=None, help=kind_key_help(key) + ".")(command)
+    return command
+
+
+SOURCE_FLAGS = ("run", "version", "live", "model", "dataset", "text_column", "context_size", "tokens", "batch_size",
+                "repeat", "data_seed", "device", "autocast", "checkpoint_every", "log_every", "parallel")
 
 
 @click.command("train")
@@ -22,38 +54,37 @@ def _fmt(v, spec=".4g"):
 @click.option("--config", "config_path", default=None, help="Sweep TOML: top-level defaults + one [[sae]] per SAE.")
 @click.option("--run", "--run-name", "run", default=None, help="Snapshot source: run name.")
 @click.option("--version", type=int, default=None, help="Snapshot version (default: the latest).")
-@click.option("--live", is_flag=True, help="Run the model instead of reading a snapshot (needs --model/--dataset).")
+@click.option("--live", is_flag=True, default=None,
+              help="Run the model instead of reading a snapshot (needs --model/--dataset).")
 @click.option("--model", default=None, help="Live: model (local folder or smollm2-135m).")
 @click.option("--dataset", default=None, help="Live: corpus (file, folder, builtin).")
-@click.option("--text-column", default=None)
-@click.option("--context-size", type=int, default=None, help="Live: tokens per context (default 128).")
+@click.option("--text-column", default=None, help=_source_help("Live: the corpus' text column", "text_column"))
+@click.option("--context-size", type=int, default=None,
+              help=_source_help("Live: tokens per context", "context_size"))
 @click.option("--hook", default=None, help="Input hook(s); several (comma-separated) make a crosscoder.")
 @click.option("--out-hook", default=None, help="Output hook(s) if different: a transcoder.")
-@click.option("--arch", type=click.Choice(["topk", "batchtopk", "relu", "jumprelu"]), default="topk", show_default=True)
-@click.option("--expansion", type=float, default=None, help="d_sae = expansion x d_in (default 8).")
-@click.option("--d-sae", type=int, default=None)
-@click.option("--k", type=int, default=None, help="TopK/BatchTopK: active latents per token (default 32).")
-@click.option("--k-start", type=int, default=None, help="k annealing: start value.")
-@click.option("--k-anneal", type=float, default=0.0, show_default=True, help="k annealing: fraction of the steps.")
-@click.option("--l1", type=float, default=None, help="Sparsity coefficient (ReLU L1 default 5, JumpReLU L0 default 1).")
-@click.option("--lr", type=float, default=None, help="Adam learning rate (default 2e-4/sqrt(d_sae/16384)).")
-@click.option("--aux-k", type=int, default=None, help="AuxK latents (default d_in/2).")
-@click.option("--dead-window", type=int, default=None, help="Tokens without activation => dead.")
-@click.option("--decoder-norm-topk", is_flag=True, help="Select top-k by pre-activation x decoder norm.")
-@click.option("--outlier-factor", type=float, default=10.0, show_default=True,
-              help="Drop tokens with norm above this x the hook's median norm (0: keep all).")
-@click.option("--normalize", type=click.Choice(["dataset", "none"]), default="dataset", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Weight initialisation seed.")
+@click.option("--arch", type=click.Choice(dictionaries.names()), default=None,
+              help=_sae_help("arch"))
+@click.option("--expansion", type=float, default=None, help=_sae_help("expansion"))
+@click.option("--d-sae", type=int, default=None, help=_sae_help("d_sae"))
+@click.option("--lr", type=float, default=None, help=_sae_help("lr"))
+@click.option("--lr-warmup", type=float, default=None, help=_sae_help("lr_warmup"))
+@click.option("--lr-decay", type=float, default=None, help=_sae_help("lr_decay"))
+@click.option("--dead-window", type=int, default=None, help=_sae_help("dead_window"))
+@click.option("--outlier-factor", type=float, default=None, help=_sae_help("outlier_factor"))
+@click.option("--normalize", type=click.Choice(NORMALIZE), default=None, help=_sae_help("normalize"))
+@click.option("--seed", type=int, default=None, help=_sae_help("seed"))
+@_kind_options
 @click.option("--tokens", type=int, default=None, help="Training tokens.")
-@click.option("--batch-size", type=int, default=None, help="Tokens per step (default 4096).")
+@click.option("--batch-size", type=int, default=None, help=_source_help("Tokens per step", "batch_size"))
 @click.option("--repeat", is_flag=True, default=None, help="Loop over the snapshot when --tokens exceeds it.")
-@click.option("--data-seed", type=int, default=None)
+@click.option("--data-seed", type=int, default=None, help=_source_help("Seed of the reader's order", "data_seed"))
 @click.option("--name", default=None, help="SAE name (sweep: name prefix).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
-@click.option("--device", default=None, help="cpu or cuda (default cpu).")
+@click.option("--device", default=None, help=_source_help("cpu, cuda or cuda:N", "device"))
 @click.option("--autocast", type=click.Choice(["bf16"]), default=None, help="bf16 autocast for the encoder matmul.")
 @click.option("--checkpoint-every", type=int, default=None, help="Steps between checkpoints (default: 5 per run).")
-@click.option("--log-every", type=int, default=None, help="Steps between metric rows.")
+@click.option("--log-every", type=int, default=None, help="Steps between metric rows (default: about 100 per run).")
 @click.option("--stop-after", type=int, default=None, hidden=True, help="Stop at the first checkpoint >= this step.")
 @click.option("--nproc", type=int, default=1, show_default=True,
               help="Relaunch under torchrun with N CPU processes (gloo); see --parallel.")
@@ -61,10 +92,7 @@ def _fmt(v, spec=".4g"):
               help="Under torchrun: data-parallel replicas (grads all-reduced) or a sweep's SAEs split across ranks "
                    "(default: sweep when there are at least as many SAEs as ranks).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train_cmd(lake_uri, config_path, run, version, live, model, dataset, text_column, context_size, hook, out_hook,
-              arch, expansion, d_sae, k, k_start, k_anneal, l1, lr, aux_k, dead_window, decoder_norm_topk,
-              outlier_factor, normalize, seed, tokens, batch_size, repeat, data_seed, name, resume, device, autocast,
-              checkpoint_every, log_every, stop_after, nproc, parallel, quiet):
+def train_cmd(lake_uri, config_path, hook, out_hook, name, resume, stop_after, nproc, quiet, **keys):
     """Train one SAE, or a sweep of many (--config), from a snapshot or a live model."""
     from saelake.lake import UserError
 
@@ -75,32 +103,34 @@ def train_cmd(lake_uri, config_path, run, version, live, model, dataset, text_co
 
         _torchrun(nproc)
 
-    from .config import SAEConfig, SourceConfig, load_sweep
     from .trainer import Trainer
 
-    source = dict(run=run, version=version, live=live or None, model=model, dataset=dataset, text_column=text_column,
-                  context_size=context_size, tokens=tokens, batch_size=batch_size, repeat=repeat, data_seed=data_seed,
-                  device=device, autocast=autocast, checkpoint_every=checkpoint_every, log_every=log_every,
-                  parallel=parallel)
+    source = {k: keys.pop(k) for k in SOURCE_FLAGS}
+    sae_keys = {k: v for k, v in keys.items() if v is not None}  # the rest: SAE keys (None: not given)
     if config_path:
+        if sae_keys:
+            raise UserError(f"with --config, SAE settings go in the sweep file, not on the command line: "
+                            f"{', '.join('--' + k.replace('_', '-') for k in sae_keys)}")
         src, saes = load_sweep(config_path, lake_uri, {**source, "name": name})
     else:
         if not hook:
             raise UserError("--hook is required (or give a sweep file with --config)")
-        if tokens is None:
+        if source["tokens"] is None:
             raise UserError("--tokens is required: how many tokens to train on")
-        if expansion is not None and expansion <= 0:
-            raise UserError(f"--expansion must be positive, got {expansion}")
-        if d_sae is not None and d_sae <= 0:
-            raise UserError(f"--d-sae must be positive, got {d_sae}")
+        for key in ("expansion", "d_sae"):
+            if sae_keys.get(key) is not None and sae_keys[key] <= 0:
+                raise UserError(f"--{key.replace('_', '-')} must be positive, got {sae_keys[key]}")
+        arch = sae_keys.setdefault("arch", BaseSAEConfig.arch)
+        own = {f.name for f in dataclasses.fields(dictionaries.get(arch).Options)}
+        foreign = [k for k in sae_keys if k in KIND_KEYS and k not in own]
+        if foreign:
+            raise UserError(f"{', '.join('--' + k.replace('_', '-') for k in foreign)}: not an option of --arch "
+                            f"{arch} (its options: {', '.join('--' + k.replace('_', '-') for k in sorted(own))})")
         if name is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UserError("--name is required under torchrun (every rank must use the same name)")
         src = SourceConfig(lake=lake_uri, **{k_: v for k_, v in source.items() if v is not None})
-        saes = [SAEConfig(hooks=_split(hook), out_hooks=_split(out_hook) if out_hook else None, arch=arch,
-                          name=name or f"{arch}-{datetime.now().strftime('%Y%m%d-%H%M%S')}", expansion=expansion,
-                          d_sae=d_sae, k=k, k_start=k_start, k_anneal=k_anneal, l1=l1, lr=lr, aux_k=aux_k,
-                          dead_window=dead_window, decoder_norm_topk=decoder_norm_topk,
-                          outlier_factor=outlier_factor or None, normalize=normalize, seed=seed)]
+        saes = [SAEConfig(hooks=_split(hook), out_hooks=_split(out_hook) if out_hook else None,
+                          name=name or f"{arch}-{datetime.now().strftime('%Y%m%d-%H%M%S')}", **sae_keys)]
     trainer = Trainer(src, saes, resume=resume, progress=not quiet, stop_after=stop_after)
     results = trainer.run()
     trainer.comm.close()
@@ -146,12 +176,13 @@ def eval_cmd(lake_uri, name, model, dataset, tokens, batch_size, context_size, d
 @_lake_option
 @click.argument("name")
 @click.option("--format", "fmt", type=click.Choice(["saelens"]), default="saelens", show_default=True)
-@click.option("-o", "--out", required=True, help="Output directory.")
-def export_cmd(lake_uri, name, fmt, out):
+@click.option("-o", "--out", required=True, help="Output folder: new or empty (see --force).")
+@click.option("--force", is_flag=True, help="Export into a non-empty folder (replaces the SAELens files there).")
+def export_cmd(lake_uri, name, fmt, out, force):
     """Write an SAE in the SAELens format (cfg.json + sae_weights.safetensors)."""
     from .interop import export_saelens
 
-    export_saelens(lake_uri, name, out)
+    export_saelens(lake_uri, name, out, force=force)
     click.echo(f"exported {name} to {out} (saelens: cfg.json, sae_weights.safetensors)")
 
 

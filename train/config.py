@@ -2,103 +2,168 @@
 
 A sweep file (TOML) has source keys and SAE defaults at the top level and one ``[[sae]]``
 table per SAE. ``lake train`` without ``--config`` is a sweep of one.
+
+``SAEConfig`` holds the keys every kind has (``BaseSAEConfig``) plus the keys of every registered
+dictionary kind (its ``Options``, ``train/dictionaries/``): a kind's key is None until ``resolve``
+fills it from the kind's defaults, and stays None in SAEs of kinds that do not have it. Every
+default lives in one place: here for the common keys, in the kind's ``Options`` for its keys; the
+CLI's help reads them from there.
 """
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from saelake.lake import UserError
+import torch
 
-from .sae import ARCHS
+from saelake.lake import IngestConfig, UserError
+
+from . import dictionaries
+from .dictionaries.base import fraction, option, option_help
+
+NORMALIZE = ("dataset", "none")  # the values of ``normalize``
+B_DEC_INIT = ("mean", "median", "zeros")  # the values of ``b_dec_init``
+DEFAULT_EXPANSION = 8  # d_sae = expansion x d_in when neither is given
+LR_RULE = "2e-4/sqrt(d_sae/16384)"  # sparsify's rule of thumb, for normalised inputs
+
+
+def default_lr(d_sae: int) -> float:
+    return 2e-4 / (d_sae / 2 ** 14) ** 0.5
+
+
+def default_dead_window(tokens: int, batch_size: int) -> int:
+    return int(min(1_000_000, max(batch_size, tokens // 4)))
 
 
 @dataclass
-class SAEConfig:
-    """One SAE. ``hooks``/``out_hooks``: several hooks = a crosscoder; out_hooks ≠ hooks = a transcoder."""
+class BaseSAEConfig:
+    """The keys of every SAE. ``hooks``/``out_hooks``: several hooks = a crosscoder; out_hooks ≠ hooks = a transcoder."""
     hooks: list[str]
-    arch: str = "topk"
+    arch: str = option("topk", "Dictionary kind")
     name: str | None = None
     out_hooks: list[str] | None = None
-    expansion: float | None = None  # d_sae = expansion · d_in (default 8 when d_sae is not given)
-    d_sae: int | None = None
-    k: int | None = None  # TopK/BatchTopK: latents per token (default 32, capped by d_sae)
-    k_start: int | None = None  # k annealing: start at k_start, reach k after k_anneal of the steps
-    k_anneal: float = 0.0
-    l1: float | None = None  # sparsity coefficient: ReLU L1 (decoder-norm weighted), JumpReLU L0
-    sparsity_warmup: float = 0.05  # fraction of steps over which the sparsity coefficient ramps up
-    lr: float | None = None
-    lr_warmup: float = 0.02  # fraction of steps, linear warm-up
-    lr_decay: float = 0.2  # final fraction of steps, linear decay to 0
-    aux_k: int | None = None  # AuxK: latents for the dead-latent auxiliary loss (default d_in/2)
-    aux_coef: float = 1 / 32
-    dead_window: int | None = None  # tokens without activation => dead (default min(1M, tokens/4))
-    decoder_norm_topk: bool = False  # select top-k by pre-activation x decoder norm
-    normalize_decoder: bool | None = None  # unit-norm decoder rows after each step (default: not relu)
-    bandwidth: float = 0.05  # JumpReLU straight-through kernel width
-    init_threshold: float = 1.0  # JumpReLU initial threshold, normalised units (pre-activations start ~N(0, 1))
-    normalize: str = "dataset"  # "dataset": scale each hook so E|x| = sqrt(d) (from ingest stats); "none"
-    outlier_factor: float | None = 10.0  # drop tokens with norm > factor x hook median norm; None keeps all
-    b_dec_init: str = "mean"  # "mean", "median" (per dim, of the first batch) or "zeros"
-    seed: int = 0  # weight initialisation
+    expansion: float | None = option(None, "d_sae = expansion x d_in", str(DEFAULT_EXPANSION))
+    d_sae: int | None = option(None, "Latents (instead of --expansion)")
+    lr: float | None = option(None, "Adam learning rate", LR_RULE)
+    lr_warmup: float = option(0.02, "Fraction of the steps with a linear learning-rate warm-up")
+    lr_decay: float = option(0.2, "Final fraction of the steps with a linear learning-rate decay to 0")
+    dead_window: int | None = option(None, "Tokens without activation after which a latent is dead",
+                                     "min(1M, tokens/4)")
+    normalize_decoder: bool | None = option(None, "Unit-norm decoder rows after each step", "the kind's")
+    normalize: str = option("dataset", "'dataset': scale each hook so E|x| = sqrt(d) (ingest stats); 'none'")
+    outlier_factor: float | None = option(10.0, "Drop tokens with norm above this x the hook's median norm; "
+                                                "0 keeps all")
+    b_dec_init: str = option("mean", "Decoder bias init: mean, median (per dim, of the first batch) or zeros")
+    seed: int = option(0, "Weight initialisation seed")
 
     @property
     def all_out_hooks(self) -> list[str]:
         return self.out_hooks or self.hooks
 
-    def resolve(self, d_model: dict[str, int], tokens: int, batch_size: int) -> "SAEConfig":
-        """Fill defaults that depend on the source; check values. Returns self."""
+    @property
+    def kind(self) -> type[dictionaries.Dictionary]:
+        return dictionaries.get(self.arch)
+
+    def _kind(self) -> type[dictionaries.Dictionary]:
+        try:
+            return self.kind
+        except UserError:
+            raise UserError(f"SAE {self.name}: unknown arch {self.arch!r}: use one of "
+                            f"{', '.join(dictionaries.names())}") from None
+
+    def resolve(self, d_model: dict[str, int], tokens: int, batch_size: int) -> SAEConfig:
+        """Fill defaults that depend on the source and the kind; check values. Returns self."""
+        where = f"SAE {self.name}"
         for h in self.hooks + (self.out_hooks or []):
             if h not in d_model:
-                raise UserError(f"SAE {self.name}: hook {h!r} is not in the source: it has {', '.join(d_model)}")
-        if self.arch not in ARCHS:
-            raise UserError(f"SAE {self.name}: unknown arch {self.arch!r}: use one of {', '.join(ARCHS)}")
+                raise UserError(f"{where}: hook {h!r} is not in the source: it has {', '.join(d_model)}")
+        kind = self._kind()
         d_in = sum(d_model[h] for h in self.hooks)
         if self.d_sae is None:
-            e = 8 if self.expansion is None else self.expansion
+            e = DEFAULT_EXPANSION if self.expansion is None else self.expansion
             if e <= 0:
-                raise UserError(f"SAE {self.name}: expansion must be positive, got {e}")
+                raise UserError(f"{where}: expansion must be positive, got {e}")
             self.d_sae = int(round(e * d_in))
         if self.d_sae <= 0:
-            raise UserError(f"SAE {self.name}: d_sae must be positive, got {self.d_sae}")
-        if self.arch in ("topk", "batchtopk"):
-            self.k = min(32, self.d_sae // 2) if self.k is None else self.k
-            if not 0 < self.k < self.d_sae:
-                raise UserError(f"SAE {self.name}: k must be in 1..d_sae-1 ({self.d_sae - 1}), got {self.k}")
-            if self.k_start is not None and not self.k <= self.k_start <= self.d_sae:
-                raise UserError(f"SAE {self.name}: k_start must be in k..d_sae, got {self.k_start}")
-        else:
-            self.k = None
-        if self.l1 is None:
-            self.l1 = {"relu": 5.0, "jumprelu": 1.0}.get(self.arch, 0.0)
-        if self.lr is None:  # sparsify's rule of thumb, for normalised inputs
-            self.lr = 2e-4 / (self.d_sae / 2 ** 14) ** 0.5
-        if self.lr <= 0 or self.l1 < 0:
-            raise UserError(f"SAE {self.name}: lr must be positive and l1 non-negative")
-        if self.aux_k is None:
-            self.aux_k = max(1, min(d_in // 2, self.d_sae // 2))
+            raise UserError(f"{where}: d_sae must be positive, got {self.d_sae}")
+        opts = self._given_options(kind)
+        opts.resolve(d_in, self.d_sae, where)
+        for key, value in asdict(opts).items():
+            setattr(self, key, value)
+        if self.lr is None:
+            self.lr = default_lr(self.d_sae)
+        if self.lr <= 0:
+            raise UserError(f"{where}: lr must be positive, got {self.lr}")
         if self.dead_window is None:
-            self.dead_window = int(min(1_000_000, max(batch_size, tokens // 4)))
+            self.dead_window = default_dead_window(tokens, batch_size)
         if self.normalize_decoder is None:
-            self.normalize_decoder = self.arch != "relu"
-        if self.normalize not in ("dataset", "none"):
-            raise UserError(f"SAE {self.name}: normalize must be 'dataset' or 'none', got {self.normalize!r}")
+            self.normalize_decoder = kind.unit_norm_decoder
+        if self.normalize not in NORMALIZE:
+            raise UserError(f"{where}: normalize must be 'dataset' or 'none', got {self.normalize!r}")
+        if self.outlier_factor == 0:
+            self.outlier_factor = None  # keep every token
         if self.outlier_factor is not None and self.outlier_factor <= 1:
-            raise UserError(f"SAE {self.name}: outlier_factor must be > 1 (or omitted), got {self.outlier_factor}")
-        if self.b_dec_init not in ("mean", "median", "zeros"):
-            raise UserError(f"SAE {self.name}: b_dec_init must be mean, median or zeros")
-        for f in ("k_anneal", "sparsity_warmup", "lr_warmup", "lr_decay"):
-            if not 0 <= getattr(self, f) <= 1:
-                raise UserError(f"SAE {self.name}: {f} is a fraction of the steps (0..1), got {getattr(self, f)}")
+            raise UserError(f"{where}: outlier_factor must be > 1 (or 0: keep all), got {self.outlier_factor}")
+        if self.b_dec_init not in B_DEC_INIT:
+            raise UserError(f"{where}: b_dec_init must be mean, median or zeros")
+        for f in ("lr_warmup", "lr_decay"):
+            fraction(getattr(self, f), f, where)
         return self
 
+    def _given_options(self, kind) -> dictionaries.Options:
+        """The kind's options as given (None: its default). Keys of other kinds are dropped (set to
+        None): a sweep's defaults may set keys for some of its kinds only."""
+        own = {f.name for f in fields(kind.Options)}
+        for key in KIND_KEYS:
+            if key not in own:
+                setattr(self, key, None)
+        return kind.Options(**{k: getattr(self, k) for k in own if getattr(self, k) is not None})
+
+    def options(self) -> dictionaries.Options:
+        """The kind's options of a resolved config."""
+        return self.kind.Options(**{f.name: getattr(self, f.name) for f in fields(self.kind.Options)})
+
     def group_key(self) -> tuple:
-        """SAEs with equal keys are stacked and stepped together (k, lr, l1, seed may differ)."""
+        """SAEs with equal keys are stacked and stepped together (lr, seed and the kind's stackable keys may differ)."""
         d = asdict(self)
-        for f in ("name", "k", "lr", "l1", "seed", "expansion"):
+        for f in ("name", "lr", "seed", "expansion", *self.kind.stackable):
             d.pop(f)
         return tuple(sorted((k, str(v)) for k, v in d.items()))
+
+
+def _kind_fields() -> dict[str, dataclasses.Field]:
+    """Every registered kind's keys, once each (kinds that share a key must agree on its type)."""
+    out: dict[str, dataclasses.Field] = {}
+    for kind in dictionaries.kinds():
+        for f in fields(kind.Options):
+            if f.name in out and str(out[f.name].type).replace(" | None", "") != str(f.type).replace(" | None", ""):
+                raise TypeError(f"kinds disagree on the type of option {f.name!r}: {out[f.name].type} vs {f.type}")
+            out.setdefault(f.name, f)
+    return out
+
+
+KIND_KEYS = _kind_fields()
+SAEConfig = dataclasses.make_dataclass(
+    "SAEConfig", [(k, f"{f.type} | None" if "None" not in str(f.type) else f.type, dataclasses.field(default=None))
+                  for k, f in KIND_KEYS.items()], bases=(BaseSAEConfig,))
+SAEConfig.__module__ = __name__
+SAEConfig.__doc__ = BaseSAEConfig.__doc__ + " Kind keys: " + ", ".join(KIND_KEYS) + "."
+
+
+def kind_key_help(key: str) -> str:
+    """Help of a kind's key: which kinds have it, and each one's default."""
+    owners = [k for k in dictionaries.kinds() if key in {f.name for f in fields(k.Options)}]
+    per_kind = {}
+    for k in owners:
+        f = next(f for f in fields(k.Options) if f.name == key)
+        per_kind.setdefault(option_help(f), []).append(k.name)
+    return "; ".join(f"{', '.join(names)}: {text}" for text, names in per_kind.items())
+
+
+def common_key_help(key: str, cls=BaseSAEConfig) -> str:
+    return option_help(next(f for f in fields(cls) if f.name == key))
 
 
 @dataclass
@@ -111,7 +176,7 @@ class SourceConfig:
     model: str | None = None
     dataset: str | None = None
     text_column: str = "text"
-    context_size: int = 128
+    context_size: int = next(f.default for f in fields(IngestConfig) if f.name == "context_size")  # as ingest
     tokens: int = 1_000_000
     batch_size: int = 4096
     repeat: bool = False  # snapshot: loop over it when tokens > its rows
@@ -123,6 +188,24 @@ class SourceConfig:
     name: str | None = None  # sweep: name prefix
     parallel: str | None = None  # under torchrun: "data" (replicas, grads all-reduced) or "sweep" (SAEs split)
 
+
+    def __post_init__(self):
+        check_device(self.device)
+
+
+def check_device(device: str) -> None:
+    """A device torch can use here, or a UserError that says which ones it can."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise UserError(f"--device {device!r} is not a device torch knows: use cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    try:
+        torch.empty(1, device=dev)
+    except (RuntimeError, AssertionError) as e:
+        raise UserError(f"--device {device}: torch cannot use it here ({str(e).splitlines()[0][:120]}); "
+                        "use --device cpu") from None
 
 SAE_KEYS = {f.name: f.type for f in fields(SAEConfig)}
 SOURCE_KEYS = {f.name: f.type for f in fields(SourceConfig) if f.name not in ("lake",)}
@@ -152,10 +235,14 @@ def load_sweep(path: str | Path, lake: str, overrides: dict | None = None) -> tu
     """Parse a sweep TOML file; every error names the entry and key."""
     path = Path(path)
     try:
-        doc = tomllib.loads(path.read_text())
+        doc = tomllib.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise UserError(f"sweep file {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
+    except IsADirectoryError:
+        raise UserError(f"sweep file {path} is a folder: give a TOML file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file (a sweep file is TOML, UTF-8)") from None
         raise UserError(f"{path}: not valid TOML ({e})") from None
     entries = doc.pop("sae", None)
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
@@ -174,7 +261,7 @@ def load_sweep(path: str | Path, lake: str, overrides: dict | None = None) -> tu
     saes = []
     for i, entry in enumerate(entries, 1):
         where = f"{path} [[sae]] entry {i}" + (f" ({entry['name']})" if isinstance(entry.get("name"), str) else "")
-        values = dict(defaults)
+        values = {}
         for key, value in entry.items():
             key = ALIASES.get(key, key)
             if key in SOURCE_KEYS and key != "name":
@@ -183,6 +270,16 @@ def load_sweep(path: str | Path, lake: str, overrides: dict | None = None) -> tu
                 raise UserError(f"{where}: unknown key {key!r}; known: {', '.join(sorted(SAE_KEYS))}")
             values[key] = _check_type(where, key, value, SAE_KEYS[key])
         if "hooks" not in values:
+        arch = values.get("arch", defaults.get("arch", BaseSAEConfig.arch))
+        if arch not in dictionaries.names():
+            raise UserError(f"{where}: unknown arch {arch!r}: use one of {', '.join(dictionaries.names())}")
+        own = {f.name for f in fields(dictionaries.get(arch).Options)}
+        for key in values:
+            if key in KIND_KEYS and key not in own:
+                raise UserError(f"{where}: key {key!r} does not apply to arch {arch!r} (its keys: "
+                                f"{', '.join(sorted(own)) or 'none'})")
+        # top-level defaults of kind keys apply to the entries whose kind has them
+        values = {k: v for k, v in defaults.items() if k not in KIND_KEYS or k in own} | values
             raise UserError(f"{where}: no hook: set `hook = \"...\"` at the top level or in the entry")
         if "name" not in values or values["name"] == defaults.get("name"):
             values["name"] = f"{source.get('name') or path.stem}-{i}"

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from saelake.lake import Lake, SnapshotSource, UserError, documents, load_model, pack_contexts
 
+from .config import SourceConfig
 from .store import METRIC_DEFINITIONS, SAEStore, now
 
 
@@ -29,7 +30,7 @@ def _contexts(lake: Lake, cfg: dict, dataset: str | None, context_size: int | No
     dataset = dataset or cfg.get("dataset")
     if dataset is None:
         raise UserError("this SAE has no snapshot with contexts: give --dataset (and --model)")
-    T = context_size or 128
+    T = context_size or SourceConfig.context_size
     ctxs = pack_contexts(documents(dataset), model.tokenizer, T, model.bos_token_id)
 
     def gen():
@@ -76,8 +77,8 @@ def evaluate(lake: Lake | str, name: str, *, model: str | None = None, dataset: 
         for h in dict.fromkeys(hooks + out_hooks):
             if factor and h in norm:
                 keep &= acts[h].float().norm(dim=-1) <= factor * norm[h]["median_norm"]
-        x = torch.cat([acts[h].float() for h in hooks], -1)[keep]
-        y = torch.cat([acts[h].float() for h in out_hooks], -1)[keep]
+        x = sae.read(acts).float()[keep]
+        y = sae.target(acts).float()[keep]
         codes = sae.encode(x)
         y_hat = sae.decode(codes)[0]
         acc["sq"] += float((y - y_hat).double().pow(2).sum())

@@ -1,5 +1,5 @@
-"""The sparse kernels under ``SparseCoder``: latents as (token, latent) pairs, and autograd
-functions that encode, decode and take gradients on those pairs only.
+"""The sparse kernels shared by dictionary kinds (``train/dictionaries/``): latents as (token, latent)
+pairs, and autograd functions that encode, decode and take gradients on those pairs only.
 
 ``Pattern`` sorts a step's selected pairs latent-major once; that order serves the decoder
 (embedding_bag) and both weight gradients (CSR sparse x dense). The small ops here run on one
@@ -112,6 +112,15 @@ class Pattern:
         self.n, self.B, self.S, self.bag, self.lat, self.crow = n, B, S, bag, lat, crow
         self.flat = lat if n == 1 else (bag // B) * S + lat  # row of the stacked [n·S, d] weights
         self._t = None
+
+    @staticmethod
+    def from_counts(n: int, B: int, S: int, counts: torch.Tensor, lat: torch.Tensor) -> Pattern:
+        """The pattern of ``counts[r]`` entries per row ``r`` (row-major ``lat``)."""
+        with _one_thread():
+            crow = torch.zeros(n * B + 1, dtype=torch.long, device=lat.device)
+            crow[1:] = counts.cumsum(0)
+            bag = torch.arange(n * B, device=lat.device).repeat_interleave(counts, output_size=len(lat))
+        return Pattern(n, B, S, bag, lat, crow)
 
     @property
     def tok(self) -> torch.Tensor:

@@ -5,8 +5,8 @@ activations as stored in the lake.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import math
 from datetime import datetime, timezone
 
 import torch
@@ -16,7 +16,8 @@ from safetensors.torch import save as st_save
 from saelake.lake import Lake, UserError
 from saelake.lake.storage import check_name
 
-from .sae import SparseCoder
+from . import dictionaries
+from .dictionaries import Dictionary
 
 # Names of the metric definitions (DESIGN §6); every stored number names its definition.
 METRIC_DEFINITIONS = {
@@ -102,7 +103,7 @@ class SAEStore:
         except CatalogError as e:
             raise UserError(f"{e} (the SAE is saved; run `lake catalog sync` later)") from None
 
-    def load(self, name: str, device: str = "cpu") -> tuple[SparseCoder, dict]:
+    def load(self, name: str, device: str = "cpu") -> tuple[Dictionary, dict]:
         """A trained SAE (normalization folded in: it takes raw activations) and its config."""
         cfg = self.config(name)
         return sae_from_weights(cfg, self.weights(name), device), cfg
@@ -123,40 +124,33 @@ class SAEStore:
         return from_bytes(self.read_bytes("saes", name, "checkpoints", state["tensors"])), state
 
 
-def sae_from_weights(cfg: dict, w: dict[str, torch.Tensor], device: str = "cpu") -> SparseCoder:
+def sae_from_weights(cfg: dict, w: dict[str, torch.Tensor], device: str = "cpu") -> Dictionary:
+    """The dictionary a config describes, with these weights, ready for inference."""
+    kind = dictionaries.get(cfg["arch"])
     d_in, d_sae = w["W_enc"].shape
-    sae = SparseCoder(cfg["arch"], d_in, d_sae, w["W_dec"].shape[1], n=1, k=cfg.get("k"),
-                      apply_b_dec_to_input=cfg.get("apply_b_dec_to_input"),
-                      decoder_norm_topk=cfg.get("decoder_norm_topk", False),
-                      bandwidth=cfg.get("bandwidth", 0.05), device=device)
+    hooks = cfg.get("hooks") or (cfg["hook"].split(",") if cfg.get("hook") else None)
+    out_hooks = cfg.get("out_hooks") or (cfg["out_hook"].split(",") if cfg.get("out_hook") else hooks)
+    sae = kind.build(d_in, d_sae, w["W_dec"].shape[1], device=device, hooks=hooks, out_hooks=out_hooks,
+                     apply_b_dec_to_input=cfg.get("apply_b_dec_to_input"),
+                     **config_options(cfg))
     sae.load_member(0, {k: v.to(device, torch.float32) for k, v in w.items()})
-    sae.use_threshold = True
-    sae.requires_grad_(False)
-    return sae
+    return sae.inference()
+
+
+def config_options(cfg: dict) -> dict:
+    """The kind's options an SAE config records (None: not recorded, the kind's default): from its
+    ``hyperparameters`` (what training resolved) or, for keys not there (imported SAEs, plain dicts),
+    from its top level."""
+    hp = cfg.get("hyperparameters") or {}
+    return {f.name: hp.get(f.name, cfg.get(f.name)) for f in dataclasses.fields(dictionaries.get(cfg["arch"]).Options)}
 
 
 def fold_normalization(state: dict[str, torch.Tensor], s_in: torch.Tensor, s_out: torch.Tensor,
                        arch: str) -> dict[str, torch.Tensor]:
-    """Weights trained on ``x·s_in`` (target ``y·s_out``) -> weights for raw ``x`` and ``y``.
-
-    With c the geometric mean of s_in: W_enc' = diag(s_in/c)·W_enc, b_enc' = b_enc/c,
-    thresholds' = thresholds/c (latents are divided by c), W_dec' = W_dec·diag(c/s_out),
-    b_dec' = b_dec/s_out. For one hook (c = s_in = s_out) the decoder is unchanged.
-    """
-    c = float(torch.exp(torch.log(s_in).mean()))
-    out = dict(state)
-    out["W_enc"] = state["W_enc"] * (s_in / c).unsqueeze(1)
-    out["b_enc"] = state["b_enc"] / c
-    out["W_dec"] = state["W_dec"] * (c / s_out).unsqueeze(0)
-    out["b_dec"] = state["b_dec"] / s_out
-    if "threshold" in state:
-        out["threshold"] = state["threshold"] / c
-    return out
+    """Weights trained on ``x·s_in`` (target ``y·s_out``) -> weights for raw ``x`` and ``y`` (the kind's ``fold``)."""
+    return dictionaries.get(arch).fold(state, s_in, s_out)
 
 
 def scale_vector(hooks: list[str], scales: dict[str, float], d_model: dict[str, int]) -> torch.Tensor:
     return torch.cat([torch.full((d_model[h],), float(scales[h])) for h in hooks])
 
-
-def clean_float(v):
-    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v

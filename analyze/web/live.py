@@ -73,10 +73,10 @@ class LiveEncoder:
         spec = self.model_spec(cfg)
         if not spec:
             raise LiveError(f"no model for SAE {sae_name!r}: start lake serve with --model M", 503)
-        hooks = list(cfg.get("hooks") or [cfg["hook"]])
         with self._lock:
             model = self._model(spec)
             sae = self._sae(sae_name, cfg)
+            hooks = sae.hooks  # what the dictionary reads
             ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
             ids = [model.bos_token_id] + list(ids)[: max(1, int(model.n_ctx or 1024) - 1)]
             tokens = torch.tensor([ids], dtype=torch.long)
@@ -84,7 +84,7 @@ class LiveEncoder:
                 acts = model.activations(tokens, hooks)
             except UserError as e:
                 raise LiveError(str(e), 503) from None
-            x = torch.cat([acts[h][0].float() for h in hooks], -1)
+            x = sae.read({h: acts[h][0].float() for h in hooks})
             if x.shape[-1] != sae.d_in:
                 raise LiveError(f"SAE {sae_name!r} takes inputs of size {sae.d_in}, model {spec} gives "
                                 f"{x.shape[-1]} at {','.join(hooks)}", 503)

@@ -13,11 +13,11 @@ H0, H1 = "blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"
 def make_sae(lake: str, name: str, arch: str = "topk", hook: str = H0, d_in: int = 32, d_sae: int = 64,
              k: int | None = 4, run: str | None = "r1", version: int | None = 1, seed: int = 0,
              bias: float = 0.0, model: str | None = None) -> dict:
-    """A real SparseCoder (tied random init), saved through train's SAEStore like a trained one."""
-    from saelake.train.sae import SparseCoder
+    """A real dictionary of kind ``arch`` (tied random init), saved through train's SAEStore like a trained one."""
+    from saelake.train import dictionaries
     from saelake.train.store import SAEStore
 
-    sae = SparseCoder(arch, d_in, d_sae, k=k if arch in ("topk", "batchtopk") else None)
+    sae = dictionaries.get(arch).build(d_in, d_sae, k=k if arch in ("topk", "batchtopk") else None)
     sae.initialize([torch.Generator().manual_seed(seed)])
     with torch.no_grad():
         sae.b_enc.fill_(bias)

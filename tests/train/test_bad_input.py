@@ -31,7 +31,7 @@ CASES = {
     "k <= 0": (["--k", "0"], "k must be in 1..d_sae-1"),
     "expansion <= 0": (["--expansion", "0"], "--expansion must be positive"),
     "d_sae <= 0": (["--d-sae", "-3"], "--d-sae must be positive"),
-    "tokens > snapshot": (["--tokens", "100000"], "more than snapshot r1 v1 holds (3875 tokens)"),
+    "tokens > snapshot": (["--tokens", "100000"], "--tokens 100000 is more than snapshot r1 v1"),
     "bad name": (["--name", "../x"], "invalid SAE name"),
     "cuda missing": (["--device", "cuda"], "no CUDA device"),
     "resume nothing": (["--name", "ghost", "--resume"], "no SAE 'ghost' to resume"),

@@ -1,16 +1,17 @@
-"""The model family: sparse paths equal dense math, stacking equals separate SAEs, folding is exact."""
+"""The SAE kinds: sparse paths equal dense math, stacking equals separate SAEs, folding is exact."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from saelake.train.sae import SparseCoder
+from saelake.train import dictionaries
 from saelake.train.store import fold_normalization, sae_from_weights
 
 
 def _model(arch, n=1, d_in=16, d_sae=48, d_out=None, k=4, seed=0):
     torch.manual_seed(seed)
-    m = SparseCoder(arch, d_in, d_sae, d_out, n, k=k)
+    kind = dictionaries.get(arch)
+    m = kind.build(d_in, d_sae, d_out, n, k=k if arch in ("topk", "batchtopk") else None)
     m.initialize([torch.Generator().manual_seed(seed + i) for i in range(n)])
     with torch.no_grad():
         m.b_dec.normal_()
@@ -60,7 +61,7 @@ def test_stacked_members_equal_separate_models():
     x = torch.randn(9, 16)
     y = stacked(x)
     for i, k in enumerate([4, 6]):
-        single = SparseCoder("topk", 16, 48, n=1, k=k)
+        single = dictionaries.get("topk").build(16, 48, k=k)
         single.load_member(0, stacked.member_state(i))
         torch.testing.assert_close(single(x)[0], y[i], atol=1e-5, rtol=1e-5)
 
@@ -70,11 +71,10 @@ def test_stacked_members_equal_separate_models():
 def test_folding_normalization_is_exact(arch, transcoder):
     """SAE on normalised inputs == folded SAE on raw inputs (JumpReLU/BatchTopK thresholds too)."""
     d_out = 12 if transcoder else None
-    m = _model(arch, d_out=d_out)
+    m = _model(arch, d_out=d_out).inference()
     s_in = torch.full((16,), 3.7)
     s_out = torch.full((d_out or 16,), 0.42 if transcoder else 3.7)
     x = torch.randn(20, 16) * 5
-    m.use_threshold = True
     y_norm = m(x * s_in)[0] / s_out  # trained SAE, back to raw units
     folded = fold_normalization(m.member_state(0), s_in, s_out, arch)
     cfg = {"arch": arch, "k": 4, "apply_b_dec_to_input": m.apply_b_dec_to_input}
@@ -113,3 +113,13 @@ def test_auxk_uses_only_dead_latents():
     dead[0, :10] = True  # member 1 has no dead latent: no AuxK entries
     ac = m.aux_codes(x, pre, dead, aux_k=3)
     assert len(ac.lat) == 6 * 3 and bool((ac.lat < 10).all()) and bool((ac.bag < 6).all())
+
+
+def test_crosscoder_reads_and_writes_its_hooks():
+    """A kind's shape: a crosscoder reads its hooks concatenated, and its output splits back per hook."""
+    m = dictionaries.get("topk").build(24, 48, k=4, hooks=["a", "b"])
+    acts = {"a": torch.randn(5, 16), "b": torch.randn(5, 8), "c": torch.randn(5, 3)}
+    x = m.read(acts)
+    assert torch.equal(x, torch.cat([acts["a"], acts["b"]], -1)) and torch.equal(m.target(acts), x)
+    parts = m.written(m(x)[0], {"a": 16, "b": 8})
+    assert list(parts) == ["a", "b"] and parts["a"].shape == (5, 16) and parts["b"].shape == (5, 8)
