@@ -36,7 +36,7 @@ def _kind_options(command):
     one's default), so that a new kind's keys appear here without editing this file."""
     types = {"int": int, "float": float, "str": str}
     for key in reversed(list(KIND_KEYS)):
-        base = str(KIND_KEYS[key].type).replace(" | None", "")
+        base = KIND_KEYS[key]
         flag = "--" + key.replace("_", "-")
         if base == "bool":
             command = click.option(flag, is_flag=True, default=None, help=kind_key_help(key) + ".")(command)

@@ -133,21 +133,27 @@ class BaseSAEConfig:
         return tuple(sorted((k, str(v)) for k, v in d.items()))
 
 
-def _kind_fields() -> dict[str, dataclasses.Field]:
-    """Every registered kind's keys, once each (kinds that share a key must agree on its type)."""
-    out: dict[str, dataclasses.Field] = {}
+def type_name(typ) -> str:
+    """A field's type as written (``int``, ``float | None``): modules with or without postponed annotations."""
+    return typ if isinstance(typ, str) else getattr(typ, "__name__", None) or str(typ)
+
+
+def _kind_keys() -> dict[str, str]:
+    """Every registered kind's keys -> their type (without None), once each; kinds that share a key
+    must agree on its type."""
+    out: dict[str, str] = {}
     for kind in dictionaries.kinds():
         for f in fields(kind.Options):
-            if f.name in out and str(out[f.name].type).replace(" | None", "") != str(f.type).replace(" | None", ""):
-                raise TypeError(f"kinds disagree on the type of option {f.name!r}: {out[f.name].type} vs {f.type}")
-            out.setdefault(f.name, f)
+            typ = type_name(f.type).replace(" | None", "")
+            if out.setdefault(f.name, typ) != typ:
+                raise TypeError(f"kinds disagree on the type of option {f.name!r}: {out[f.name]} vs {typ}")
     return out
 
 
-KIND_KEYS = _kind_fields()
+KIND_KEYS = _kind_keys()
 SAEConfig = dataclasses.make_dataclass(
-    "SAEConfig", [(k, f"{f.type} | None" if "None" not in str(f.type) else f.type, dataclasses.field(default=None))
-                  for k, f in KIND_KEYS.items()], bases=(BaseSAEConfig,))
+    "SAEConfig", [(k, f"{t} | None", dataclasses.field(default=None)) for k, t in KIND_KEYS.items()],
+    bases=(BaseSAEConfig,))
 SAEConfig.__module__ = __name__
 SAEConfig.__doc__ = BaseSAEConfig.__doc__ + " Kind keys: " + ", ".join(KIND_KEYS) + "."
 
@@ -188,7 +194,6 @@ class SourceConfig:
     name: str | None = None  # sweep: name prefix
     parallel: str | None = None  # under torchrun: "data" (replicas, grads all-reduced) or "sweep" (SAEs split)
 
-
     def __post_init__(self):
         check_device(self.device)
 
@@ -208,6 +213,7 @@ def check_device(device: str) -> None:
                         "use --device cpu") from None
 
 SAE_KEYS = {f.name: f.type for f in fields(SAEConfig)}
+
 SOURCE_KEYS = {f.name: f.type for f in fields(SourceConfig) if f.name not in ("lake",)}
 ALIASES = {"hook": "hooks", "out_hook": "out_hooks"}
 
@@ -238,12 +244,12 @@ def load_sweep(path: str | Path, lake: str, overrides: dict | None = None) -> tu
         doc = tomllib.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise UserError(f"sweep file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
     except IsADirectoryError:
         raise UserError(f"sweep file {path} is a folder: give a TOML file") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a text file (a sweep file is TOML, UTF-8)") from None
         raise UserError(f"{path}: not valid TOML ({e})") from None
+    except tomllib.TOMLDecodeError as e:
     entries = doc.pop("sae", None)
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise UserError(f"{path}: no [[sae]] entries: add at least one [[sae]] table (arch, k, expansion...)")
@@ -269,7 +275,6 @@ def load_sweep(path: str | Path, lake: str, overrides: dict | None = None) -> tu
             if key not in SAE_KEYS:
                 raise UserError(f"{where}: unknown key {key!r}; known: {', '.join(sorted(SAE_KEYS))}")
             values[key] = _check_type(where, key, value, SAE_KEYS[key])
-        if "hooks" not in values:
         arch = values.get("arch", defaults.get("arch", BaseSAEConfig.arch))
         if arch not in dictionaries.names():
             raise UserError(f"{where}: unknown arch {arch!r}: use one of {', '.join(dictionaries.names())}")
@@ -281,6 +286,7 @@ def load_sweep(path: str | Path, lake: str, overrides: dict | None = None) -> tu
         # top-level defaults of kind keys apply to the entries whose kind has them
         values = {k: v for k, v in defaults.items() if k not in KIND_KEYS or k in own} | values
             raise UserError(f"{where}: no hook: set `hook = \"...\"` at the top level or in the entry")
+        if "hooks" not in values:
         if "name" not in values or values["name"] == defaults.get("name"):
             values["name"] = f"{source.get('name') or path.stem}-{i}"
         saes.append(SAEConfig(**values))
