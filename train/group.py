@@ -8,11 +8,46 @@ dead-latent counters.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
 import torch
 
 from .config import SAEConfig
 from .dist import Comm, LocalComm
 from .kernels import _SqErr, sparse_section
+
+
+@dataclass
+class StepOutput:
+    """What one step of a group reports, per member: [n] tensors (``n`` the number of members), and
+    ``tokens``, the tokens the loss was taken over (kept after the outlier rule, all ranks).
+
+    Always: ``sq`` (summed squared error) and ``l0``. With the step's ``stats`` or ``window``:
+    ``var`` (the batch's summed variance of the target: FVU = sq / var). With ``stats``: the rest."""
+    SCHEMA_VERSION: ClassVar[int] = 1
+    members: int
+    tokens: int
+    sq: torch.Tensor
+    l0: torch.Tensor
+    var: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    mse: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    lr: torch.Tensor | None = None
+    l1: torch.Tensor | None = None  # the scheduled sparsity coefficient (0 for kinds without one)
+    k: torch.Tensor | None = None  # the scheduled k (0 for kinds without one)
+    dead_fraction: torch.Tensor | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor) and tuple(v.shape) != (self.members,):
+                raise ValueError(f"step output {f.name!r}: shape {tuple(v.shape)}, expected ({self.members},)")
+
+    def fvu(self, i: int) -> float:
+        return float(self.sq[i] / self.var[i].clamp_min(1e-12))
 
 
 class Group:
@@ -65,7 +100,7 @@ class Group:
 
     # -- one step ----------------------------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor, step: int, total: int, dead_window: int,
-             autocast, stats: bool = True, comm: Comm | None = None, window: bool = False) -> dict[str, torch.Tensor]:
+             autocast, stats: bool = True, comm: Comm | None = None, window: bool = False) -> StepOutput:
         """One optimizer step of every member on ``x`` -> ``y``. ``stats``: also the metrics
         (FVU parts, L0...), else only what the loop needs every step."""
         with sparse_section():
@@ -104,10 +139,11 @@ class Group:
             self.since_fired.masked_fill_(fired, 0)
             self.thr_steps += 1
             model.after_step(codes, comm, self.thr_steps, total)
-            out = {"sq": sq.detach().sum(-1), "l0": codes.l0(), "n": N}
+            sq_sum, l0 = sq.detach().sum(-1), codes.l0()
             if comm.active:  # batch-wide metrics: sums over the ranks
-                out["sq"] = comm.sum_(out["sq"].double()).float()
-                out["l0"] = (comm.sum_(out["l0"].double() * B) / N).float()
+                sq_sum = comm.sum_(sq_sum.double()).float()
+                l0 = (comm.sum_(l0.double() * B) / N).float()
+            out = {}
             if stats or window:
                 if comm.active:
                     yd = y.double()
@@ -120,11 +156,10 @@ class Group:
                 zeros = torch.zeros(n, device=x.device)
                 penalty = zeros if penalty is None else penalty.detach()
                 aux = zeros if aux is None else aux.detach()
-                out |= {"loss": mse.detach() + coef * penalty + model.aux_coef * aux,
-                        "mse": mse.detach(), "aux_loss": aux,
-                        "lr": torch.tensor(lr), "l1": coef, "k": torch.tensor(k or [0] * n, dtype=torch.float32),
-                        "dead_fraction": dead.float().mean(-1)}
-            return out
+                out |= {"loss": mse.detach() + coef * penalty + model.aux_coef * aux, "mse": mse.detach(),
+                        "aux_loss": aux, "lr": torch.tensor(lr), "l1": coef,
+                        "k": torch.tensor(k or [0] * n, dtype=torch.float32), "dead_fraction": dead.float().mean(-1)}
+            return StepOutput(n, N, sq_sum, l0, **out)
 
     # -- state ---------------------------------------------------------------------------------
     def member_tensors(self, i: int) -> dict[str, torch.Tensor]:

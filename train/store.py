@@ -18,6 +18,7 @@ from saelake.lake.storage import check_name
 
 from . import dictionaries
 from .dictionaries import Dictionary
+from .records import SAERecord, read_sae_config, sae_config_json
 
 # Names of the metric definitions (DESIGN §6); every stored number names its definition.
 METRIC_DEFINITIONS = {
@@ -62,13 +63,18 @@ class SAEStore:
 
     def config(self, name: str) -> dict:
         cfg = self.st.read_json("saes", check_name(name, "SAE name"), "config.json")
+        """The SAE's config.json as written, checked (``record`` for the typed view)."""
         if cfg is None:
             known = self.names()
             raise UserError(f"no SAE {name!r} in {self.lake.root}" +
                             (f": SAEs are {', '.join(known[:20])}" if known else ": train one with `lake train`"))
         return cfg
+        read_sae_config(cfg, self.st.uri("saes", name, "config.json"))
 
     def metrics(self, name: str) -> list[dict]:
+    def record(self, name: str) -> SAERecord:
+        return read_sae_config(self.config(name), self.st.uri("saes", name, "config.json"))
+
         return self.st.read_json("saes", name, "metrics.json") or []
 
     def read_bytes(self, *parts: str) -> bytes:
@@ -77,20 +83,34 @@ class SAEStore:
 
     def weights(self, name: str) -> dict[str, torch.Tensor]:
         if not self.st.exists("saes", name, "weights.safetensors"):
-            raise UserError(f"SAE {name!r} has no weights yet (status {self.config(name).get('status')})")
-        return from_bytes(self.read_bytes("saes", name, "weights.safetensors"))
+        """The SAE's weights, checked against the ``weights_sha256`` its config recorded."""
+        cfg = self.config(name)
+            raise UserError(f"SAE {name!r} has no weights yet (status {cfg.get('status')})")
+        uri = self.st.uri("saes", name, "weights.safetensors")
+        data = self.read_bytes("saes", name, "weights.safetensors")
+        want = cfg.get("weights_sha256")
+        if want and hashlib.sha256(data).hexdigest() != want:
+            raise UserError(f"SAE {name!r}: {uri} is damaged (its content does not match the weights_sha256 "
+                            "recorded in config.json): restore it from a copy or train the SAE again")
+        try:
+            return from_bytes(data)
+        except Exception as e:  # a file that is not safetensors at all (never unpickled)
+            raise UserError(f"SAE {name!r}: {uri} is not a readable safetensors file "
+                            f"({str(e).splitlines()[0][:120]})") from None
 
     def save(self, config: dict, weights: dict[str, torch.Tensor] | None = None,
              metrics: list[dict] | None = None, register: bool = True) -> None:
         """Weights first, then metrics, then the config (its status says the rest is there)."""
-        name = config["name"]
+        name = check_name(config["name"], "SAE name")
+        sae_config_json(config, self.st.uri("saes", name, "config.json"))  # nothing written for a bad config
         if weights is not None:
             data = to_bytes(weights, {"format": "saelake-sae"})
             self.st.write_bytes(data, "saes", name, "weights.safetensors")
             config["weights_sha256"] = hashlib.sha256(data).hexdigest()  # `lake verify` checks it
         if metrics is not None:
             self.st.write_json(metrics, "saes", name, "metrics.json")
-        self.st.write_json(config, "saes", name, "config.json")
+        where = self.st.uri("saes", name, "config.json")
+        self.st.write_json(sae_config_json(config, where), "saes", name, "config.json")
         if register:
             self.register(name)
 

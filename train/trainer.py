@@ -232,26 +232,26 @@ class Trainer:
                 x, y, _ = inputs[g.input_key]
                 out = g.step(x, y, step, self.total_steps, g.cfg.dead_window, autocast, stats=log_now, comm=comm,
                              window=in_window)
-                N = out["n"]  # tokens kept in the (global) batch
+                N = out.tokens  # tokens kept in the (global) batch
                 for i, s in enumerate(g.cfgs):
                     dropped[s.name] += n_global - N
                     if in_window:
                         w = window[s.name]
-                        w[0] += float(out["sq"][i]); w[1] += float(out["var"][i])
-                        w[2] += float(out["l0"][i]) * N; w[3] += N
+                        w[0] += float(out.sq[i]); w[1] += float(out.var[i])
+                        w[2] += float(out.l0[i]) * N; w[3] += N
                     if log_now:
-                        fvu = float(out["sq"][i] / out["var"][i].clamp_min(1e-12))
-                        rows_ = {"loss": out["loss"][i], "mse": out["mse"][i], "fvu": fvu, "l0": out["l0"][i],
-                                 "dead_fraction": out["dead_fraction"][i], "lr": out["lr"][i], "l1": out["l1"][i],
-                                 "aux_loss": out["aux_loss"][i]}
+                        fvu = out.fvu(i)
+                        rows_ = {"loss": out.loss[i], "mse": out.mse[i], "fvu": fvu, "l0": out.l0[i],
+                                 "dead_fraction": out.dead_fraction[i], "lr": out.lr[i], "l1": out.l1[i],
+                                 "aux_loss": out.aux_loss[i]}
                         if s.k:
-                            rows_["k"] = out["k"][i]
+                            rows_["k"] = out.k[i]
                         metrics.setdefault(s.name, []).extend(
                             {"step": step, "tokens": (step + 1) * src.batch_size, "name": k, "value": float(v)}
                             for k, v in rows_.items())
                         shown.setdefault("fvu", []).append(fvu)
-                        shown.setdefault("l0", []).append(float(out["l0"][i]))
-                        shown.setdefault("loss", []).append(float(out["loss"][i]))
+                        shown.setdefault("l0", []).append(float(out.l0[i]))
+                        shown.setdefault("loss", []).append(float(out.loss[i]))
             step += 1
             rows += len(batch) * (W if dp else 1)
             if SLOW:  # tests: widen the window in which a kill lands between checkpoints
