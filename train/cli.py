@@ -14,8 +14,17 @@ import click
 from saelake.lake.cli import _lake_option, _split
 
 from . import dictionaries
-from .config import (KIND_KEYS, NORMALIZE, BaseSAEConfig, SAEConfig, SourceConfig, common_key_help, kind_key_help,
-                     load_sweep)
+from .config import (
+    KIND_KEYS,
+    NORMALIZE,
+    BaseSAEConfig,
+    SAEConfig,
+    SourceConfig,
+    common_key_help,
+    kind_key_help,
+    load_sweep,
+)
+from .evaluate import EVAL_BATCH, EVAL_TOKENS
 
 
 def _fmt(v, spec=".4g"):
@@ -151,8 +160,8 @@ def train_cmd(lake_uri, config_path, hook, out_hook, name, resume, stop_after, n
 @click.argument("name")
 @click.option("--model", default=None, help="Model to splice into (default: the SAE's model).")
 @click.option("--dataset", default=None, help="Corpus (default: the snapshot's contexts, else the run's corpus).")
-@click.option("--tokens", type=int, default=16384, show_default=True, help="Evaluation tokens (whole contexts).")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Contexts per forward pass.")
+@click.option("--tokens", type=int, default=EVAL_TOKENS, show_default=True, help="Evaluation tokens (whole contexts).")
+@click.option("--batch-size", type=int, default=EVAL_BATCH, show_default=True, help="Contexts per forward pass.")
 @click.option("--context-size", type=int, default=None, help="With --dataset (default: the run's).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True)

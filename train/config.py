@@ -26,15 +26,16 @@ from .dictionaries.base import fraction, option, option_help
 NORMALIZE = ("dataset", "none")  # the values of ``normalize``
 B_DEC_INIT = ("mean", "median", "zeros")  # the values of ``b_dec_init``
 DEFAULT_EXPANSION = 8  # d_sae = expansion x d_in when neither is given
-LR_RULE = "2e-4/sqrt(d_sae/16384)"  # sparsify's rule of thumb, for normalised inputs
+LR_BASE, LR_D_SAE = 2e-4, 2 ** 14  # default lr: LR_BASE at d_sae = LR_D_SAE, ~1/sqrt(d_sae) (sparsify's rule)
+DEAD_WINDOW_MAX, DEAD_WINDOW_FRACTION = 1_000_000, 4  # default dead window: min(max, tokens / fraction)
 
 
 def default_lr(d_sae: int) -> float:
-    return 2e-4 / (d_sae / 2 ** 14) ** 0.5
+    return LR_BASE / (d_sae / LR_D_SAE) ** 0.5
 
 
 def default_dead_window(tokens: int, batch_size: int) -> int:
-    return int(min(1_000_000, max(batch_size, tokens // 4)))
+    return int(min(DEAD_WINDOW_MAX, max(batch_size, tokens // DEAD_WINDOW_FRACTION)))
 
 
 @dataclass
@@ -46,11 +47,11 @@ class BaseSAEConfig:
     out_hooks: list[str] | None = None
     expansion: float | None = option(None, "d_sae = expansion x d_in", str(DEFAULT_EXPANSION))
     d_sae: int | None = option(None, "Latents (instead of --expansion)")
-    lr: float | None = option(None, "Adam learning rate", LR_RULE)
+    lr: float | None = option(None, "Adam learning rate", f"{LR_BASE:g}/sqrt(d_sae/{LR_D_SAE})")
     lr_warmup: float = option(0.02, "Fraction of the steps with a linear learning-rate warm-up")
     lr_decay: float = option(0.2, "Final fraction of the steps with a linear learning-rate decay to 0")
     dead_window: int | None = option(None, "Tokens without activation after which a latent is dead",
-                                     "min(1M, tokens/4)")
+                                     f"min({DEAD_WINDOW_MAX:,}, tokens/{DEAD_WINDOW_FRACTION})")
     normalize_decoder: bool | None = option(None, "Unit-norm decoder rows after each step", "the kind's")
     normalize: str = option("dataset", "'dataset': scale each hook so E|x| = sqrt(d) (ingest stats); 'none'")
     outlier_factor: float | None = option(10.0, "Drop tokens with norm above this x the hook's median norm; "
@@ -207,14 +208,14 @@ def check_device(device: str) -> None:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA device is available here; use --device cpu")
     try:
-        torch.empty(1, device=dev)
-    except (RuntimeError, AssertionError) as e:
+        torch.ones(1, device=dev).add(1).cpu()  # compute there, and read the result back
+    except (RuntimeError, AssertionError, NotImplementedError) as e:
         raise UserError(f"--device {device}: torch cannot use it here ({str(e).splitlines()[0][:120]}); "
                         "use --device cpu") from None
 
-SAE_KEYS = {f.name: f.type for f in fields(SAEConfig)}
 
 SOURCE_KEYS = {f.name: f.type for f in fields(SourceConfig) if f.name not in ("lake",)}
+SAE_KEYS = {f.name: f.type for f in fields(SAEConfig)}
 ALIASES = {"hook": "hooks", "out_hook": "out_hooks"}
 
 
@@ -248,9 +249,9 @@ def load_sweep(path: str | Path, lake: str, overrides: dict | None = None) -> tu
         raise UserError(f"sweep file {path} is a folder: give a TOML file") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a text file (a sweep file is TOML, UTF-8)") from None
-        raise UserError(f"{path}: not valid TOML ({e})") from None
     except tomllib.TOMLDecodeError as e:
     entries = doc.pop("sae", None)
+        raise UserError(f"{path}: not valid TOML ({e})") from None
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise UserError(f"{path}: no [[sae]] entries: add at least one [[sae]] table (arch, k, expansion...)")
     source, defaults = {"lake": lake}, {}
@@ -285,9 +286,9 @@ def load_sweep(path: str | Path, lake: str, overrides: dict | None = None) -> tu
                                 f"{', '.join(sorted(own)) or 'none'})")
         # top-level defaults of kind keys apply to the entries whose kind has them
         values = {k: v for k, v in defaults.items() if k not in KIND_KEYS or k in own} | values
-            raise UserError(f"{where}: no hook: set `hook = \"...\"` at the top level or in the entry")
         if "hooks" not in values:
         if "name" not in values or values["name"] == defaults.get("name"):
+            raise UserError(f"{where}: no hook: set `hook = \"...\"` at the top level or in the entry")
             values["name"] = f"{source.get('name') or path.stem}-{i}"
         saes.append(SAEConfig(**values))
     return SourceConfig(**source), saes

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from saelake.lake import Lake, SnapshotSource, UserError, documents, load_model, pack_contexts
 
-from .config import SourceConfig
+from .config import SourceConfig, check_device
 from .store import METRIC_DEFINITIONS, SAEStore, now
 
 
@@ -42,10 +42,15 @@ def _contexts(lake: Lake, cfg: dict, dataset: str | None, context_size: int | No
     return f"corpus {dataset}", gen()
 
 
+EVAL_TOKENS = 16384  # default evaluation tokens (whole contexts)
+EVAL_BATCH = 8  # default contexts per forward pass
+
+
 @torch.no_grad()
 def evaluate(lake: Lake | str, name: str, *, model: str | None = None, dataset: str | None = None,
-             tokens: int = 16384, batch_size: int = 8, context_size: int | None = None, device: str = "cpu",
-             save: bool = True) -> dict:
+             tokens: int = EVAL_TOKENS, batch_size: int = EVAL_BATCH, context_size: int | None = None,
+             device: str = "cpu", save: bool = True) -> dict:
+    check_device(device)
     lake = lake if isinstance(lake, Lake) else Lake(lake)
     store = SAEStore(lake)
     sae, cfg = store.load(name, device)
