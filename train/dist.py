@@ -63,13 +63,6 @@ class Comm:
         dist.all_gather(parts, t.contiguous())
         return torch.cat(parts)
 
-    def broadcast_object(self, obj):
-        if not self.active:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     def close(self) -> None:
         if self.active and dist.is_initialized():
             dist.destroy_process_group()
