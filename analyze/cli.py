@@ -60,8 +60,8 @@ def analyze_cmd(lake_uri, sae, run, version, tokens, batch_size, top_k, interval
                         overwrite=overwrite, live=live, model=model, dataset=dataset, context_size=context_size,
                         seed=seed)
     rec = analyze(cfg, progress=not quiet)
-    click.echo(f"analysis {rec['name']}: {rec['n_features']} features of {rec['sae']} over {rec['tokens']} valid "
-               f"tokens ({rec['contexts']} contexts, {rec['tokens_per_second']:.0f} tok/s) -> {rec['store']}")
+    click.echo(f"analysis {rec.name}: {rec.n_features} features of {rec.sae} over {rec.tokens} valid "
+               f"tokens ({rec.contexts} contexts, {rec.tokens_per_second:.0f} tok/s) -> {rec.store}")
 
 
 def find_analysis(lake_uri: str | None, store: str | None, sae: str, name: str | None):
@@ -75,28 +75,20 @@ def find_analysis(lake_uri: str | None, store: str | None, sae: str, name: str |
             else None
         if st is None:
             raise UserError("--lake is required for the embedded store")
-        candidates = [st.record(name)] if name else (
-            list(st.db.analyses.find({"sae": sae}, {"_id": 0})) if isinstance(st, MongoStore)
-            else _lake_records(st.lake, sae))
+        candidates = [st.record(name)] if name else st.records(sae)
     else:
         if not lake_uri:
             raise UserError("give --lake URI (or --store mongodb://...)")
         st = EmbeddedStore(Lake(lake_uri))
-        candidates = [st.record(name)] if name else _lake_records(st.lake, sae)
-    candidates = [c for c in candidates if c and c.get("sae") == sae]
+        candidates = [st.record(name)] if name else st.records(sae)
+    candidates = [c for c in candidates if c and c.sae == sae]
     if not candidates:
         raise UserError(f"no analysis {name!r} of SAE {sae!r}" if name else
                         f"no analysis of SAE {sae!r}: run `lake analyze {sae}` first")
-    rec = max(candidates, key=lambda c: c.get("created") or "")
-    if not store and rec.get("store", "embedded") != "embedded":
-        st = MongoStore(rec["store"])  # the record names the URI without its password
+    rec = max(candidates, key=lambda c: c.created)
+    if not store and rec.store != "embedded":
+        st = MongoStore(rec.store)  # the record names the URI without its password
     return st, rec
-
-
-def _lake_records(lake, sae: str) -> list[dict]:
-    st = lake.storage
-    recs = [st.read_json("analyses", n, "analysis.json") for n in st.listdir("analyses")]
-    return [r for r in recs if r and r.get("sae") == sae]
 
 
 @click.command("feature")
@@ -112,9 +104,9 @@ def feature_cmd(lake_uri, store, sae, index, name, n_top, window):
     from .view import show_feature
 
     st, rec = find_analysis(lake_uri, store, sae, name)
-    if not 0 <= index < rec["n_features"]:
-        raise UserError(f"feature {index} out of range: SAE {sae!r} has features 0..{rec['n_features'] - 1}")
-    feat = st.feature(rec["name"], index)
+    if not 0 <= index < rec.n_features:
+        raise UserError(f"feature {index} out of range: SAE {sae!r} has features 0..{rec.n_features - 1}")
+    feat = st.feature(rec.name, index)
     if feat is None:
-        raise UserError(f"feature {index} is missing from analysis {rec['name']!r}")
+        raise UserError(f"feature {index} is missing from analysis {rec.name!r}")
     show_feature(rec, feat, n_top=n_top, window=window)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from saelake.lake import Lake, LiveSource, SnapshotSource, UserError, load_model
+from saelake.lake.records import AnalysisRecord
 from saelake.lake.storage import check_name
 
 from saelake.train.config import SourceConfig
@@ -113,17 +114,17 @@ def _source(cfg: AnalyzeConfig, lake: Lake, sae_cfg: dict, hooks: list[str]):
                         "or --live --model M --dataset D")
     version = cfg.version if cfg.version is not None else (sae_cfg.get("version") if run == sae_cfg.get("run") else None)
     src = SnapshotSource(lake, run, version)
-    if "contexts" not in src.snapshot["tables"]:
+    if "contexts" not in src.snapshot.tables:
         raise UserError(f"run {run!r} has no 2d table: ingest one with `lake ingest --layout 2d --run NEW ...` "
                         "or analyze with --live --model M --dataset D")
     for h in hooks:
         if h not in src.hooks:
             raise UserError(f"hook {h!r} of the SAE is not in run {run!r}: it has {', '.join(src.hooks)}")
-    return src, None, src.context_size, {"source": "snapshot", "model": src.manifest["model"],
-                                         "dataset": src.manifest.get("dataset"), "run": run, "version": src.version}
+    return src, None, src.context_size, {"source": "snapshot", "model": src.manifest.model,
+                                         "dataset": src.manifest.dataset, "run": run, "version": src.version}
 
 
-def analyze(cfg: AnalyzeConfig, progress: bool = True) -> dict:
+def analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalysisRecord:
     """Analyze one SAE into a feature store; returns the analysis record. Checks all input first."""
     lake = Lake(cfg.lake) if cfg.lake else None
     if lake is None:
@@ -180,25 +181,23 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> dict:
     logits = top_logits(W_dec, W_U, norm, cfg.n_logits)
     nbrs = neighbours(W_dec, cfg.n_neighbours) if cfg.n_neighbours > 0 and sae.d_sae > 1 else None
     vocab = vocab_strings(model.tokenizer, max(W_U.shape[1], len(model.tokenizer)))
-    record = {
-        "name": name, "sae": sae_name, "run": desc["run"], "version": desc["version"], "store": store.where,
-        "n_features": sae.d_sae, "tokens": stats.n_valid, "tokens_total": stats.n_tokens,
-        "contexts": stats.n_contexts, "context_size": T, "hook": ",".join(hooks), "hooks": hooks,
-        "source": desc["source"], "model": desc["model"], "dataset": desc["dataset"],
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": round(seconds, 3),
-        "tokens_per_second": round(stats.n_tokens / max(seconds, 1e-9), 1), "final_norm": norm,
-        "excluded_token_ids": skip.tolist(), "status": "complete", "definitions": DEFINITIONS,
-        "config": {k: v for k, v in asdict(cfg).items() if k not in ("lake", "store", "overwrite", "extra")},
-    }
+    record = AnalysisRecord(
+        name=name, sae=sae_name, run=desc["run"], version=desc["version"], store=store.where,
+        n_features=sae.d_sae, tokens=stats.n_valid, tokens_total=stats.n_tokens,
+        contexts=stats.n_contexts, context_size=T, hook=",".join(hooks), hooks=hooks,
+        source=desc["source"], model=desc["model"], dataset=desc["dataset"],
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), seconds=round(seconds, 3),
+        tokens_per_second=round(stats.n_tokens / max(seconds, 1e-9), 1), final_norm=norm,
+        excluded_token_ids=skip.tolist(), status="complete", definitions=DEFINITIONS,
+        config={k: v for k, v in asdict(cfg).items() if k not in ("lake", "store", "overwrite", "extra")})
     table = FeatureTable(stats, vocab, logits, nbrs)
     if isinstance(store, MongoStore):
         store.write(record, table, overwrite=cfg.overwrite, sae_config=sae_cfg)
-        lake.storage.write_json(record, "analyses", name, "analysis.json")  # a pointer for ls/sync
+        lake.storage.write_json(record.to_json(), "analyses", name, "analysis.json")  # a pointer for ls/sync
     else:
-        store.write(record, table, overwrite=cfg.overwrite)
-        record = store.record(name)  # as written (with its table's name): what `lake catalog sync` will read
+        store.write(record, table, overwrite=cfg.overwrite)  # sets the table's name (and checksums) in record
     try:
-        lake.catalog.upsert_analysis(record, lake.storage.uri("analyses", name))
+        lake.catalog.upsert_analysis(record.to_json(), lake.storage.uri("analyses", name))
     except Exception as e:  # the store is written; the catalog is an index
         print(f"warning: catalog not updated ({e}); run `lake catalog sync`")
     return record

@@ -25,8 +25,8 @@ def relations(lake, sql: str) -> dict:
         if name is None:
             raise UserError(f"no analysis {key!r} for features__{key}: see `lake ls`")
         rec = store.record(name)
-        if not rec.get("features_table"):
-            raise UserError(f"analysis {name!r} is stored in {rec.get('store')}, not in the lake: query it there")
+        if not rec.features_table:
+            raise UserError(f"analysis {name!r} is stored in {rec.store}, not in the lake: query it there")
         cols = [f.name for f in SCHEMA if re.search(rf"\b{f.name}\b", sql)]
         if "*" in sql or not cols:
             cols = SCHEMA.names

@@ -24,6 +24,7 @@ from urllib.parse import urlparse, urlunparse
 import pyarrow as pa
 
 from saelake.lake import Lake, UserError
+from saelake.lake.records import AnalysisRecord
 
 from .table import SCHEMA
 
@@ -33,8 +34,9 @@ class FeatureStore(Protocol):
     where: str  # store description for records (no secrets)
 
     def exists(self, name: str) -> bool: ...
-    def write(self, record: dict, batches: Iterable[pa.RecordBatch], overwrite: bool = False) -> None: ...
-    def record(self, name: str) -> dict | None: ...
+    def write(self, record: AnalysisRecord, batches: Iterable[pa.RecordBatch], overwrite: bool = False) -> None: ...
+    def record(self, name: str) -> AnalysisRecord | None: ...
+    def records(self, sae: str) -> list[AnalysisRecord]: ...
     def feature(self, name: str, index: int) -> dict | None: ...
     def scalars(self, name: str) -> list[dict]: ...
 
@@ -58,38 +60,45 @@ class EmbeddedStore:
     def exists(self, name: str) -> bool:
         return self.st.exists("analyses", name, "analysis.json")
 
-    def record(self, name: str) -> dict | None:
-        return self.st.read_json("analyses", name, "analysis.json")
+    def record(self, name: str) -> AnalysisRecord | None:
+        return self.lake.analysis_record(name)
 
-    def table_uri(self, name: str, record: dict | None = None) -> str:
-        record = record or self.record(name) or {}
-        if not record.get("features_table"):
-            raise UserError(f"analysis {name!r} has no embedded feature table (store {record.get('store')})")
-        return self.st.uri("analyses", name, record["features_table"])
+    def records(self, sae: str) -> list[AnalysisRecord]:
+        """The lake's analyses of SAE ``sae`` (records of MongoDB analyses included: pointers)."""
+        return [r for r in map(self.record, self.lake.analysis_names()) if r and r.sae == sae]
 
-    def dataset(self, name: str, record: dict | None = None):
+    def table_uri(self, name: str, record: AnalysisRecord | None = None) -> str:
+        record = record or self.record(name)
+        if record is None or not record.features_table:
+            raise UserError(f"analysis {name!r} has no embedded feature table"
+                            + (f" (store {record.store})" if record else ""))
+        return self.st.uri("analyses", name, record.features_table)
+
+    def dataset(self, name: str, record: AnalysisRecord | None = None):
         import lance
 
         return lance.dataset(self.table_uri(name, record), storage_options=self.st.storage_options)
 
-    def write(self, record: dict, batches: Iterable[pa.RecordBatch], overwrite: bool = False) -> None:
+    def write(self, record: AnalysisRecord, batches: Iterable[pa.RecordBatch], overwrite: bool = False) -> None:
+        """Write the table, then the record naming it (``record.features_table`` is set here)."""
         import lance
 
-        name = record["name"]
+        name = record.name
         old = self.record(name) if overwrite else None
         table = f"features-{uuid.uuid4().hex[:8]}.lance"
         uri = self.st.uri("analyses", name, table)
         try:
             reader = pa.RecordBatchReader.from_batches(SCHEMA, iter(batches))
             lance.write_dataset(reader, uri, schema=SCHEMA, mode="create", storage_options=self.st.storage_options)
-            self.st.write_json({**record, "features_table": table}, "analyses", name, "analysis.json")
+            record.features_table = table
+            self.st.write_json(record.to_json(), "analyses", name, "analysis.json")
         except BaseException:
             self.st.remove("analyses", name, table)
             if not self.exists(name):
                 self.st.remove("analyses", name)
             raise
-        if old and old.get("features_table") and old["features_table"] != table:
-            self.st.remove("analyses", name, old["features_table"])
+        if old and old.features_table and old.features_table != table:
+            self.st.remove("analyses", name, old.features_table)
 
     def feature(self, name: str, index: int) -> dict | None:
         rows = self.dataset(name).to_table(filter=f"feature = {int(index)}").to_pylist()
@@ -131,14 +140,20 @@ class MongoStore:
     def exists(self, name: str) -> bool:
         return self.db.analyses.find_one({"name": name}, {"_id": 1}) is not None
 
-    def record(self, name: str) -> dict | None:
-        return self.db.analyses.find_one({"name": name}, {"_id": 0, "scalars": 0})
+    def _record(self, doc: dict | None) -> AnalysisRecord | None:
+        return None if doc is None else AnalysisRecord.from_json(doc, f"{self.where} analyses {doc.get('name')!r}")
 
-    def write(self, record: dict, batches: Iterable[pa.RecordBatch], overwrite: bool = False,
+    def record(self, name: str) -> AnalysisRecord | None:
+        return self._record(self.db.analyses.find_one({"name": name}, {"_id": 0, "scalars": 0}))
+
+    def records(self, sae: str) -> list[AnalysisRecord]:
+        return [self._record(d) for d in self.db.analyses.find({"sae": sae}, {"_id": 0, "scalars": 0})]
+
+    def write(self, record: AnalysisRecord, batches: Iterable[pa.RecordBatch], overwrite: bool = False,
               sae_config: dict | None = None) -> None:
         from pymongo import InsertOne
 
-        name, sae = record["name"], record["sae"]
+        name, sae = record.name, record.sae
         if overwrite:
             self.db.analyses.delete_one({"name": name})
         self.db.features.delete_many({"analysis": name})  # leftovers of a failed run
@@ -157,7 +172,7 @@ class MongoStore:
             if sae_config is not None:
                 self.db.saes.replace_one({"name": sae}, {**sae_config, "name": sae}, upsert=True)
             # the per-feature numbers (for lists and histograms) ride along as compact arrays
-            self.db.analyses.replace_one({"name": name}, {**record, "scalars": scalars}, upsert=True)
+            self.db.analyses.replace_one({"name": name}, {**record.to_json(), "scalars": scalars}, upsert=True)
         except BaseException:
             self.db.features.delete_many({"analysis": name})
             raise
@@ -166,7 +181,7 @@ class MongoStore:
         rec = self.record(name)
         if rec is None:
             raise UserError(f"no analysis {name!r} in MongoDB at {self.where}")
-        return {"sae": rec["sae"], "analysis": name}
+        return {"sae": rec.sae, "analysis": name}
 
     def feature(self, name: str, index: int) -> dict | None:
         self._key(name)

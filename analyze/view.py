@@ -4,6 +4,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.text import Text
 
+from saelake.lake.records import AnalysisRecord
+
 BARS = " ▁▂▃▄▅▆▇█"
 
 
@@ -38,12 +40,12 @@ def sample_text(sample: dict, feature_max: float, window: int, plain: bool) -> T
     return text
 
 
-def show_feature(rec: dict, feat: dict, n_top: int = 10, window: int = 12, console: Console | None = None) -> None:
+def show_feature(rec: AnalysisRecord, feat: dict, n_top: int = 10, window: int = 12, console: Console | None = None) -> None:
     con = console or Console(highlight=False, soft_wrap=True)
     plain = not con.is_terminal
     f = feat["feature"]
-    con.print(Text(f"feature {f} of {rec['sae']}  (analysis {rec['name']}, {rec.get('source', '')} "
-                   f"{rec.get('run') or rec.get('dataset') or ''}, {rec['tokens']} valid tokens)", style="bold"))
+    con.print(Text(f"feature {f} of {rec.sae}  (analysis {rec.name}, {rec.source} "
+                   f"{rec.run or rec.dataset or ''}, {rec.tokens} valid tokens)", style="bold"))
     con.print(f"  density {feat['density']:.4%}  ({feat['count']} tokens)   max {feat['max_act']:.4g}   "
               f"mean non-zero {feat['mean_act']:.4g}")
     if feat["hist_counts"]:
@@ -57,8 +59,9 @@ def show_feature(rec: dict, feat: dict, n_top: int = 10, window: int = 12, conso
         con.print("  neighbours " + ", ".join(f"{i} ({c:.2f})" for i, c in zip(feat["neighbours"][:8],
                                                                            feat["neighbour_cos"])))
     groups = [("top contexts", [s for s in feat["samples"] if s["kind"] == "top"][:n_top])]
-    for j, p in enumerate(rec.get("config", {}).get("intervals") or []):
-        hi = 1.0 if j == 0 else rec["config"]["intervals"][j - 1]
+    intervals = rec.config.get("intervals") or []
+    for j, p in enumerate(intervals):
+        hi = 1.0 if j == 0 else intervals[j - 1]
         groups.append((f"interval [{p:g}, {hi:g}) x max",
                        [s for s in feat["samples"] if s["kind"] == "interval" and s["interval"] == j][:3]))
     groups.append(("non-activating", [s for s in feat["samples"] if s["kind"] == "zero"][:2]))

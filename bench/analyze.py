@@ -102,8 +102,8 @@ def child(lake: str, sae_name: str, tokens: int) -> None:
                   progress=False)
     # VmHWM, not ru_maxrss: a child exec'd from this bench process can report its parent's peak
     peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    print(json.dumps({"tokens": rec["tokens_total"], "peak_rss_mb": peak_kb / 1024,
-                      "seconds": rec["seconds"], "tokens_per_second": rec["tokens_per_second"]}))
+    print(json.dumps({"tokens": rec.tokens_total, "peak_rss_mb": peak_kb / 1024,
+                      "seconds": rec.seconds, "tokens_per_second": rec.tokens_per_second}))
 
 
 def main() -> None:

@@ -167,7 +167,7 @@ def heldout_fvu(a, name, sae=None) -> float:
     with torch.no_grad():
         for b in src.token_batches(4096, [a.hook], seed=0):
             x = b.acts[a.hook].float()
-            keep = x.norm(dim=-1) <= 10 * src.manifest["stats"][a.hook]["median_norm"]  # as in training
+            keep = x.norm(dim=-1) <= 10 * src.manifest.stats[a.hook].median_norm  # as in training
             x = x[keep]
             sq += float((sae(x)[0] - x).pow(2).sum())
             var += float((x - x.mean(0)).pow(2).sum())
@@ -185,8 +185,8 @@ def phase_dense(a, tokens=None, heldout=False) -> dict:
 
     tokens = tokens or a.steps * a.batch_size
     src = SnapshotSource(a.lake, "bench")
-    st = src.manifest["stats"][a.hook]
-    scale, limit = math.sqrt(a.d_in) / st["mean_norm"], 10 * st["median_norm"]
+    st = src.manifest.stats[a.hook]
+    scale, limit = math.sqrt(a.d_in) / st.mean_norm, 10 * st.median_norm
     m = dictionaries.get("topk").build(a.d_in, a.d_sae, k=a.k)
     m.initialize([torch.Generator().manual_seed(0)])
     params = [m.W_enc, m.b_enc, m.W_dec, m.b_dec]

@@ -42,13 +42,13 @@ if not SAEStore(lake).exists(sae):
 rec = analyze(AnalyzeConfig(lake=args.lake, sae=sae, live=True, model=args.model, dataset=args.dataset,
                             context_size=args.context_size, tokens=args.tokens, name=args.name or f"{sae}-live",
                             overwrite=True), progress=False)
-print(f"analysis {rec['name']}: {rec['n_features']} features over {rec['tokens']} valid live tokens "
-      f"({rec['tokens_per_second']:.0f} tok/s including the model)")
+print(f"analysis {rec.name}: {rec.n_features} features over {rec.tokens} valid live tokens "
+      f"({rec.tokens_per_second:.0f} tok/s including the model)")
 store = EmbeddedStore(lake)
-rows = sorted(store.scalars(rec["name"]), key=lambda r: -r["density"])
+rows = sorted(store.scalars(rec.name), key=lambda r: -r["density"])
 alive = sum(r["count"] > 0 for r in rows)
 print(f"{alive} of {len(rows)} features fired; densest: "
       + ", ".join(f"{r['feature']} ({r['density']:.2%})" for r in rows[:5]))
 pick = next((r for r in rows if 0 < r["density"] < 0.05), rows[0])  # a sparse, interpretable-looking one
-show_feature(rec, store.feature(rec["name"], pick["feature"]), n_top=5)
-print(f"next: lake feature --lake {args.lake} {sae} INDEX --analysis {rec['name']}")
+show_feature(rec, store.feature(rec.name, pick["feature"]), n_top=5)
+print(f"next: lake feature --lake {args.lake} {sae} INDEX --analysis {rec.name}")

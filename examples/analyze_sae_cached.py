@@ -50,12 +50,12 @@ if not SAEStore(L).exists(sae):
     print(f"trained sae {sae} on snapshot {args.run}: d_sae {cfg['d_sae']}, FVU {cfg['fvu']:.3f}, L0 {cfg['l0']:.1f}")
 rec = analyze(AnalyzeConfig(lake=args.lake, sae=sae, run=args.run, store=args.store, name=args.name,
                             overwrite=True), progress=False)
-print(f"analysis {rec['name']} -> {rec['store']}: {rec['n_features']} features over {rec['tokens']} valid tokens "
-      f"of snapshot {rec['run']} v{rec['version']} ({rec['tokens_per_second']:.0f} tok/s)")
+print(f"analysis {rec.name} -> {rec.store}: {rec.n_features} features over {rec.tokens} valid tokens "
+      f"of snapshot {rec.run} v{rec.version} ({rec.tokens_per_second:.0f} tok/s)")
 store = open_store(L, args.store)
-rows = sorted(store.scalars(rec["name"]), key=lambda r: -r["density"])
+rows = sorted(store.scalars(rec.name), key=lambda r: -r["density"])
 for r in rows[:5]:
-    f = store.feature(rec["name"], r["feature"])
+    f = store.feature(rec.name, r["feature"])
     top = f["samples"][0] if f["samples"] else None
     peak = ""
     if top and top["positions"]:

@@ -41,7 +41,7 @@ existing = lake.Lake(L).run_names()
 lake_cmd("ingest", "--lake", L, "--model", args.model, "--dataset", args.dataset, "--hooks", args.hook,
          "--tokens", str(args.tokens), "--context-size", str(args.context_size), "--layout", "1d,2d",
          "--run", "demo",  # a re-run resumes with the run's own chunking (older demos used other defaults)
-         *(["--resume", "--shuffle-buffer", str(lake.Lake(L).manifest("demo")["shuffle_buffer"])]
+         *(["--resume", "--shuffle-buffer", str(lake.Lake(L).manifest("demo").shuffle_buffer)]
            if "demo" in existing else []))
 lake_cmd("show", "--lake", L, "demo")
 col = args.hook.replace(".", "_")

@@ -138,20 +138,20 @@ def show(lake_uri, name, as_json):
                 return
     m = lake.manifest(name)
     if as_json:
-        click.echo(json.dumps(m, indent=2, default=str))
+        click.echo(json.dumps(m.to_json(), indent=2, default=str))
         return
-    click.echo(f"run {m['name']}  [{m['status']}]" + (f"  error: {m['error']}" if m.get("error") else ""))
+    click.echo(f"run {m.name}  [{m.status}]" + (f"  error: {m.error}" if m.error else ""))
     for key in ("model", "dataset", "context_size", "dtype", "tables", "tokens", "contexts", "rows_1d", "seed",
                 "created", "updated"):
-        click.echo(f"  {key:13s} {m[key]}")
-    for i, v in enumerate(m["versions"], 1):
-        click.echo(f"  version {i}: {v['tokens']} tokens, lance versions {v['tables']}, tag {v['tag']}")
-    for h in m["hooks"]:
-        s = m["stats"].get(h)
-        line = f"  hook {h} (d_model {m['d_model'][h]}, column {m['columns'][h]})"
+        click.echo(f"  {key:13s} {getattr(m, key)}")
+    for i, v in enumerate(m.versions, 1):
+        click.echo(f"  version {i}: {v.tokens} tokens, lance versions {v.tables}, tag {v.tag}")
+    for h in m.hooks:
+        s = m.stats.get(h)
+        line = f"  hook {h} (d_model {m.d_model[h]}, column {m.columns[h]})"
         if s:
-            line += (f": norm mean {s['mean_norm']:.3g}, median {s['median_norm']:.3g}, p99 {s['p99_norm']:.3g}, "
-                     f"max {s['max_norm']:.3g}, {100 * s['frac_over_10x_median']:.2f}% over 10x median")
+            line += (f": norm mean {s.mean_norm:.3g}, median {s.median_norm:.3g}, p99 {s.p99_norm:.3g}, "
+                     f"max {s.max_norm:.3g}, {100 * s.frac_over_10x_median:.2f}% over 10x median")
         click.echo(line)
 
 

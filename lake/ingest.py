@@ -25,6 +25,7 @@ from .corpus import check_corpus, documents, pack_contexts
 from .errors import UserError
 from .lake import TABLES, Lake
 from .models import LoadedModel, load_model
+from .records import HookStats, ModelInfo, RunManifest, Snapshot
 from .storage import check_name
 from .tables import DTYPES, column_name
 from .writer import (Chunk, Lease, chunk_table, commit_fragments, committed_contexts, forward_chunk, store_error,
@@ -82,22 +83,18 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _new_manifest(cfg: IngestConfig, model: LoadedModel) -> dict:
-    m = {k: getattr(cfg, k) for k in IDENTITY}
-    m |= {
-        "name": cfg.run, "status": "running", "created": _now(), "updated": _now(), "error": None,
-        "model_info": {"n_layers": model.n_layers, "d_model": model.d_model, "n_ctx": model.n_ctx,
-                       "d_vocab": model.d_vocab, "bos_token_id": model.bos_token_id},
-        "columns": {h: column_name(h) for h in cfg.hooks},
-        "d_model": model.hook_dims(cfg.hooks),
-        "tables": [TABLES[x] for x in cfg.layouts],
-        "contexts": 0, "tokens": 0, "rows_1d": 0, "contexts_target": 0, "segment_start": 0,
-        "versions": [], "stats": {},
-    }
-    return m
+def _new_manifest(cfg: IngestConfig, model: LoadedModel, contexts_target: int) -> RunManifest:
+    return RunManifest(
+        **{k: getattr(cfg, k) for k in IDENTITY},
+        name=cfg.run, status="running", created=_now(), updated=_now(), error=None,
+        model_info=ModelInfo(n_layers=model.n_layers, d_model=model.d_model, n_ctx=model.n_ctx,
+                             d_vocab=model.d_vocab, bos_token_id=model.bos_token_id),
+        columns={h: column_name(h) for h in cfg.hooks}, d_model=model.hook_dims(cfg.hooks),
+        tables=[TABLES[x] for x in cfg.layouts], contexts=0, tokens=0, rows_1d=0,
+        contexts_target=contexts_target, segment_start=0, versions=[], stats={}, checksums_from=0)
 
 
-def _prepare(cfg: IngestConfig, lake: Lake) -> dict | None:
+def _prepare(cfg: IngestConfig, lake: Lake) -> RunManifest | None:
     """Check run-name rules before loading anything; returns the existing manifest if any."""
     exists = lake.storage.exists("runs", cfg.run, "manifest.json")
     if exists and not (cfg.resume or cfg.append):
@@ -109,35 +106,36 @@ def _prepare(cfg: IngestConfig, lake: Lake) -> dict | None:
     if not exists:
         return None
     m = lake.manifest(cfg.run)
-    diff = [k for k in IDENTITY if m.get(k) != getattr(cfg, k)]
+    diff = [k for k in IDENTITY if getattr(m, k) != getattr(cfg, k)]
     if diff:
         k = diff[0]
-        raise UserError(f"run {cfg.run!r} was made with {k}={m.get(k)!r}, not {getattr(cfg, k)!r}: repeat "
+        raise UserError(f"run {cfg.run!r} was made with {k}={getattr(m, k)!r}, not {getattr(cfg, k)!r}: repeat "
                         "the original settings (see `lake show`)")
-    if cfg.append and m["status"] != "complete":
-        raise UserError(f"run {cfg.run!r} is {m['status']}, not complete: finish it with --resume first")
+    if cfg.append and m.status != "complete":
+        raise UserError(f"run {cfg.run!r} is {m.status}, not complete: finish it with --resume first")
     return m
 
 
-def _stats(lake: Lake, m: dict) -> dict:
+def _stats(lake: Lake, m: RunManifest) -> dict[str, HookStats]:
     """Per-hook norm statistics over the whole run (non-BOS tokens unless keep_bos)."""
     stats = {}
-    bos = m["model_info"]["bos_token_id"]
-    for h in m["hooks"]:
-        col = m["columns"][h] + "_norm"
-        if "tokens" in m["tables"]:
-            norms = lake.dataset(m["name"], "tokens").to_table(columns=[col]).column(col).to_numpy()
+    bos = m.model_info.bos_token_id
+    for h in m.hooks:
+        col = m.columns[h] + "_norm"
+        if "tokens" in m.tables:
+            norms = lake.dataset(m.name, "tokens").to_table(columns=[col]).column(col).to_numpy()
         else:
-            t = lake.dataset(m["name"], "contexts").to_table(columns=["tokens", col])
+            t = lake.dataset(m.name, "contexts").to_table(columns=["tokens", col])
             norms = t.column(col).combine_chunks().flatten().to_numpy()
-            if not m["keep_bos"]:
+            if not m.keep_bos:
                 norms = norms[t.column("tokens").combine_chunks().flatten().to_numpy() != bos]
         norms = norms.astype(np.float64)
         q = np.quantile(norms, [0.01, 0.05, 0.5, 0.95, 0.99, 0.999]) if len(norms) else [0.0] * 6
-        stats[h] = {"n": int(len(norms)), "mean_norm": float(norms.mean()), "rms_norm": float(np.sqrt((norms ** 2).mean())),
-                    "p01_norm": q[0], "p05_norm": q[1], "median_norm": q[2], "p95_norm": q[3], "p99_norm": q[4],
-                    "p999_norm": q[5], "max_norm": float(norms.max()),
-                    "frac_over_10x_median": float((norms > 10 * q[2]).mean())}
+        stats[h] = HookStats(n=int(len(norms)), mean_norm=float(norms.mean()),
+                             rms_norm=float(np.sqrt((norms ** 2).mean())), p01_norm=float(q[0]), p05_norm=float(q[1]),
+                             median_norm=float(q[2]), p95_norm=float(q[3]), p99_norm=float(q[4]),
+                             p999_norm=float(q[5]), max_norm=float(norms.max()),
+                             frac_over_10x_median=float((norms > 10 * q[2]).mean()))
     return stats
 
 
@@ -181,15 +179,15 @@ def _agree(fn, world: int, rank: int):
 def ingest(cfg: IngestConfig, progress: bool = True) -> dict:
     """Run an ingest (new, --resume or --append); under torchrun every rank calls this.
 
-    Returns the final run manifest."""
+    Returns the final run manifest as its JSON object (``Lake.manifest(run)`` gives the typed one)."""
     cfg.validate()
     rank, world = _dist()
     lake = Lake(cfg.lake)
     existing = _agree(lambda: _prepare(cfg, lake), world, rank)
-    if cfg.resume and existing and existing["status"] == "complete":
+    if cfg.resume and existing and existing.status == "complete":
         if rank == 0:
-            print(f"run {cfg.run} is already complete ({existing['tokens']} tokens): nothing to do")
-        return existing
+            print(f"run {cfg.run} is already complete ({existing.tokens} tokens): nothing to do")
+        return existing.to_json()
     check_corpus(cfg.dataset, cfg.text_column)
     model = load_model(cfg.model, cfg.device)
     model.check_hooks(cfg.hooks)
@@ -202,16 +200,16 @@ def ingest(cfg: IngestConfig, progress: bool = True) -> dict:
         _write_chunks(cfg, lake, model, m, lease, progress and rank == 0, rank, world)
         if rank == 0:
             m = _finish(lake, m)
-        return _gather(m, world)[0]
+        return _gather(m, world)[0].to_json()
     except BaseException as e:  # Ctrl-C included: the run is resumable, and says it failed
         if _is_store_failure(e):
             e = store_error(lake, cfg.run, e)
         if rank == 0:
-            m["status"], m["updated"] = "failed", _now()
-            m["error"] = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"[:500]
+            m.status, m.updated = "failed", _now()
+            m.error = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"[:500]
             try:
                 lake.write_manifest(m)
-                lake.register_run(m)
+                lake.register_run(m.to_json())
             except Exception:
                 pass
         if isinstance(e, UserError):
@@ -242,35 +240,36 @@ def _is_store_failure(e: BaseException) -> bool:
     return isinstance(e, OSError) or mod.startswith(("botocore", "aiobotocore", "s3fs", "fsspec", "aiohttp"))
 
 
-def _start(cfg: IngestConfig, lake: Lake, model: LoadedModel, existing: dict | None, lease: Lease) -> dict:
+def _start(cfg: IngestConfig, lake: Lake, model: LoadedModel, existing: RunManifest | None,
+           lease: Lease) -> RunManifest:
     """Create or reopen the run's manifest and take its lease (rank 0)."""
     new_contexts = math.ceil(cfg.tokens / cfg.context_size)
     if existing is None:
-        m = _new_manifest(cfg, model)
-        m["contexts_target"] = new_contexts
-        if not lake.storage.create_exclusive(json.dumps(m, indent=2).encode(), "runs", cfg.run, "manifest.json"):
+        m = _new_manifest(cfg, model, new_contexts)
+        if not lake.storage.create_exclusive(json.dumps(m.to_json(), indent=2).encode(), "runs", cfg.run,
+                                             "manifest.json"):
             raise UserError(f"run {cfg.run!r} was just created by another ingest: choose another --run")
         lease.acquire()
         return m
     lease.acquire()
     m = lake.manifest(cfg.run)  # re-read under the lease
     if cfg.append:
-        m["segment_start"] = m["contexts"]
-        m["contexts_target"] = m["contexts"] + new_contexts
-    elif m["contexts_target"] != m["segment_start"] + new_contexts:
-        raise UserError(f"run {cfg.run!r} was started with --tokens for {m['contexts_target'] - m['segment_start']} "
+        m.segment_start = m.contexts
+        m.contexts_target = m.contexts + new_contexts
+    elif m.contexts_target != m.segment_start + new_contexts:
+        raise UserError(f"run {cfg.run!r} was started with --tokens for {m.contexts_target - m.segment_start} "
                         f"contexts, not {new_contexts}: repeat the original --tokens")
-    m["status"], m["error"], m["updated"] = "running", None, _now()
+    m.status, m.error, m.updated = "running", None, _now()
     lake.write_manifest(m)
     return m
 
 
-def _write_chunks(cfg: IngestConfig, lake: Lake, model: LoadedModel, m: dict, lease: Lease, progress: bool,
-                  rank: int, world: int) -> None:
+def _write_chunks(cfg: IngestConfig, lake: Lake, model: LoadedModel, m: RunManifest, lease: Lease,
+                  progress: bool, rank: int, world: int) -> None:
     """Process chunks in rounds of ``world`` (chunk i of a round on rank i); commit each round."""
-    tables = m["tables"]
+    tables = m.tables
     done = {t: committed_contexts(lake, cfg.run, t) for t in tables}
-    base, target, T = m["segment_start"], m["contexts_target"], cfg.context_size
+    base, target, T = m.segment_start, m.contexts_target, cfg.context_size
     start = min(c for c, _ in done.values())
     per_chunk = max(1, cfg.shuffle_buffer // T)
     # chunk boundaries are fixed by the segment start, so a resumed run cuts the same chunks
@@ -313,7 +312,7 @@ def _write_chunks(cfg: IngestConfig, lake: Lake, model: LoadedModel, m: dict, le
             if rank == 0:
                 tqdm.write(f"corpus {cfg.dataset} ran out after {round_end} contexts ({round_end * T} tokens); "
                            "stopping there")
-            m["contexts_target"] = round_end
+            m.contexts_target = round_end
             return False
         return True
 
@@ -343,21 +342,21 @@ def _write_chunks(cfg: IngestConfig, lake: Lake, model: LoadedModel, m: dict, le
     bar.close()
 
 
-def _finish(lake: Lake, m: dict) -> dict:
-    run, versions, rows = m["name"], {}, {}
-    for table in m["tables"]:
-        ds = lake.dataset(run, table)
+def _finish(lake: Lake, m: RunManifest) -> RunManifest:
+    versions, rows = {}, {}
+    tag = f"complete-{len(m.versions) + 1}"
+    for table in m.tables:
+        ds = lake.dataset(m.name, table)
         versions[table], rows[table] = ds.version, ds.count_rows()
-        tag = f"complete-{len(m['versions']) + 1}"
         if tag not in ds.tags.list():
             ds.tags.create(tag, ds.version)
-    m["contexts"] = m["contexts_target"]
-    m["tokens"] = m["contexts"] * m["context_size"]
-    m["rows_1d"] = rows.get("tokens", 0)
-    m["versions"].append({"tables": versions, "rows": rows, "contexts": m["contexts"], "tokens": m["tokens"],
-                          "tag": f"complete-{len(m['versions']) + 1}", "created": _now()})
-    m["stats"] = _stats(lake, m)
-    m["status"], m["updated"] = "complete", _now()
+    m.contexts = m.contexts_target
+    m.tokens = m.contexts * m.context_size
+    m.rows_1d = rows.get("tokens", 0)
+    m.versions.append(Snapshot(tables=versions, rows=rows, contexts=m.contexts, tokens=m.tokens, tag=tag,
+                               created=_now()))
+    m.stats = _stats(lake, m)
+    m.status, m.updated = "complete", _now()
     lake.write_manifest(m)
-    lake.register_run(m)
+    lake.register_run(m.to_json())
     return m

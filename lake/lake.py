@@ -11,6 +11,7 @@ import lance
 from saelake.catalog import Catalog, CatalogError, check_select
 
 from .errors import UserError
+from .records import AnalysisRecord, RunManifest
 from .storage import LakeStorage, check_name, saelake_home
 from .tables import as_float32_for_sql
 
@@ -29,17 +30,26 @@ class Lake:
     def run_names(self) -> list[str]:
         return [n for n in self.storage.listdir("runs") if self.storage.exists("runs", n, "manifest.json")]
 
-    def manifest(self, run: str) -> dict:
+    def manifest(self, run: str) -> RunManifest:
         check_name(run, "run name")
         m = self.storage.read_json("runs", run, "manifest.json")
         if m is None:
             known = self.run_names()
             raise UserError(f"no run {run!r} in {self.root}" + (f": runs are {', '.join(known)}" if known
                                                                   else ": the lake has no runs yet (lake ingest)"))
-        return m
+        return RunManifest.from_json(m, self.storage.uri("runs", run, "manifest.json"))
 
-    def write_manifest(self, manifest: dict) -> None:
-        self.storage.write_json(manifest, "runs", manifest["name"], "manifest.json")
+    def write_manifest(self, manifest: RunManifest) -> None:
+        self.storage.write_json(manifest.to_json(), "runs", manifest.name, "manifest.json")
+
+    def analysis_names(self) -> list[str]:
+        return [n for n in self.storage.listdir("analyses") if self.storage.exists("analyses", n, "analysis.json")]
+
+    def analysis_record(self, name: str) -> AnalysisRecord | None:
+        """``analyses/<name>/analysis.json`` (None if absent); analyze.stores writes it."""
+        rec = self.storage.read_json("analyses", name, "analysis.json")
+        return None if rec is None else AnalysisRecord.from_json(rec, self.storage.uri("analyses", name,
+                                                                                          "analysis.json"))
 
     def table_uri(self, run: str, table: str) -> str:
         return self.storage.uri("runs", run, f"{table}.lance")
@@ -72,11 +82,10 @@ class Lake:
         a list of {step, tokens, name, value}). Analyses: ``analyses/<name>/analysis.json``.
         """
         st = self.storage
-        runs = [(self.manifest(n), st.uri("runs", n)) for n in self.run_names()]
+        runs = [(self.manifest(n).to_json(), st.uri("runs", n)) for n in self.run_names()]
         saes = [(st.read_json("saes", n, "config.json"), st.uri("saes", n), st.read_json("saes", n, "metrics.json") or [])
                 for n in st.listdir("saes") if st.exists("saes", n, "config.json")]
-        analyses = [(st.read_json("analyses", n, "analysis.json"), st.uri("analyses", n))
-                    for n in st.listdir("analyses") if st.exists("analyses", n, "analysis.json")]
+        analyses = [(self.analysis_record(n).to_json(), st.uri("analyses", n)) for n in self.analysis_names()]
         self.catalog.rebuild(runs, saes, analyses)
         return {"runs": len(runs), "saes": len(saes), "analyses": len(analyses)}
 
@@ -114,7 +123,7 @@ class Lake:
 
         m = self.manifest(run)
         ds = self.dataset(run, table)
-        acts = {m["columns"][h]: m["dtype"] for h in m["hooks"]}
+        acts = {m.columns[h]: m.dtype for h in m.hooks}
         wanted = [f.name for f in ds.schema if f.name not in acts or re.search(rf"\b{f.name}\b", sql)]
         scanner = ds.scanner(columns=wanted, batch_size=8192)
 

@@ -21,11 +21,11 @@ def verify_run(lake: Lake, run: str, deep: bool = True) -> list[str]:
     """Problems with one run (empty = healthy): manifest vs Lance vs catalog, file sizes, decoding."""
     problems: list[str] = []
     m = lake.manifest(run)
-    if m["status"] != "complete":
-        problems.append(f"run {run}: status is {m['status']}" + (f" ({m['error']})" if m.get("error") else "")
+    if m.status != "complete":
+        problems.append(f"run {run}: status is {m.status}" + (f" ({m.error})" if m.error else "")
                         + ": finish it with lake ingest --resume, or lake gc removes it")
-    for i, snap in enumerate(m["versions"], 1):
-        for table, version in snap["tables"].items():
+    for i, snap in enumerate(m.versions, 1):
+        for table, version in snap.tables.items():
             where = f"run {run} snapshot {i} {table}.lance@v{version}"
             try:
                 ds = lance.dataset(lake.table_uri(run, table), version=version,
@@ -33,9 +33,9 @@ def verify_run(lake: Lake, run: str, deep: bool = True) -> list[str]:
             except Exception as e:
                 problems.append(f"{where}: cannot open ({str(e).splitlines()[0][:150]})")
                 continue
-            if ds.count_rows() != snap["rows"][table]:
-                problems.append(f"{where}: {ds.count_rows()} rows, manifest says {snap['rows'][table]}")
-            if i == len(m["versions"]):
+            if ds.count_rows() != snap.rows[table]:
+                problems.append(f"{where}: {ds.count_rows()} rows, manifest says {snap.rows[table]}")
+            if i == len(m.versions):
                 problems += _check_files(lake, run, table, ds, deep)
     try:
         # run names are checked to be [A-Za-z0-9_.-], so quoting them is safe
@@ -45,9 +45,9 @@ def verify_run(lake: Lake, run: str, deep: bool = True) -> list[str]:
     if rows is not None and lake.catalog.path.exists():
         if not rows:
             problems.append(f"run {run}: missing from the catalog (lake catalog sync)")
-        elif rows[0] != (m["status"], m["tokens"], len(m["versions"])):
+        elif rows[0] != (m.status, m.tokens, len(m.versions)):
             problems.append(f"run {run}: catalog says {rows[0]}, manifest says "
-                            f"{(m['status'], m['tokens'], len(m['versions']))} (lake catalog sync)")
+                            f"{(m.status, m.tokens, len(m.versions))} (lake catalog sync)")
     return problems
 
 
@@ -100,11 +100,14 @@ def pins(lake: Lake) -> set[tuple[str, int]]:
     """(run, snapshot version) pairs that an SAE or an analysis was made from."""
     st = lake.storage
     out = set()
-    for kind, file in (("saes", "config.json"), ("analyses", "analysis.json")):
-        for n in st.listdir(kind):
-            rec = st.read_json(kind, n, file) or {}
-            if rec.get("run"):
-                out.add((rec["run"], int(rec.get("version") or 0)))
+    for n in st.listdir("saes"):  # SAE configs are train's records: only these two keys matter here
+        cfg = st.read_json("saes", n, "config.json") or {}
+        if cfg.get("run"):
+            out.add((cfg["run"], int(cfg.get("version") or 0)))
+    for n in lake.analysis_names():
+        rec = lake.analysis_record(n)
+        if rec.run:
+            out.add((rec.run, rec.version or 0))
     return out
 
 
@@ -119,16 +122,16 @@ def gc(lake: Lake, dry_run: bool = False) -> list[str]:
         holder = Lease(lake, run)._holder()
         if holder:
             continue  # being written right now
-        if m["status"] != "complete" and not m["versions"]:
+        if m.status != "complete" and not m.versions:
             if any(r == run for r, _ in pinned):
                 continue
-            removed.append(f"run {run} ({m['status']}, never completed)")
+            removed.append(f"run {run} ({m.status}, never completed)")
             if not dry_run:
                 lake.storage.remove("runs", run)
             continue
-        for table in m["tables"]:
+        for table in m.tables:
             ds = lake.dataset(run, table)
-            keep = {v["tables"][table] for v in m["versions"] if table in v["tables"]} | {ds.latest_version}
+            keep = {v.tables[table] for v in m.versions if table in v.tables} | {ds.latest_version}
             old = [v["version"] for v in ds.versions() if v["version"] not in keep]
             # runs only append, so the latest version references every committed data file
             used = {p for p, _ in _fragment_files(ds)}

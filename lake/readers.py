@@ -121,19 +121,12 @@ class SnapshotSource:
     def __init__(self, lake: Lake | str, run: str, version: int | None = None, block_rows: int = 65536):
         self.lake = lake if isinstance(lake, Lake) else Lake(lake)
         self.manifest = m = self.lake.manifest(run)
-        if not m["versions"]:
-            raise UserError(f"run {run!r} has no complete snapshot yet (status {m['status']}): "
-                            f"finish it with `lake ingest --run {run} --resume ...`")
-        n = len(m["versions"])
-        if version is None:
-            version = n
-        if not 1 <= version <= n:
-            raise UserError(f"run {run!r} has snapshot versions 1..{n}, not {version}")
-        self.run, self.version, self.snapshot = run, version, m["versions"][version - 1]
-        self.hooks = list(m["hooks"])
-        self.d_model = dict(m["d_model"])
-        self.columns = dict(m["columns"])
-        self.dtype, self.context_size = m["dtype"], m["context_size"]
+        version = len(m.versions) if version is None else version
+        self.run, self.version, self.snapshot = run, version, m.snapshot(version)
+        self.hooks = list(m.hooks)
+        self.d_model = dict(m.d_model)
+        self.columns = dict(m.columns)
+        self.dtype, self.context_size = m.dtype, m.context_size
         self.block_rows = block_rows
         self._pos: dict = {}
 
@@ -143,18 +136,18 @@ class SnapshotSource:
     @property
     def n_tokens(self) -> int:
         """Rows of the 1d table in this snapshot (non-BOS tokens by default)."""
-        return self.snapshot["rows"].get("tokens", 0)
+        return self.snapshot.rows.get("tokens", 0)
 
     @property
     def n_contexts(self) -> int:
-        return self.snapshot["contexts"]
+        return self.snapshot.contexts
 
     def _table(self, table: str):
-        if table not in self.snapshot["tables"]:
+        if table not in self.snapshot.tables:
             layout = {"tokens": "1d", "contexts": "2d"}[table]
             raise UserError(f"run {self.run!r} has no {layout} table: ingest one with --layout {layout}"
                             + (" or use --live" if layout == "2d" else ""))
-        return self.lake.dataset(self.run, table, self.snapshot["tables"][table])
+        return self.lake.dataset(self.run, table, self.snapshot.tables[table])
 
     def _hooks(self, hooks: Sequence[str] | None) -> list[str]:
         hooks = list(hooks or self.hooks)

@@ -22,10 +22,10 @@ def _contexts(lake: Lake, cfg: dict, dataset: str | None, context_size: int | No
     """Token batches [b, T]: the snapshot's 2d contexts when it has them, else the corpus."""
     if dataset is None and cfg.get("run"):
         src = SnapshotSource(lake, cfg["run"], cfg.get("version"))
-        if "contexts" in src.snapshot["tables"]:
+        if "contexts" in src.snapshot.tables:
             desc = f"snapshot {cfg['run']} v{src.version} contexts"
             return desc, (b.tokens.long() for b in src.context_batches(batch_size, [cfg["hooks"][0]]))
-        dataset = src.manifest["dataset"]
+        dataset = src.manifest.dataset
         context_size = context_size or src.context_size
     dataset = dataset or cfg.get("dataset")
     if dataset is None:

@@ -106,8 +106,9 @@ class Trainer:
             raise UserError(f"--tokens {s.tokens} is more than snapshot {s.run} v{src.version} holds "
                             f"({src.n_tokens} tokens): lower --tokens or pass --repeat to loop over it")
         m = src.manifest
-        self.stats = {h: m["stats"][h] for h in self.hooks}
-        self.model_spec, self.bos_excluded = m["model"], not m.get("keep_bos", False)
+        self.stats = {h: {"mean_norm": m.stats[h].mean_norm, "median_norm": m.stats[h].median_norm}
+                      for h in self.hooks}
+        self.model_spec, self.bos_excluded = m.model, not m.keep_bos
         self.snapshot = (s.run, src.version)
         return src
 

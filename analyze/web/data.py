@@ -147,7 +147,7 @@ class LakeData:
             out = []
             for n in self.lake.run_names():
                 try:
-                    out.append(self.lake.manifest(n))
+                    out.append(self.lake.manifest(n).to_json())
                 except UserError:
                     continue
             return out
@@ -300,7 +300,7 @@ class LakeData:
         if ds is None:
             from saelake.analyze.stores import EmbeddedStore
             try:
-                ds = EmbeddedStore(self.lake).dataset(rec["name"], rec)
+                ds = EmbeddedStore(self.lake).dataset(rec["name"])
             except UserError as e:
                 raise NotFound(str(e)) from None
             except Exception as e:

@@ -80,7 +80,7 @@ def test_live_analysis_matches_snapshot(lake_copy, tiny_model, tiny_corpus):
     assert code == 0, err
     st = EmbeddedStore(Lake(lake_copy))
     live, snap = st.record("live"), st.record("snap")
-    assert live["source"] == "live" and live["contexts"] == snap["contexts"] == 20 and live["tokens"] == snap["tokens"]
+    assert live.source == "live" and live.contexts == snap.contexts == 20 and live.tokens == snap.tokens
     a, b = st.scalars("live"), st.scalars("snap")
     # same contexts; the snapshot holds float16 activations, live float32: counts agree up to rare flips
     assert sum(abs(x["count"] - y["count"]) for x, y in zip(a, b)) <= 0.02 * sum(y["count"] for y in b) + 2

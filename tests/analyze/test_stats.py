@@ -31,7 +31,7 @@ def brute(root: str, name: str):
 
     sae, cfg = SAEStore(root).load(name)
     src = SnapshotSource(root, "r1")
-    model = load_model(src.manifest["model"])
+    model = load_model(src.manifest.model)
     skip = torch.tensor([model.bos_token_id] + ([model.tokenizer.pad_token_id]
                                                 if model.tokenizer.pad_token_id is not None else []))
     fs, toks, ids, batches = [], [], [], []
@@ -51,8 +51,8 @@ def test_scalars_histogram_topk_match_brute_force(analysed, name):
     C, T, S = f.shape
     store = EmbeddedStore(Lake(analysed))
     rec = store.record(name)
-    valid = ~torch.isin(tokens, torch.tensor(rec["excluded_token_ids"]))
-    assert rec["tokens"] == int(valid.sum()) and rec["contexts"] == C and rec["n_features"] == S
+    valid = ~torch.isin(tokens, torch.tensor(rec.excluded_token_ids))
+    assert rec.tokens == int(valid.sum()) and rec.contexts == C and rec.n_features == S
     flat = f.reshape(-1, S)
     count = (flat > 0).sum(0)
     cmax = f.amax(1)  # [C, S]

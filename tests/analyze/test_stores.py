@@ -20,10 +20,10 @@ def test_embedded_and_mongo_read_back_identical(lake_copy, mongo_server):
     mon = analyze(AnalyzeConfig(**kw, name="rel-mongo", store=uri), progress=False)
     e, m = EmbeddedStore(Lake(lake_copy)), MongoStore(uri)
     skip = {"name", "store", "created", "seconds", "tokens_per_second", "config", "features_table"}
-    assert {k: v for k, v in e.record("rel-emb").items() if k not in skip} == \
-        {k: v for k, v in m.record("rel-mongo").items() if k not in skip}
-    assert mon["store"] == uri and emb["store"] == "embedded"
-    for j in range(mon["n_features"]):
+    assert {k: v for k, v in e.record("rel-emb").to_json().items() if k not in skip} == \
+        {k: v for k, v in m.record("rel-mongo").to_json().items() if k not in skip}
+    assert mon.store == uri and emb.store == "embedded"
+    for j in range(mon.n_features):
         a, b = e.feature("rel-emb", j), m.feature("rel-mongo", j)
         assert a == b, j
     assert e.scalars("rel-emb") == m.scalars("rel-mongo")
@@ -54,19 +54,19 @@ def test_embedded_and_mongo_read_back_identical(lake_copy, mongo_server):
 def test_overwrite_replaces_atomically(lake_copy, mongo_server):
     analyze(AnalyzeConfig(lake=lake_copy, sae="topk", tokens=500), progress=False)
     lake = Lake(lake_copy)
-    old = EmbeddedStore(lake).record("topk")["features_table"]
+    old = EmbeddedStore(lake).record("topk").features_table
     with pytest.raises(UserError, match="already exists.*--name.*--overwrite"):
         analyze(AnalyzeConfig(lake=lake_copy, sae="topk"), progress=False)
     analyze(AnalyzeConfig(lake=lake_copy, sae="topk", tokens=1000, overwrite=True), progress=False)
     rec = EmbeddedStore(lake).record("topk")
-    assert rec["contexts"] == 32 and rec["features_table"] != old
-    assert lake.storage.listdir("analyses", "topk") == sorted(["analysis.json", rec["features_table"]])
+    assert rec.contexts == 32 and rec.features_table != old
+    assert lake.storage.listdir("analyses", "topk") == sorted(["analysis.json", rec.features_table])
     uri = mongo_server + "ow"
     analyze(AnalyzeConfig(lake=lake_copy, sae="topk", tokens=500, store=uri, name="m"), progress=False)
     analyze(AnalyzeConfig(lake=lake_copy, sae="topk", tokens=1000, store=uri, name="m", overwrite=True),
             progress=False)
     m = MongoStore(uri)
-    assert m.record("m")["contexts"] == 32 and m.db.features.count_documents({"analysis": "m"}) == 64
+    assert m.record("m").contexts == 32 and m.db.features.count_documents({"analysis": "m"}) == 64
 
 
 def test_failed_analysis_leaves_nothing(lake_copy, monkeypatch):

@@ -29,7 +29,7 @@ def test_torchrun_ingest_equals_single_process(tmp_path, tiny_model, tiny_corpus
     p = subprocess.run(_args(two, tiny_model, tiny_corpus, "r1", "3000", "--nproc", "2"), cwd=REPO,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert Lake(two).manifest("r1")["status"] == "complete"
+    assert Lake(two).manifest("r1").status == "complete"
     (t1, c1), (t2, c2) = _sorted_rows(one), _sorted_rows(two)
     assert t1.equals(t2) and c1.equals(c2)  # same rows, same values, same global context ids
     # and the same write-time shuffle: a chunk's rows are in the same order whichever rank wrote it
@@ -55,7 +55,7 @@ def test_two_runs_at_once_and_one_run_twice(tmp_path, tiny_model, tiny_corpus):
     assert codes == [0, 2], errs
     err = next(e for e in errs if "error:" in e)
     assert "'same'" in err and len(err.strip().splitlines()) == 1
-    assert Lake(lake).manifest("same")["status"] == "complete"
+    assert Lake(lake).manifest("same").status == "complete"
 
 
 def test_s3_server_dies_mid_ingest_then_resume(tmp_path, tiny_model, tiny_corpus):
@@ -99,15 +99,15 @@ def test_s3_server_dies_mid_ingest_then_resume(tmp_path, tiny_model, tiny_corpus
             os.environ[k] = env[k]
         lk = Lake(uri)
         m = lk.manifest("r1")
-        assert m["status"] == "complete"
+        assert m.status == "complete"
         t = lance.dataset(lk.table_uri("r1", "tokens"), storage_options=lk.storage.storage_options).to_table(
             columns=["context_id", "position"])
         keys = t.column("context_id").to_numpy() * 32 + t.column("position").to_numpy()
-        assert len(keys) == len(set(keys)) == m["rows_1d"]  # nothing duplicated
+        assert len(keys) == len(set(keys)) == m.rows_1d  # nothing duplicated
         c = lance.dataset(lk.table_uri("r1", "contexts"), storage_options=lk.storage.storage_options).to_table(
             columns=["context_id"])
-        assert sorted(c.column("context_id").to_pylist()) == list(range(m["contexts"]))  # nothing lost
-        assert len(set(t.column("context_id").to_pylist())) == m["contexts"]
+        assert sorted(c.column("context_id").to_pylist()) == list(range(m.contexts))  # nothing lost
+        assert len(set(t.column("context_id").to_pylist())) == m.contexts
     finally:
         server.stop()
         for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):

@@ -57,15 +57,15 @@ def test_interrupted_ingest_resumes_to_the_same_rows(tmp_path, tiny_model, tiny_
     lake = str(tmp_path / "lake")
     code, err = _interrupt(lake, tiny_model, tiny_corpus, sig, commits)
     m = Lake(lake).manifest("r1")
-    assert m["status"] != "complete"
+    assert m.status != "complete"
     if sig == signal.SIGINT:
-        assert code == 130 and m["status"] == "failed" and "resum" in err
+        assert code == 130 and m.status == "failed" and "resum" in err
     else:
         assert code == -signal.SIGKILL
     p = subprocess.run(_ingest_args(lake, tiny_model, tiny_corpus, "--resume"), cwd=REPO, capture_output=True,
                        text=True)
     assert p.returncode == 0, p.stderr
-    assert Lake(lake).manifest("r1")["status"] == "complete"
+    assert Lake(lake).manifest("r1").status == "complete"
     (t, c), (rt, rc) = _rows(lake), reference
     assert t.num_rows == rt.num_rows and c.num_rows == rc.num_rows
     assert t.equals(rt) and c.equals(rc)  # same (context_id, position) rows, same values
@@ -106,7 +106,7 @@ def test_five_kills_in_a_row(tmp_path, tiny_model, tiny_corpus, reference):
         time.sleep(rng.uniform(0, 0.2))
         proc.kill()
         proc.communicate(timeout=60)
-        assert Lake(lake).manifest("r1")["status"] != "complete", "finished before the kill: shrink the delay"
+        assert Lake(lake).manifest("r1").status != "complete", "finished before the kill: shrink the delay"
     p = subprocess.run(_ingest_args(lake, tiny_model, tiny_corpus, "--resume"), cwd=REPO, capture_output=True,
                        text=True)
     assert p.returncode == 0, p.stderr

@@ -18,14 +18,14 @@ def _tables(lake: str, run: str = "r1"):
 def test_ingest_writes_one_row_per_token_with_every_hook(tiny_lake):
     tokens, contexts = _tables(tiny_lake)
     m = Lake(tiny_lake).manifest("r1")
-    assert m["status"] == "complete" and m["tokens"] >= 4000
+    assert m.status == "complete" and m.tokens >= 4000
     assert set(tokens.column_names) >= {"token_id", "context_id", "position", "blocks_0_hook_resid_post",
                                         "blocks_1_hook_mlp_out", "blocks_0_hook_resid_post_norm"}
-    T = m["context_size"]
-    assert contexts.num_rows == m["contexts"] and m["contexts"] * T == m["tokens"]
+    T = m.context_size
+    assert contexts.num_rows == m.contexts and m.contexts * T == m.tokens
     ctx_tokens = np.stack(contexts.column("tokens").to_numpy(zero_copy_only=False))
-    bos = m["model_info"]["bos_token_id"]
-    assert tokens.num_rows == int((ctx_tokens != bos).sum()) == m["rows_1d"]  # BOS positions excluded
+    bos = m.model_info.bos_token_id
+    assert tokens.num_rows == int((ctx_tokens != bos).sum()) == m.rows_1d  # BOS positions excluded
     # the 1d and 2d tables hold the same tokens
     key1 = np.sort(tokens.column("context_id").to_numpy() * T + tokens.column("position").to_numpy())
     cid, pos = np.nonzero(ctx_tokens != bos)
@@ -46,7 +46,7 @@ def test_activations_equal_a_direct_transformerlens_run(tiny_lake, tiny_model):
     _, cache = model.bridge.run_with_cache(toks, names_filter=HOOKS)
     d = model.d_model
     for h in HOOKS:
-        col = m["columns"][h]
+        col = m.columns[h]
         stored2d = np.stack([np.stack(x) for x in ctx.column(col).to_pylist()]).astype(np.float32)
         ref = cache[h].numpy()
         np.testing.assert_allclose(stored2d, ref, rtol=2e-3, atol=1e-3)
@@ -57,10 +57,10 @@ def test_activations_equal_a_direct_transformerlens_run(tiny_lake, tiny_model):
                                    rtol=2e-3, atol=1e-3)
         norms = t1.column(col + "_norm").to_numpy()
         np.testing.assert_allclose(norms, np.linalg.norm(vals, axis=1), rtol=3e-3, atol=1e-4)
-    s = m["stats"][HOOKS[0]]
-    all_norms = tokens.column(m["columns"][HOOKS[0]] + "_norm").to_numpy()
-    assert s["n"] == len(all_norms) and s["mean_norm"] == pytest.approx(all_norms.mean(), rel=1e-5)
-    assert s["median_norm"] == pytest.approx(np.median(all_norms), rel=1e-5)
+    s = m.stats[HOOKS[0]]
+    all_norms = tokens.column(m.columns[HOOKS[0]] + "_norm").to_numpy()
+    assert s.n == len(all_norms) and s.mean_norm == pytest.approx(all_norms.mean(), rel=1e-5)
+    assert s.median_norm == pytest.approx(np.median(all_norms), rel=1e-5)
 
 
 def test_catalog_lists_the_run_and_reads_activation_tables(tiny_lake):
@@ -72,8 +72,8 @@ def test_catalog_lists_the_run_and_reads_activation_tables(tiny_lake):
                          "select count(*) n, avg(blocks_0_hook_resid_post_norm) m from tokens__r1")
     assert code == 0, err
     m = Lake(tiny_lake).manifest("r1")
-    assert json.loads(out)[0]["n"] == m["rows_1d"]
-    assert json.loads(out)[0]["m"] == pytest.approx(m["stats"][HOOKS[0]]["mean_norm"], rel=1e-4)
+    assert json.loads(out)[0]["n"] == m.rows_1d
+    assert json.loads(out)[0]["m"] == pytest.approx(m.stats[HOOKS[0]].mean_norm, rel=1e-4)
     # activation columns are served as float32 lists
     code, out, err = cli("query", "--lake", tiny_lake, "--json",
                          "select len(blocks_1_hook_mlp_out) t, len(blocks_1_hook_mlp_out[1]) d "

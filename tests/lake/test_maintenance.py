@@ -1,4 +1,5 @@
 """lake verify and lake gc."""
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def test_damaged_data_file_is_named_by_verify_and_readers(lake, damage):
 
 def test_verify_finds_manifest_and_catalog_drift(lake):
     m = Lake(str(lake)).manifest("r1")
-    m["versions"][0]["rows"]["tokens"] += 1
+    m.versions[0].rows["tokens"] += 1
     Lake(str(lake)).write_manifest(m)
     code, out, _ = cli("verify", "--lake", str(lake), "r1", "--quick")
     assert code == 1 and "manifest says" in out
@@ -61,7 +62,7 @@ def test_gc_keeps_snapshots_and_removes_the_rest(tmp_path, tiny_model, tiny_corp
     n_files = len(list((root / "runs/r1/tokens.lance/data").iterdir()))
     # a failed run that nothing pins
     (root / "runs/dead").mkdir()
-    m = Lake(str(root)).manifest("r1") | {"name": "dead", "status": "failed", "versions": []}
+    m = dataclasses.replace(Lake(str(root)).manifest("r1"), name="dead", status="failed", versions=[])
     Lake(str(root)).write_manifest(m)
     code, out, _ = cli("gc", "--lake", str(root), "--dry-run")
     assert code == 0 and "would remove run dead" in out and "1 uncommitted data files" in out

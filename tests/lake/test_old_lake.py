@@ -49,7 +49,7 @@ def test_sae_and_analysis_of_an_old_lake_load(old_lake):
     assert (cfg["arch"], cfg["run"], sae.d_sae) == ("topk", "r1", 16)
     store = EmbeddedStore(Lake(old_lake))
     rec = store.record("s1")
-    assert (rec["sae"], rec["run"], rec["n_features"]) == ("s1", "r1", 16)
+    assert (rec.sae, rec.run, rec.n_features) == ("s1", "r1", 16)
     assert [s["feature"] for s in store.scalars("s1")] == list(range(16))
     assert store.feature("s1", 3)["feature"] == 3
     code, out, err = cli("feature", "--lake", old_lake, "s1", "3")

@@ -24,7 +24,7 @@ def test_smollm2_ingest_matches_transformerlens(tmp_path):
     tokens = lance.dataset(f"{lake}/runs/r1/tokens.lance").to_table()
     contexts = lance.dataset(f"{lake}/runs/r1/contexts.lance").to_table()
     m = Lake(lake).manifest("r1")
-    assert tokens.num_rows == m["rows_1d"] >= 19000
+    assert tokens.num_rows == m.rows_1d >= 19000
     model = load_model("smollm2-135m")
     ctx = contexts.slice(0, 4)
     toks = torch.tensor(np.stack(ctx.column("tokens").to_numpy(zero_copy_only=False)))
