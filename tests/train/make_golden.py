@@ -63,10 +63,10 @@ def raw_rows(lake: str, hook: str, n: int, offset: int = 0) -> torch.Tensor:
 def golden(lake: str) -> None:
     from saelake.lake import SnapshotSource
 
-    stats = SnapshotSource(lake, "r1").manifest["stats"]
+    stats = SnapshotSource(lake, "r1").manifest.stats
     acts = {}
     for h in HOOKS:
-        scale = math.sqrt(D_MODEL[h]) / stats[h]["mean_norm"]  # the trainer's dataset normalisation
+        scale = math.sqrt(D_MODEL[h]) / stats[h].mean_norm  # the trainer's dataset normalisation
         rows = raw_rows(lake, h, STEPS * BATCH) * scale
         for s in range(STEPS):
             acts[f"input.{h}.{s}"] = rows[s * BATCH:(s + 1) * BATCH].contiguous()
