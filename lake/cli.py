@@ -99,6 +99,7 @@ def _torchrun(nproc: int) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def ls_cmd(lake_uri, as_json):
     """What is in the lake: runs, SAEs, analyses."""
+    from .heartbeat import shown_status
     from .lake import Lake
 
     lake = Lake(lake_uri)
@@ -107,6 +108,8 @@ def ls_cmd(lake_uri, as_json):
     for table, cols in LS_TABLES.items():
         names, rows = lake.query(f"select {cols} from {table} order by 1")
         out[table] = [dict(zip(names, r)) for r in rows]
+    for r in out["saes"]:  # a training SAE: its progress, or "stalled (...)" once its heartbeat stopped
+        r["status"] = shown_status(json.loads(r.pop("config")))
     if as_json:
         click.echo(json.dumps(out, indent=2, default=str))
         return
@@ -118,7 +121,8 @@ def ls_cmd(lake_uri, as_json):
 
 
 LS_TABLES = {"runs": "name, status, model, dataset, tokens, context_size, dtype, layouts, n_versions, hooks",
-             "saes": "name, arch, hook, d_sae, k, run, version, tokens_trained, fvu, l0",
+             "saes": "name, arch, hook, d_sae, k, run, version, tokens_trained, heldout_fvu, heldout_l0, "
+                     "fvu as train_fvu_in_sample, config",
              "analyses": "name, sae, run, store, n_features, tokens"}
 
 

@@ -158,9 +158,12 @@ class SnapshotSource:
 
     # -- 1d --------------------------------------------------------------------------------
     def token_batches(self, batch_size: int, hooks: Sequence[str] | None = None, *, seed: int = 0,
-                      start: int = 0, repeat: bool = False,
-                      shard: tuple[int, int] = (0, 1)) -> Iterator[TokenBatch]:
+                      start: int = 0, repeat: bool = False, shard: tuple[int, int] = (0, 1),
+                      rows: tuple[int, int] | None = None) -> Iterator[TokenBatch]:
         """Shuffled token batches; ``start`` rows of the stream are skipped exactly (for resume).
+
+        ``rows=(lo, hi)``: only rows ``lo..hi-1`` of the 1d table in storage order (e.g. all but a
+        held-out tail); the stream, its epochs and ``start`` then count those rows only.
 
         Order: the table is shuffled at write time (within ingest chunks); on top, blocks of at
         most ``block_rows`` rows (within a fragment) are read in a seeded order per epoch, gathered
@@ -178,9 +181,16 @@ class SnapshotSource:
         cols = ["token_id", "context_id", "position"] + [self.columns[h] for h in hooks]
         fragments = self._table("tokens").get_fragments()
         # (fragment, offset, rows) blocks of at most block_rows; each epoch reads them in its own seeded order
-        blocks_in_order = [(f, off, min(self.block_rows, f.count_rows() - off))
-                           for f in fragments for off in range(0, f.count_rows(), self.block_rows)]
-        total = self.n_tokens
+        lo, hi = rows or (0, self.n_tokens)
+        if not 0 <= lo <= hi <= self.n_tokens:
+            raise ValueError(f"rows {rows}: need 0 <= lo <= hi <= {self.n_tokens}")
+        blocks_in_order, base = [], 0
+        for f in fragments:  # the part of each fragment inside [lo, hi), in blocks of at most block_rows
+            n = f.count_rows()
+            first, end = max(lo - base, 0), min(hi - base, n)
+            blocks_in_order += [(f, off, min(self.block_rows, end - off)) for off in range(first, end, self.block_rows)]
+            base += n
+        total = hi - lo
         if total == 0:
             raise UserError(f"run {self.run!r} has an empty 1d table")
         self._pos = {"kind": "tokens", "rows": start, "seed": seed, "run": self.run, "version": self.version,

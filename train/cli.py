@@ -25,6 +25,7 @@ from .config import (
     load_sweep,
 )
 from .evaluate import EVAL_BATCH, EVAL_TOKENS
+from .holdout import HOLDOUT_HELP
 
 
 def _fmt(v, spec=".4g"):
@@ -55,7 +56,7 @@ def _kind_options(command):
 
 
 SOURCE_FLAGS = ("run", "version", "live", "model", "dataset", "text_column", "context_size", "tokens", "batch_size",
-                "repeat", "data_seed", "device", "autocast", "checkpoint_every", "log_every", "parallel")
+                "repeat", "data_seed", "holdout", "device", "autocast", "checkpoint_every", "log_every", "parallel")
 
 
 @click.command("train")
@@ -88,6 +89,7 @@ SOURCE_FLAGS = ("run", "version", "live", "model", "dataset", "text_column", "co
 @click.option("--batch-size", type=int, default=None, help=_source_help("Tokens per step", "batch_size"))
 @click.option("--repeat", is_flag=True, default=None, help="Loop over the snapshot when --tokens exceeds it.")
 @click.option("--data-seed", type=int, default=None, help=_source_help("Seed of the reader's order", "data_seed"))
+@click.option("--holdout", type=int, default=None, help=HOLDOUT_HELP)
 @click.option("--name", default=None, help="SAE name (sweep: name prefix).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
 @click.option("--device", default=None, help=_source_help("cpu, cuda or cuda:N", "device"))
@@ -151,8 +153,17 @@ def train_cmd(lake_uri, config_path, hook, out_hook, name, resume, stop_after, n
                        "continue with --resume)")
             continue
         click.echo(f"sae {cfg['name']}: {cfg['arch']} d_sae {cfg['d_sae']}" + (f" k {cfg['k']}" if cfg['k'] else "")
-                   + f", {cfg['tokens_trained']} tokens, FVU {_fmt(cfg['fvu'], '.4f')}, L0 {_fmt(cfg['l0'], '.1f')}, "
-                   f"dead {_fmt(cfg['dead_fraction'], '.3f')}, {cfg['tokens_per_second']:.0f} tok/s")
+                   + f", {cfg['tokens_trained']} tokens, {_heldout_summary(cfg)}; train FVU (in-sample) "
+                   f"{_fmt(cfg['fvu'], '.4f')}, L0 {_fmt(cfg['l0'], '.1f')}, dead {_fmt(cfg['dead_fraction'], '.3f')}; "
+                   f"{cfg['tokens_per_second']:.0f} tok/s")
+
+
+def _heldout_summary(cfg: dict) -> str:
+    h = cfg.get("holdout") or {}
+    if not h.get("tokens_evaluated"):
+        return "no held-out tokens (--holdout 0)" if "holdout" in cfg else "no held-out metrics (older SAE)"
+    return (f"held-out ({h['tokens_evaluated']} tokens) FVU {_fmt(h.get('fvu'), '.4f')}, "
+            f"L0 {_fmt(h.get('l0'), '.1f')}, dead {_fmt(h.get('dead_fraction'), '.3f')}")
 
 
 @click.command("eval")
@@ -229,6 +240,7 @@ def plot_cmd(lake_uri, names, pareto, out):
 
 def show_sae(lake, name: str, as_json: bool) -> bool:
     """`lake show NAME` for SAEs: config and final metrics."""
+    from saelake.lake.heartbeat import shown_status
     from saelake.lake.storage import NAME_RE
 
     from .store import SAEStore
@@ -240,7 +252,7 @@ def show_sae(lake, name: str, as_json: bool) -> bool:
     if as_json:
         click.echo(json.dumps(cfg, indent=2, default=str))
         return True
-    click.echo(f"sae {cfg['name']}  [{cfg.get('status')}]  {cfg['arch']}")
+    click.echo(f"sae {cfg['name']}  [{shown_status(cfg)}]  {cfg['arch']}")
     for key in ("hook", "out_hook", "d_in", "d_sae", "k", "run", "version", "model", "tokens_trained",
                 "tokens_per_second", "bos_excluded", "outlier_factor", "created"):
         if cfg.get(key) is not None:
@@ -249,7 +261,9 @@ def show_sae(lake, name: str, as_json: bool) -> bool:
     click.echo("  hyperparameters    " + ", ".join(f"{k}={hp[k]}" for k in ("lr", "l1", "k_start", "k_anneal", "aux_k",
                                                                            "dead_window", "seed") if k in hp))
     fm = cfg.get("final_metrics") or {}
-    click.echo(f"  final (training)   FVU {_fmt(cfg.get('fvu'))}, L0 {_fmt(cfg.get('l0'))}, dead fraction "
+    if cfg.get("status") == "complete":
+        click.echo(f"  {_heldout_summary(cfg)} ({(cfg.get('holdout') or {}).get('rule', '-')})")
+    click.echo(f"  train (in-sample)  FVU {_fmt(cfg.get('fvu'))}, L0 {_fmt(cfg.get('l0'))}, dead fraction "
                f"{_fmt(cfg.get('dead_fraction'))} (window: {fm.get('window', '-')}; dead window "
                f"{fm.get('dead_window_tokens', '-')} tokens)")
     ev = cfg.get("eval")

@@ -188,6 +188,7 @@ class SourceConfig:
     batch_size: int = 4096
     repeat: bool = False  # snapshot: loop over it when tokens > its rows
     data_seed: int = 0
+    holdout: int | None = None  # tokens held out for the final metrics (None: holdout.py's default; 0: none)
     device: str = "cpu"
     autocast: str | None = None  # "bf16"
     checkpoint_every: int | None = None  # steps (default: 5 checkpoints per run)

@@ -32,7 +32,8 @@ METRIC_DEFINITIONS = {
     "kl": "mean over non-BOS positions of KL(p_clean || p_sae) (nats)",
 }
 CATALOG_COLUMNS = ("name", "arch", "hook", "out_hook", "d_in", "d_sae", "k", "run", "version", "tokens_trained",
-                   "fvu", "l0", "dead_fraction", "status", "created")
+                   "fvu", "l0", "dead_fraction", "status", "created", "heldout_fvu", "heldout_l0",
+                   "heldout_dead_fraction")
 
 
 def now() -> str:

@@ -3,7 +3,9 @@
 SAEs of the same shape form a group and are stepped together (stacked parameters, batched
 matmuls); each batch is read once, normalised once per hook, and given to every group.
 Checkpoints (weights + Adam state as safetensors, trainer + reader state as JSON) let
-``resume=True`` finish a killed run with bitwise-identical weights on CPU.
+``resume=True`` finish a killed run with bitwise-identical weights on CPU. While it trains, each
+SAE's config says "training" with its progress and a heartbeat (``saelake.lake.heartbeat``), so a
+killed run shows as stalled. The final metrics are measured on held-out rows (``holdout.py``).
 """
 from __future__ import annotations
 
@@ -18,12 +20,14 @@ import torch
 from tqdm import tqdm
 
 from saelake.lake import Lake, LiveSource, SnapshotSource, UserError
+from saelake.lake.heartbeat import beat, heartbeat_s
 from saelake.lake.storage import check_name
 
+from . import holdout
 from .config import SAEConfig, SourceConfig
 from .dist import Comm
 from .group import Group
-from .store import METRIC_DEFINITIONS, SAEStore, fold_normalization, now, scale_vector
+from .store import METRIC_DEFINITIONS, SAEStore, fold_normalization, now, sae_from_weights, scale_vector
 
 IDENTITY_SKIP = ("name",)
 SLOW = float(os.environ.get("SAELAKE_TRAIN_SLOW", "0"))  # config keys that may differ on --resume: none but the name
@@ -93,6 +97,7 @@ class Trainer:
                 raise UserError("--live needs --model and --dataset")
             src = LiveSource(s.model, s.dataset, self.hooks, s.context_size, text_column=s.text_column,
                              device=s.device)
+            self.holdout = holdout.plan(s.holdout, n_rows=None, train_tokens=s.tokens)
             self.stats, self.model_spec, self.bos_excluded = None, s.model, True
             self.snapshot = None
             return src
@@ -102,9 +107,11 @@ class Trainer:
         for h in self.hooks:
             if h not in src.hooks:
                 raise UserError(f"hook {h!r} is not in run {s.run!r}: it has {', '.join(src.hooks)}")
-        if src.n_tokens and s.tokens > src.n_tokens and not s.repeat:
-            raise UserError(f"--tokens {s.tokens} is more than snapshot {s.run} v{src.version} holds "
-                            f"({src.n_tokens} tokens): lower --tokens or pass --repeat to loop over it")
+        self.holdout = h = holdout.plan(s.holdout, n_rows=src.n_tokens, train_tokens=s.tokens)
+        if h.train_rows and s.tokens > h.train_rows and not s.repeat:
+            held = f" and {h.tokens} held out (--holdout)" if h.tokens else ""
+            raise UserError(f"--tokens {s.tokens} is more than snapshot {s.run} v{src.version} has for training "
+                            f"({h.train_rows} tokens{held}): lower --tokens or pass --repeat to loop over it")
         m = src.manifest
         self.stats = {h: {"mean_norm": m.stats[h].mean_norm, "median_norm": m.stats[h].median_norm}
                       for h in self.hooks}
@@ -135,6 +142,8 @@ class Trainer:
             old = self.store.config(s.name)
             if old.get("status") == "complete":
                 raise UserError(f"--resume: SAE {s.name!r} is already complete")
+            if "source.holdout" not in old.get("identity", {}):  # started before holdouts: keep its stream
+                self.holdout = holdout.Holdout(0, None, self.holdout.n_rows)
             new = self.identity(s)
             for key, value in old.get("identity", {}).items():
                 if new.get(key) != value:
@@ -156,6 +165,7 @@ class Trainer:
                   "data_seed"):
             d[f"source.{k}"] = src[k]
         d["source.version"] = self.snapshot[1] if self.snapshot else None
+        d["source.holdout"] = self.holdout.tokens
         return d
 
     # -- the loop --------------------------------------------------------------------------------
@@ -177,8 +187,17 @@ class Trainer:
             "bos_excluded": self.bos_excluded, "outlier_factor": s.outlier_factor,
             "outlier_rule": "drop tokens whose norm at any of the SAE's hooks exceeds outlier_factor x that hook's "
                             "median norm", "dead_window": s.dead_window,
-            "metric_definitions": METRIC_DEFINITIONS, "identity": self.identity(s), **extra,
+            "holdout": self.holdout.record(), "metric_definitions": METRIC_DEFINITIONS, "identity": self.identity(s),
+            **extra,
         }
+
+    def _beat(self, by_name: dict, norm: dict, created: str, step: int, every_s: float) -> None:
+        """Each SAE's config on disk: status "training", progress, heartbeat (a small JSON write)."""
+        tokens = min(self.src.tokens, step * self.src.batch_size)
+        progress = {"step": step, "steps": self.total_steps, "tokens": tokens, "tokens_total": self.src.tokens}
+        for s in self.saes:
+            extra = {"created": created, "progress": progress, **beat(every_s)}
+            self.store.save(self._config(s, by_name[s.name][0], "training", norm, extra), register=False)
 
     def run(self) -> list[dict]:
         src, device = self.src, self.src.device
@@ -205,24 +224,28 @@ class Trainer:
         writer = not dp or R == 0  # data-parallel: the replicas are identical, rank 0 writes
         comm = self.comm if dp else None
         # data-parallel: the single-process row stream cut into micro-batches; rank r reads only its own
-        batches = self.source.token_batches(src.batch_size // W if dp else src.batch_size, self.hooks,
-                                            seed=src.data_seed, start=rows, repeat=src.repeat,
-                                            shard=(R, W) if dp else (0, 1))
+        batches = holdout.training_batches(self.source, self.holdout, src.batch_size // W if dp else src.batch_size,
+                                           self.hooks, seed=src.data_seed, start=rows, repeat=src.repeat,
+                                           shard=(R, W) if dp else (0, 1))
         bar = tqdm(total=src.tokens, initial=min(rows, src.tokens), unit="tok", unit_scale=True,
                    disable=not self.progress or R != 0, desc="train", dynamic_ncols=True)
         t0, status = time.perf_counter(), "complete"
+        every_s, pulse = heartbeat_s(), {"t": time.monotonic(), "step": step, "beats": 0}
+
+        def heartbeat():  # the expected gap between beats: the target plus a step (a beat waits for it)
+            step_s = (time.monotonic() - pulse["t"]) / max(1, step - pulse["step"])
+            self._beat(by_name, norm, created, step, every_s + step_s)
+            pulse.update(t=time.monotonic(), step=step, beats=pulse["beats"] + 1)
         for batch in batches:
             if step >= self.total_steps:
                 break
-            if norm is None:  # first batch of a fresh run: norm stats, b_dec init, the config on disk
+            if norm is None:  # first batch of a fresh run: norm stats, b_dec init
                 first = SimpleNamespace(acts={h: self.comm.gather_rows(a) for h, a in batch.acts.items()}) \
                     if dp else batch
                 norm = self._norm_stats(first)
                 self._init_b_dec(groups, first, norm)
-                for s in self.saes:
-                    g, _ = by_name[s.name]
-                    if writer:
-                        self.store.save(self._config(s, g, "training", norm, {"created": created}), register=False)
+            if writer and (not pulse["beats"] or time.monotonic() - pulse["t"] >= every_s):
+                heartbeat()  # the first one puts the config on disk
             n_take = min(len(batch), src.tokens - step * src.batch_size)
             n_global = n_take * W if dp else n_take
             log_now = step % self.log_every == 0 or step == self.total_steps - 1
@@ -263,6 +286,7 @@ class Trainer:
             if step < self.total_steps and step % self.ckpt_every == 0:
                 if writer:
                     self._checkpoint(groups, step, rows, norm, created, dropped, window, metrics)
+                    heartbeat()
                 if self.stop_after is not None and step >= self.stop_after:
                     status = "interrupted"
                     break
@@ -274,8 +298,12 @@ class Trainer:
         if status != "complete":
             self.comm.barrier()
             return [dict(self.store.config(s.name), status=status, step=step) for s in self.saes]
+        folded = {s.name: self._folded(s, by_name[s.name][0].model.member_state(by_name[s.name][1]), norm)
+                  for s in self.saes}
+        heldout = self._heldout(by_name, folded, norm) if writer else {}
         out = [self._finish(s, *by_name[s.name], norm, created, dropped[s.name], window[s.name],
-                             metrics.get(s.name, []), step, seconds) for s in self.saes]
+                             metrics.get(s.name, []), step, seconds, folded[s.name], heldout.get(s.name))
+               for s in self.saes]
         if self.comm.active:  # every rank's SAEs are on disk: rank 0 registers them all (one catalog writer)
             self.comm.barrier()
             if R == 0:
@@ -336,31 +364,64 @@ class Trainer:
                 self.store.st.write_json(metrics.get(s.name, []), "saes", s.name, "metrics.json")
                 self.store.write_checkpoint(s.name, g.member_tensors(i), state)
 
-    def _finish(self, s: SAEConfig, g: Group, i: int, norm: dict, created: str, dropped: int, window: list,
-                metrics: list[dict], step: int, seconds: float) -> dict:
-        state = g.model.member_state(i)
-        s_in = scale_vector(s.hooks, {h: norm[h]["scale"] for h in s.hooks}, self.d_model).to(state["W_enc"].device)
-        s_out = scale_vector(s.all_out_hooks, {h: norm[h]["scale"] for h in s.all_out_hooks},
-                             self.d_model).to(state["W_enc"].device)
+    def _folded(self, s: SAEConfig, state: dict, norm: dict) -> dict[str, torch.Tensor]:
+        """The member's weights with the normalization folded in: they take raw activations."""
+        dev = state["W_enc"].device
+        s_in = scale_vector(s.hooks, {h: norm[h]["scale"] for h in s.hooks}, self.d_model).to(dev)
+        s_out = self._scale_out(s, norm).to(dev)
         if s.normalize == "none":
-            s_in, s_out = torch.ones_like(s_in), torch.ones_like(s_out)
-        weights = fold_normalization(state, s_in, s_out, s.arch)
+            s_in = torch.ones_like(s_in)
+        return fold_normalization(state, s_in, s_out, s.arch)
+
+    def _scale_out(self, s: SAEConfig, norm: dict) -> torch.Tensor:
+        """Raw -> normalised units of the SAE's output (ones when it trained on raw activations)."""
+        if s.normalize == "none":
+            return torch.ones(sum(self.d_model[h] for h in s.all_out_hooks))
+        return scale_vector(s.all_out_hooks, {h: norm[h]["scale"] for h in s.all_out_hooks}, self.d_model)
+
+    def _heldout(self, by_name: dict, folded: dict, norm: dict) -> dict[str, dict]:
+        """Per SAE: FVU, L0, dead fraction on the held-out rows (read once for the whole sweep)."""
+        if not self.holdout.tokens:
+            return {}
+        device = self.src.device
+        members = []
+        for s in self.saes:
+            g, _ = by_name[s.name]
+            load_cfg = {"arch": s.arch, "k": s.k, "apply_b_dec_to_input": g.model.apply_b_dec_to_input,
+                        "decoder_norm_topk": s.decoder_norm_topk, "bandwidth": s.bandwidth}
+            limits = {h: s.outlier_factor * norm[h]["median_norm"] for h in dict.fromkeys(s.hooks + s.all_out_hooks)} \
+                if s.outlier_factor is not None else {}
+            members.append(holdout.Member(s.name, sae_from_weights(load_cfg, folded[s.name], device), s.hooks,
+                                          s.all_out_hooks, self._scale_out(s, norm).to(device), limits))
+        batches = holdout.heldout_batches(self.source, self.holdout, self.src.batch_size, self.hooks,
+                                          seed=self.src.data_seed)
+        return holdout.evaluate(members, batches, device)
+
+    def _finish(self, s: SAEConfig, g: Group, i: int, norm: dict, created: str, dropped: int, window: list,
+                metrics: list[dict], step: int, seconds: float, weights: dict, heldout: dict | None) -> dict:
         sq, var, l0n, ntok = window
         dead = g.since_fired[i] >= min(s.dead_window, step * self.src.batch_size)
         final = {"fvu": sq / var if var else None, "l0": l0n / ntok if ntok else None,
                  "dead_fraction": float(dead.float().mean())}
         tokens = min(self.src.tokens, step * self.src.batch_size)
+        held = heldout or {}
         extra = {"created": created, "tokens_trained": tokens, "tokens_dropped_outliers": dropped,
                  "train_seconds": round(seconds, 2), "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
                  **final, "explained_variance": 1 - final["fvu"] if final["fvu"] is not None else None,
-                 "final_metrics": {"window": "training batches of the last 10% of steps (at least one), "
+                 "final_metrics": {"window": "in-sample: training batches of the last 10% of steps (at least one), "
                                              "normalised units", "fvu": final["fvu"], "l0": final["l0"],
                                    "dead_fraction": final["dead_fraction"],
-                                   "dead_window_tokens": min(s.dead_window, tokens)}}
+                                   "dead_window_tokens": min(s.dead_window, tokens)},
+                 **{f"heldout_{k}": held.get(k) for k in ("fvu", "l0", "dead_fraction")},
+                 "holdout": {**self.holdout.record(), **({
+                     "tokens_evaluated": held["tokens"], "fvu": held["fvu"], "l0": held["l0"],
+                     "dead_fraction": held["dead_fraction"], "dead_window_tokens": held["tokens"],
+                     "units": "normalised, as the in-sample numbers; outlier rule as in training"} if held else {})}}
         cfg = self._config(s, g, "complete", norm, extra)
         cfg["normalization"]["folded"] = True  # the weights below take raw activations
-        final_rows = [{"step": step, "tokens": tokens, "name": f"final_{k}", "value": float(v)}
-                      for k, v in final.items() if v is not None]
+        final_rows = [{"step": step, "tokens": tokens, "name": f"{prefix}_{k}", "value": float(v)}
+                      for prefix, values in (("final", final), ("heldout", held)) for k, v in values.items()
+                      if k != "tokens" and v is not None]
         if self.parallel != "data" or self.comm.rank == 0:
             self.store.save(cfg, weights, metrics + final_rows, register=not self.comm.active)
         return cfg

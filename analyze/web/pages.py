@@ -14,6 +14,8 @@ from urllib.parse import quote, urlencode
 import jinja2
 from markupsafe import Markup
 
+from saelake.lake.heartbeat import shown_status, stalled
+
 from . import charts
 from .data import LakeData, NotFound, Scalars
 
@@ -82,7 +84,7 @@ def clean_token(s: str) -> str:
 
 
 def fnum(v, digits: int = 4) -> str:
-    if v is None:
+    if v is None or isinstance(v, jinja2.Undefined):  # a metric not there yet (training, or killed)
         return "–"
     if isinstance(v, bool):
         return str(v)
@@ -96,7 +98,7 @@ def fnum(v, digits: int = 4) -> str:
 
 
 def pct(v) -> str:
-    if v is None:
+    if v is None or isinstance(v, jinja2.Undefined):
         return "–"
     if v == 0:
         return "0%"
@@ -168,7 +170,7 @@ class Renderer:
         d = self.data
         runs = [{**m, "size": d.size_on_disk("runs", m["name"])} for m in d.runs()]
         snapshots = [{"run": m["name"], "n": i + 1, **v} for m in runs for i, v in enumerate(m.get("versions") or [])]
-        saes = sorted(d.saes(), key=lambda c: c["name"])
+        saes = sorted((sae_row(c) for c in d.saes()), key=lambda c: c["name"])
         return self.render("lake.html", title="lake", root=d.lake.root, runs=runs, snapshots=snapshots, saes=saes,
                            analyses=d.analyses(), store=d.store_uri)
 
@@ -189,7 +191,7 @@ class Renderer:
             pts = [(r["tokens"], r["value"]) for r in metrics if r.get("name") == metric]
             if pts:
                 curves.append(Markup(charts.line_chart(pts, metric, logy=logy, cls=f"curve-{metric}")))
-        ctx = dict(title=f"SAE {name}", cfg=cfg, rec=rec, curves=curves, analyses=d.analyses_of(name),
+        ctx = dict(title=f"SAE {name}", cfg=sae_row(cfg), rec=rec, curves=curves, analyses=d.analyses_of(name),
                    hyper=_hyper(cfg), run=None, store_error=None, listing=None, density_svg=None,
                    loading=None)
         if cfg.get("run"):
@@ -257,11 +259,26 @@ class Renderer:
         return self.render("error.html", title=heading.lower(), status=status, heading=heading, message=message)
 
 
+def sae_row(cfg: dict) -> dict:
+    """An SAE's config plus what the pages show of it: its status as it stands now (training with
+    progress, stalled, complete) and its held-out numbers (None: not there, shown as "–")."""
+    held = cfg.get("holdout") or {}
+    return {**cfg, "shown_status": shown_status(cfg), "stalled": stalled(cfg) is not None,
+            "heldout_tokens": held.get("tokens_evaluated"), "heldout_fvu": held.get("fvu"),
+            "heldout_l0": held.get("l0"), "heldout_dead_fraction": held.get("dead_fraction")}
+
+
 def _hyper(cfg: dict) -> tuple[list[tuple[str, object]], list[tuple[str, object]]]:
-    """(summary rows, all other hyper-parameters)."""
-    keys = ["arch", "hook", "out_hook", "d_in", "d_sae", "k", "tokens_trained", "fvu", "l0", "dead_fraction",
-            "status", "model", "created"]
-    main = [(k, cfg.get(k)) for k in keys if cfg.get(k) is not None]
+    """(summary rows, all other hyper-parameters). Metrics say where they were measured."""
+    held = f"held-out ({fnum(cfg.get('heldout_tokens'))} tokens)"
+    keys = [("arch", "arch"), ("hook", "hook"), ("out_hook", "out_hook"), ("d_in", "d_in"), ("d_sae", "d_sae"),
+            ("k", "k"), ("tokens_trained", "tokens_trained"), (f"{held} FVU", "heldout_fvu"),
+            (f"{held} L0", "heldout_l0"), (f"{held} dead fraction", "heldout_dead_fraction"),
+            ("train FVU (in-sample)", "fvu"), ("train L0 (in-sample)", "l0"),
+            ("train dead fraction (in-sample)", "dead_fraction"), ("status", "shown_status"), ("model", "model"),
+            ("created", "created")]
+    always = {"heldout_fvu", "heldout_l0", "heldout_dead_fraction", "fvu", "l0", "dead_fraction"}  # "–" if missing
+    main = [(label, cfg.get(k)) for label, k in keys if cfg.get(k) is not None or k in always]
     rest = []
     for k, v in (cfg.get("hyperparameters") or {}).items():
         if k not in ("hooks", "name", "out_hooks", "arch", "k", "d_sae") and v is not None:

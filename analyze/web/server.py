@@ -199,9 +199,7 @@ def make_server(app: WebApp, host: str = "127.0.0.1", port: int = 8765, quiet: b
         if e.errno == errno.EADDRINUSE:
             raise UserError(f"port {port} on {host} is already in use: stop the other server or pass --port N") \
                 from None
-        if e.errno in (errno.EADDRNOTAVAIL, errno.EACCES) or isinstance(e, OSError):
-            raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
-        raise
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
 
 
 def start_in_thread(app: WebApp, host: str = "127.0.0.1", port: int = 0) -> tuple[Server, threading.Thread]:

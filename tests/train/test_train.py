@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.train.conftest import H0, H1, MLP_IN, MLP_OUT, lake_main
 
-from saelake.lake import Lake
+from saelake.lake import Lake, SnapshotSource
 from saelake.train import SAEConfig, SAEStore, load_sae, train
+from saelake.train.holdout import HOLDOUT_MAX_FRACTION, HOLDOUT_TOKENS, Holdout, heldout_batches, training_batches
+from tests.train.conftest import H0, H1, MLP_IN, MLP_OUT, lake_main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -78,7 +80,8 @@ def test_transcoder_and_crosscoder(lake_dir):
 
 
 def test_k_annealing_and_auxk_run(lake_dir):
-    cfg = _train(lake_dir, "ka", k=4, k_start=32, k_anneal=0.5, dead_window=512, tokens=6000)
+    # dead_window one batch: some latents are dead at some step, so AuxK's loss is used
+    cfg = _train(lake_dir, "ka", k=4, k_start=32, k_anneal=0.5, dead_window=256, tokens=6000)
     ks = [r["value"] for r in SAEStore(lake_dir).metrics("ka") if r["name"] == "k"]
     assert ks[0] == 32 and ks[-1] == 4
     assert any(r["name"] == "aux_loss" and r["value"] > 0 for r in SAEStore(lake_dir).metrics("ka"))
@@ -130,7 +133,7 @@ def test_sweep_registers_every_sae_from_one_pass(lake_dir, tmp_path):
 
 
 def test_stacked_sweep_equals_separate_runs(lake_dir):
-    common = dict(run="r1", tokens=3840, batch_size=256, progress=False)
+    common = dict(run="r1", tokens=3328, batch_size=256, progress=False)  # no --repeat: within the training rows
     a = [SAEConfig(hooks=[H1], name=f"st{k}", k=k, expansion=4, lr=3e-3, seed=k) for k in (4, 8)]
     train(lake_dir, a, **common)
     for k in (4, 8):
@@ -207,4 +210,73 @@ def test_live_training(lake_dir, snapshot):
                 model=snapshot["model"], dataset=snapshot["corpus"], context_size=32, tokens=4096, batch_size=256,
                 progress=False)[0]
     assert cfg["source"] == "live" and cfg["run"] is None and cfg["fvu"] < 0.8
+    # live: the first 10% of --tokens (409) of the stream are held out, training starts after them
+    assert cfg["holdout"]["tokens"] == 409 and cfg["holdout"]["tokens_evaluated"] > 0
+    assert 0 < cfg["heldout_fvu"] < 1 and cfg["heldout_l0"] == pytest.approx(8, abs=0.5)
     assert cfg["normalization"]["hooks"][H1]["origin"] == "first live batch"
+
+
+def test_holdout_rows_are_never_trained_on_and_reported(lake_dir):
+    """--repeat over ~3.5k training rows for 12k tokens: each training row seen ~3.4 times; the
+    held-out rows (the snapshot's last rows) never, and the final numbers on them are reported."""
+    code, out, err = lake_main("train", "--lake", lake_dir, "--run", "r1", "--hook", H1, "--arch", "topk", "--k", "8",
+                               "--expansion", "4", "--tokens", "12000", "--batch-size", "256", "--repeat", "--lr",
+                               "0.003", "--outlier-factor", "0", "--name", "h", "--quiet")
+    assert code == 0, err
+    cfg = SAEStore(lake_dir).config("h")
+    src = SnapshotSource(lake_dir, "r1")
+    n, held = src.n_tokens, cfg["holdout"]
+    assert held["tokens"] == min(HOLDOUT_TOKENS, int(n * HOLDOUT_MAX_FRACTION)) > 0
+    assert held["rows"] == [n - held["tokens"], n] and held["tokens_evaluated"] == held["tokens"]
+    m = re.search(r"held-out \((\d+) tokens\) FVU ([\d.]+), L0 ([\d.]+), dead ([\d.]+); "
+                  r"train FVU \(in-sample\) ([\d.]+)", out)
+    assert m and int(m[1]) == held["tokens"], out
+    # the trainer's stream (same functions, same arguments) never reads a held-out row
+    plan = Holdout(held["tokens"], tuple(held["rows"]), n)
+    trained, seen = set(), 0
+    for b in training_batches(src, plan, 256, [H1], seed=0, start=0, repeat=True, shard=(0, 1)):
+        trained |= set(zip(b.context_id.tolist(), b.position.tolist()))
+        seen += len(b)
+        if seen >= 12000:
+            break
+    held_rows, acts = [], []
+    for b in heldout_batches(src, plan, 256, [H1], seed=0):
+        held_rows += zip(b.context_id.tolist(), b.position.tolist())
+        acts.append(b.acts[H1].float())
+    assert len(held_rows) == len(set(held_rows)) == held["tokens"]
+    assert trained.isdisjoint(held_rows) and len(trained) == n - held["tokens"]  # every training row, none held out
+    # the held-out FVU is the saved SAE's on exactly those rows (one hook: raw and normalised FVU agree)
+    sae, _ = load_sae(lake_dir, "h")
+    x = torch.cat(acts)
+    with torch.no_grad():
+        fvu = float((x - sae.decode(sae.encode(x))[0]).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    assert held["fvu"] == pytest.approx(fvu, rel=1e-4) and held["l0"] == pytest.approx(8, abs=0.5)
+    # and it is not the in-sample number (training rows seen ~3.4 times)
+    assert cfg["heldout_fvu"] == held["fvu"] and abs(cfg["heldout_fvu"] - cfg["fvu"]) > 1e-3, (held, cfg["fvu"])
+    assert "in-sample" in cfg["final_metrics"]["window"]
+    row = Lake(lake_dir).query("select fvu, heldout_fvu, heldout_l0, heldout_dead_fraction from saes")[1][0]
+    assert row == pytest.approx((cfg["fvu"], held["fvu"], held["l0"], held["dead_fraction"]))
+    names = {r["name"] for r in SAEStore(lake_dir).metrics("h")}
+    assert {"heldout_fvu", "heldout_l0", "heldout_dead_fraction", "final_fvu"} <= names
+    code, out, _ = lake_main("show", "--lake", lake_dir, "h")
+    assert code == 0 and f"  held-out ({held['tokens']} tokens) FVU" in out and "train (in-sample)  FVU" in out
+    code, out, _ = lake_main("ls", "--lake", lake_dir)
+    assert code == 0 and "heldout_fvu" in out and "train_fvu_in_sample" in out and "complete" in out
+
+
+def test_holdout_option(lake_dir):
+    base = ["train", "--lake", lake_dir, "--run", "r1", "--hook", H1, "--k", "4", "--expansion", "2", "--batch-size",
+            "256", "--quiet"]
+    n = SnapshotSource(lake_dir, "r1").n_tokens
+    code, out, err = lake_main(*base, "--tokens", "512", "--holdout", "0", "--name", "none")
+    assert code == 0, err
+    cfg = SAEStore(lake_dir).config("none")
+    assert cfg["holdout"]["tokens"] == 0 and cfg["heldout_fvu"] is None and "no held-out tokens" in out
+    code, out, err = lake_main(*base, "--tokens", "512", "--holdout", "100", "--name", "some")
+    assert code == 0 and "held-out (100 tokens)" in out, err
+    assert SAEStore(lake_dir).config("some")["holdout"]["rows"] == [n - 100, n]
+    for args, message in [(["--holdout", "-1"], "--holdout is a number of tokens"),
+                          (["--holdout", str(n)], "leaves nothing to train on"),
+                          (["--holdout", "1000", "--tokens", str(n - 500)], "1000 held out (--holdout)")]:
+        code, _, err = lake_main(*base, "--tokens", "512", *args, "--name", "bad")
+        assert code == 2 and message in err and err.count("\n") == 1, err

@@ -1,7 +1,6 @@
 """`lake serve` and `lake export-dashboard` as commands; raw HTTP bad input; an unreachable store."""
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
@@ -12,27 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.web.web_helpers import cli, free_port
+
+from tests.web.web_helpers import cli, free_port, get
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def get(url_base: str, path: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None):
-    host, port = url_base.removeprefix("http://").split(":")
-    c = http.client.HTTPConnection(host, int(port), timeout=30)
-    c.putrequest(method, path, skip_accept_encoding=True)  # the path goes out exactly as written
-    for k, v in (headers or {}).items():
-        c.putheader(k, v)
-    if body is not None:
-        c.putheader("Content-Length", str(len(body)))
-    c.endheaders()
-    if body is not None:
-        c.send(body)
-    r = c.getresponse()
-    data = r.read()
-    c.close()
-    return r.status, dict(r.getheaders()), data.decode("utf-8", "replace")
-
 
 RAW_404 = ["/sae/../../etc/passwd", "/sae/%2e%2e/%2e%2e/etc/passwd", "/run/%2E%2E", "/run/r1/..", "/../../etc/passwd",
            "//etc/passwd", "/sae/web-sae/feature/%2e%2e", "/sae/web-sae/feature/1%2f..", "/run/r1%00",

@@ -1,0 +1,136 @@
+"""The held-out slice: rows of the source that training never reads, and the metrics on them.
+
+Snapshot: the last ``tokens`` rows of the 1d table in storage order (the end of the snapshot: the
+last ingest chunk(s); rows are shuffled within a chunk at ingest, so a held-out token's context may
+also have trained tokens). Training reads rows ``0..n-tokens-1`` only, in every epoch of --repeat.
+Live: the first ``tokens`` rows of the token stream; training starts after them.
+
+Default (one place): ``HOLDOUT_TOKENS`` tokens, but at most ``HOLDOUT_MAX_FRACTION`` of the snapshot
+(live: of the training tokens); 0 disables the holdout. Metrics on the held-out rows are computed
+like the in-sample ones (same normalised units, same outlier rule) with the final, saved weights.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from saelake.lake import UserError
+
+HOLDOUT_TOKENS = 16384
+HOLDOUT_MAX_FRACTION = 0.1
+HOLDOUT_HELP = (f"Tokens held out of training and used for the final metrics (default {HOLDOUT_TOKENS}, at most "
+                f"{HOLDOUT_MAX_FRACTION:.0%} of the snapshot / of --tokens live; 0: none, in-sample numbers only).")
+
+
+@dataclass(frozen=True)
+class Holdout:
+    tokens: int  # held-out rows (0: no holdout)
+    rows: tuple[int, int] | None  # snapshot: 1d table rows [lo, hi) held out; live / none: None
+    n_rows: int | None  # snapshot: rows of its 1d table
+
+    @property
+    def train_rows(self) -> int | None:
+        """Snapshot rows training may read (None: live)."""
+        return None if self.n_rows is None else self.n_rows - self.tokens
+
+    def record(self) -> dict:
+        if not self.tokens:
+            return {"tokens": 0, "rule": "none: every metric is in-sample"}
+        if self.rows is None:
+            return {"tokens": self.tokens, "rule": f"live: the first {self.tokens} tokens of the stream (training "
+                                                   "starts after them)"}
+        return {"tokens": self.tokens, "rows": list(self.rows),
+                "rule": f"the last {self.tokens} rows of the snapshot's 1d table in storage order (rows "
+                        f"{self.rows[0]}..{self.rows[1] - 1}); training never reads them"}
+
+
+def plan(requested: int | None, *, n_rows: int | None, train_tokens: int) -> Holdout:
+    """The holdout for a source: ``n_rows`` rows of a snapshot's 1d table, or None (live)."""
+    if requested is not None and requested < 0:
+        raise UserError(f"--holdout is a number of tokens (0: none), got {requested}")
+    if requested is None:
+        base = train_tokens if n_rows is None else n_rows
+        requested = min(HOLDOUT_TOKENS, int(base * HOLDOUT_MAX_FRACTION))
+    if n_rows is None:
+        return Holdout(requested, None, None)
+    if requested and requested >= n_rows:
+        raise UserError(f"--holdout {requested} leaves nothing to train on: the snapshot has {n_rows} tokens")
+    return Holdout(requested, (n_rows - requested, n_rows) if requested else None, n_rows)
+
+
+def training_batches(source, h: Holdout, batch_size: int, hooks: list[str], *, seed: int, start: int,
+                     repeat: bool, shard: tuple[int, int]) -> Iterator:
+    """The training stream without the held-out rows; ``start`` counts training rows (resume)."""
+    if h.n_rows is None:  # live: the held-out rows are the stream's first
+        return source.token_batches(batch_size, hooks, seed=seed, start=h.tokens + start, repeat=repeat,
+                                    shard=shard)
+    extra = {"rows": (0, h.train_rows)} if h.tokens else {}
+    return source.token_batches(batch_size, hooks, seed=seed, start=start, repeat=repeat, shard=shard, **extra)
+
+
+def heldout_batches(source, h: Holdout, batch_size: int, hooks: list[str], *, seed: int) -> Iterator:
+    """The held-out rows, once (nothing when there is no holdout)."""
+    if not h.tokens:
+        return iter(())
+    if h.n_rows is not None:
+        return source.token_batches(batch_size, hooks, seed=seed, rows=h.rows)
+    return _first_rows(source.token_batches(batch_size, hooks, seed=seed), h.tokens)
+
+
+def _first_rows(batches: Iterable, n: int) -> Iterator:
+    for b in batches:
+        if n <= 0:
+            return
+        if len(b) > n:
+            b = type(b)({k: a[:n] for k, a in b.acts.items()}, b.token_id[:n], b.context_id[:n], b.position[:n])
+        n -= len(b)
+        yield b
+
+
+@dataclass
+class Member:
+    """One trained SAE as the held-out pass needs it: its saved (folded) model, hooks and scales."""
+    name: str
+    model: object  # SparseCoder taking raw activations
+    hooks: list[str]
+    out_hooks: list[str]
+    scale_out: torch.Tensor  # [d_out]: raw -> normalised units (ones when normalize = "none")
+    outlier_limits: dict[str, float]  # hook -> max norm kept (empty: keep all)
+
+
+@torch.no_grad()
+def evaluate(members: list[Member], batches: Iterable, device: str) -> dict[str, dict]:
+    """Per member: FVU (normalised units), L0 and dead fraction on the held-out rows, and the
+    tokens they cover (after the outlier rule)."""
+    acc = {m.name: {"sq": 0.0, "ysq": 0.0, "ysum": None, "n": 0, "l0": 0.0, "fired": None} for m in members}
+    for batch in batches:
+        raw = {h: a.to(device, torch.float32) for h, a in batch.acts.items()}
+        for m in members:
+            keep = torch.ones(len(batch), dtype=torch.bool, device=device)
+            for h, limit in m.outlier_limits.items():
+                keep &= torch.linalg.vector_norm(raw[h], dim=-1) <= limit
+            x = torch.cat([raw[h] for h in m.hooks], -1)[keep]
+            y = torch.cat([raw[h] for h in m.out_hooks], -1)[keep]
+            if not len(x):
+                continue
+            codes = m.model.encode(x)
+            err = ((y - m.model.decode(codes)[0]) * m.scale_out).double()
+            yn = (y * m.scale_out).double()
+            a = acc[m.name]
+            a["sq"] += float(err.pow(2).sum())
+            a["ysq"] += float(yn.pow(2).sum())
+            a["ysum"] = yn.sum(0) if a["ysum"] is None else a["ysum"] + yn.sum(0)
+            a["n"] += len(x)
+            a["l0"] += float(codes.l0()[0]) * len(x)
+            fired = codes.fired()[0]
+            a["fired"] = fired if a["fired"] is None else a["fired"] | fired
+    out = {}
+    for m in members:
+        a = acc[m.name]
+        n = a["n"]
+        var = a["ysq"] - float((a["ysum"] ** 2).sum()) / n if n else 0.0
+        out[m.name] = {"tokens": n, "fvu": a["sq"] / var if var > 0 else None, "l0": a["l0"] / n if n else None,
+                       "dead_fraction": float((~a["fired"]).float().mean()) if n else None}
+    return out
