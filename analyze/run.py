@@ -13,8 +13,8 @@ import torch
 from saelake.lake import Lake, LiveSource, SnapshotSource, UserError, load_model
 from saelake.lake.records import AnalysisRecord
 from saelake.lake.storage import check_name
-
 from saelake.train.config import SourceConfig
+
 from .directions import neighbours, top_logits, unembedding, vocab_strings
 from .stats import FeatureStats, bookkeeping_threads
 from .stores import EmbeddedStore, MongoStore, open_store
@@ -66,14 +66,20 @@ class AnalyzeConfig:
 
 def load_sae(lake: Lake, spec: str):
     """An SAE by catalog name, or a path to an SAE directory (config.json + weights.safetensors)."""
-    from saelake.train.store import SAEStore, from_bytes, sae_from_weights
+    from saelake.train.records import read_sae_config
+    from saelake.train.store import SAEStore, read_weights, sae_from_weights
 
     path = Path(spec).expanduser()
     if "/" in spec or spec.startswith(".") or (path.is_dir() and (path / "config.json").exists()):
         if not (path / "config.json").exists() or not (path / "weights.safetensors").exists():
             raise UserError(f"SAE {spec!r} not found: no config.json + weights.safetensors in {path}")
-        cfg = json.loads((path / "config.json").read_text())
-        sae = sae_from_weights(cfg, from_bytes((path / "weights.safetensors").read_bytes()))
+        try:
+            cfg = json.loads((path / "config.json").read_bytes())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{path / 'config.json'} is not valid JSON ({str(e)[:120]})") from None
+        read_sae_config(cfg, str(path / "config.json"))
+        weights = path / "weights.safetensors"
+        sae = sae_from_weights(cfg, read_weights(weights.read_bytes(), cfg, str(weights)))
         return sae, cfg, cfg.get("name") or path.name
     sae, cfg = SAEStore(lake).load(spec)
     return sae, cfg, spec

@@ -39,7 +39,7 @@ def setup(lake: str, tokens: int, arch: str) -> str:
     if not SAEStore(lake).exists(name):
         d, S = 576, 8 * 576
         sae = dictionaries.get(arch).build(d, S, k=32 if arch == "topk" else None)
-        sae.initialize([torch.Generator().manual_seed(0)])
+        sae.initialize([torch.Generator().manual_seed(0)], dec_norm=1.0)
         if arch == "relu":
             with torch.no_grad():
                 sae.b_enc.fill_(-7.25)  # L0 about 60 on these raw activations, like a trained ReLU SAE

@@ -215,8 +215,8 @@ def check_device(device: str) -> None:
                         "use --device cpu") from None
 
 
-SOURCE_KEYS = {f.name: f.type for f in fields(SourceConfig) if f.name not in ("lake",)}
 SAE_KEYS = {f.name: f.type for f in fields(SAEConfig)}
+SOURCE_KEYS = {f.name: f.type for f in fields(SourceConfig) if f.name not in ("lake",)}
 ALIASES = {"hook": "hooks", "out_hook": "out_hooks"}
 
 
@@ -251,8 +251,8 @@ def load_sweep(path: str | Path, lake: str, overrides: dict | None = None) -> tu
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a text file (a sweep file is TOML, UTF-8)") from None
     except tomllib.TOMLDecodeError as e:
-    entries = doc.pop("sae", None)
         raise UserError(f"{path}: not valid TOML ({e})") from None
+    entries = doc.pop("sae", None)
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise UserError(f"{path}: no [[sae]] entries: add at least one [[sae]] table (arch, k, expansion...)")
     source, defaults = {"lake": lake}, {}
@@ -288,8 +288,8 @@ def load_sweep(path: str | Path, lake: str, overrides: dict | None = None) -> tu
         # top-level defaults of kind keys apply to the entries whose kind has them
         values = {k: v for k, v in defaults.items() if k not in KIND_KEYS or k in own} | values
         if "hooks" not in values:
-        if "name" not in values or values["name"] == defaults.get("name"):
             raise UserError(f"{where}: no hook: set `hook = \"...\"` at the top level or in the entry")
+        if "name" not in values or values["name"] == defaults.get("name"):
             values["name"] = f"{source.get('name') or path.stem}-{i}"
         saes.append(SAEConfig(**values))
     return SourceConfig(**source), saes

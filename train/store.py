@@ -49,6 +49,20 @@ def from_bytes(data: bytes) -> dict[str, torch.Tensor]:
     return st_load(data)
 
 
+def read_weights(data: bytes, cfg: dict, where: str) -> dict[str, torch.Tensor]:
+    """An SAE's weights file (``data``, read from ``where``), checked against the ``weights_sha256``
+    its config recorded; safetensors only, never a pickle."""
+    want = cfg.get("weights_sha256")
+    if want and hashlib.sha256(data).hexdigest() != want:
+        raise UserError(f"SAE {cfg.get('name')!r}: {where} is damaged (its content does not match the "
+                        "weights_sha256 recorded in config.json): restore it from a copy or train the SAE again")
+    try:
+        return from_bytes(data)
+    except Exception as e:  # safetensors' own error types vary with the damage
+        raise UserError(f"SAE {cfg.get('name')!r}: {where} is not a readable safetensors file "
+                        f"({str(e).splitlines()[0][:120]})") from None
+
+
 class SAEStore:
     """Files of the SAEs in one lake."""
 
@@ -63,19 +77,19 @@ class SAEStore:
         return self.st.exists("saes", check_name(name, "SAE name"), "config.json")
 
     def config(self, name: str) -> dict:
-        cfg = self.st.read_json("saes", check_name(name, "SAE name"), "config.json")
         """The SAE's config.json as written, checked (``record`` for the typed view)."""
+        cfg = self.st.read_json("saes", check_name(name, "SAE name"), "config.json")
         if cfg is None:
             known = self.names()
             raise UserError(f"no SAE {name!r} in {self.lake.root}" +
                             (f": SAEs are {', '.join(known[:20])}" if known else ": train one with `lake train`"))
-        return cfg
         read_sae_config(cfg, self.st.uri("saes", name, "config.json"))
+        return cfg
 
-    def metrics(self, name: str) -> list[dict]:
     def record(self, name: str) -> SAERecord:
         return read_sae_config(self.config(name), self.st.uri("saes", name, "config.json"))
 
+    def metrics(self, name: str) -> list[dict]:
         return self.st.read_json("saes", name, "metrics.json") or []
 
     def read_bytes(self, *parts: str) -> bytes:
@@ -83,21 +97,12 @@ class SAEStore:
             return f.read()
 
     def weights(self, name: str) -> dict[str, torch.Tensor]:
-        if not self.st.exists("saes", name, "weights.safetensors"):
         """The SAE's weights, checked against the ``weights_sha256`` its config recorded."""
         cfg = self.config(name)
+        if not self.st.exists("saes", name, "weights.safetensors"):
             raise UserError(f"SAE {name!r} has no weights yet (status {cfg.get('status')})")
-        uri = self.st.uri("saes", name, "weights.safetensors")
-        data = self.read_bytes("saes", name, "weights.safetensors")
-        want = cfg.get("weights_sha256")
-        if want and hashlib.sha256(data).hexdigest() != want:
-            raise UserError(f"SAE {name!r}: {uri} is damaged (its content does not match the weights_sha256 "
-                            "recorded in config.json): restore it from a copy or train the SAE again")
-        try:
-            return from_bytes(data)
-        except Exception as e:  # a file that is not safetensors at all (never unpickled)
-            raise UserError(f"SAE {name!r}: {uri} is not a readable safetensors file "
-                            f"({str(e).splitlines()[0][:120]})") from None
+        return read_weights(self.read_bytes("saes", name, "weights.safetensors"), cfg,
+                            self.st.uri("saes", name, "weights.safetensors"))
 
     def save(self, config: dict, weights: dict[str, torch.Tensor] | None = None,
              metrics: list[dict] | None = None, register: bool = True) -> None:

@@ -18,7 +18,7 @@ def make_sae(lake: str, name: str, arch: str = "topk", hook: str = H0, d_in: int
     from saelake.train.store import SAEStore
 
     sae = dictionaries.get(arch).build(d_in, d_sae, k=k if arch in ("topk", "batchtopk") else None)
-    sae.initialize([torch.Generator().manual_seed(seed)])
+    sae.initialize([torch.Generator().manual_seed(seed)], dec_norm=1.0)
     with torch.no_grad():
         sae.b_enc.fill_(bias)
         sae.b_dec.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed + 1))

@@ -62,9 +62,10 @@ class SAE(Dictionary):
         return sae
 
     @torch.no_grad()
-    def initialize(self, generators: list[torch.Generator]) -> None:
-        """Decoder rows random with norm ``init_decoder_norm``; encoder = decoder transpose (tied init)."""
-        dec_norm = self.init_decoder_norm
+    def initialize(self, generators: list[torch.Generator], dec_norm: float | None = None) -> None:
+        """Decoder rows random with norm ``dec_norm`` (default: the kind's ``init_decoder_norm``, as in
+        training); encoder = decoder transpose (tied init)."""
+        dec_norm = self.init_decoder_norm if dec_norm is None else dec_norm
         for m, gen in enumerate(generators):
             w = torch.randn(self.d_sae, self.d_out, generator=gen)
             w = w / w.norm(dim=1, keepdim=True) * dec_norm
