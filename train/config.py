@@ -40,7 +40,8 @@ def default_dead_window(tokens: int, batch_size: int) -> int:
 
 @dataclass
 class BaseSAEConfig:
-    """The keys of every SAE. ``hooks``/``out_hooks``: several hooks = a crosscoder; out_hooks ≠ hooks = a transcoder."""
+    """The keys of every SAE. ``hooks``/``out_hooks``: several hooks = a crosscoder; out_hooks ≠ hooks = a
+    transcoder."""
     hooks: list[str]
     arch: str = option("topk", "Dictionary kind")
     name: str | None = None

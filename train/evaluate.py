@@ -77,7 +77,8 @@ def evaluate(lake: Lake | str, name: str, *, model: str | None = None, dataset: 
         toks = toks.to(device)
         keep = toks != bos  # [b, T]
         acts: dict[str, torch.Tensor] = {}
-        capture = [(h, lambda t, hook, h=h: acts.__setitem__(h, t.detach().clone())) for h in dict.fromkeys(hooks + out_hooks)]
+        capture = [(h, lambda t, hook, h=h, acts=acts: acts.__setitem__(h, t.detach().clone()))
+                   for h in dict.fromkeys(hooks + out_hooks)]
         logits = lm.bridge.run_with_hooks(toks, fwd_hooks=capture, return_type="logits").float()
         for h in dict.fromkeys(hooks + out_hooks):
             if factor and h in norm:
@@ -99,25 +100,28 @@ def evaluate(lake: Lake | str, name: str, *, model: str | None = None, dataset: 
         recon = torch.zeros_like(acts[out_h])
         recon[keep] = y_hat.to(recon.dtype)
 
-        def splice(t, hook, value):
+        def splice(t, hook, value, keep=keep):
             t = t.clone()
             t[keep] = value[keep].to(t.dtype)
             return t
-        sae_logits = lm.bridge.run_with_hooks(toks, fwd_hooks=[(out_h, lambda t, hook: splice(t, hook, recon))],
-                                              return_type="logits").float()
+        sae_logits = lm.bridge.run_with_hooks(
+            toks, fwd_hooks=[(out_h, lambda t, hook, recon=recon: splice(t, hook, recon))],
+            return_type="logits").float()
         zero_logits = lm.bridge.run_with_hooks(
             toks, fwd_hooks=[(out_h, lambda t, hook: splice(t, hook, torch.zeros_like(t)))],
             return_type="logits").float()
         mask = (toks[:, :-1] != bos)  # losses at non-BOS positions only
         target = toks[:, 1:]
 
-        def ce(lg):
+        def ce(lg, target=target, mask=mask):
             lp = F.log_softmax(lg[:, :-1], -1)
             return -(lp.gather(-1, target.unsqueeze(-1)).squeeze(-1))[mask].sum(), lp
         c_clean, lp_clean = ce(logits)
         c_sae, lp_sae = ce(sae_logits)
         c_zero, _ = ce(zero_logits)
-        acc["ce_clean"] += float(c_clean); acc["ce_sae"] += float(c_sae); acc["ce_zero"] += float(c_zero)
+        acc["ce_clean"] += float(c_clean)
+        acc["ce_sae"] += float(c_sae)
+        acc["ce_zero"] += float(c_zero)
         acc["kl"] += float((lp_clean.exp() * (lp_clean - lp_sae)).sum(-1)[mask].sum())
         acc["npos"] += int(mask.sum())
     if acc["n"] == 0:

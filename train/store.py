@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 from safetensors.torch import load as st_load
@@ -37,7 +37,7 @@ CATALOG_COLUMNS = ("name", "arch", "hook", "out_hook", "d_in", "d_sae", "k", "ru
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def to_bytes(tensors: dict[str, torch.Tensor], meta: dict | None = None) -> bytes:

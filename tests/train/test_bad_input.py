@@ -9,22 +9,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.train.conftest import H1, lake_main
 
 from saelake.lake import Lake, UserError
 from saelake.train import SAEStore, load_sae
+from tests.train.conftest import H1, lake_main
 
 BASE = ["--run", "r1", "--hook", H1, "--arch", "topk", "--k", "4", "--expansion", "2", "--tokens", "512",
         "--batch-size", "256", "--quiet"]
 
+TOP = f'run = "r1"\nhook = "{H1}"\n'
 SWEEPS = {
-    "unknown_key": ('run = "r1"\nhook = "%s"\ntokens = 512\n[[sae]]\narch = "topk"\n[[sae]]\nkk = 3\n' % H1,
-                    "entry 2: unknown key 'kk'"),
-    "wrong_type": ('run = "r1"\nhook = "%s"\ntokens = 512\n[[sae]]\nk = "eight"\n' % H1,
-                   "entry 1: key 'k' must be an integer"),
-    "no_sae": ('run = "r1"\nhook = "%s"\ntokens = 512\n' % H1, "no [[sae]] entries"),
-    "source_in_entry": ('run = "r1"\nhook = "%s"\n[[sae]]\ntokens = 5\n' % H1, "entry 1: key 'tokens' is shared"),
-    "top_unknown": ('run = "r1"\nhook = "%s"\ntokenz = 5\n[[sae]]\n' % H1, "(top level): unknown key 'tokenz'"),
+    "unknown_key": (TOP + 'tokens = 512\n[[sae]]\narch = "topk"\n[[sae]]\nkk = 3\n', "entry 2: unknown key 'kk'"),
+    "wrong_type": (TOP + 'tokens = 512\n[[sae]]\nk = "eight"\n', "entry 1: key 'k' must be an integer"),
+    "no_sae": (TOP + "tokens = 512\n", "no [[sae]] entries"),
+    "source_in_entry": (TOP + "[[sae]]\ntokens = 5\n", "entry 1: key 'tokens' is shared"),
+    "top_unknown": (TOP + "tokenz = 5\n[[sae]]\n", "(top level): unknown key 'tokenz'"),
+    "key_of_another_kind": (TOP + 'tokens = 512\n[[sae]]\narch = "relu"\nk = 4\n',
+                            "entry 1: key 'k' does not apply to arch 'relu' (its keys: l1, sparsity_warmup)"),
 }
 
 CASES = {

@@ -5,10 +5,10 @@ import dataclasses
 import re
 
 import pytest
-from tests.train.conftest import H1, lake_main
 
 from saelake.train import SAEStore, dictionaries
 from saelake.train.config import BaseSAEConfig, SourceConfig
+from tests.train.conftest import H1, lake_main
 
 
 def _help() -> str:

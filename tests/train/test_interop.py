@@ -9,11 +9,11 @@ import lance
 import numpy as np
 import pytest
 import torch
-from tests.train.conftest import H1, MLP_IN, MLP_OUT, lake_main
 from safetensors.numpy import load_file
 
 from saelake.lake import SnapshotSource
 from saelake.train import SAEConfig, SAEStore, load_sae, train
+from tests.train.conftest import H1, MLP_IN, MLP_OUT, lake_main
 
 
 def numpy_sae(folder: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -46,8 +46,9 @@ def raw_acts(lake: str, hook: str) -> np.ndarray:
                                      ("jumprelu", {"l1": 0.05}), ("transcoder", {"k": 8})])
 def test_export_matches_trained_sae_on_raw_activations(lake_dir, tmp_path, arch, kw):
     hooks, out_hooks = ([MLP_IN], [MLP_OUT]) if arch == "transcoder" else ([H1], None)
-    train(lake_dir, [SAEConfig(hooks=hooks, out_hooks=out_hooks, name="s", arch="topk" if arch == "transcoder" else arch,
-                               expansion=4, lr=1e-2 if arch == "transcoder" else 3e-3, **kw)],
+    kind = "topk" if arch == "transcoder" else arch
+    train(lake_dir, [SAEConfig(hooks=hooks, out_hooks=out_hooks, name="s", arch=kind, expansion=4,
+                               lr=1e-2 if arch == "transcoder" else 3e-3, **kw)],
           run="r1", tokens=8000, batch_size=256, repeat=True, progress=False)
     code, _, err = lake_main("export", "--lake", lake_dir, "s", "--format", "saelens", "-o", str(tmp_path / "out"))
     assert code == 0, err

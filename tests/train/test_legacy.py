@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.train.conftest import lake_main
 
 from saelake.train import SAEStore
+from tests.train.conftest import lake_main
 
 LEGACY = Path(__file__).resolve().parents[1] / "data" / "legacy-0097db9"
 NAMES = ["topk", "batchtopk", "relu", "jumprelu", "transcoder", "crosscoder"]

@@ -10,10 +10,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from tests.train.conftest import H1
 
 from saelake.lake import UserError
 from saelake.train import dictionaries
+from tests.train.conftest import H1
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -97,7 +97,8 @@ class Dictionary(nn.Module):
         known = {f.name for f in dataclasses.fields(cls.Options)}
         extra = {k: v for k, v in options.items() if k not in known}
         if any(v is not None for v in extra.values()):
-            raise UserError(f"{cls.name}: unknown option(s) {', '.join(extra)}; its options: {', '.join(sorted(known))}")
+            raise UserError(f"{cls.name}: unknown option(s) {', '.join(extra)}; its options: "
+                            f"{', '.join(sorted(known))}")
         members = []
         for m in range(n):
             given = {k: (v[m] if isinstance(v, (list, tuple)) else v) for k, v in options.items() if k in known}
