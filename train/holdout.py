@@ -12,11 +12,13 @@ like the in-sample ones (same normalised units, same outlier rule) with the fina
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
 from saelake.lake import UserError
+
+from .store import sae_from_weights
 
 HOLDOUT_TOKENS = 16384
 HOLDOUT_MAX_FRACTION = 0.1
@@ -98,6 +100,18 @@ class Member:
     out_hooks: list[str]
     scale_out: torch.Tensor  # [d_out]: raw -> normalised units (ones when normalize = "none")
     outlier_limits: dict[str, float]  # hook -> max norm kept (empty: keep all)
+
+
+def member(s, apply_b_dec_to_input: bool, weights: dict, scale_out: torch.Tensor, norm: dict,
+           device: str) -> Member:
+    """An SAE of the sweep (its ``SAEConfig`` ``s`` and folded ``weights``) for the held-out pass,
+    with the training's outlier rule (``norm``: per hook median norm)."""
+    cfg = {"arch": s.arch, "hooks": s.hooks, "out_hooks": s.all_out_hooks, "hyperparameters": asdict(s),
+           "apply_b_dec_to_input": apply_b_dec_to_input}
+    limits = {h: s.outlier_factor * norm[h]["median_norm"] for h in dict.fromkeys(s.hooks + s.all_out_hooks)} \
+        if s.outlier_factor is not None else {}
+    return Member(s.name, sae_from_weights(cfg, weights, device), s.hooks, s.all_out_hooks, scale_out.to(device),
+                  limits)
 
 
 @torch.no_grad()

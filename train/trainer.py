@@ -27,7 +27,7 @@ from . import holdout
 from .config import SAEConfig, SourceConfig
 from .dist import Comm
 from .group import Group
-from .store import METRIC_DEFINITIONS, SAEStore, fold_normalization, now, sae_from_weights, scale_vector
+from .store import METRIC_DEFINITIONS, SAEStore, fold_normalization, now, scale_vector
 
 IDENTITY_SKIP = ("name",)
 SLOW = float(os.environ.get("SAELAKE_TRAIN_SLOW", "0"))  # config keys that may differ on --resume: none but the name
@@ -384,15 +384,8 @@ class Trainer:
         if not self.holdout.tokens:
             return {}
         device = self.src.device
-        members = []
-        for s in self.saes:
-            g, _ = by_name[s.name]
-            load_cfg = {"arch": s.arch, "k": s.k, "apply_b_dec_to_input": g.model.apply_b_dec_to_input,
-                        "decoder_norm_topk": s.decoder_norm_topk, "bandwidth": s.bandwidth}
-            limits = {h: s.outlier_factor * norm[h]["median_norm"] for h in dict.fromkeys(s.hooks + s.all_out_hooks)} \
-                if s.outlier_factor is not None else {}
-            members.append(holdout.Member(s.name, sae_from_weights(load_cfg, folded[s.name], device), s.hooks,
-                                          s.all_out_hooks, self._scale_out(s, norm).to(device), limits))
+        members = [holdout.member(s, by_name[s.name][0].model.apply_b_dec_to_input, folded[s.name],
+                                  self._scale_out(s, norm), norm, device) for s in self.saes]
         batches = holdout.heldout_batches(self.source, self.holdout, self.src.batch_size, self.hooks,
                                           seed=self.src.data_seed)
         return holdout.evaluate(members, batches, device)
