@@ -69,7 +69,10 @@ class Group:
         self.adam_t = 0
         self.since_fired = torch.zeros(self.n, c.d_sae, dtype=torch.long, device=device)
         self.thr_steps = 0  # steps seen by the kind's running estimates (``after_step``)
-        self.input_key = (tuple(c.hooks), tuple(c.all_out_hooks), c.outlier_factor, c.normalize)
+        # groups with equal keys get the same (x, y): same way of reading hooks, same hooks and input rules
+        kind = type(self.model)
+        self.input_key = (kind.read, kind.target, tuple(c.hooks), tuple(c.all_out_hooks), c.outlier_factor,
+                          c.normalize)
 
     def learning_rates(self, step: int, total: int) -> list[float]:
         """Per member at ``step``: linear warm-up over lr_warmup, linear decay to 0 over lr_decay of the steps."""

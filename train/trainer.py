@@ -335,10 +335,9 @@ class Trainer:
                 for h in dict.fromkeys(c.hooks + c.all_out_hooks):
                     ok = norms[h] <= c.outlier_factor * norm[h]["median_norm"]
                     keep = ok if keep is None else keep & ok
-            x = xn[c.hooks[0]] if len(c.hooks) == 1 else torch.cat([xn[h] for h in c.hooks], -1)
+            x = g.model.read(xn)  # the dictionary's input and target: its kind knows its hooks
             same = c.all_out_hooks == c.hooks
-            y = x if same else (xn[c.all_out_hooks[0]] if len(c.all_out_hooks) == 1
-                                else torch.cat([xn[h] for h in c.all_out_hooks], -1))
+            y = x if same else g.model.target(xn)
             if keep is not None and not bool(keep.all()):
                 x = x[keep]
                 y = x if same else y[keep]
@@ -349,11 +348,9 @@ class Trainer:
     def _init_b_dec(self, groups: list[Group], batch, norm: dict) -> None:
         for g in groups:
             c = g.cfg
-            if c.b_dec_init == "zeros":
-                continue
-            y = torch.cat([batch.acts[h].to(g.model.b_dec.device, torch.float32)
-                           * (norm[h]["scale"] if c.normalize != "none" else 1.0) for h in c.all_out_hooks], -1)
-            g.model.b_dec.copy_((y.mean(0) if c.b_dec_init == "mean" else y.median(0).values).expand(g.n, -1))
+            y = g.model.target({h: batch.acts[h].to(self.src.device, torch.float32)
+                                * (norm[h]["scale"] if c.normalize != "none" else 1.0) for h in c.all_out_hooks})
+            g.model.init_from_data(y, c.b_dec_init)
 
     def _checkpoint(self, groups, step, rows, norm, created, dropped, window, metrics) -> None:
         for g in groups:

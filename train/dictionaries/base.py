@@ -125,6 +125,9 @@ class Dictionary(nn.Module):
     def initialize(self, generators: list[torch.Generator]) -> None:
         raise NotImplementedError
 
+    def init_from_data(self, y: torch.Tensor, how: str) -> None:
+        """Data-dependent init from the first batch's targets ``y`` [B, d_out] (``b_dec_init``)."""
+
     def encode(self, x: torch.Tensor, k: list[int] | None = None, *, training: bool = False, comm=None) -> Codes:
         """Codes of ``x`` [B, d_in] for every member; ``k``: the scheduled sparsity (kinds with a k)."""
         raise NotImplementedError

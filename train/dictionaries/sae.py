@@ -77,6 +77,12 @@ class SAE(Dictionary):
                 self.W_enc[m] = (e / e.norm(dim=1, keepdim=True) * dec_norm).t().to(self.W_enc.device)
 
     @torch.no_grad()
+    def init_from_data(self, y: torch.Tensor, how: str) -> None:
+        """b_dec: the mean or the median per dimension of ``y`` ("zeros": left at 0)."""
+        if how != "zeros":
+            self.b_dec.copy_((y.mean(0) if how == "mean" else y.median(0).values).expand(self.n, -1))
+
+    @torch.no_grad()
     def normalize_decoder(self) -> None:
         self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
 
