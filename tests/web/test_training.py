@@ -112,3 +112,22 @@ def test_pages_while_training_stopped_resumed_and_killed(training, monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_stalled_rule(monkeypatch):
+    """Records without a heartbeat (written before heartbeats existed) fall back to `updated`; a live
+    process with a fresh heartbeat is not stalled; the default limit follows the writer's interval."""
+    from datetime import UTC, datetime, timedelta
+
+    from saelake.lake.heartbeat import STALE_MIN_S, beat, shown_status, stale_after, stalled
+
+    monkeypatch.delenv("SAELAKE_STALE_AFTER", raising=False)
+    old = (datetime.now(UTC) - timedelta(hours=3)).isoformat(timespec="seconds")
+    assert "stalled (no heartbeat since" in stalled({"status": "training", "updated": old}) and "3 h ago" in \
+        stalled({"status": "training", "updated": old})
+    fresh = {"status": "training", **beat(30.0), "progress": {"tokens": 1000, "tokens_total": 4000}}
+    assert stalled(fresh) is None and shown_status(fresh) == "training 25% (1,000 / 4,000 tokens)"
+    assert stalled({"status": "complete", "updated": old}) is None
+    assert stale_after(fresh) == STALE_MIN_S and stale_after({"heartbeat_every_s": 100}) == 400
+    monkeypatch.setenv("SAELAKE_STALE_AFTER", "5")
+    assert stale_after(fresh) == 5
