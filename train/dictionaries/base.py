@@ -86,7 +86,6 @@ class Dictionary(nn.Module):
         self.options = options
         self.hooks = list(hooks or [])
         self.out_hooks = list(out_hooks or self.hooks)
-        self.device_ = torch.device(device)
 
     @classmethod
     def build(cls, d_in: int, d_sae: int, d_out: int | None = None, n: int = 1, *, device="cpu",
@@ -106,6 +105,11 @@ class Dictionary(nn.Module):
             opts.resolve(d_in, d_sae, cls.name)
             members.append(opts)
         return cls(d_in, d_sae, d_out, members, hooks=hooks, out_hooks=out_hooks, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters are (a kind creates them on the constructor's ``device``)."""
+        return next(self.parameters()).device
 
     # -- shape ----------------------------------------------------------------------------------
     def read(self, acts: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -141,7 +145,7 @@ class Dictionary(nn.Module):
 
     def schedule(self, step: int, total: int) -> tuple[torch.Tensor, list[int] | None]:
         """(sparsity coefficient per member [n] at ``step``, k per member or None)."""
-        return torch.zeros(self.n, device=self.device_), None
+        return torch.zeros(self.n, device=self.device), None
 
     def penalty(self, codes: Codes, N: int) -> torch.Tensor | None:
         """Sparsity penalty per member [n] (mean over the ``N`` tokens of the global batch), or None."""

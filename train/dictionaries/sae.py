@@ -160,7 +160,8 @@ class _Penalized(SAE):
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        self.l1_t = torch.tensor([o.l1 for o in self.options], dtype=torch.float32, device=self.device_)
+        self.register_buffer("l1_t", torch.tensor([o.l1 for o in self.options], dtype=torch.float32,
+                                                  device=self.device), persistent=False)
 
     def schedule(self, step, total):
         sw = max(1, round(self.options[0].sparsity_warmup * total))
@@ -212,7 +213,7 @@ class JumpReLU(_Penalized):
         o = self.options[0]
         self.bandwidth = o.bandwidth
         self.log_threshold = nn.Parameter(torch.full((self.n, self.d_sae), math.log(o.init_threshold),
-                                                     device=self.device_, dtype=torch.float32))
+                                                     device=self.device, dtype=torch.float32))
 
     @property
     def theta(self) -> torch.Tensor:

@@ -56,13 +56,13 @@ class TopK(SAE):
         self.decoder_norm_topk, self.aux_k, self.aux_coef = o.decoder_norm_topk, o.aux_k, o.aux_coef
         self.k_end = [o.k for o in self.options]
         self.k_start = [o.k_start or o.k for o in self.options]
-        self.register_buffer("k", torch.tensor(self.k_end, dtype=torch.long, device=self.device_))
+        self.register_buffer("k", torch.tensor(self.k_end, dtype=torch.long, device=self.device))
 
     def schedule(self, step, total):
         anneal = round(self.options[0].k_anneal * total)
         frac = min(1.0, step / anneal) if anneal else 1.0
         k = [round(s + (e - s) * frac) for s, e in zip(self.k_start, self.k_end)]
-        return torch.zeros(self.n, device=self.device_), k
+        return torch.zeros(self.n, device=self.device), k
 
     def encode(self, x, k=None, *, training=False, comm=None):
         """Latents of ``x`` for every member. ``k`` [n] overrides the current k (annealing).
