@@ -147,6 +147,8 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalysisRecord:
     embedded = EmbeddedStore(lake)
     if not cfg.overwrite and (store.exists(name) or embedded.exists(name)):
         raise UserError(f"analysis {name!r} already exists: choose another --name or pass --overwrite")
+    if not cfg.overwrite:  # of two analyses named alike started together, one goes on
+        lake.storage.claim("analyses", name, owner="lake analyze")
     if model is None:
         model = load_model(desc["model"], cfg.device)
     n_max = math.ceil(cfg.tokens / T) if cfg.tokens else (src.n_contexts if not cfg.live else math.ceil(20_000 / T))

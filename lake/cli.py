@@ -266,3 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    finally:  # a name claimed by a command that failed before writing anything is free again
+        from .storage import release_unused_claims
+
+        release_unused_claims()

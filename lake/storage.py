@@ -6,11 +6,15 @@ Small JSON files (manifests, configs) go through fsspec and are written atomical
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
 import re
+import socket
 import tempfile
+import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -18,6 +22,7 @@ import fsspec
 
 from .errors import UserError
 
+CLAIM = "claim.json"  # inside a named folder: who took the name (see LakeStorage.claim)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -143,21 +148,65 @@ class LakeStorage:
             raise
 
     def create_exclusive(self, data: bytes, *parts: str) -> bool:
-        """Create a file only if absent (locally atomic with O_EXCL). False if it existed."""
+        """Create a file with ``data`` only if it is absent, atomically; False if it existed.
+
+        Locally: the data goes to a temp file that is hard-linked to the target (link fails if the
+        target exists, and a reader never sees it half-written). On S3: a conditional PUT
+        (``If-None-Match: *``), which the store itself refuses when the key exists.
+        """
         target = self.uri(*parts)
         if self.is_s3:
-            if self.fs.exists(target):
-                return False
-            self.fs.pipe(target, data)
+            try:
+                self.fs.pipe(target, data, mode="create")
+            except FileExistsError:
+                # a retried PUT may find its own first attempt: that one was ours
+                return self._read_bytes(target) == data
+            except OSError as e:
+                if "NotImplemented" in str(e) or "501" in str(e):
+                    raise UserError(f"the S3 endpoint {self.endpoint or 'AWS'} refuses conditional writes "
+                                    "(If-None-Match), which saelake needs to claim names atomically") from None
+                raise
             return True
         os.makedirs(os.path.dirname(target), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".tmp-")
         try:
-            fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, target)
+            return True
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return True
+        finally:
+            os.unlink(tmp)
+
+    def _read_bytes(self, target: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(target)
+        except FileNotFoundError:
+            return None
+
+    # names ---------------------------------------------------------------------------------
+    def claim(self, *parts: str, owner: str) -> None:
+        """Take the name ``parts`` (a folder: ``saes/<name>``, ``analyses/<name>``) for good, atomically.
+
+        Writes ``<parts>/claim.json`` (owner, host, pid, time) with :meth:`create_exclusive`, so of
+        several processes claiming one name at once exactly one gets it, on local disk and on S3;
+        the others get a one-line UserError. A name this process claimed but wrote nothing else
+        under (it failed first) is given back at exit (:func:`release_unused_claims`).
+        """
+        token = uuid.uuid4().hex
+        record = {"owner": owner, "host": socket.gethostname(), "pid": os.getpid(),
+                  "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "token": token}
+        if not self.create_exclusive(json.dumps(record, indent=2).encode(), *parts, CLAIM):
+            held = self.read_json(*parts, CLAIM) or {}
+            what = {"saes": "SAE name", "analyses": "analysis name", "runs": "run name"}.get(parts[0], "name")
+            raise UserError(f"{what} {parts[-1]!r} is taken in {self.root} (claimed by `{held.get('owner')}` on "
+                            f"{held.get('host')}, pid {held.get('pid')}, at {held.get('at')}): pick another --name")
+        if not _CLAIMED:
+            atexit.register(release_unused_claims)
+        _CLAIMED.append((self, parts, token))
 
     def remove(self, *parts: str) -> None:
         if self.exists(*parts):
@@ -172,3 +221,18 @@ class LakeStorage:
 def saelake_home() -> Path:
     """Local state that is not part of any lake: model cache, catalogs of remote lakes."""
     return Path(os.environ.get("SAELAKE_HOME", Path.home() / ".cache" / "saelake"))
+
+
+_CLAIMED: list[tuple[LakeStorage, tuple[str, ...], str]] = []  # names this process claimed
+
+
+def release_unused_claims() -> None:
+    """Give back the names this process claimed but wrote nothing under (it stopped on an error
+    first), so the same command can be run again. Runs at exit and when the CLI reports an error."""
+    while _CLAIMED:
+        st, parts, token = _CLAIMED.pop()
+        try:
+            if st.listdir(*parts) == [CLAIM] and (st.read_json(*parts, CLAIM) or {}).get("token") == token:
+                st.fs.rm(st.uri(*parts, CLAIM))
+        except Exception:  # noqa: BLE001 -- storage unreachable at exit: the claim stays, and says whose it is
+            pass

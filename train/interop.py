@@ -148,5 +148,6 @@ def import_saelens(lake: Lake | str, path: str | Path, name: str) -> dict:
         "normalization": {"method": "none", "folded": True}, "imported_from": str(path.resolve()),
         "saelens_cfg": scfg, "metric_definitions": METRIC_DEFINITIONS,
     }
+    store.st.claim("saes", name, owner="lake import")  # of two imports named alike, one goes on
     store.save(cfg, weights, [])
     return cfg

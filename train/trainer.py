@@ -79,6 +79,8 @@ class Trainer:
                 if self.store.exists(s.name) and not resume:
                     raise UserError(f"SAE name {s.name!r} is taken in {self.lake.root}: pick another --name, "
                                     "or --resume it")
+                if not resume and (self.parallel != "data" or R == 0):  # of two trainings named alike, one goes on
+                    self.lake.storage.claim("saes", s.name, owner="lake train")
             self.start = self._resume_state() if resume else None
         except UserError as e:
             err = e
