@@ -204,6 +204,7 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalysisRecord:
         lake.storage.write_json(record.to_json(), "analyses", name, "analysis.json")  # a pointer for ls/sync
     else:
         store.write(record, table, overwrite=cfg.overwrite)  # sets the table's name (and checksums) in record
+    record = lake.analysis_record(name)  # as written (keys sorted): what `lake catalog sync` will read
     try:
         lake.catalog.upsert_analysis(record.to_json(), lake.storage.uri("analyses", name))
     except Exception as e:  # the store is written; the catalog is an index

@@ -1,7 +1,8 @@
 """Feature stores behind one interface: embedded Lance tables in the lake, or MongoDB.
 
 Embedded (default): ``<lake>/analyses/<name>/features-<id>.lance`` (one row per feature, the
-schema in ``analyze.table``) and ``analysis.json`` (the analysis record), written last: an
+schema in ``analyze.table``) and ``analysis.json`` (the analysis record, with the sha256 of each
+of the table's data files for ``lake verify``), written last: an
 analysis exists once its ``analysis.json`` does, so a failed run leaves nothing visible (and
 its partial table is removed). ``--overwrite`` writes the new table, swaps the record, then
 removes the old table.
@@ -24,6 +25,7 @@ from urllib.parse import urlparse, urlunparse
 import pyarrow as pa
 
 from saelake.lake import Lake, UserError
+from saelake.lake.checksums import dataset_checksums
 from saelake.lake.records import AnalysisRecord
 
 from .table import SCHEMA
@@ -80,7 +82,7 @@ class EmbeddedStore:
         return lance.dataset(self.table_uri(name, record), storage_options=self.st.storage_options)
 
     def write(self, record: AnalysisRecord, batches: Iterable[pa.RecordBatch], overwrite: bool = False) -> None:
-        """Write the table, then the record naming it (``record.features_table`` is set here)."""
+        """Write the table, then the record naming it and its data files' checksums (both set here)."""
         import lance
 
         name = record.name
@@ -91,6 +93,7 @@ class EmbeddedStore:
             reader = pa.RecordBatchReader.from_batches(SCHEMA, iter(batches))
             lance.write_dataset(reader, uri, schema=SCHEMA, mode="create", storage_options=self.st.storage_options)
             record.features_table = table
+            record.checksums = dataset_checksums(self.st, uri, prefix=f"{table}/")  # `lake verify` checks them
             self.st.write_json(record.to_json(), "analyses", name, "analysis.json")
         except BaseException:
             self.st.remove("analyses", name, table)

@@ -193,27 +193,33 @@ def catalog_sync(lake_uri):
 @cli.command()
 @_lake_option
 @click.argument("names", nargs=-1)
-@click.option("--quick", is_flag=True, help="Check sizes and counts only; do not decode every fragment.")
+@click.option("--quick", is_flag=True,
+              help="Check sizes and counts only; do not hash the data files or decode every fragment.")
 def verify(lake_uri, names, quick):
-    """Check runs and SAEs against their manifests, Lance and the catalog. Exit 1 on any problem."""
+    """Check runs, SAEs and analyses against their manifests, content checksums, Lance and the catalog.
+
+    Exit 1 on any problem; each damaged file is named with its run, SAE or analysis."""
     from .lake import Lake
-    from .maintenance import verify_run, verify_sae
+    from .maintenance import Report, verify_analysis, verify_run, verify_sae
 
     lake = Lake(lake_uri)
-    runs, saes = lake.run_names(), lake.storage.listdir("saes")
-    names = list(names) or runs + saes
-    problems: list[str] = []
-    for name in names:
-        if name in runs:
-            problems += verify_run(lake, name, deep=not quick)
-        elif name in saes:
-            problems += verify_sae(lake, name)
-        else:
+    kinds = {verify_run: lake.run_names(), verify_sae: lake.storage.listdir("saes"),
+             verify_analysis: lake.analysis_names()}
+    names = list(names) or [n for listed in kinds.values() for n in listed]
+    report, items = Report(), 0
+    for name in dict.fromkeys(names):
+        found = [check for check, listed in kinds.items() if name in listed]
+        if not found:
             raise UserError(f"nothing named {name!r} in {lake.root}: see lake ls")
-    for p in problems:
+        for check in found:  # an analysis is named after its SAE by default: check both
+            report += check(lake, name, deep=not quick)
+            items += 1
+    for p in report.problems:
         click.echo(p)
-    click.echo(f"verified {len(names)} item(s): {len(problems)} problem(s)", err=bool(problems))
-    if problems:
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"verified {items} item(s): {len(report.problems)} problem(s)", err=bool(report.problems))
+    if report.problems:
         sys.exit(1)
 
 

@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 import numpy as np
 from tqdm import tqdm
 
+from . import checksums
 from .corpus import check_corpus, documents, pack_contexts
 from .errors import UserError
 from .lake import TABLES, Lake
@@ -253,6 +254,8 @@ def _start(cfg: IngestConfig, lake: Lake, model: LoadedModel, existing: RunManif
         return m
     lease.acquire()
     m = lake.manifest(cfg.run)  # re-read under the lease
+    if m.checksums_from is None:  # a run begun before checksums: they start with this ingest's commits
+        m.checksums_from = min(committed_contexts(lake, cfg.run, t)[0] for t in m.tables)
     if cfg.append:
         m.segment_start = m.contexts
         m.contexts_target = m.contexts + new_contexts
@@ -289,7 +292,9 @@ def _write_chunks(cfg: IngestConfig, lake: Lake, model: LoadedModel, m: RunManif
         for table in tables:
             if done[table][0] < chunk.end:  # else: committed before a crash (the other table was not)
                 data = chunk_table(table, cfg, chunk, model.bos_token_id)
-                built[table] = (write_chunk_fragments(lake, cfg.run, table, data), data.schema)
+                frags = write_chunk_fragments(lake, cfg.run, table, data)
+                sums = checksums.fragment_checksums(lake.storage, lake.table_uri(cfg.run, table), frags)
+                built[table] = (frags, data.schema, sums)
                 del data
         _release_memory()
         return built
@@ -303,7 +308,9 @@ def _write_chunks(cfg: IngestConfig, lake: Lake, model: LoadedModel, m: RunManif
             for table in tables:
                 frags = [f for _, _, bt in results if table in bt for f in bt[table][0]]
                 schemas.setdefault(table, next((bt[table][1] for _, _, bt in results if table in bt), None))
-                if frags:
+                if frags:  # checksums first: no committed data file lacks one
+                    sums = {k: v for _, _, bt in results if table in bt for k, v in bt[table][2].items()}
+                    checksums.record_commit(lake.storage, cfg.run, table, round_end, sums)
                     done[table] = commit_fragments(lake, cfg.run, table, frags, schemas[table], done[table],
                                                    round_end)
             lease.renew()
@@ -350,6 +357,7 @@ def _finish(lake: Lake, m: RunManifest) -> RunManifest:
         versions[table], rows[table] = ds.version, ds.count_rows()
         if tag not in ds.tags.list():
             ds.tags.create(tag, ds.version)
+        checksums.merge(lake.storage, m.name, table, keep={path for path, _ in checksums.data_files(ds)})
     m.contexts = m.contexts_target
     m.tokens = m.contexts * m.context_size
     m.rows_1d = rows.get("tokens", 0)

@@ -38,6 +38,12 @@ def _kind(typ, plural: bool = False) -> str:
     return _KINDS[typ][plural] if typ in _KINDS else str(typ)
 
 
+def _scalar_ok(value, typ) -> bool:
+    if typ in (int, float) and isinstance(value, bool):  # JSON true is no number
+        return False
+    return isinstance(value, (int, float)) if typ is float else isinstance(value, typ)
+
+
 def _convert(value, typ, where: str, key: str):
     """``value`` as ``typ`` (JSON numbers become float where a float is wanted), or a UserError."""
     origin, args = typing.get_origin(typ), typing.get_args(typ)
@@ -48,10 +54,13 @@ def _convert(value, typ, where: str, key: str):
         if value is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]  # records use only `X | None`
-        return _convert(value, inner, where, key)
-    if dataclasses.is_dataclass(typ):
+        if inner not in _KINDS:  # a container: its own errors name the inner key
+            return _convert(value, inner, where, key)
+        ok = _scalar_ok(value, inner)
+        value = float(value) if ok and inner is float else value
+    elif dataclasses.is_dataclass(typ):
         return _build(typ, value, where, key + ".")
-    if origin is list:
+    elif origin is list:
         if isinstance(value, list):
             return [_convert(v, args[0], where, f"{key}[{i}]") for i, v in enumerate(value)]
         ok = False
@@ -59,13 +68,9 @@ def _convert(value, typ, where: str, key: str):
         if isinstance(value, dict) and all(isinstance(k, str) for k in value):
             return {k: _convert(v, args[1], where, f"{key}.{k}") for k, v in value.items()}
         ok = False
-    elif typ is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif typ is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
     else:
-        ok = isinstance(value, typ)
+        ok = _scalar_ok(value, typ)
+        value = float(value) if ok and typ is float else value
     if not ok:
         shown = repr(value)
         raise UserError(f"{where}: key {key!r} must be {_kind(typ)}, not {shown[:40]}"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pymongo
 import pytest
@@ -19,7 +20,7 @@ def test_embedded_and_mongo_read_back_identical(lake_copy, mongo_server):
     uri = mongo_server + "same"
     mon = analyze(AnalyzeConfig(**kw, name="rel-mongo", store=uri), progress=False)
     e, m = EmbeddedStore(Lake(lake_copy)), MongoStore(uri)
-    skip = {"name", "store", "created", "seconds", "tokens_per_second", "config", "features_table"}
+    skip = {"name", "store", "created", "seconds", "tokens_per_second", "config", "features_table", "checksums"}
     assert {k: v for k, v in e.record("rel-emb").to_json().items() if k not in skip} == \
         {k: v for k, v in m.record("rel-mongo").to_json().items() if k not in skip}
     assert mon.store == uri and emb.store == "embedded"
@@ -60,13 +61,28 @@ def test_overwrite_replaces_atomically(lake_copy, mongo_server):
     analyze(AnalyzeConfig(lake=lake_copy, sae="topk", tokens=1000, overwrite=True), progress=False)
     rec = EmbeddedStore(lake).record("topk")
     assert rec.contexts == 32 and rec.features_table != old
-    assert lake.storage.listdir("analyses", "topk") == sorted(["analysis.json", rec.features_table])
+    left = set(lake.storage.listdir("analyses", "topk")) - {"claim.json"}  # the name's claim stays
+    assert left == {"analysis.json", rec.features_table}  # the old table is gone
     uri = mongo_server + "ow"
     analyze(AnalyzeConfig(lake=lake_copy, sae="topk", tokens=500, store=uri, name="m"), progress=False)
     analyze(AnalyzeConfig(lake=lake_copy, sae="topk", tokens=1000, store=uri, name="m", overwrite=True),
             progress=False)
     m = MongoStore(uri)
     assert m.record("m").contexts == 32 and m.db.features.count_documents({"analysis": "m"}) == 64
+
+
+def test_flipped_bytes_in_an_analysis_table_are_named_by_verify(lake_copy):
+    analyze(AnalyzeConfig(lake=lake_copy, sae="topk", tokens=500), progress=False)
+    rec = EmbeddedStore(Lake(lake_copy)).record("topk")
+    (data_file,) = rec.checksums  # one data file, its sha256 recorded with the analysis
+    assert data_file.startswith(f"{rec.features_table}/data/")
+    assert cli("verify", "--lake", lake_copy, "topk")[0] == 0  # the SAE topk and its analysis
+    victim = Path(lake_copy) / "analyses" / "topk" / data_file
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    code, out, _ = cli("verify", "--lake", lake_copy)
+    assert code == 1 and f"analysis topk: data file {victim} is damaged" in out, out
 
 
 def test_failed_analysis_leaves_nothing(lake_copy, monkeypatch):

@@ -9,7 +9,7 @@ import lance
 import numpy as np
 import pytest
 
-from tests.conftest import HOOKS, REPO
+from tests.conftest import HOOKS, REPO, cli
 from saelake.lake import Lake
 
 
@@ -69,6 +69,7 @@ def test_interrupted_ingest_resumes_to_the_same_rows(tmp_path, tiny_model, tiny_
     (t, c), (rt, rc) = _rows(lake), reference
     assert t.num_rows == rt.num_rows and c.num_rows == rc.num_rows
     assert t.equals(rt) and c.equals(rc)  # same (context_id, position) rows, same values
+    assert cli("verify", "--lake", lake)[0] == 0  # every committed data file has its checksum, and it holds
 
 
 def test_failed_resume_settings_are_refused(tmp_path, tiny_model, tiny_corpus):

@@ -1,5 +1,6 @@
 """lake verify and lake gc."""
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import lance
 import pytest
 
 from tests.conftest import cli, ingest_tiny
-from saelake.lake import Lake, SnapshotSource, UserError
+from saelake.lake import Lake, SnapshotSource, UserError, checksums
 
 
 @pytest.fixture
@@ -55,10 +56,13 @@ def test_gc_keeps_snapshots_and_removes_the_rest(tmp_path, tiny_model, tiny_corp
     ingest_tiny(str(root), tiny_model, tiny_corpus, tokens=1000, append=True)
     before = [b.context_id.tolist() for b in SnapshotSource(str(root), "r1", 1).context_batches(16)]
     n_versions = len(lance.dataset(str(root / "runs/r1/tokens.lance")).versions())
-    # a chunk a crashed ingest wrote but never committed
+    # a chunk a crashed ingest wrote and recorded the checksum of, but never committed
     from lance.fragment import write_fragments
     t = lance.dataset(str(root / "runs/r1/tokens.lance")).to_table(limit=10)
-    write_fragments(t, str(root / "runs/r1/tokens.lance"), schema=t.schema)
+    lk = Lake(str(root))
+    orphan = [json.dumps(f.to_json()) for f in write_fragments(t, str(root / "runs/r1/tokens.lance"), schema=t.schema)]
+    checksums.record_commit(lk.storage, "r1", "tokens", 10**6,
+                            checksums.fragment_checksums(lk.storage, lk.table_uri("r1", "tokens"), orphan))
     n_files = len(list((root / "runs/r1/tokens.lance/data").iterdir()))
     # a failed run that nothing pins
     (root / "runs/dead").mkdir()
@@ -75,6 +79,10 @@ def test_gc_keeps_snapshots_and_removes_the_rest(tmp_path, tiny_model, tiny_corp
     assert [b.context_id.tolist() for b in SnapshotSource(str(root), "r1", 1).context_batches(16)] == before
     assert cli("verify", "--lake", str(root))[0] == 0
     assert Path(root / "runs/r1/manifest.json").exists()
+    # the removed file's checksum went with it; the committed files keep theirs
+    committed = sorted(p for p, _ in checksums.data_files(lk.dataset("r1", "tokens")))
+    assert sorted(checksums.recorded(lk.storage, "r1", "tokens")) == committed
+    assert sorted(p.name for p in (root / "runs/r1/checksums").iterdir()) == ["contexts.json", "tokens.json"]
 
 
 def test_verify_checks_sae_weights(lake):
