@@ -13,6 +13,8 @@ Neighbours: cosine similarity of decoder rows, the ``n`` largest excluding the f
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 
@@ -74,4 +76,33 @@ def neighbours(W_dec: torch.Tensor, n: int, chunk: int = 1024) -> tuple[torch.Te
 def vocab_strings(tokenizer, size: int) -> list[str]:
     """Display string of every token id (decoded one by one, so byte-level BPE shows as text)."""
     known = min(size, len(tokenizer))
-    return tokenizer.batch_decode([[i] for i in range(known)]) + [f"<{i}>" for i in range(known, size)]
+    return token_strings(tokenizer, list(range(known))) + [f"<{i}>" for i in range(known, size)]
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """GPT-2 byte-level BPE: the character that stands for each byte in a token's spelling."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs, n = list(bs), 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def token_strings(tokenizer, ids: list[int]) -> list[str]:
+    """Each token decoded on its own; a token that holds part of a UTF-8 character (decoding gives
+    U+FFFD) is spelled by its bytes, printable ASCII as itself and the rest as ``<0xNN>``
+    (`` <0xE2><0x80>``), instead of an anonymous ``�``."""
+    out = tokenizer.batch_decode([[i] for i in ids])
+    bad = [j for j, s in enumerate(out) if "\ufffd" in s]
+    if bad:
+        chars = _byte_level_chars()
+        raw = tokenizer.convert_ids_to_tokens([ids[j] for j in bad])
+        for j, r in zip(bad, raw):
+            if r and all(c in chars for c in r):
+                out[j] = "".join(chr(b) if 0x20 <= b < 0x7F else f"<0x{b:02X}>" for b in map(chars.get, r))
+            elif r and re.fullmatch(r"(<0x[0-9A-Fa-f]{2}>)+", r):  # SentencePiece byte fallback
+                out[j] = r.upper().replace("0X", "0x")
+    return out

@@ -147,3 +147,58 @@ def activation_histogram(edges: list[float], counts: list[int]) -> str:
     labels = [(fmt(e), f"[{fmt(e)}, {fmt(edges[i + 1])})") for i, e in enumerate(edges[:-1])]
     return bar_chart(labels, counts, "activation histogram (non-zero)", "activation (log-spaced bins)",
                      cls="acts")
+
+
+ARCH_COLOURS = ("#2563eb", "#d97706", "#059669", "#9333ea", "#dc2626", "#0891b2")
+
+
+def sweep_chart(points: list[dict], ylabel: str, title: str, cls: str = "") -> str:
+    """One metric against L0 (log x) for the SAEs of a run and hook. ``points``: dicts with name, arch,
+    l0, y, href (None: not linked), source (held-out | lake eval | in-sample: in-sample points are hollow). One
+    line per arch through its points by L0; each point is a link to its SAE."""
+    pts = [p for p in points if p.get("l0") and p["l0"] > 0 and p.get("y") is not None and math.isfinite(p["y"])]
+    if not pts:
+        return _svg([f'<text class="empty" x="{W / 2}" y="{H / 2}" text-anchor="middle">no data</text>'],
+                    title, "sweep " + cls)
+    xs, ys = [math.log10(p["l0"]) for p in pts], [p["y"] for p in pts]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    if x1 - x0 < 0.2:
+        x0, x1 = x0 - 0.1, x1 + 0.1
+    if y1 == y0:
+        y0, y1 = y0 - (abs(y0) * 0.1 or 0.1), y1 + (abs(y1) * 0.1 or 0.1)
+    padx, pady = (x1 - x0) * 0.06, (y1 - y0) * 0.08
+    x0, x1, y0, y1 = x0 - padx, x1 + padx, y0 - pady, y1 + pady
+    pw, ph = W - ML - MR, H - MT - MB
+    sx = lambda x: ML + (x - x0) / (x1 - x0) * pw
+    sy = lambda y: MT + ph - (y - y0) / (y1 - y0) * ph
+    body = [f'<rect class="plot" x="{ML}" y="{MT}" width="{pw}" height="{ph}"/>']
+    for t in _ticks(y0, y1):
+        body.append(f'<line class="grid" x1="{ML}" x2="{ML + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}"/>'
+                    f'<text class="tick" x="{ML - 4}" y="{sy(t) + 3:.1f}" text-anchor="end">{fmt(t)}</text>')
+    xt = [float(k) for k in range(math.ceil(x0), math.floor(x1) + 1)]
+    if len(xt) < 2:
+        xt = [math.log10(v) for v in _ticks(10 ** x0, 10 ** x1, 3) if v > 0]
+    for t in xt:
+        body.append(f'<text class="tick" x="{sx(t):.1f}" y="{MT + ph + 12}" text-anchor="middle">'
+                    f'{fmt(round(10 ** t, 6))}</text>')
+    body.append(f'<text class="axis" x="{ML + pw / 2}" y="{H - 3}" text-anchor="middle">L0 (log scale) · '
+                f'{escape(ylabel)}</text>')
+    archs = sorted({p["arch"] or "?" for p in pts})
+    for j, arch in enumerate(archs):
+        colour = ARCH_COLOURS[j % len(ARCH_COLOURS)]
+        mine = sorted((p for p in pts if (p["arch"] or "?") == arch), key=lambda p: p["l0"])
+        if len(mine) > 1:
+            d = " ".join(f"{sx(math.log10(p['l0'])):.1f},{sy(p['y']):.1f}" for p in mine)
+            body.append(f'<polyline class="series" style="stroke:{colour}" points="{d}"/>')
+        for p in mine:
+            cx, cy = sx(math.log10(p["l0"])), sy(p["y"])
+            fill = "#fff" if p.get("source") == "in-sample" else colour
+            tip = f"{p['name']} ({arch}): {ylabel} {fmt(p['y'])} at L0 {fmt(p['l0'])} ({p.get('source')})"
+            dot = (f'<circle class="pt" cx="{cx:.1f}" cy="{cy:.1f}" r="4.5" style="fill:{fill};stroke:{colour}" '
+                   f'data-sae="{escape(p["name"])}" data-l0="{p["l0"]:.6g}" data-y="{p["y"]:.6g}">'
+                   f'<title>{escape(tip)}</title></circle>')
+            body.append(f'<a href="{escape(p["href"])}">{dot}</a>' if p.get("href") else dot)
+    legend = " ".join(f'<tspan style="fill:{ARCH_COLOURS[j % len(ARCH_COLOURS)]}">● {escape(a)}</tspan>'
+                      for j, a in enumerate(archs))
+    body.append(f'<text class="tick" x="{ML + 4}" y="{MT + 11}">{legend}</text>')
+    return _svg(body, title, "sweep " + cls)

@@ -58,7 +58,7 @@ class Scalars:
     mean_act: np.ndarray
 
     @classmethod
-    def from_columns(cls, cols: dict) -> "Scalars":
+    def from_columns(cls, cols: dict) -> Scalars:
         arrays = {k: np.asarray(cols[k]) for k in SCALAR_COLUMNS}
         order = np.argsort(arrays["feature"], kind="stable")
         return cls(**{k: v[order] for k, v in arrays.items()})
@@ -85,7 +85,7 @@ class Scalars:
             idx = idx[::-1]
         return idx
 
-    def subset(self, features: list[int]) -> "Scalars":
+    def subset(self, features: list[int]) -> Scalars:
         pos = np.searchsorted(self.feature, np.asarray(features))
         pos = pos[(pos < len(self)) & (self.feature[np.minimum(pos, len(self) - 1)] == np.asarray(features))]
         return Scalars(**{k: getattr(self, k)[pos] for k in SCALAR_COLUMNS})
@@ -123,7 +123,7 @@ class LakeData:
         self._cache: dict = {}
         self._stores: dict = {}
         self._store_errors: dict = {}  # uri -> (time, message): do not wait on a dead server every request
-        self._scalars: dict = {}
+        self._values: dict = {}
         self._datasets: dict = {}
         self._loading: dict = {}
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="saelake-web-load")
@@ -329,42 +329,178 @@ class LakeData:
             raise NotFound(f"feature {index} is missing from analysis {rec['name']!r}")
         return row
 
+    def _background(self, key, load, wait_s: float, loading_message: str):
+        """``load()``'s value, cached under ``key``; computed in a background thread so that past
+        ``wait_s`` this raises ``Loading`` (the page says so) instead of holding the request."""
+        with self._lock:
+            if key in self._values:
+                return self._values[key]
+            fut = self._loading.get(key)
+            if fut is None:
+                def run():
+                    value = load()
+                    with self._lock:
+                        self._values[key] = value
+                    return value
+                fut = self._pool.submit(run)
+                self._loading[key] = fut
+        try:
+            return fut.result(timeout=wait_s)
+        except FutureTimeout:
+            raise Loading(loading_message) from None
+        except BaseException:
+            with self._lock:
+                if self._loading.get(key) is fut:
+                    del self._loading[key]  # let the next request retry
+            raise
+
     def scalars(self, rec: dict, wait_s: float | None = None) -> Scalars:
         """The analysis's per-feature scalars (cached). A MongoDB store loads them in a background
         thread: past ``wait_s`` this raises ``Loading`` (the page says so and refreshes) instead of
         holding the request while a slow server streams every feature document."""
-        key = (rec["name"], rec.get("store"), rec.get("features_table"), rec.get("created"))
+        key = ("scalars", rec["name"], rec.get("store"), rec.get("features_table"), rec.get("created"))
         with self._lock:
-            hit = self._scalars.get(key)
+            hit = self._values.get(key)
         if hit is not None:
             return hit
         if self._store_uri_of(rec) is None:
             t = self._dataset(rec).to_table(columns=list(SCALAR_COLUMNS))
             sc = Scalars.from_columns({k: t.column(k).to_numpy() for k in SCALAR_COLUMNS})
             with self._lock:
-                self._scalars[key] = sc
+                self._values[key] = sc
             return sc
 
         def load() -> Scalars:
             rows = self._mongo(rec, lambda st: st.scalars(rec["name"]))
-            sc = Scalars.from_columns({k: np.array([r[k] for r in rows]) for k in SCALAR_COLUMNS})
-            with self._lock:
-                self._scalars[key] = sc
-            return sc
+            return Scalars.from_columns({k: np.array([r[k] for r in rows]) for k in SCALAR_COLUMNS})
 
+        return self._background(
+            key, load, self.scalars_wait_s if wait_s is None else wait_s,
+            f"loading the density, max and mean of {int(rec.get('n_features') or 0):,} features "
+            f"of analysis {rec['name']!r} from {rec.get('store')}: this page refreshes by itself")
+
+    # -- labels: explanations, scores, notes, token summaries ------------------------------------
+    def explanation_store(self, rec: dict):
+        from saelake.analyze.explanations import EmbeddedExplanations, MongoExplanations
+
+        uri = self._store_uri_of(rec)
+        if uri is None:
+            return EmbeddedExplanations(self.lake)
         with self._lock:
-            fut = self._loading.get(key)
-            if fut is None:
-                fut = self._pool.submit(load)
-                self._loading[key] = fut
-        try:
-            return fut.result(timeout=self.scalars_wait_s if wait_s is None else wait_s)
-        except FutureTimeout:
-            raise Loading(f"loading the density, max and mean of {int(rec.get('n_features') or 0):,} features "
-                          f"of analysis {rec['name']!r} from {rec.get('store')}: this page refreshes by itself") \
-                from None
-        except BaseException:
+            hit = self._values.get(("explanation-store", uri))
+        if hit is None:
+            hit = self._mongo(rec, lambda st: MongoExplanations(st))  # creates its index once
             with self._lock:
-                if self._loading.get(key) is fut:
-                    del self._loading[key]  # let the next request retry
-            raise
+                self._values[("explanation-store", uri)] = hit
+        return hit
+
+    def explanations(self, rec: dict) -> dict[int, dict]:
+        """Every explanation / score / note row of the analysis (re-read when the store changes)."""
+        key = ("explanations", rec["name"], rec.get("store"))
+
+        def load():
+            st = self.explanation_store(rec)
+            version = self._mongo_or_call(rec, lambda: st.version(rec["name"]))
+            with self._lock:
+                hit = self._values.get(key)
+            if hit is not None and hit[0] == version:
+                return hit[1]
+            rows = self._mongo_or_call(rec, lambda: st.rows(rec["name"]))
+            with self._lock:
+                self._values[key] = (version, rows)
+            return rows
+        return load()  # the version check is one small read: a page never shows rows older than a search
+
+    def _mongo_or_call(self, rec: dict, fn):
+        if self._store_uri_of(rec) is None:
+            return fn()
+        return self._mongo(rec, lambda _st: fn())
+
+    def summaries(self, rec: dict, wait_s: float = 2.0) -> dict:
+        """Every feature's TokenSummary (tokens it fires on and promotes), computed once per analysis
+        in the background (``Loading`` past ``wait_s``)."""
+        from saelake.analyze.labels import token_summaries
+
+        key = ("summaries", rec["name"], rec.get("store"), rec.get("features_table"), rec.get("created"))
+        mongo = self._store_uri_of(rec)
+        if mongo is None:
+            self._dataset(rec)  # a missing / damaged table is a NotFound / StoreDown now, not in the thread
+        load = (lambda: token_summaries(self.lake, rec)) if mongo is None else \
+            (lambda: self._mongo(rec, lambda st: token_summaries(self.lake, rec, mongo=st)))
+        return self._background(key, load, wait_s, f"reading the tokens of {int(rec.get('n_features') or 0):,} "
+                                                    f"features of analysis {rec['name']!r}")
+
+    def labels(self, rec: dict, features, wait_s: float = 2.0) -> dict[int, dict]:
+        """{feature: {"label", "source", "detection", "fuzzing"}} for the given features. While the
+        token summaries load, features without an explanation get an empty label."""
+        from saelake.analyze.labels import label
+
+        expl = self.explanations(rec)
+        try:
+            sums = self.summaries(rec, wait_s)
+        except Loading:
+            sums = {}
+        out = {}
+        for f in features:
+            e = expl.get(int(f))
+            text, source = label(e, sums.get(int(f)))
+            s = sums.get(int(f))
+            words = [(e or {}).get("explanation"), (e or {}).get("note"), *(s.act + s.promoted if s else ())]
+            out[int(f)] = {"label": text, "source": source, "detection": (e or {}).get("detection"),
+                           "fuzzing": (e or {}).get("fuzzing"), "search": "\n".join(w for w in words if w).lower()}
+        return out
+
+    def search(self, rec: dict, text: str, wait_s: float | None = None) -> set[int]:
+        """Features whose explanation, note, top activating or top promoted tokens contain ``text``."""
+        from saelake.analyze.labels import search
+
+        st = self.explanation_store(rec)
+        explained = self._mongo_or_call(rec, lambda: st.search(rec["name"], text))
+        return search(text, explained, self.summaries(rec, self.scalars_wait_s if wait_s is None else wait_s))
+
+    def set_note(self, rec: dict, feature: int, note: str | None) -> None:
+        from saelake.analyze.explanations import check_text
+
+        n = int(rec.get("n_features") or 0)
+        if not 0 <= feature < n:
+            raise NotFound(f"no feature {feature} in analysis {rec['name']!r} (features 0..{n - 1})")
+        st = self.explanation_store(rec)
+        change = {feature: {"note": check_text(note, "note")}}
+        self._mongo_or_call(rec, lambda: st.update(rec["name"], rec["sae"], change))
+
+    # -- per-token norms of sample contexts (to flag peaks on high-norm tokens) ---------------------
+    def context_norms(self, rec: dict, context_ids: list[int]) -> tuple[dict[int, list[float]], float | None]:
+        """({context id: the norm of each token at the analysis's hook}, the hook's median norm), read
+        from the run's 2d table at the analysis's snapshot; ({}, None) for live analyses."""
+        run, version, hook = rec.get("run"), rec.get("version"), rec.get("hook")
+        if not run or not version or not context_ids:
+            return {}, None
+        try:
+            m = self.run(run)
+            col = (m.get("columns") or {}).get(hook)
+            median = ((m.get("stats") or {}).get(hook) or {}).get("median_norm")
+            lance_version = (m["versions"][int(version) - 1].get("tables") or {}).get("contexts")
+        except (NotFound, IndexError, KeyError, TypeError):
+            return {}, None
+        if not col or not median or lance_version is None:
+            return {}, None
+        key = ("contexts", run, lance_version)
+        with self._lock:
+            ds = self._datasets.get(key)
+        try:
+            if ds is None:
+                ds = self.lake.dataset(run, "contexts", version=lance_version)
+                with self._lock:
+                    self._datasets[key] = ds
+            ids = sorted({int(c) for c in context_ids})
+            n = ds.count_rows()
+            rows = ds.take([c for c in ids if c < n], columns=["context_id", f"{col}_norm"]).to_pylist() \
+                if all(c < n for c in ids) else []
+            got = {r["context_id"]: r[f"{col}_norm"] for r in rows}
+            if set(got) != set(ids):  # context ids are not row numbers here: filter instead
+                rows = ds.to_table(columns=["context_id", f"{col}_norm"],
+                                   filter=f"context_id IN ({','.join(map(str, ids))})").to_pylist()
+                got = {r["context_id"]: r[f"{col}_norm"] for r in rows}
+        except (UserError, OSError, ValueError):
+            return {}, None
+        return got, float(median)

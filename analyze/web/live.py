@@ -10,6 +10,7 @@ import threading
 
 import torch
 
+from saelake.analyze.directions import token_strings
 from saelake.lake import UserError
 
 from .data import LakeData, NotFound
@@ -38,6 +39,10 @@ class LiveEncoder:
             except NotFound:
                 spec = None
         return spec
+
+    def is_loaded(self, spec: str | None) -> bool:
+        """Whether a live call with this model answers now (else it loads the model first)."""
+        return spec in self._models
 
     def _model(self, spec: str):
         from saelake.lake import load_model
@@ -89,7 +94,7 @@ class LiveEncoder:
                 raise LiveError(f"SAE {sae_name!r} takes inputs of size {sae.d_in}, model {spec} gives "
                                 f"{x.shape[-1]} at {','.join(hooks)}", 503)
             f = sae.encode(x).dense()[0][1:]  # [T-1, d_sae], BOS left out
-            strs = model.tokenizer.batch_decode([[i] for i in ids[1:]])
+            strs = token_strings(model.tokenizer, ids[1:])
         out = {"sae": sae_name, "model": spec, "tokens": strs, "token_ids": ids[1:]}
         if feature is not None:
             out["feature"] = feature

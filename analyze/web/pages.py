@@ -7,21 +7,23 @@ from __future__ import annotations
 
 import math
 import time
-from html import escape
 from importlib import resources
 from urllib.parse import quote, urlencode
 
 import jinja2
 from markupsafe import Markup
 
+from saelake.analyze.explanations import FIELDS as EXPLANATION_FIELDS
 from saelake.lake.heartbeat import shown_status, stalled
 
 from . import charts
-from .data import LakeData, NotFound, Scalars
+from .data import LakeData, Loading, NotFound, StoreDown
+from .listing import feature_listing, score_arrays
+from .sweep import feature_counts, sweep_groups
+from .tokens import clean_token, peak_flags, sample_html
 
 CURVES = (("loss", True), ("fvu", False), ("l0", True), ("dead_fraction", False))
-PER_PAGE = 50
-WINDOW_BEFORE, WINDOW_AFTER = 24, 10
+DEFAULT_OUTLIER_FACTOR = 10.0  # a peak on a token above this x the hook's median norm is flagged
 
 
 def _asset(name: str) -> str:
@@ -78,11 +80,6 @@ class StaticLinks(Links):
         return None
 
 
-def clean_token(s: str) -> str:
-    s = s.replace("\r", "").replace("\n", "↵").replace("\t", "⇥")
-    return s if s else "∅"
-
-
 def fnum(v, digits: int = 4) -> str:
     if v is None or isinstance(v, jinja2.Undefined):  # a metric not there yet (training, or killed)
         return "–"
@@ -114,43 +111,6 @@ def human_bytes(n) -> str:
         n /= 1024
 
 
-def sample_html(sample: dict, feature_max: float, skip_ids: set[int], window: bool = True) -> Markup:
-    """One context: each token a span, shaded by activation / feature max, the value on hover."""
-    strs, toks = sample["strs"], sample["tokens"]
-    acts = dict(zip(sample["positions"], sample["acts"]))
-    T = len(strs)
-    if acts:
-        peak = max(acts, key=acts.get)
-        lo, hi = max(0, peak - WINDOW_BEFORE), min(T, peak + WINDOW_AFTER + 1)
-    else:
-        peak, lo, hi = -1, (1 if T > 1 and toks and toks[0] in skip_ids else 0), min(T, 1 + WINDOW_BEFORE + WINDOW_AFTER)
-    if not window:
-        lo, hi = 0, T
-    out = []
-    if lo > 0:
-        out.append('<span class="more" title="show the whole context">…</span>')
-    for i, s in enumerate(strs):
-        cls = "t"
-        if not lo <= i < hi:
-            cls += " far"
-        if toks[i] in skip_ids:
-            cls += " bos"
-        a = acts.get(i)
-        text = escape(clean_token(s))
-        if a is None:
-            out.append(f'<span class="{cls}" data-i="{i}" title="{escape(repr(s))} · 0">{text}</span>')
-        else:
-            alpha = min(1.0, a / feature_max) if feature_max > 0 else 1.0
-            if i == peak:
-                cls += " peak"
-            out.append(f'<span class="{cls} on" data-i="{i}" data-act="{a:.6g}" '
-                       f'style="background-color:rgba(255,102,0,{alpha:.3f})" '
-                       f'title="{escape(repr(s))} · {a:.4g}">{text}</span>')
-    if hi < T:
-        out.append('<span class="more" title="show the whole context">…</span>')
-    return Markup("".join(out))
-
-
 class Renderer:
     def __init__(self, data: LakeData | None, links: Links | None = None, live: bool = False):
         self.data, self.links, self.live = data, links or Links(), live
@@ -170,9 +130,32 @@ class Renderer:
         d = self.data
         runs = [{**m, "size": d.size_on_disk("runs", m["name"])} for m in d.runs()]
         snapshots = [{"run": m["name"], "n": i + 1, **v} for m in runs for i, v in enumerate(m.get("versions") or [])]
-        saes = sorted((sae_row(c) for c in d.saes()), key=lambda c: c["name"])
+        configs = d.saes()
+        saes = sorted(({**sae_row(c), **self._counts(c["name"])} for c in configs), key=lambda c: c["name"])
+        sweeps = []
+        for g in sweep_groups(configs):
+            pts = [{**p, "href": self.links.sae(p["name"])} for p in g.points]
+            charts_ = [Markup(charts.sweep_chart([{**p, "y": p["fvu"]} for p in pts], "FVU", "FVU vs L0",
+                                                 cls="sweep-fvu"))]
+            if g.has_ce:
+                charts_.append(Markup(charts.sweep_chart([{**p, "y": p["ce"]} for p in pts], "CE loss recovered",
+                                                         "CE loss recovered vs L0", cls="sweep-ce")))
+            sweeps.append({"run": g.run, "hook": g.hook, "n": len(g.points), "charts": charts_})
         return self.render("lake.html", title="lake", root=d.lake.root, runs=runs, snapshots=snapshots, saes=saes,
-                           analyses=d.analyses(), store=d.store_uri)
+                           analyses=d.analyses(), store=d.store_uri, sweeps=sweeps)
+
+    def _counts(self, sae: str) -> dict:
+        """Dead and dense feature counts from the SAE's default analysis (None: no analysis / not loaded)."""
+        recs = self.data.analyses_of(sae)
+        embedded = [r for r in recs if (r.get("store") or "embedded") == "embedded"]
+        rec = embedded[0] if embedded else self.data.analysis_for(sae, None)  # the lake's own is read at once
+        if rec is None:
+            return {"dead": None, "dense": None, "counted_in": None}
+        try:
+            sc = self.data.scalars(rec, wait_s=0.3 if not self.links.static else 3600)
+        except (Loading, StoreDown, NotFound):
+            return {"dead": None, "dense": None, "counted_in": rec["name"]}
+        return {**feature_counts(sc.count, sc.density), "counted_in": rec["name"]}
 
     def run_page(self, name: str) -> str:
         m = self.data.run(name)
@@ -193,16 +176,19 @@ class Renderer:
                 curves.append(Markup(charts.line_chart(pts, metric, logy=logy, cls=f"curve-{metric}")))
         ctx = dict(title=f"SAE {name}", cfg=sae_row(cfg), rec=rec, curves=curves, analyses=d.analyses_of(name),
                    hyper=_hyper(cfg), run=None, store_error=None, listing=None, density_svg=None,
-                   loading=None)
+                   loading=None, labels={}, search_note=None)
         if cfg.get("run"):
             try:
                 ctx["run"] = d.run(cfg["run"])
             except NotFound:
                 pass
         if rec is not None:
-            from .data import Loading, StoreDown
+            wait = None if not self.links.static else 3600
             try:
-                sc = d.scalars(rec, wait_s=None if not self.links.static else 3600)
+                sc = d.scalars(rec, wait_s=wait)
+                q = (query.get("q") or "").strip()[:200]
+                matches = d.search(rec, q, wait_s=wait) if q else None
+                expl = d.explanations(rec)
             except StoreDown as e:
                 ctx["store_error"] = str(e)
             except Loading as e:
@@ -213,10 +199,16 @@ class Renderer:
                 if only is not None:
                     sc = sc.subset(only)
                     query = {**query, "per": str(max(len(only), 1))}
-                ctx["listing"] = feature_listing(sc, query, max_per=None if only is not None else 500)
+                listing = feature_listing(sc, query, max_per=None if only is not None else 500, matches=matches,
+                                          scores=score_arrays(sc, expl))
+                ctx["listing"] = listing
+                ctx["labels"] = d.labels(rec, [r["feature"] for r in listing["rows"]],
+                                         wait_s=0.5 if not self.links.static else 3600)
+                ctx["explained"] = sum(1 for e in expl.values() if e.get("explanation"))
+                ctx["scored"] = sum(1 for e in expl.values() if e.get("detection") is not None)
         return self.render("sae.html", **ctx)
 
-    def feature_page(self, sae: str, index: int, analysis_name: str | None = None, scalars: Scalars | None = None):
+    def feature_page(self, sae: str, index: int, analysis_name: str | None = None):
         d = self.data
         cfg = d.sae(sae)
         rec = d.analysis_for(sae, analysis_name)
@@ -225,29 +217,61 @@ class Renderer:
         feat = d.feature(rec, index)
         skip = set(rec.get("excluded_token_ids") or [])
         fmax = float(feat["max_act"] or 0.0)
-        groups = []
         samples = feat.get("samples") or []
+        norms, median = d.context_norms(rec, [s["context_id"] for s in samples if s["acts"]])
+        limit = median * float(cfg.get("outlier_factor") or DEFAULT_OUTLIER_FACTOR) if median else None
+        groups = []
         top = [s for s in samples if s["kind"] == "top"]
-        groups.append(("top", f"top activations ({len(top)})", top))
+        groups.append(("top", "top activations", _act_range(top), top))
+        top_ids = {s["context_id"] for s in top}
         intervals = list((rec.get("config") or {}).get("intervals") or [])
         for j, p in enumerate(intervals):
             hi = 1.0 if j == 0 else intervals[j - 1]
-            sel = [s for s in samples if s["kind"] == "interval" and s["interval"] == j]
-            groups.append((f"interval-{j}", f"interval {p:g}–{hi:g} × max ({len(sel)})", sel))
+            sel = [s for s in samples if s["kind"] == "interval" and s["interval"] == j
+                   and s["context_id"] not in top_ids]  # the top group shows those already
+            groups.append((f"interval-{j}", f"activations {fnum(p * fmax, 3)}–{fnum(hi * fmax, 3)}",
+                           f"{p:g}–{hi:g} × max, not in the top group", sel))
         zero = [s for s in samples if s["kind"] == "zero"]
-        groups.append(("zero", f"non-activating ({len(zero)})", zero))
-        rendered = [(key, title, [(s, sample_html(s, fmax, skip)) for s in sel]) for key, title, sel in groups]
+        groups.append(("zero", "non-activating", "", zero))
+        mode = "all" if self.links.static else "window"
+        rendered, n_flagged = [], 0
+        for key, title, note, sel in groups:
+            items = []
+            for s in sel:
+                flags = peak_flags(s, skip, norms.get(s["context_id"]), limit)
+                n_flagged += bool(flags)
+                items.append((s, sample_html(s, fmax, skip, mode), flags))
+            rendered.append((key, title, note, items))
         hist = charts.activation_histogram(feat.get("hist_edges") or [], feat.get("hist_counts") or [])
         n = int(rec["n_features"])
         nbrs = list(zip(feat.get("neighbours") or [], feat.get("neighbour_cos") or []))
         live_ok = self.live and not self.links.static
+        try:
+            expl = dict.fromkeys(EXPLANATION_FIELDS) | (d.explanations(rec).get(index) or {})
+        except StoreDown:
+            expl = dict.fromkeys(EXPLANATION_FIELDS)
         return self.render(
             "feature.html", title=f"feature {index} · {sae}", cfg=cfg, rec=rec, f=feat, index=index, n=n,
-            groups=rendered, hist_svg=Markup(hist), neighbours=nbrs, analyses=d.analyses_of(sae),
-            pos=list(zip(feat.get("pos_strs") or [], feat.get("pos_logits") or [])),
+            groups=rendered, n_flagged=n_flagged, hist_svg=Markup(hist), neighbours=nbrs, analyses=d.analyses_of(sae),
+            labels=d.labels(rec, [j for j, _ in nbrs] + [index], wait_s=0.5 if not self.links.static else 3600),
+            expl=expl, pos=list(zip(feat.get("pos_strs") or [], feat.get("pos_logits") or [])),
             neg=list(zip(feat.get("neg_strs") or [], feat.get("neg_logits") or [])),
             prev=index - 1 if index > 0 else None, next=index + 1 if index + 1 < n else None,
-            live=live_ok, exported=sorted(self.links.features) if self.links.static else None)
+            live=live_ok, exported=sorted(self.links.features) if self.links.static else None,
+            norm_limit=limit)
+
+    def context_html(self, sae: str, analysis_name: str | None, index: int, context_id: int) -> str:
+        """The whole context ``context_id`` of a feature's samples, rendered (the "…" of a sample)."""
+        d = self.data
+        rec = d.analysis_for(sae, analysis_name)
+        if rec is None:
+            raise NotFound(f"SAE {sae!r} has no analysis yet (run `lake analyze {sae}`)")
+        feat = d.feature(rec, index)
+        for s in feat.get("samples") or []:
+            if s["context_id"] == context_id:
+                skip = set(rec.get("excluded_token_ids") or [])
+                return str(sample_html(s, float(feat["max_act"] or 0.0), skip, "full"))
+        raise NotFound(f"context {context_id} is not a sample of feature {index}")
 
     def live_page(self, sae: str, analysis_name: str | None = None) -> str:
         cfg = self.data.sae(sae)
@@ -257,6 +281,11 @@ class Renderer:
     def error_page(self, status: int, message: str) -> str:
         heading = {404: "Not found", 503: "Feature store unavailable"}.get(status, "Error")
         return self.render("error.html", title=heading.lower(), status=status, heading=heading, message=message)
+
+
+def _act_range(samples: list[dict]) -> str:
+    vals = [s["max_act"] for s in samples if s.get("max_act")]
+    return f"activations {fnum(min(vals), 3)}–{fnum(max(vals), 3)}" if vals else ""
 
 
 def sae_row(cfg: dict) -> dict:
@@ -290,44 +319,3 @@ def _hyper(cfg: dict) -> tuple[list[tuple[str, object]], list[tuple[str, object]
     if cfg.get("normalization"):
         rest.append(("normalization", (cfg["normalization"] or {}).get("method")))
     return main, rest
-
-
-def _float(query: dict, key: str, errors: list[str]) -> float | None:
-    v = (query.get(key) or "").strip()
-    if not v:
-        return None
-    try:
-        f = float(v)
-        if not math.isfinite(f):
-            raise ValueError
-        return f
-    except ValueError:
-        errors.append(f"{key}: {v[:40]!r} is not a number (ignored)")
-        return None
-
-
-def feature_listing(sc: Scalars, query: dict, max_per: int | None = 500) -> dict:
-    """One page of the filtered, sorted feature list (server-side: the browser never gets them all)."""
-    errors: list[str] = []
-    f = {k: _float(query, k, errors) for k in ("dmin", "dmax", "amin", "amax")}
-    sort = query.get("sort") or "feature"
-    if sort not in ("feature", "density", "max_act", "mean_act"):
-        errors.append(f"sort: {sort[:40]!r} is not a column (ignored)")
-        sort = "feature"
-    desc = query.get("desc") in ("1", "on", "true")
-    try:
-        per = max(1 if max_per is None else 10, int(query.get("per") or PER_PAGE))
-        per = per if max_per is None else min(max_per, per)
-    except ValueError:
-        per = PER_PAGE
-    idx = sc.select(f["dmin"], f["dmax"], f["amin"], f["amax"], sort, desc)
-    pages = max(1, math.ceil(len(idx) / per))
-    try:
-        page = max(1, min(pages, int(query.get("page") or 1)))
-    except ValueError:
-        page = 1
-    rows = [sc.row(int(p)) for p in idx[(page - 1) * per: page * per]]
-    keep = {k: query.get(k) for k in ("dmin", "dmax", "amin", "amax", "sort", "desc", "per") if query.get(k)}
-    return {"rows": rows, "total": len(idx), "all": len(sc), "page": page, "pages": pages, "per": per,
-            "first": (page - 1) * per + 1 if rows else 0, "last": (page - 1) * per + len(rows), "errors": errors,
-            "query": keep, "sort": sort, "desc": desc, **{k: query.get(k) or "" for k in ("dmin", "dmax", "amin", "amax")}}

@@ -10,7 +10,13 @@ returns ``(status, content_type, body_bytes, headers)``; the server only moves b
     /sae/<sae>/feature/<i>[?analysis=A]   one feature
     /sae/<sae>/random[?analysis=A]        302 to a random (live) feature
     /sae/<sae>/live                live inference: top features per token
-    POST /api/live                 {"sae", "text", "feature"?, "top"?} -> tokens + activations (JSON)
+    POST /api/live                 {"sae", "text", "feature"?, "top"?, "analysis"?} -> tokens + activations
+                                   (+ the short label of each feature shown) (JSON)
+    GET  /api/live/status?sae=S    {"model", "loaded"}: whether the first live call will load the model
+    GET  /api/context?sae=S&analysis=A&feature=F&context=C
+                                   {"html"}: the whole context C of a sample of feature F (the "…")
+    POST /api/note                 {"sae", "analysis", "feature", "note"}: set a feature's note
+                                   (JSON only, same origin only: a page elsewhere cannot post one)
 
 No route serves files: names in URLs are looked up in the lake's listings after ``check_name``.
 """
@@ -45,21 +51,32 @@ class WebApp:
         self.pages = Renderer(self.data, live=live)
 
     # -- dispatch --------------------------------------------------------------------------------
-    def handle(self, method: str, raw_path: str, body: bytes = b"") -> tuple[int, str, bytes, dict]:
+    def handle(self, method: str, raw_path: str, body: bytes = b"",
+               headers: dict | None = None) -> tuple[int, str, bytes, dict]:
         path, _, qs = raw_path.partition("#")[0].partition("?")  # (not urlsplit: "//x" is no host here)
         query = {k: v[-1] for k, v in parse_qs(qs, keep_blank_values=True).items()}
         segs = [unquote(s) for s in path.split("/") if s]
         try:
             if method == "POST" and segs == ["api", "live"]:
                 return self._live(body)
+            if method == "POST" and segs == ["api", "note"]:
+                return self._note(body, headers or {})
+            if segs[:1] == ["api"] and method in ("GET", "HEAD"):
+                return self._api_get(segs, query)
             if method not in ("GET", "HEAD"):
                 return self._json(405, {"error": f"{method} is not allowed here"})
             return self._page(segs, query, path)
         except NotFound as e:
+            if segs[:1] == ["api"]:
+                return self._json(404, {"error": str(e)})
             return self._html(404, self.pages.error_page(404, str(e)))
         except StoreDown as e:
+            if segs[:1] == ["api"]:
+                return self._json(503, {"error": str(e)})
             return self._html(503, self.pages.error_page(503, str(e)))
         except UserError as e:
+            if segs[:1] == ["api"]:
+                return self._json(400, {"error": str(e)})
             return self._html(400, self.pages.error_page(400, str(e)))
         except Exception as e:  # a bug: say so, keep serving
             traceback.print_exc()
@@ -106,6 +123,52 @@ class WebApp:
             index = random.randrange(max(1, int(rec.get("n_features") or 1)))
         return 302, HTML, b"", {"Location": self.pages.links.feature(sae, index, rec["name"])}
 
+    def _api_get(self, segs: list[str], query: dict):
+        if segs == ["api", "live", "status"]:
+            if self.live is None:
+                return self._json(503, {"error": "live inference is off (lake serve --no-live)"})
+            cfg = self.data.sae(query.get("sae") or "")
+            spec = self.live.model_spec(cfg)
+            return self._json(200, {"model": spec, "loaded": self.live.is_loaded(spec)})
+        if segs == ["api", "context"]:
+            sae = query.get("sae") or ""
+            self.data.sae(sae)
+            index = self._index(sae, query.get("feature") or "")
+            ctx = query.get("context") or ""
+            if not ctx.isascii() or not ctx.isdigit() or len(ctx) > 18:
+                raise NotFound(f"no context {shown(ctx)!r}: context ids are numbers")
+            html = self.pages.context_html(sae, query.get("analysis") or None, index, int(ctx))
+            return self._json(200, {"html": html})
+        raise NotFound(f"no API {shown('/'.join(segs))!r}")
+
+    def _note(self, body: bytes, headers: dict):
+        """A feature's note. JSON only and, when the browser says where the page came from, only
+        from this server's own pages: a form on another site cannot write into the store."""
+        h = {k.lower(): v for k, v in headers.items()}
+        if not (h.get("content-type") or "").startswith("application/json"):
+            return self._json(415, {"error": "send JSON (Content-Type: application/json)"})
+        origin, host = h.get("origin"), h.get("host")
+        if origin and (not host or origin.split("://", 1)[-1] != host):
+            return self._json(403, {"error": "notes are written from this server's own pages only"})
+        try:
+            req = json.loads(body or b"{}")
+            if not isinstance(req, dict):
+                raise ValueError
+        except ValueError:
+            return self._json(400, {"error": "send a JSON object: {\"sae\", \"feature\", \"note\"}"})
+        feature = req.get("feature")
+        if isinstance(feature, bool) or not isinstance(feature, int):
+            return self._json(400, {"error": "feature must be an integer"})
+        analysis, sae = req.get("analysis"), str(req.get("sae") or "")
+        if analysis is not None and not isinstance(analysis, str):
+            return self._json(400, {"error": "analysis must be a string"})
+        self.data.sae(sae)
+        rec = self.data.analysis_for(sae, analysis or None)
+        if rec is None:
+            raise NotFound(f"SAE {sae!r} has no analysis yet (run `lake analyze {sae}`)")
+        self.data.set_note(rec, feature, req.get("note"))
+        return self._json(200, {"ok": True, "feature": feature, "analysis": rec["name"]})
+
     def _live(self, body: bytes):
         if self.live is None:
             return self._json(503, {"error": "live inference is off (lake serve --no-live)"})
@@ -125,11 +188,23 @@ class WebApp:
             t0 = time.perf_counter()
             out = self.live.run(str(req.get("sae") or ""), req.get("text"), feature, top)
             out["ms"] = round(1000 * (time.perf_counter() - t0), 1)
-            return self._json(200, out)
         except NotFound as e:
             return self._json(404, {"error": str(e)})
         except LiveError as e:
             return self._json(e.status, {"error": str(e)})
+        out["labels"] = self._live_labels(out, req.get("analysis"))
+        return self._json(200, out)
+
+    def _live_labels(self, out: dict, analysis) -> dict:
+        """Short labels of the features a live answer shows (none without an analysis)."""
+        try:
+            rec = self.data.analysis_for(out["sae"], analysis if isinstance(analysis, str) and analysis else None)
+            if rec is None:
+                return {}
+            feats = {out["feature"]} if "feature" in out else {f for row in out["top"] for f, _ in row}
+            return {str(f): v["label"] for f, v in self.data.labels(rec, sorted(feats), wait_s=0.5).items()}
+        except (NotFound, StoreDown, UserError):
+            return {}
 
     @staticmethod
     def _html(status: int, html: str):
@@ -148,7 +223,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _respond(self, method: str, body: bytes = b""):
         t0 = time.perf_counter()
-        status, ctype, data, headers = self.app.handle(method, self.path, body)
+        status, ctype, data, headers = self.app.handle(method, self.path, body, dict(self.headers.items()))
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))

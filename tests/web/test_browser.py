@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from saelake.analyze.stores import EmbeddedStore, MongoStore
+from saelake.analyze.web.tokens import window
 from saelake.lake import Lake, load_model
 from saelake.train.store import SAEStore
 
@@ -76,26 +77,32 @@ def test_sae_page_curves_histogram_and_paged_filtered_list(page, server, web_lak
     assert "filtered from 64" in page.locator("#list-count").inner_text()
 
 
-def _check_shading(page, feat):
-    """Every sample on the page shows the stored tokens; activating ones carry the stored value and
-    a background whose alpha is activation / feature max."""
+def shown_order(feat):
+    """The samples a feature page shows, in order: top, each interval (without the top contexts), zero."""
+    top = [s for s in feat["samples"] if s["kind"] == "top"]
+    ids = {s["context_id"] for s in top}
+    inter = sorted((s for s in feat["samples"] if s["kind"] == "interval" and s["context_id"] not in ids),
+                   key=lambda s: s["interval"])
+    return top + inter + [s for s in feat["samples"] if s["kind"] == "zero"]
+
+
+def _check_shading(page, feat, skip):
+    """Every sample on the page shows the stored tokens of its window around the peak; activating ones
+    carry the stored value and a background whose alpha is activation / feature max."""
     fmax = feat["max_act"]
-    samples = page.locator(".group .sample")
-    assert samples.count() == len(feat["samples"])
+    order = shown_order(feat)
+    assert page.locator(".group .sample").count() == len(order)
     spans = page.locator(".group .sample").evaluate_all(
         "ss => ss.map(s => Array.from(s.querySelectorAll('.t')).map(t => [t.dataset.i, t.dataset.act || null, "
         "getComputedStyle(t).backgroundColor, t.title]))")
-    by_group = {}
-    for s in feat["samples"]:
-        by_group.setdefault(s["kind"], []).append(s)
-    order = by_group.get("top", []) + sorted(by_group.get("interval", []), key=lambda s: s["interval"]) + \
-        by_group.get("zero", [])
     n_on = 0
     for s, toks in zip(order, spans):
-        assert len(toks) == len(s["strs"])
+        lo, hi = window(s, skip)
+        assert [int(t[0]) for t in toks] == list(range(lo, hi))  # only the window is sent
         acts = dict(zip(s["positions"], s["acts"]))
         for i, act, bg, title in toks:
             a = acts.get(int(i))
+            assert f"id {s['tokens'][int(i)]}" in title
             if a is None:
                 assert act is None and title.endswith("· 0")
                 continue
@@ -121,19 +128,24 @@ def test_feature_page_from_list_with_shaded_tokens(page, server, web_lake):
     assert page.locator("#pos-logits tr").count() == len(feat["pos_strs"]) == 10
     assert page.locator("#neg-logits tr").count() == 10
     assert page.locator("#neighbours a").count() == len(feat["neighbours"])
-    _check_shading(page, feat)
+    skip = set(Lake(web_lake["lake"]).analysis_record("web-sae").excluded_token_ids)
+    _check_shading(page, feat, skip)
     # top group: the context's max is the largest shaded value
     first = page.locator("#group-top .sample").first
     vals = first.locator(".t.on").evaluate_all("ts => ts.map(t => parseFloat(t.dataset.act))")
     assert max(vals) == pytest.approx(float(first.get_attribute("data-max")), rel=1e-5)
-    # hidden context tokens come back on click
-    more = page.locator(".sample:has(.more) .more").first
-    if more.count():
-        sample = page.locator(".sample:has(.more)").first
-        hidden = sample.locator(".t.far").first
-        assert not hidden.is_visible()
-        more.click()
-        assert hidden.is_visible()
+    # the rest of a context is fetched when "…" is clicked, shaded the same way
+    sample = page.locator(".sample:has(.more)").first
+    assert sample.count() == 1
+    ctx = int(sample.get_attribute("data-context"))
+    sample = page.locator(f".sample[data-context='{ctx}']").first
+    full = next(s for s in feat["samples"] if s["context_id"] == ctx)
+    assert 0 < sample.locator(".t").count() < len(full["strs"])
+    sample.locator(".more").first.click()
+    page.wait_for_function(f"document.querySelector('.sample[data-context=\"{ctx}\"]').querySelectorAll('.t')"
+                           f".length === {len(full['strs'])}")
+    acts = sample.locator(".t.on").evaluate_all("ts => ts.map(t => [parseInt(t.dataset.i), parseFloat(t.dataset.act)])")
+    assert dict(acts) == pytest.approx(dict(zip(full["positions"], full["acts"])), rel=1e-5)
     # neighbours, prev/next and the random button navigate to feature pages
     nb = feat["neighbours"][0]
     page.locator("#neighbours a").first.click()
@@ -202,7 +214,7 @@ def test_same_pages_with_the_mongodb_store(page, mongo_ui, web_lake):
     page.wait_for_url(re.compile(rf"/feature/{f}\?analysis=web-sae-mongo$"))
     feat = stored(web_lake, "web-sae-mongo", f)
     assert feat == stored(web_lake, "web-sae", f)
-    _check_shading(page, feat)
+    _check_shading(page, feat, set(Lake(web_lake["lake"]).analysis_record("web-sae-mongo").excluded_token_ids))
 
 
 NOT_FOUND = [

@@ -7,7 +7,7 @@ import numpy as np
 
 from saelake.analyze.web import charts
 from saelake.analyze.web.data import Scalars
-from saelake.analyze.web.pages import feature_listing
+from saelake.analyze.web.listing import feature_listing
 
 
 def synthetic(n: int = 200_000, seed: int = 0) -> Scalars:

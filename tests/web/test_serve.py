@@ -105,9 +105,9 @@ def test_serve_port_in_use_one_clear_line(web_lake):
 def test_lake_serve_command_binds_loopback(web_lake):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "saelake.lake", "serve", "--lake", web_lake["lake"], "--port", str(port),
-                          "--quiet", "--no-live"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=env, cwd=REPO)
+    p = subprocess.Popen([sys.executable, "-m", "saelake.lake", "serve", "--lake", web_lake["lake"], "--port",
+                          str(port), "--quiet", "--no-live"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env, cwd=REPO)
     try:
         line = p.stdout.readline()
         assert f"http://127.0.0.1:{port}/" in line, (line, p.stderr.read() if p.poll() is not None else "")

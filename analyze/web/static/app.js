@@ -1,4 +1,5 @@
-// saelake web UI: sortable tables, expandable contexts, live inference. No libraries, no network.
+// saelake web UI: sortable tables, contexts, keyboard navigation, notes, live inference. No libraries, no network
+// beyond this server.
 (function () {
   function cellValue(td) {
     var v = td.getAttribute("data-sort");
@@ -23,15 +24,59 @@
       });
     });
   });
+
+  // "…": a static page carries the hidden tokens; the server sends them when asked.
   document.addEventListener("click", function (e) {
-    if (e.target.classList && e.target.classList.contains("more")) {
-      e.target.closest(".sample").classList.add("open");
-    }
+    var more = e.target.closest && e.target.closest(".more");
+    if (!more) return;
+    var sample = more.closest(".sample"), f = document.getElementById("feature");
+    if (sample.querySelector(".t.far") || !f || location.protocol === "file:") { sample.classList.add("open"); return; }
+    if (sample.classList.contains("fetching")) return;
+    sample.classList.add("fetching");
+    var q = "?sae=" + encodeURIComponent(f.dataset.sae) + "&analysis=" + encodeURIComponent(f.dataset.analysis) +
+      "&feature=" + f.dataset.feature + "&context=" + encodeURIComponent(more.dataset.context);
+    fetch("/api/context" + q).then(function (r) { return r.json(); }).then(function (j) {
+      sample.classList.remove("fetching");
+      if (j.html) { sample.querySelector(".toks").innerHTML = j.html; sample.classList.add("open"); }
+    }).catch(function () { sample.classList.remove("fetching"); });
   });
+
+  var hide = document.getElementById("hide-flagged");
+  if (hide) hide.addEventListener("change", function () { document.body.classList.toggle("hide-flagged", hide.checked); });
+
   var rnd = document.querySelector("button#random[data-features]");
   if (rnd) rnd.addEventListener("click", function () {
     var ids = rnd.getAttribute("data-features").split(",");
     location.href = "feature-" + ids[Math.floor(Math.random() * ids.length)] + ".html";
+  });
+
+  // Keyboard: ← → / k j between features on a feature page; ↑ ↓ / k j and Enter in the feature list.
+  var list = document.getElementById("features");
+  var sel = -1;
+  function select(i) {
+    var rows = list.tBodies[0].rows;
+    if (!rows.length) return;
+    sel = Math.max(0, Math.min(rows.length - 1, i));
+    Array.prototype.forEach.call(rows, function (r, j) { r.classList.toggle("sel", j === sel); });
+    rows[sel].scrollIntoView({block: "nearest"});
+  }
+  document.addEventListener("keydown", function (e) {
+    if (e.altKey || e.ctrlKey || e.metaKey || e.shiftKey) return;
+    var t = e.target.tagName;
+    if (t === "INPUT" || t === "TEXTAREA" || t === "SELECT" || e.target.isContentEditable) return;
+    var k = e.key, go = null;
+    if (document.getElementById("feature")) {
+      if (k === "ArrowLeft" || k === "k") go = document.getElementById("prev");
+      if (k === "ArrowRight" || k === "j") go = document.getElementById("next");
+      if (go) { e.preventDefault(); location.href = go.href; }
+    } else if (list) {
+      if (k === "ArrowDown" || k === "j") { e.preventDefault(); select(sel + 1); }
+      else if (k === "ArrowUp" || k === "k") { e.preventDefault(); select(sel - 1); }
+      else if (k === "Enter" && sel >= 0) {
+        var a = list.tBodies[0].rows[sel].querySelector("a");
+        if (a) { e.preventDefault(); location.href = a.href; }
+      }
+    }
   });
 })();
 
@@ -42,48 +87,100 @@ function gotoFeature(form) {
   return false;
 }
 
+function staticSearch(form) {
+  var q = form.q.value.trim().toLowerCase(), n = 0;
+  document.querySelectorAll("#features tbody tr").forEach(function (r) {
+    var hit = !q || (r.dataset.search || "").indexOf(q) >= 0;
+    r.style.display = hit ? "" : "none";
+    n += hit;
+  });
+  var c = document.getElementById("list-count");
+  if (c) c.textContent = q ? n + " features match “" + form.q.value.trim() + "”" : "";
+  return false;
+}
+
+function saveNote(form) {
+  var f = document.getElementById("feature"), st = document.getElementById("note-status");
+  st.textContent = "saving…";
+  fetch("/api/note", {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify({
+    sae: f.dataset.sae, analysis: f.dataset.analysis, feature: parseInt(f.dataset.feature, 10), note: form.note.value})})
+    .then(function (r) { return r.json().then(function (j) { return [r.status, j]; }); })
+    .then(function (res) { st.textContent = res[0] === 200 ? "saved" : (res[1].error || "HTTP " + res[0]); })
+    .catch(function (e) { st.textContent = "not saved: " + e; });
+  return false;
+}
+
 function esc(s) {
   return String(s).replace(/[&<>"']/g, function (c) {
     return {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c];
   });
 }
-function cleanTok(s) { s = s.replace(/\r/g, "").replace(/\n/g, "↵").replace(/\t/g, "⇥"); return s || "∅"; }
+function shownTok(s) {
+  if (s === "") return ["∅", " ws"];
+  var c = s.replace(/\r/g, "").replace(/\n/g, "↵").replace(/\t/g, "⇥");
+  if (!s.trim()) return [c.replace(/ /g, "·"), " ws"];
+  if (/<0x[0-9A-F]{2}>/.test(s) || s.indexOf("\ufffd") >= 0) return [c, " byte"];
+  return [c, ""];
+}
 
 function runLive(form) {
-  var box = form.closest(".live"), out = box.querySelector(".live-out");
+  var box = form.closest(".live"), out = box.querySelector(".live-out"), f = document.getElementById("feature");
   var body = {sae: box.dataset.sae, text: form.text.value};
   if (box.dataset.feature !== undefined) body.feature = parseInt(box.dataset.feature, 10);
   if (form.top) body.top = parseInt(form.top.value, 10) || 5;
-  out.innerHTML = '<span class="sub">running…</span>';
-  fetch("/api/live", {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)})
+  var analysis = f ? f.dataset.analysis : box.dataset.analysis;
+  if (analysis) body.analysis = analysis;
+  var timer = null, button = form.querySelector("button");
+  function done() { if (timer) clearInterval(timer); button.disabled = false; }
+  button.disabled = true;
+  out.innerHTML = '<p class="running sub">running…</p>';
+  fetch("/api/live/status?sae=" + encodeURIComponent(box.dataset.sae))
+    .then(function (r) { return r.json(); })
+    .then(function (s) {
+      if (s.model && !s.loaded) {  // the first call loads the model: say so, with a clock
+        var t0 = Date.now();
+        out.innerHTML = '<p class="loading" id="live-loading"><span class="spinner"></span> loading model <code>' +
+          esc(s.model) + '</code> (first use; later runs are fast)… <span class="secs">0 s</span></p>';
+        timer = setInterval(function () {
+          var el = out.querySelector(".secs");
+          if (el) el.textContent = Math.round((Date.now() - t0) / 1000) + " s";
+        }, 500);
+      }
+    }, function () {})
+    .then(function () {
+      return fetch("/api/live", {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+    })
     .then(function (r) { return r.json().then(function (j) { return [r.status, j]; }); })
     .then(function (res) {
-      var j = res[1];
+      done();
+      var j = res[1], labels = j.labels || {};
       if (res[0] !== 200 || j.error) { out.innerHTML = '<p class="err">' + esc(j.error || ("HTTP " + res[0])) + "</p>"; return; }
       if (j.acts) {
         var fmax = parseFloat(box.dataset.max) || 0;
         var top = Math.max(fmax, Math.max.apply(null, j.acts.concat([0])));
         var html = j.tokens.map(function (t, i) {
-          var a = j.acts[i], alpha = top > 0 ? Math.min(1, a / top) : 0;
-          return '<span class="t' + (a > 0 ? " on" : "") + '" data-i="' + i + '" data-act="' + a + '"' +
+          var a = j.acts[i], alpha = top > 0 ? Math.min(1, a / top) : 0, sh = shownTok(t);
+          return '<span class="t' + sh[1] + (a > 0 ? " on" : "") + '" data-i="' + i + '" data-act="' + a + '"' +
             (a > 0 ? ' style="background-color:rgba(255,102,0,' + alpha.toFixed(3) + ')"' : "") +
-            ' title="' + esc(JSON.stringify(t)) + " · " + a.toPrecision(4) + '">' + esc(cleanTok(t)) + "</span>";
+            ' title="' + esc(JSON.stringify(t)) + " · id " + j.token_ids[i] + " · " + a.toPrecision(4) + '">' +
+            esc(sh[0]) + "</span>";
         }).join("");
         var peak = Math.max.apply(null, j.acts.concat([0]));
         out.innerHTML = '<div class="live-tokens">' + html + '</div><p class="sub">max on this text: ' +
           peak.toPrecision(4) + " · feature max in the analysis: " + (fmax ? fmax.toPrecision(4) : "–") + "</p>";
       } else {
         var a = box.dataset.analysis, link = function (f) {
-          return box.dataset.hasAnalysis === "1" ? '<a href="/sae/' + encodeURIComponent(box.dataset.sae) + "/feature/" + f +
-            "?analysis=" + encodeURIComponent(a) + '">' + f + "</a>" : String(f);
+          var lb = labels[String(f)] ? ' <span class="lbl">' + esc(labels[String(f)]) + "</span>" : "";
+          return (box.dataset.hasAnalysis === "1" ? '<a href="/sae/' + encodeURIComponent(box.dataset.sae) + "/feature/" + f +
+            "?analysis=" + encodeURIComponent(a) + '">' + f + "</a>" : String(f)) + lb;
         };
         var rows = j.tokens.map(function (t, i) {
-          var feats = j.top[i].map(function (p) { return link(p[0]) + " <small>" + p[1].toPrecision(3) + "</small>"; });
-          return '<tr data-i="' + i + '"><td class="tokcell">' + esc(cleanTok(t)) + "</td><td>" + (feats.join(", ") || '<span class="empty">none</span>') + "</td></tr>";
+          var feats = j.top[i].map(function (p) { return '<span class="lf">' + link(p[0]) + " <small>" + p[1].toPrecision(3) + "</small></span>"; });
+          return '<tr data-i="' + i + '"><td class="tokcell">' + esc(shownTok(t)[0]) + "</td><td>" + (feats.join(" ") || '<span class="empty">none</span>') + "</td></tr>";
         }).join("");
         out.innerHTML = '<table class="livetop"><thead><tr><th>token</th><th>top features (activation)</th></tr></thead><tbody>' + rows + "</tbody></table>";
       }
     })
-    .catch(function (e) { out.innerHTML = '<p class="err">request failed: ' + esc(e) + "</p>"; });
+    .catch(function (e) { done(); out.innerHTML = '<p class="err">request failed: ' + esc(e) + "</p>"; });
   return false;
 }
