@@ -21,6 +21,7 @@ from .config import (
     SAEConfig,
     SourceConfig,
     common_key_help,
+    int_list,
     kind_key_help,
     load_sweep,
 )
@@ -44,7 +45,7 @@ def _sae_help(key: str) -> str:
 def _kind_options(command):
     """One option per key of the registered dictionary kinds (help: which kinds have it, and each
     one's default), so that a new kind's keys appear here without editing this file."""
-    types = {"int": int, "float": float, "str": str}
+    types = {"int": int, "float": float, "str": str, "list[int]": IntList()}
     for key in reversed(list(KIND_KEYS)):
         base = KIND_KEYS[key]
         flag = "--" + key.replace("_", "-")
@@ -53,6 +54,14 @@ def _kind_options(command):
         else:
             command = click.option(flag, type=types[base], default=None, help=kind_key_help(key) + ".")(command)
     return command
+
+
+class IntList(click.ParamType):
+    """P1,P2,... on the command line (a kind's ``list[int]`` key)."""
+    name = "P1,P2,..."
+
+    def convert(self, value, param, ctx):
+        return value if isinstance(value, list) else int_list(value, f"--{param.name.replace('_', '-')}")
 
 
 SOURCE_FLAGS = ("run", "version", "live", "model", "dataset", "text_column", "context_size", "tokens", "batch_size",

@@ -229,6 +229,8 @@ def _check_type(where: str, key: str, value, typ: str):
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return value
         raise UserError(f"{where}: key {key!r} must be a hook name or a list of names, got {type(value).__name__}")
+    if "list[int]" in t:
+        return int_list(value, f"{where}: key {key!r}")
     if t.startswith("int") and not (isinstance(value, int) and not isinstance(value, bool)):
         raise UserError(f"{where}: key {key!r} must be an integer, got {type(value).__name__} {value!r}")
     if t.startswith("float") and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
@@ -238,6 +240,18 @@ def _check_type(where: str, key: str, value, typ: str):
     if t.startswith("str") and not isinstance(value, str):
         raise UserError(f"{where}: key {key!r} must be a string, got {type(value).__name__} {value!r}")
     return float(value) if t.startswith("float") else value
+
+
+def int_list(value, where: str) -> list[int]:
+    """A list of integers given as a list or as "P1,P2,..." (command line, TOML string)."""
+    if isinstance(value, str):
+        try:
+            return [int(v) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise UserError(f"{where} must be integers separated by commas, got {value!r}") from None
+    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return value
+    raise UserError(f"{where} must be a list of integers, got {value!r}")
 
 
 def load_sweep(path: str | Path, lake: str, overrides: dict | None = None) -> tuple[SourceConfig, list[SAEConfig]]:

@@ -128,6 +128,9 @@ class Group:
         aux = model.aux_loss(x, codes, y, y_hat, dead, comm, N)
         if aux is not None:
             loss = loss + model.aux_coef * aux.sum()
+        extra = model.extra_loss(codes, y, N)
+        if extra is not None:
+            loss = loss + extra.sum()
         codes.pre = None  # free the pre-activations before the backward
         loss.backward()
         comm.sum_grads(list(self.params.values()))
@@ -159,7 +162,8 @@ class Group:
                 zeros = torch.zeros(n, device=x.device)
                 penalty = zeros if penalty is None else penalty.detach()
                 aux = zeros if aux is None else aux.detach()
-                out |= {"loss": mse.detach() + coef * penalty + model.aux_coef * aux, "mse": mse.detach(),
+                extra = zeros if extra is None else extra.detach()
+                out |= {"loss": mse.detach() + coef * penalty + model.aux_coef * aux + extra, "mse": mse.detach(),
                         "aux_loss": aux, "lr": torch.tensor(lr), "l1": coef,
                         "k": torch.tensor(k or [0] * n, dtype=torch.float32), "dead_fraction": dead.float().mean(-1)}
             return StepOutput(n, N, sq_sum, l0, **out)

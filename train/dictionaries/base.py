@@ -9,8 +9,9 @@ matmuls) that registers itself with ``@register`` (``train/dictionaries/__init__
 - its parameters and their initialisation (``__init__``, ``initialize``);
 - its shape: which hook activations it reads (``read``) and which it writes (``written``);
 - encode (pre-activations -> codes, its activation function included) and decode;
-- its losses: a sparsity penalty with its coefficient schedule (``schedule``, ``penalty``) and any
-  auxiliary loss (``aux_loss``), plus estimates updated after each step (``after_step``);
+- its losses: a sparsity penalty with its coefficient schedule (``schedule``, ``penalty``), any
+  auxiliary loss (``aux_loss``) and further reconstruction terms (``extra_loss``), plus estimates
+  updated after each step (``after_step``);
 - its files: one member's tensors (``member_state`` / ``load_member``, SAELens orientation), the
   extra tensors a checkpoint keeps (``member_buffers``), how dataset normalization folds into its
   weights (``fold``), and its SAELens mapping (``saelens_export`` / ``saelens_import``).
@@ -100,7 +101,8 @@ class Dictionary(nn.Module):
                             f"{', '.join(sorted(known))}")
         members = []
         for m in range(n):
-            given = {k: (v[m] if isinstance(v, (list, tuple)) else v) for k, v in options.items() if k in known}
+            given = {k: (v[m] if k in cls.stackable and isinstance(v, (list, tuple)) else v)
+                     for k, v in options.items() if k in known}
             opts = cls.Options(**{k: v for k, v in given.items() if v is not None})
             opts.resolve(d_in, d_sae, cls.name)
             members.append(opts)
@@ -153,6 +155,11 @@ class Dictionary(nn.Module):
 
     def aux_loss(self, x, codes: Codes, y, y_hat, dead: torch.Tensor, comm, N: int) -> torch.Tensor | None:
         """Auxiliary loss per member [n] (weighted by ``aux_coef``), or None."""
+        return None
+
+    def extra_loss(self, codes: Codes, y: torch.Tensor, N: int) -> torch.Tensor | None:
+        """Further reconstruction terms per member [n], added to the loss as they are (e.g. the error of
+        nested prefixes of the latents), or None."""
         return None
 
     def after_step(self, codes: Codes, comm, steps: int, total: int) -> None:
