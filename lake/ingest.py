@@ -314,7 +314,7 @@ def _write_chunks(cfg: IngestConfig, lake: Lake, model: LoadedModel, m: RunManif
                     done[table] = commit_fragments(lake, cfg.run, table, frags, schemas[table], done[table],
                                                    round_end)
             lease.renew()
-        bar.update(sum(n for _, n, _ in results) * T)
+        bar.update(sum(n for r, (_, n, _) in enumerate(results) if r != rank) * T)  # this rank's: per batch
         if round_end < (round_bounds[-1][1] if round_bounds else 0):
             if rank == 0:
                 tqdm.write(f"corpus {cfg.dataset} ran out after {round_end} contexts ({round_end * T} tokens); "
@@ -335,7 +335,7 @@ def _write_chunks(cfg: IngestConfig, lake: Lake, model: LoadedModel, m: RunManif
                 part = list(itertools.islice(contexts, b - a))
                 if i == rank:
                     mine = part
-            chunk = forward_chunk(cfg, model, mine) if mine else None
+            chunk = forward_chunk(cfg, model, mine, on_batch=lambda n: bar.update(n * T)) if mine else None
             if pending and not commit(pending):
                 pending = None
                 break

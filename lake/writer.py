@@ -13,6 +13,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Callable
 
 import lance
 import numpy as np
@@ -41,8 +42,8 @@ class Chunk:
         return self.ctxs[-1].context_id + 1
 
 
-def forward_chunk(cfg, model, ctxs) -> Chunk:
-    """Run the model over a chunk of contexts, batch by batch."""
+def forward_chunk(cfg, model, ctxs, on_batch: Callable[[int], None] | None = None) -> Chunk:
+    """Run the model over a chunk of contexts, batch by batch; ``on_batch(contexts)`` after each."""
     tokens = torch.from_numpy(np.stack([c.tokens for c in ctxs]))  # [n, T]
     n, T = tokens.shape
     # one buffer per hook in the storage dtype, filled batch by batch: a chunk never holds its
@@ -59,6 +60,8 @@ def forward_chunk(cfg, model, ctxs) -> Chunk:
             acts[h][i:i + len(x)] = x
             norms[h][i:i + len(x)] = x.norm(dim=-1)
         del out
+        if on_batch:
+            on_batch(min(cfg.batch_size, n - i))
     return Chunk(ctxs, tokens, acts, norms)
 
 

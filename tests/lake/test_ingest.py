@@ -1,11 +1,12 @@
 import json
+import re
 
 import lance
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import HOOKS, cli, ingest_tiny
+from tests.conftest import HOOKS, cli, ingest_tiny, run_cli
 from saelake.lake import Lake, SnapshotSource, load_model
 
 
@@ -165,3 +166,14 @@ def test_hooks_of_other_widths_and_switched_hooks(tmp_path, tiny_model, tiny_cor
     torch.testing.assert_close(b.acts["blocks.0.mlp.hook_post"].float(), cache["blocks.0.mlp.hook_post"],
                                rtol=2e-3, atol=2e-3)
     assert b.acts["blocks.1.hook_mlp_in"].shape == (2, 32, 32)
+
+
+def test_progress_moves_per_forward_batch_not_per_commit(tmp_path, tiny_model, tiny_corpus):
+    """One chunk (one commit) of 20 contexts in batches of 2: the bar moves ten times, not once at the end."""
+    p = run_cli("ingest", "--lake", str(tmp_path / "lake"), "--model", tiny_model, "--dataset", tiny_corpus,
+                "--hooks", HOOKS[0], "--tokens", "640", "--context-size", "32", "--batch-size", "2",
+                "--shuffle-buffer", "4096", "--run", "r1",
+                env={"TQDM_MININTERVAL": "0", "TQDM_MINITERS": "1"})  # tqdm's own settings: draw every update
+    assert p.returncode == 0, p.stderr
+    shown = [float(x) for x in re.findall(r"\| *([\d.]+)/640 ", p.stderr)]
+    assert shown[-1] == 640 and sorted(set(shown)) == [64 * i for i in range(11)], p.stderr
