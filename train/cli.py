@@ -217,15 +217,26 @@ def export_cmd(lake_uri, name, fmt, out, force):
 
 @click.command("import")
 @_lake_option
-@click.argument("path")
-@click.option("--format", "fmt", type=click.Choice(["saelens"]), default="saelens", show_default=True)
+@click.argument("source")
+@click.option("--format", "fmt", type=click.Choice(["auto", "saelens", "sparsify", "llamascopium"]), default="auto",
+              show_default=True, help="The source's format (auto: from the files in the folder).")
 @click.option("--name", required=True, help="Name of the SAE in the lake.")
-def import_cmd(lake_uri, path, fmt, name):
-    """Read an SAE in the SAELens format into the lake (and the catalog)."""
-    from .interop import import_saelens
+@click.option("--hook", default=None, help="Input hook (TransformerLens name) when the source's own name is not one.")
+@click.option("--out-hook", default=None, help="Output hook of a transcoder, when the source does not say.")
+@click.option("--model", default=None, help="Model the dictionary belongs to (default: what the source says).")
+@click.option("--norm-scaling-factor", type=float, default=None,
+              help="SAELens expected_average_only_in: the factor its inputs were scaled by (folded in).")
+def import_cmd(lake_uri, source, fmt, name, hook, out_hook, model, norm_scaling_factor):
+    """Read a dictionary into the lake: a SAELens, sparsify or Llamascopium folder, or one on the Hugging
+    Face hub as hf://ORG/REPO[/SUBFOLDER][@REVISION] (HF_HUB_OFFLINE: from the cache only)."""
+    from .interop import import_dictionary
 
-    cfg = import_saelens(lake_uri, path, name)
-    click.echo(f"imported {path} as {name}: {cfg['arch']} d_in {cfg['d_in']} d_sae {cfg['d_sae']}")
+    cfg = import_dictionary(lake_uri, source, name, fmt, norm_scaling_factor=norm_scaling_factor, hook=hook,
+                            out_hook=out_hook, model=model)
+    hooks = cfg["hook"] + (f" -> {cfg['out_hook']}" if cfg["out_hook"] != cfg["hook"] else "")
+    folded = (cfg.get("normalization") or {}).get("method", "none")
+    click.echo(f"imported {source} ({cfg['import_format']}) as {name}: {cfg['arch']} d_in {cfg['d_in']} d_sae "
+               f"{cfg['d_sae']} at {hooks}" + (f"; folded {folded}" if folded != "none" else ""))
 
 
 @click.command("plot")

@@ -73,6 +73,8 @@ class SAERecord(Record):
     eval: dict[str, Any] | None = None  # lake eval's result
     # imported SAEs
     imported_from: str | None = None
+    import_format: str | None = None  # saelens | sparsify | llamascopium (train/interop/)
+    source_cfg: dict[str, Any] | None = None  # the source's own config, as read
     saelens_cfg: dict[str, Any] | None = None
     schema_version: int = 2
 
