@@ -109,6 +109,6 @@ def read_llamascopium(path: Path, *, hook: str | None = None, out_hook: str | No
         model = read_json(path / "lm_config.json").get("model_name")
     return Imported(kind=dictionaries.get(KINDS[act]), weights=weights, options=options,
                     hooks=[hook or hook_in],
-                    out_hooks=[out_hook or (hook if hook and hook_in == hook_out else hook_out)], apply_b_dec_to_input=False,
-                    source_format="llamascopium", source_cfg=cfg, normalization=normalization,
-                    model=model if isinstance(model, str) else None)
+                    out_hooks=[out_hook or (hook if hook and hook_in == hook_out else hook_out)],
+                    apply_b_dec_to_input=False, source_format="llamascopium", source_cfg=cfg,
+                    normalization=normalization, model=model if isinstance(model, str) else None)

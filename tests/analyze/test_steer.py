@@ -1,0 +1,61 @@
+"""``lake steer`` end to end on the tiny model: both continuations side by side, the promoted
+tokens' log-prob changes, --json, and bad input as one line with exit 2."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.analyze.conftest import cli, make_sae
+
+
+def test_steer_prints_both_continuations_and_the_promoted_tokens(alake):
+    code, out, err = cli("steer", "--lake", alake, "topk", "--prompt", "The old man and the sea", "--feature", "3",
+                         "--value", "5", "--tokens", "6")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("sae topk feature 3: add 5 at all positions (error term kept)")
+    assert "baseline" in lines[2] and "│ steered" in lines[2]
+    assert "top promoted tokens" in out and "mean change" in out
+    code, out, err = cli("steer", "--lake", alake, "topk", "--prompt", "The old man and the sea", "--feature", "3",
+                         "--value", "5", "--tokens", "6", "--mode", "clamp", "--positions", "0,-1", "--json",
+                         "--top", "4")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["mode"] == "clamp" and res["positions"] == [0, len(res["prompt_tokens"]) - 1]
+    assert len(res["baseline"]["ids"]) == len(res["steered"]["ids"]) == 6
+    assert len(res["promoted"]) == 4 and res["mean_logprob_change"] == pytest.approx(
+        sum(r["change"] for r in res["promoted"]) / 4)
+    # greedy: the same answer twice
+    assert json.loads(cli("steer", "--lake", alake, "topk", "--prompt", "The old man and the sea", "--feature", "3",
+                          "--value", "5", "--tokens", "6", "--mode", "clamp", "--positions", "0,-1", "--json",
+                          "--top", "4")[1])["steered"] == res["steered"]
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--feature", "64", "--value", "1"], "no feature 64"),
+    (["--feature", "-1", "--value", "1"], "no feature -1"),
+    (["--feature", "1", "--value", "nan"], "finite number"),
+    (["--feature", "1", "--value", "inf"], "finite number"),
+    (["--feature", "1", "--value", "1", "--prompt", "word " * 80], "reads at most 64"),
+    (["--feature", "1", "--value", "1", "--tokens", "60"], "exceed"),
+    (["--feature", "1", "--value", "1", "--positions", "0,x"], "--positions"),
+    (["--feature", "1", "--value", "1", "--positions", "40"], "outside the prompt"),
+    (["--feature", "1", "--value", "1", "--prompt", "  "], "prompt is empty"),
+])
+def test_bad_steer_input_is_one_line(alake, args, msg):
+    full = ["steer", "--lake", alake, "topk", "--prompt", "The old man", *args]
+    if args.count("--prompt"):
+        full = full[:4] + full[6:]  # the case's own prompt replaces the default one
+    code, out, err = cli(*full)
+    assert code == 2, (out, err)
+    assert msg in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_steer_on_a_hook_the_model_lacks(lake_copy, tiny_model):
+    make_sae(lake_copy, "far", "topk", "blocks.7.hook_resid_post", model=tiny_model)
+    code, out, err = cli("steer", "--lake", lake_copy, "far", "--prompt", "The old man", "--feature", "1",
+                         "--value", "1")
+    assert code == 2 and "unknown hook 'blocks.7.hook_resid_post'" in err and len(err.strip().splitlines()) == 1
+    code, out, err = cli("steer", "--lake", lake_copy, "nosuch", "--prompt", "x", "--feature", "1", "--value", "1")
+    assert code == 2 and "no SAE 'nosuch'" in err
