@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Iterable, Protocol
+from collections.abc import Iterable
+from typing import Protocol
 from urllib.parse import urlparse, urlunparse
 
 import pyarrow as pa

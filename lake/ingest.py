@@ -16,7 +16,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 from tqdm import tqdm
@@ -29,8 +29,16 @@ from .models import LoadedModel, load_model
 from .records import HookStats, ModelInfo, RunManifest, Snapshot
 from .storage import check_name
 from .tables import DTYPES, column_name
-from .writer import (Chunk, Lease, chunk_table, commit_fragments, committed_contexts, forward_chunk, store_error,
-                     write_chunk_fragments)
+from .writer import (
+    Chunk,
+    Lease,
+    chunk_table,
+    commit_fragments,
+    committed_contexts,
+    forward_chunk,
+    store_error,
+    write_chunk_fragments,
+)
 
 # Settings that define a run: --resume and --append must repeat them exactly.
 IDENTITY = ("model", "dataset", "text_column", "hooks", "context_size", "dtype", "layouts", "seed",
@@ -81,7 +89,7 @@ class IngestConfig:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _new_manifest(cfg: IngestConfig, model: LoadedModel, contexts_target: int) -> RunManifest:

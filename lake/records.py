@@ -19,7 +19,6 @@ from typing import Any, ClassVar, Self
 
 from .errors import UserError
 
-
 _KINDS = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
           bool: ("true/false", "true/false values")}
 

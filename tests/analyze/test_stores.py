@@ -10,8 +10,8 @@ import pytest
 from saelake.analyze.run import AnalyzeConfig, analyze
 from saelake.analyze.sql import relations
 from saelake.analyze.stores import EmbeddedStore, MongoStore, redact
-from tests.analyze.conftest import cli, free_port
 from saelake.lake import Lake, UserError
+from tests.analyze.conftest import cli, free_port
 
 
 def test_embedded_and_mongo_read_back_identical(lake_copy, mongo_server):

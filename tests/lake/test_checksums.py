@@ -56,7 +56,7 @@ def test_a_missing_checksum_in_a_checksummed_run_is_a_problem(lake):
     del rec["files"][dropped]
     sums.write_text(json.dumps(rec))
     code, out, _ = cli("verify", "--lake", str(lake), "r1")
-    assert code == 1 and f"no checksum recorded for data file" in out and dropped in out
+    assert code == 1 and "no checksum recorded for data file" in out and dropped in out
 
 
 def test_a_run_begun_before_checksums_is_checked_from_its_next_commits(tmp_path, tiny_model, tiny_corpus):

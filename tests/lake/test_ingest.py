@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import HOOKS, cli, ingest_tiny, run_cli
 from saelake.lake import Lake, SnapshotSource, load_model
+from tests.conftest import HOOKS, cli, ingest_tiny, run_cli
 
 
 def _tables(lake: str, run: str = "r1"):

@@ -7,8 +7,8 @@ from pathlib import Path
 import lance
 import pytest
 
-from tests.conftest import cli, ingest_tiny
 from saelake.lake import Lake, SnapshotSource, UserError, checksums
+from tests.conftest import cli, ingest_tiny
 
 
 @pytest.fixture
