@@ -3,7 +3,8 @@
 Run it with the *old* code first on the path, e.g. for commit 0097db9:
 
     git archive 0097db9 | tar -x -C /tmp/old/src
-    mkdir -p /tmp/old/pkg/saelake && for p in lake train analyze catalog; do ln -s /tmp/old/src/$p /tmp/old/pkg/saelake/$p; done
+    mkdir -p /tmp/old/pkg/saelake
+    for p in lake train analyze catalog; do ln -s /tmp/old/src/$p /tmp/old/pkg/saelake/$p; done
     PYTHONPATH=/tmp/old/pkg:. .venv/bin/python tests/data/make_old_lake.py tests/data/old-lake
 
 One run (2 contexts of 16 tokens, one hook, 1d + 2d, then --append of 2 more: snapshot versions
