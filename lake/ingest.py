@@ -218,7 +218,7 @@ def ingest(cfg: IngestConfig, progress: bool = True) -> dict:
             m.error = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"[:500]
             try:
                 lake.write_manifest(m)
-                lake.register_run(m.to_json())
+                lake.register_run(m)
             except Exception:
                 pass
         if isinstance(e, UserError):
@@ -374,5 +374,5 @@ def _finish(lake: Lake, m: RunManifest) -> RunManifest:
     m.stats = _stats(lake, m)
     m.status, m.updated = "complete", _now()
     lake.write_manifest(m)
-    lake.register_run(m.to_json())
+    lake.register_run(m)
     return m

@@ -69,9 +69,9 @@ class Lake:
             return Catalog(saelake_home() / "catalogs" / f"{self.storage.local_cache_key()}.duckdb")
         return Catalog(self.storage.uri("catalog.duckdb"))
 
-    def register_run(self, manifest: dict) -> None:
+    def register_run(self, manifest: RunManifest) -> None:
         try:
-            self.catalog.upsert_run(manifest, self.storage.uri("runs", manifest["name"]))
+            self.catalog.upsert_run(manifest.to_json(), self.storage.uri("runs", manifest.name))
         except CatalogError as e:
             raise UserError(f"{e} (the manifest is saved; run `lake catalog sync` later)") from None
 
