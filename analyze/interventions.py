@@ -64,9 +64,12 @@ class Splice:
         hooks = list(dict.fromkeys(self.reads + self.writes))
         model.check_hooks(hooks)
         model.enable_hooks(hooks)
-        self.widths, self.order = self._probe(hooks)
-        # read hooks that fire after an out hook: the kind must not depend on them there (checked once)
-        self._checked: set[str] = set()
+        self.widths, order = self._probe(hooks)
+        # read hooks the model reaches after an out hook: the kind must not depend on them there
+        self.later = {h: [r for r in self.reads if order[r] > order[h]] for h in self.writes}
+        for h, later in self.later.items():
+            if later:
+                self._check_causal(h, later)
 
     def _probe(self, hooks: list[str]) -> tuple[dict[str, int], dict[str, int]]:
         """Width of each hook and the order in which the forward pass reaches them."""
@@ -120,11 +123,10 @@ class Splice:
     def _write(self, h: str, t: torch.Tensor, seen: dict, keep: torch.Tensor, edit_at: list) -> torch.Tensor:
         if not bool(keep.any()):
             return t
-        inputs = {r: seen[r][keep] if r in seen else None for r in self.reads}
-        if any(v is None for v in inputs.values()):
-            self._check_causal(h, inputs)
-            inputs = {r: v if v is not None else v0 for (r, v), v0 in
-                      zip(inputs.items(), self._placeholders(inputs, int(keep.sum()), t, 0.0))}
+        rows = int(keep.sum())
+        # inputs the model computes later do not change the output here (checked): zeros stand in
+        inputs = {r: seen[r][keep] if r not in self.later[h] else t.new_zeros(rows, self.widths[r])
+                  for r in self.reads}
         recon, edited = self._decode(inputs, [a[keep] for a in edit_at], h)
         out = t.clone()
         cur = t[keep].float()
@@ -146,32 +148,18 @@ class Splice:
         parts = self.sae.written(both, self.widths)[h]
         return parts[:len(f)], parts[len(f):]
 
-    def _placeholders(self, inputs: dict, rows: int, like: torch.Tensor, scale: float) -> list[torch.Tensor]:
+    def _check_causal(self, h: str, later: list[str]) -> None:
+        """The output at ``h`` must not depend on inputs the model computes after ``h``: compare the
+        kind's output there with those inputs zero and random."""
         gen = torch.Generator().manual_seed(0)
-        return [v if v is not None else
-                (torch.randn(rows, self.widths[r], generator=gen) * scale).to(like.device)
-                for r, v in inputs.items()]
-
-    def _check_causal(self, h: str, inputs: dict) -> None:
-        """The output at ``h`` must not depend on inputs the model computes after ``h``: compare
-        the kind's output there with the later inputs zero and random (once per out hook)."""
-        if h in self._checked:
-            return
-        rows = 4
-        known = {r: torch.randn(rows, self.widths[r], generator=torch.Generator().manual_seed(1))
-                 for r, v in inputs.items() if v is not None}
-        probe = {r: known.get(r) for r in inputs}
+        known = {r: torch.randn(4, self.widths[r], generator=gen) for r in self.reads}
         outs = []
         for scale in (0.0, 10.0):
-            filled = dict(zip(probe, self._placeholders(probe, rows, torch.zeros(0), scale)))
-            x = self.sae.read({r: v.to(self.sae.device) for r, v in filled.items()})
-            y = self.sae.decode(self.sae.encode(x))[0]
-            outs.append(self.sae.written(y, self.widths)[h])
+            x = self.sae.read({r: (v * scale if r in later else v).to(self.sae.device) for r, v in known.items()})
+            outs.append(self.sae.written(self.sae.decode(self.sae.encode(x))[0], self.widths)[h])
         if not torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-4):
-            later = [r for r, v in inputs.items() if v is None]
             raise UserError(f"this dictionary's output at {h} depends on {', '.join(later)}, which the model computes "
                             "later: it cannot be spliced into one forward pass")
-        self._checked.add(h)
 
     # -- conveniences ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,5 +1,10 @@
 """``lake eval``: reconstruction metrics and, with the SAE spliced into the model at its out
-hook, CE loss recovered, delta LM loss and KL (definitions: ``store.METRIC_DEFINITIONS``).
+hook(s), CE loss recovered, delta LM loss and KL (definitions: ``store.METRIC_DEFINITIONS``).
+
+The splice is the interventions API's (``saelake.analyze.interventions.Splice``, error term
+dropped): the reconstruction replaces the activations at every out hook, so transcoders and
+multi-hook kinds are spliced too; a dictionary whose output at a hook depends on a later layer
+(a crosscoder across layers) cannot be, and gets reconstruction metrics only.
 
 Positions: BOS positions are excluded from every metric and never spliced; tokens whose norm
 exceeds the SAE's ``outlier_factor`` x the hook's median norm (massive activations) are kept
@@ -62,7 +67,12 @@ def evaluate(lake: Lake | str, name: str, *, model: str | None = None, dataset: 
     lm = load_model(spec, device)
     hooks, out_hooks = cfg["hooks"], cfg["out_hooks"]
     lm.check_hooks(hooks + out_hooks)
-    spliceable = len(out_hooks) == 1
+    from saelake.analyze.interventions import Splice
+
+    try:
+        splice, unspliced = Splice(lm, sae, keep_error=False), None
+    except UserError as e:  # a kind that reads a later layer than it writes
+        splice, unspliced = None, str(e)
     desc, batches = _contexts(lake, cfg, dataset, context_size, lm, batch_size)
     bos = lm.bos_token_id
     norm = (cfg.get("normalization") or {}).get("hooks") or {}
@@ -94,22 +104,16 @@ def evaluate(lake: Lake | str, name: str, *, model: str | None = None, dataset: 
         acc["l0"] += float(codes.l0()[0]) * len(y)
         fired |= codes.fired()[0]
         seen += int(keep.sum())
-        if not spliceable:
+        if splice is None:
             continue
-        out_h = out_hooks[0]
-        recon = torch.zeros_like(acts[out_h])
-        recon[keep] = y_hat.to(recon.dtype)
+        sae_logits = splice.logits(toks, mask=keep)
 
-        def splice(t, hook, value, keep=keep):
+        def zero(t, hook, keep=keep):
             t = t.clone()
-            t[keep] = value[keep].to(t.dtype)
+            t[keep] = 0
             return t
-        sae_logits = lm.bridge.run_with_hooks(
-            toks, fwd_hooks=[(out_h, lambda t, hook, recon=recon: splice(t, hook, recon))],
-            return_type="logits").float()
-        zero_logits = lm.bridge.run_with_hooks(
-            toks, fwd_hooks=[(out_h, lambda t, hook: splice(t, hook, torch.zeros_like(t)))],
-            return_type="logits").float()
+        zero_logits = lm.bridge.run_with_hooks(toks, fwd_hooks=[(h, zero) for h in out_hooks],
+                                               return_type="logits").float()
         mask = (toks[:, :-1] != bos)  # losses at non-BOS positions only
         target = toks[:, 1:]
 
@@ -134,14 +138,14 @@ def evaluate(lake: Lake | str, name: str, *, model: str | None = None, dataset: 
            "positions": "non-BOS tokens, norm <= outlier_factor x median norm (others are neither spliced nor "
                         "counted in FVU/L0)"}
     res["explained_variance"] = 1 - res["fvu"]
-    if spliceable and acc["npos"]:
+    if splice is not None and acc["npos"]:
         p = acc["npos"]
         clean, sae_ce, zero = acc["ce_clean"] / p, acc["ce_sae"] / p, acc["ce_zero"] / p
         res |= {"ce_clean": clean, "ce_sae": sae_ce, "ce_zero_ablation": zero, "delta_lm_loss": sae_ce - clean,
                 "kl": acc["kl"] / p, "ce_loss_recovered": (zero - sae_ce) / (zero - clean) if zero != clean else None,
                 "ce_positions": p}
     else:
-        res["note"] = "crosscoder with several out hooks: not spliced (reconstruction metrics only)"
+        res["note"] = f"not spliced (reconstruction metrics only): {unspliced}"
     res["definitions"] = {k: METRIC_DEFINITIONS[k] for k in METRIC_DEFINITIONS if k in res}
     if save:
         cfg["eval"] = res

@@ -108,3 +108,12 @@ def test_bad_interventions_are_one_line_errors(trained):
         Splice(lm, cc).logits(prompt(lm))
     with pytest.raises(UserError, match="context"):
         generate(lm, [lm.bos_token_id] * 60, 10)
+
+
+def test_eval_splices_through_the_same_api(trained):
+    from saelake.train.evaluate import evaluate
+
+    res = evaluate(trained["lake"], "tc", tokens=256, save=False)
+    assert res["ce_loss_recovered"] is not None and res["kl"] > 0  # a transcoder into the next layer: spliced
+    res = evaluate(trained["lake"], "cc", tokens=256, save=False)
+    assert "ce_sae" not in res and "computes later" in res["note"]  # a crosscoder across layers: not spliceable
