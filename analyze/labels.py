@@ -87,8 +87,7 @@ def token_summaries(lake, rec, mongo=None) -> dict[int, TokenSummary]:
         from .stores import MongoStore
 
         mongo = MongoStore(store)
-    proj = {"_id": 0, "feature": 1, "pos_strs": 1, "samples.kind": 1, "samples.strs": 1, "samples.positions": 1,
-            "samples.acts": 1}
+    proj = {"_id": 0, "feature": 1, "pos_strs": 1, "samples": 1}  # not samples.strs: some servers drop it
     return {int(d["feature"]): feature_summary(d) for d in mongo.db.features.find({"analysis": name}, proj)}
 
 

@@ -7,39 +7,13 @@ features); ``feature-<i>.html`` one per feature; links between exported pages ar
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
+from saelake.analyze.selection import parse_features
 from saelake.lake import UserError
 
 from .data import LakeData, NotFound, StoreDown
 from .pages import Renderer, StaticLinks
-
-MAX_FEATURES = 100_000
-
-
-def parse_features(spec: str, n: int) -> list[int]:
-    """'0-99', '3,5,10-20' or 'all' -> sorted unique indices, each in 0..n-1."""
-    spec = (spec or "").strip()
-    if spec == "all":
-        return list(range(n))
-    out: set[int] = set()
-    for part in spec.split(","):
-        part = part.strip()
-        m = re.fullmatch(r"(\d{1,9})(?:-(\d{1,9}))?", part)
-        if not m:
-            raise UserError(f"--features takes ranges like 0-99 or 1,5,10-20 (or all), got {spec[:80]!r}")
-        a, b = int(m.group(1)), int(m.group(2) or m.group(1))
-        if b < a:
-            raise UserError(f"--features range {part!r} runs backwards")
-        if b >= n:
-            raise UserError(f"--features {part!r} is out of range: the analysis has features 0..{n - 1}")
-        if b - a + 1 + len(out) > MAX_FEATURES:
-            raise UserError(f"--features selects more than {MAX_FEATURES} features: export fewer")
-        out.update(range(a, b + 1))
-    if not out:
-        raise UserError("--features selects nothing")
-    return sorted(out)
 
 
 def export_dashboard(lake_uri: str, sae: str, features: str, out_dir: str, analysis: str | None = None,
