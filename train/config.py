@@ -12,6 +12,7 @@ CLI's help reads them from there.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -75,23 +76,29 @@ class BaseSAEConfig:
             raise UserError(f"SAE {self.name}: unknown arch {self.arch!r}: use one of "
                             f"{', '.join(dictionaries.names())}") from None
 
-    def resolve(self, d_model: dict[str, int], tokens: int, batch_size: int) -> SAEConfig:
-        """Fill defaults that depend on the source and the kind; check values. Returns self."""
+    def __post_init__(self):
+        self.hooks = expand_hooks(self.hooks)
+        self.out_hooks = expand_hooks(self.out_hooks) if self.out_hooks else self.out_hooks
+
+    def resolve(self, d_model: dict[str, int], tokens: int, batch_size: int, model: str | None = None) -> SAEConfig:
+        """Fill defaults that depend on the source (its hooks' widths, ``model`` its model's spec when
+        known) and the kind; check values. Returns self."""
         where = f"SAE {self.name}"
         for h in self.hooks + (self.out_hooks or []):
             if h not in d_model:
                 raise UserError(f"{where}: hook {h!r} is not in the source: it has {', '.join(d_model)}")
         kind = self._kind()
         d_in = sum(d_model[h] for h in self.hooks)
+        opts = self._given_options(kind)
         if self.d_sae is None:
             e = DEFAULT_EXPANSION if self.expansion is None else self.expansion
             if e <= 0:
                 raise UserError(f"{where}: expansion must be positive, got {e}")
-            self.d_sae = int(round(e * d_in))
+            self.d_sae = opts.latents() or int(round(e * d_in))
         if self.d_sae <= 0:
             raise UserError(f"{where}: d_sae must be positive, got {self.d_sae}")
-        opts = self._given_options(kind)
         opts.resolve(d_in, self.d_sae, where)
+        kind.resolve_shape(opts, self.hooks, self.all_out_hooks, d_model, self.d_sae, where, model)
         for key, value in asdict(opts).items():
             setattr(self, key, value)
         if self.lr is None:
@@ -133,6 +140,25 @@ class BaseSAEConfig:
         for f in ("name", "lr", "seed", "expansion", *self.kind.stackable):
             d.pop(f)
         return tuple(sorted((k, str(v)) for k, v in d.items()))
+
+
+HOOK_RANGE = re.compile(r"\{(\d+)-(\d+)\}")
+
+
+def expand_hooks(hooks: list[str]) -> list[str]:
+    """Hook names with a ``{a-b}`` layer range expanded: ``blocks.{0-2}.ln2.hook_out`` -> blocks.0..., blocks.1...,
+    blocks.2... (one range per name)."""
+    out = []
+    for h in hooks:
+        ranges = HOOK_RANGE.findall(h)
+        if not ranges:
+            out.append(h)
+            continue
+        a, b = (int(v) for v in ranges[0])
+        if len(ranges) > 1 or a > b:
+            raise UserError(f"hook {h!r}: a name holds one range {{a-b}} with a <= b")
+        out += [HOOK_RANGE.sub(str(i), h) for i in range(a, b + 1)]
+    return out
 
 
 def type_name(typ) -> str:

@@ -24,7 +24,9 @@ class StepOutput:
     ``tokens``, the tokens the loss was taken over (kept after the outlier rule, all ranks).
 
     Always: ``sq`` (summed squared error) and ``l0``. With the step's ``stats`` or ``window``:
-    ``var`` (the batch's summed variance of the target: FVU = sq / var). With ``stats``: the rest."""
+    ``var`` (the batch's summed variance of the target: FVU = sq / var) and, for dictionaries with
+    several out hooks, ``hook_sq`` and ``hook_var`` [n, out hooks] (FVU per out hook: a CLT's per
+    output layer). With ``stats``: the rest."""
     SCHEMA_VERSION: ClassVar[int] = 1
     members: int
     tokens: int
@@ -38,13 +40,16 @@ class StepOutput:
     l1: torch.Tensor | None = None  # the scheduled sparsity coefficient (0 for kinds without one)
     k: torch.Tensor | None = None  # the scheduled k (0 for kinds without one)
     dead_fraction: torch.Tensor | None = None
+    hook_sq: torch.Tensor | None = None
+    hook_var: torch.Tensor | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):
         for f in fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor) and tuple(v.shape) != (self.members,):
-                raise ValueError(f"step output {f.name!r}: shape {tuple(v.shape)}, expected ({self.members},)")
+            if isinstance(v, torch.Tensor) and (v.shape[:1] != (self.members,) or v.ndim != 1 + f.name.startswith("hook")):
+                raise ValueError(f"step output {f.name!r}: shape {tuple(v.shape)}, expected ({self.members},"
+                                 f"{' out hooks' if f.name.startswith('hook') else ''})")
 
     def fvu(self, i: int) -> float:
         return float(self.sq[i] / self.var[i].clamp_min(1e-12))
@@ -62,6 +67,10 @@ class Group:
                             apply_b_dec_to_input=c.all_out_hooks == c.hooks, hooks=c.hooks,
                             out_hooks=c.all_out_hooks, device=device)
         self.model.initialize([torch.Generator().manual_seed(x.seed) for x in cfgs])
+        # column ranges of the output per out hook, for FVU per out hook (several out hooks only)
+        edges = [0] + [d_model[h] for h in c.all_out_hooks]
+        edges = [sum(edges[:i + 1]) for i in range(len(edges))]
+        self.out_parts = list(zip(edges[:-1], edges[1:])) if len(c.all_out_hooks) > 1 else []
         self.lr = [x.lr for x in cfgs]
         self.params = dict(self.model.named_parameters())
         self.m = {k: torch.zeros_like(p) for k, p in self.params.items()}
@@ -158,6 +167,8 @@ class Group:
                 else:
                     denom = (y - y.mean(0)).pow(2).sum()
                 out["var"] = denom.expand(n)
+                if self.out_parts:
+                    out |= self._hook_fvu_parts(y, y_hat.detach(), comm, N)
             if stats:
                 zeros = torch.zeros(n, device=x.device)
                 penalty = zeros if penalty is None else penalty.detach()
@@ -167,6 +178,22 @@ class Group:
                         "aux_loss": aux, "lr": torch.tensor(lr), "l1": coef,
                         "k": torch.tensor(k or [0] * n, dtype=torch.float32), "dead_fraction": dead.float().mean(-1)}
             return StepOutput(n, N, sq_sum, l0, **out)
+
+    def _hook_fvu_parts(self, y, y_hat, comm, N) -> dict[str, torch.Tensor]:
+        """Squared error and target variance per out hook [n, P] (over all ranks)."""
+        err = (y_hat.float() - y).pow(2)
+        sq = torch.stack([err[..., a:b].sum((-1, -2)) for a, b in self.out_parts], -1)
+        if comm.active:
+            yd = y.double()
+            s = comm.sum_(torch.cat([yd.sum(0), (yd * yd).sum(0)]))
+            d = y.shape[1]
+            col = s[d:] - s[:d].pow(2) / N
+            var = torch.stack([col[a:b].sum() for a, b in self.out_parts]).float()
+            sq = comm.sum_(sq.double()).float()
+        else:
+            yc = (y - y.mean(0)).pow(2)
+            var = torch.stack([yc[:, a:b].sum() for a, b in self.out_parts])
+        return {"hook_sq": sq, "hook_var": var.expand(self.n, -1)}
 
     # -- state ---------------------------------------------------------------------------------
     def member_tensors(self, i: int) -> dict[str, torch.Tensor]:

@@ -116,9 +116,10 @@ def member(s, apply_b_dec_to_input: bool, weights: dict, scale_out: torch.Tensor
 
 @torch.no_grad()
 def evaluate(members: list[Member], batches: Iterable, device: str) -> dict[str, dict]:
-    """Per member: FVU (normalised units), L0 and dead fraction on the held-out rows, and the
-    tokens they cover (after the outlier rule)."""
-    acc = {m.name: {"sq": 0.0, "ysq": 0.0, "ysum": None, "n": 0, "l0": 0.0, "fired": None} for m in members}
+    """Per member: FVU (normalised units; per out hook too when it has several), L0 and dead
+    fraction on the held-out rows, and the tokens they cover (after the outlier rule)."""
+    acc = {m.name: {"sq": 0.0, "ysq": 0.0, "ysum": None, "n": 0, "l0": 0.0, "fired": None, "sq_col": 0.0,
+                    "ysq_col": 0.0, "widths": None} for m in members}
     for batch in batches:
         raw = {h: a.to(device, torch.float32) for h, a in batch.acts.items()}
         for m in members:
@@ -136,6 +137,10 @@ def evaluate(members: list[Member], batches: Iterable, device: str) -> dict[str,
             a["sq"] += float(err.pow(2).sum())
             a["ysq"] += float(yn.pow(2).sum())
             a["ysum"] = yn.sum(0) if a["ysum"] is None else a["ysum"] + yn.sum(0)
+            if len(m.out_hooks) > 1:  # per column, summed per out hook at the end
+                a["sq_col"] = a["sq_col"] + err.pow(2).sum(0)
+                a["ysq_col"] = a["ysq_col"] + yn.pow(2).sum(0)
+                a["widths"] = [raw[h].shape[-1] for h in m.out_hooks]
             a["n"] += len(x)
             a["l0"] += float(codes.l0()[0]) * len(x)
             fired = codes.fired()[0]
@@ -147,4 +152,9 @@ def evaluate(members: list[Member], batches: Iterable, device: str) -> dict[str,
         var = a["ysq"] - float((a["ysum"] ** 2).sum()) / n if n else 0.0
         out[m.name] = {"tokens": n, "fvu": a["sq"] / var if var > 0 else None, "l0": a["l0"] / n if n else None,
                        "dead_fraction": float((~a["fired"]).float().mean()) if n else None}
+        if a["widths"] and n:
+            sq = a["sq_col"].split(a["widths"])
+            var_col = (a["ysq_col"] - a["ysum"] ** 2 / n).split(a["widths"])
+            out[m.name]["fvu_per_hook"] = {h: float(e.sum() / v.sum()) if float(v.sum()) > 0 else None
+                                           for h, e, v in zip(m.out_hooks, sq, var_col)}
     return out

@@ -153,10 +153,10 @@ class SAEStore:
 def sae_from_weights(cfg: dict, w: dict[str, torch.Tensor], device: str = "cpu") -> Dictionary:
     """The dictionary a config describes, with these weights, ready for inference."""
     kind = dictionaries.get(cfg["arch"])
-    d_in, d_sae = w["W_enc"].shape
+    d_in, d_sae, d_out = kind.dims(w)
     hooks = cfg.get("hooks") or (cfg["hook"].split(",") if cfg.get("hook") else None)
     out_hooks = cfg.get("out_hooks") or (cfg["out_hook"].split(",") if cfg.get("out_hook") else hooks)
-    sae = kind.build(d_in, d_sae, w["W_dec"].shape[1], device=device, hooks=hooks, out_hooks=out_hooks,
+    sae = kind.build(d_in, d_sae, d_out, device=device, hooks=hooks, out_hooks=out_hooks,
                      apply_b_dec_to_input=cfg.get("apply_b_dec_to_input"),
                      **config_options(cfg))
     sae.load_member(0, {k: v.to(device, torch.float32) for k, v in w.items()})

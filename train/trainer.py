@@ -69,7 +69,7 @@ class Trainer:
         self.source = self._open_source()
         self.d_model = {h: self.source.d_model[h] for h in self.hooks}
         for s in saes:
-            s.resolve(self.source.d_model, src.tokens, src.batch_size)
+            s.resolve(self.source.d_model, src.tokens, src.batch_size, self.model_spec)
         self.total_steps = math.ceil(src.tokens / src.batch_size)
         self.ckpt_every = src.checkpoint_every or max(1, self.total_steps // 5)
         self.log_every = src.log_every or max(1, self.total_steps // 100)
@@ -211,14 +211,15 @@ class Trainer:
         groups = [Group(cfgs, self.d_model, device) for cfgs in groups.values()]
         by_name = {c.name: (g, i) for g in groups for i, c in enumerate(g.cfgs)}
         step, rows, created, dropped, norm, metrics = 0, 0, now(), {s.name: 0 for s in self.saes}, None, {}
-        window = {s.name: [0.0, 0.0, 0.0, 0] for s in self.saes}  # sq, var, l0·B, tokens (last 10% of steps)
+        # sq, var, l0·B, tokens, and sq, var per out hook (several out hooks): the last 10% of steps
+        window = {s.name: [0.0, 0.0, 0.0, 0, [], []] for s in self.saes}
         if self.start:
             for name, (tensors, state) in self.start.items():
                 g, i = by_name[name]
                 g.load_member_tensors(i, tensors)
                 g.adam_t, g.thr_steps = state["adam_t"], state["thr_steps"]
                 step, rows, norm, created = state["step"], state["rows"], state["norm"], state["created"]
-                dropped[name], window[name] = state["dropped"], state["window"]
+                dropped[name], window[name] = state["dropped"], (state["window"] + [[], []])[:6]
                 metrics[name] = self.store.metrics(name)[:state["n_metrics"]]
         autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if src.autocast == "bf16" else nullcontext()
         dp = self.parallel == "data"
@@ -265,6 +266,9 @@ class Trainer:
                         w = window[s.name]
                         w[0] += float(out.sq[i]); w[1] += float(out.var[i])
                         w[2] += float(out.l0[i]) * N; w[3] += N
+                        if out.hook_sq is not None:
+                            w[4] = [a + float(b) for a, b in zip(w[4] or [0.0] * len(g.out_parts), out.hook_sq[i])]
+                            w[5] = [a + float(b) for a, b in zip(w[5] or [0.0] * len(g.out_parts), out.hook_var[i])]
                     if log_now:
                         fvu = out.fvu(i)
                         rows_ = {"loss": out.loss[i], "mse": out.mse[i], "fvu": fvu, "l0": out.l0[i],
@@ -272,6 +276,9 @@ class Trainer:
                                  "aux_loss": out.aux_loss[i]}
                         if s.k:
                             rows_["k"] = out.k[i]
+                        if out.hook_sq is not None:
+                            rows_ |= {f"fvu:{h}": out.hook_sq[i, j] / out.hook_var[i, j].clamp_min(1e-12)
+                                      for j, h in enumerate(s.all_out_hooks)}
                         metrics.setdefault(s.name, []).extend(
                             {"step": step, "tokens": (step + 1) * src.batch_size, "name": k, "value": float(v)}
                             for k, v in rows_.items())
@@ -391,10 +398,11 @@ class Trainer:
 
     def _finish(self, s: SAEConfig, g: Group, i: int, norm: dict, created: str, dropped: int, window: list,
                 metrics: list[dict], step: int, seconds: float, weights: dict, heldout: dict | None) -> dict:
-        sq, var, l0n, ntok = window
+        sq, var, l0n, ntok, hook_sq, hook_var = window
         dead = g.since_fired[i] >= min(s.dead_window, step * self.src.batch_size)
         final = {"fvu": sq / var if var else None, "l0": l0n / ntok if ntok else None,
                  "dead_fraction": float(dead.float().mean())}
+        per_hook = {h: a / b if b else None for h, a, b in zip(s.all_out_hooks, hook_sq, hook_var)}
         tokens = min(self.src.tokens, step * self.src.batch_size)
         held = heldout or {}
         extra = {"created": created, "tokens_trained": tokens, "tokens_dropped_outliers": dropped,
@@ -403,17 +411,21 @@ class Trainer:
                  "final_metrics": {"window": "in-sample: training batches of the last 10% of steps (at least one), "
                                              "normalised units", "fvu": final["fvu"], "l0": final["l0"],
                                    "dead_fraction": final["dead_fraction"],
-                                   "dead_window_tokens": min(s.dead_window, tokens)},
+                                   "dead_window_tokens": min(s.dead_window, tokens),
+                                   **({"fvu_per_hook": per_hook} if per_hook else {})},
                  **{f"heldout_{k}": held.get(k) for k in ("fvu", "l0", "dead_fraction")},
                  "holdout": {**self.holdout.record(), **({
                      "tokens_evaluated": held["tokens"], "fvu": held["fvu"], "l0": held["l0"],
+                     **({"fvu_per_hook": held["fvu_per_hook"]} if held.get("fvu_per_hook") else {}),
                      "dead_fraction": held["dead_fraction"], "dead_window_tokens": held["tokens"],
                      "units": "normalised, as the in-sample numbers; outlier rule as in training"} if held else {})}}
         cfg = self._config(s, g, "complete", norm, extra)
         cfg["normalization"]["folded"] = True  # the weights below take raw activations
+        per_hook = {f"fvu:{h}": v for h, v in per_hook.items()}
+        held_hook = {f"fvu:{h}": v for h, v in (held.get("fvu_per_hook") or {}).items()}
         final_rows = [{"step": step, "tokens": tokens, "name": f"{prefix}_{k}", "value": float(v)}
-                      for prefix, values in (("final", final), ("heldout", held)) for k, v in values.items()
-                      if k != "tokens" and v is not None]
+                      for prefix, values in (("final", final | per_hook), ("heldout", held | held_hook))
+                      for k, v in values.items() if k not in ("tokens", "fvu_per_hook") and v is not None]
         if self.parallel != "data" or self.comm.rank == 0:
             self.store.save(cfg, weights, metrics + final_rows, register=not self.comm.active)
         return cfg

@@ -54,6 +54,10 @@ class Options:
     def resolve(self, d_in: int, d_sae: int, where: str) -> None:
         pass
 
+    def latents(self) -> int | None:
+        """The d_sae these options imply (e.g. Lorsa's heads), or None: from expansion / d_sae."""
+        return None
+
 
 def fraction(value: float, key: str, where: str) -> None:
     if not 0 <= value <= 1:
@@ -100,13 +104,29 @@ class Dictionary(nn.Module):
             raise UserError(f"{cls.name}: unknown option(s) {', '.join(extra)}; its options: "
                             f"{', '.join(sorted(known))}")
         members = []
+        ins = list(hooks or ["input"])  # for kinds whose options depend on the hooks (widths: split evenly)
+        outs = list(out_hooks or ins)
+        widths = {h: d_in // len(ins) for h in ins} | {h: d_out // len(outs) for h in outs}
         for m in range(n):
             given = {k: (v[m] if k in cls.stackable and isinstance(v, (list, tuple)) else v)
                      for k, v in options.items() if k in known}
             opts = cls.Options(**{k: v for k, v in given.items() if v is not None})
             opts.resolve(d_in, d_sae, cls.name)
+            cls.resolve_shape(opts, ins, outs, widths, d_sae, cls.name)
             members.append(opts)
         return cls(d_in, d_sae, d_out, members, hooks=hooks, out_hooks=out_hooks, device=device)
+
+    @classmethod
+    def resolve_shape(cls, options: Options, hooks: list[str], out_hooks: list[str], widths: Mapping[str, int],
+                      d_sae: int, where: str, model: str | None = None) -> None:
+        """Defaults and checks that depend on the hooks (``widths``: hook -> d_model) or the model (its
+        spec, when known: e.g. Lorsa's rotary embedding); after ``Options.resolve``."""
+
+    @classmethod
+    def dims(cls, weights: Mapping[str, torch.Tensor]) -> tuple[int, int, int]:
+        """(d_in, d_sae, d_out) of one member's saved weights (``member_state``)."""
+        d_in, d_sae = weights["W_enc"].shape
+        return d_in, d_sae, weights["W_dec"].shape[1]
 
     @property
     def device(self) -> torch.device:
@@ -126,6 +146,22 @@ class Dictionary(nn.Module):
         """``decode``'s output [..., d_out] split per out hook (``widths``: hook -> d_model)."""
         parts = torch.split(y, [widths[h] for h in self.out_hooks], -1)
         return dict(zip(self.out_hooks, parts))
+
+    def encode_acts(self, acts: Mapping[str, torch.Tensor]) -> Codes:
+        """Codes of every position of ``acts`` (hook -> [..., d]: tokens [N, d], contexts [b, T, d] or one
+        context [T, d]); rows are the positions in order (for contexts: context-major)."""
+        x = self.read(acts)
+        return self.encode(x.reshape(-1, x.shape[-1]))
+
+    def reconstruct(self, acts: Mapping[str, torch.Tensor]) -> tuple[Codes, dict[str, torch.Tensor]]:
+        """(codes of every position, what the kind writes at each out hook, shaped like ``acts``) for the
+        first member: the splice of ``lake eval`` and interventions (acts: at least the kind's hooks)."""
+        codes = self.encode_acts(acts)
+        lead = acts[self.hooks[0]].shape[:-1]
+        y = self.decode(codes)[0].reshape(*lead, self.d_out)
+        widths = {h: self.d_out // len(self.out_hooks) for h in self.out_hooks} | {
+            h: acts[h].shape[-1] for h in self.out_hooks if h in acts}
+        return codes, self.written(y, widths)
 
     # -- training -------------------------------------------------------------------------------
     def initialize(self, generators: list[torch.Generator]) -> None:
@@ -197,6 +233,12 @@ class Dictionary(nn.Module):
     def decoder_directions(self, m: int = 0) -> torch.Tensor:
         """[d_sae, d_out]: what each latent of member ``m`` writes (per unit of activation)."""
         raise NotImplementedError
+
+    def decoder_norms(self, m: int = 0) -> torch.Tensor:
+        """[d_sae, len(out_hooks)]: each latent's decoder norm into each out hook (a CLT: per output
+        layer; a crosscoder across models: per model)."""
+        w = self.decoder_directions(m)
+        return torch.stack([p.norm(dim=-1) for p in w.split(self.d_out // len(self.out_hooks), -1)], -1)
 
     @classmethod
     def saelens_export(cls, options: Options) -> SAELensFormat | None:
