@@ -258,3 +258,20 @@ def test_bad_input_one_line_exit_2_nothing_written(xlake, tmp_path, monkeypatch)
         code, _, err = cli("explain", *L, "--import", str(bad))
         assert code == 2 and all(w in err for w in words), (content, err)
     assert EmbeddedExplanations(Lake(root)).record("ex") is None  # nothing was written
+
+
+def test_explain_example(tmp_path, chat_tiny, tiny_corpus):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    p = subprocess.run([sys.executable, str(repo / "examples" / "explain.py"), "--lake", str(tmp_path / "lake"),
+                        "--model", chat_tiny, "--explainer-model", chat_tiny, "--dataset", tiny_corpus, "--hook",
+                        "blocks.0.hook_resid_post", "--context-size", "32", "--tokens", "640", "--train-tokens", "2048",
+                        "--train-batch-size", "256", "--expansion", "2", "--k", "4"],
+                       capture_output=True, text=True, timeout=300, cwd=repo, env=dict(os.environ))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "trained and analysed topk-explain-" in p.stdout and "explained 5 features in" in p.stdout
+    assert "scored" in p.stdout and p.stdout.count("  feature ") == 5 and "next: lake features" in p.stdout

@@ -233,3 +233,42 @@ def test_pages_fit_a_390px_window(browser, server, web_lake, path):
             assert pg.locator(".cards").evaluate("c => getComputedStyle(c).flexWrap") == "wrap"  # more cards wrap
     finally:
         ctx.close()
+
+
+def test_export_carries_explanations_scores_and_search(web_lake, tmp_path, browser):
+    root = tmp_path / "lake"
+    shutil.copytree(web_lake["lake"], root)
+    EmbeddedExplanations(Lake(str(root))).update("web-sae", "web-sae", {
+        2: {"explanation": "walrus mentions", "explainer": "test", "detection": 0.9, "fuzzing": 0.7,
+            "score_examples": [1, 2, 3], "scorer": "test", "note": "checked by hand"},
+        3: {"explanation": "penguin facts", "explainer": "test"}})
+    out = tmp_path / "dash"
+    code, _, err = cli("export-dashboard", "--lake", str(root), "web-sae", "--features", "0-9", "-o", str(out),
+                       "--analysis", "web-sae")
+    assert code == 0, err
+    ctx = browser.new_context()
+    page = ctx.new_page()
+    try:
+        page.goto((out / "index.html").as_uri())
+        row = page.locator("#features tr[data-feature='2']")
+        assert row.locator("td.lbl").inner_text() == "walrus mentions" and "0.90" in row.inner_text()
+        page.fill("#q", "WALRUS")
+        page.press("#q", "Enter")
+        visible = page.locator("#features tbody tr:visible").evaluate_all("rs => rs.map(r => r.dataset.feature)")
+        assert visible == ["2"]
+        page.fill("#q", "hand")  # notes are searched too
+        page.press("#q", "Enter")
+        assert page.locator("#features tbody tr:visible").count() == 1
+        page.fill("#q", "")
+        page.press("#q", "Enter")
+        assert page.locator("#features tbody tr:visible").count() == 10
+        row.locator("a").click()
+        page.wait_for_url(re.compile(r"feature-2\.html$"))
+        assert page.locator("#label").inner_text() == "walrus mentions"
+        assert page.locator("#detection").inner_text() == "0.90" and page.locator("#fuzzing").inner_text() == "0.70"
+        assert "checked by hand" in page.locator("#note-text").inner_text() and page.locator("#note").count() == 0
+        page.keyboard.press("j")  # keyboard navigation between exported pages
+        page.wait_for_url(re.compile(r"feature-3\.html$"))
+        assert page.locator("#label").inner_text() == "penguin facts"
+    finally:
+        ctx.close()
