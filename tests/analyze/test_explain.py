@@ -275,3 +275,39 @@ def test_explain_example(tmp_path, chat_tiny, tiny_corpus):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "trained and analysed topk-explain-" in p.stdout and "explained 5 features in" in p.stdout
     assert "scored" in p.stdout and p.stdout.count("  feature ") == 5 and "next: lake features" in p.stdout
+
+
+KILLED_WRITER = """
+import sys
+from saelake.analyze.explanations import EmbeddedExplanations
+from saelake.lake import Lake
+st = EmbeddedExplanations(Lake(sys.argv[1]))
+for i in range(10_000):
+    st.update("ex", "topk", {i % 64: {"note": f"n{i}"}})
+    print(i, flush=True)
+"""
+
+
+def test_killed_writer_leaves_the_old_rows_or_the_new(xlake, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    root = str(tmp_path / "lake")
+    shutil.copytree(xlake["lake"], root)
+    for round_ in range(3):
+        p = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, root], stdout=subprocess.PIPE, text=True)
+        done = [int(p.stdout.readline()) for _ in range(3 + 2 * round_)]  # some updates are through
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+        st = EmbeddedExplanations(Lake(root))
+        rows = st.rows("ex")  # the record names a whole table: it opens and reads
+        last = {int(r["note"][1:]) for r in rows.values()}
+        k = max(last)
+        assert k >= done[-1]  # every finished update is there
+        assert all(rows[i % 64]["note"] == f"n{i}" for i in range(max(0, k - 63), k + 1))  # and nothing torn
+        from saelake.lake.checksums import file_checksum
+
+        rec = st.record("ex")
+        for path, want in rec.checksums.items():
+            assert file_checksum(Lake(root).storage, Lake(root).storage.uri("analyses", "ex", path)) == want
