@@ -11,6 +11,10 @@ Imports fold SAELens' input scaling exactly, keeping the latents SAELens compute
 - ``expected_average_only_in``: inputs were multiplied by a factor s that SAELens keeps outside
   cfg.json (``activation_scaler.json`` in a training checkpoint, ``norm_scaling_factor`` in its list
   of pretrained SAEs): W_enc·s, W_dec/s, b_dec/s, as SAELens' ``fold_activation_norm_scaling_factor``;
+- ``covariance_whitening``: inputs were whitened, z = (x - mean) @ M, outputs unwhitened with M^-1
+  (``activation_whitening.safetensors`` beside the scaler): W_enc' = M @ W_enc, W_dec' = W_dec @ M^-1,
+  b_dec' = b_dec @ M^-1 + mean, and b_enc' = b_enc - mean @ M @ W_enc when b_dec is not applied to the
+  input, as SAELens' ``fold_activation_whitening``;
 - ``constant_norm_rescale`` and ``layer_norm`` scale each token by its own norm (and shift it):
   no weights express that, so they are refused with the reason;
 - TopK with ``rescale_acts_by_decoder_norm``: the decoder norms fold into the encoder (exact).
@@ -30,10 +34,11 @@ from saelake.lake import Lake, UserError
 
 from .. import dictionaries
 from ..store import SAEStore, config_options
-from .common import Imported, check_shapes, read_json, read_tensors
+from .common import Imported, check_shapes, need, read_json, read_tensors
 
 FILES = ("cfg.json", "sae_weights.safetensors")
 SCALER = "activation_scaler.json"  # SAELens' training checkpoints keep the input scale here
+WHITENING = "activation_whitening.safetensors"  # ... and the whitening (mean, matrix, inverse_matrix)
 TRANSCODERS = {"transcoder": "standard", "jumprelu_transcoder": "jumprelu"}  # -> the SAE architecture
 PER_TOKEN = {"constant_norm_rescale": "rescales every token to norm sqrt(d_in)",
              "layer_norm": "centres and scales every token by its own mean and standard deviation"}
@@ -133,6 +138,23 @@ def _scaling_factor(path: Path, given: float | None) -> float:
     return float(given)
 
 
+def _fold_whitening(path: Path, w: dict, b_dec_on_input: bool) -> tuple[dict, dict]:
+    if not (path / WHITENING).is_file():
+        raise UserError(f"{path}: normalize_activations is 'covariance_whitening' but there is no {WHITENING} (the "
+                        "whitening SAELens trained with): it cannot be folded")
+    t = read_tensors(path / WHITENING)
+    need(t, ("mean", "matrix", "inverse_matrix"), path / WHITENING)
+    d = w["W_enc"].shape[0]
+    if t["matrix"].shape != (d, d) or t["inverse_matrix"].shape != (d, d) or t["mean"].shape != (d,):
+        raise UserError(f"{path / WHITENING}: mean must be [{d}] and the matrices [{d}, {d}]")
+    M, M_inv, mean = t["matrix"].double(), t["inverse_matrix"].double(), t["mean"].double()
+    W_enc = M @ w["W_enc"].double()
+    b_enc = w["b_enc"].double() - (0 if b_dec_on_input else mean @ W_enc)
+    out = {**w, "W_enc": W_enc.float(), "b_enc": b_enc.float(), "W_dec": (w["W_dec"].double() @ M_inv).float(),
+           "b_dec": (w["b_dec"].double() @ M_inv + mean).float()}
+    return out, {"method": "saelens:covariance_whitening", "folded": True}
+
+
 def read_saelens(path: Path, *, norm_scaling_factor: float | None = None, hook: str | None = None,
                  out_hook: str | None = None) -> Imported:
     scfg = _read_cfg(path)
@@ -152,9 +174,9 @@ def read_saelens(path: Path, *, norm_scaling_factor: float | None = None, hook: 
         raise UserError(f"{path}: normalize_activations is {norm!r}, which {PER_TOKEN[norm]} at run time; saelake "
                         "dictionaries take raw activations with any scaling folded into their weights, and no "
                         "weights express a per-token scale: this SAE cannot be imported")
-    if norm not in ("none", "expected_average_only_in"):
+    if norm not in ("none", "expected_average_only_in", "covariance_whitening"):
         raise UserError(f"{path}: unknown normalize_activations {norm!r} (SAELens writes none, "
-                        "expected_average_only_in, constant_norm_rescale or layer_norm)")
+                        "expected_average_only_in, covariance_whitening, constant_norm_rescale or layer_norm)")
     if scfg.get("reshape_activations", "none") not in ("none", None):
         raise UserError(f"{path}: reshape_activations {scfg['reshape_activations']!r} (per-head hook_z SAEs) is not "
                         "supported: saelake hooks give one vector per token")
@@ -175,6 +197,8 @@ def read_saelens(path: Path, *, norm_scaling_factor: float | None = None, hook: 
         s = _scaling_factor(path, norm_scaling_factor)
         weights |= {"W_enc": weights["W_enc"] * s, "W_dec": weights["W_dec"] / s, "b_dec": weights["b_dec"] / s}
         normalization = {"method": "saelens:expected_average_only_in", "scaling_factor": s, "folded": True}
+    if norm == "covariance_whitening":
+        weights, normalization = _fold_whitening(path, weights, bool(scfg.get("apply_b_dec_to_input", True)))
     hook = hook or scfg.get("hook_name") or meta.get("hook_name") or scfg.get("hook_point")
     out_hook = out_hook or scfg.get("hook_name_out") or meta.get("hook_name_out") or (None if transcoder else hook)
     if not hook:

@@ -1,0 +1,94 @@
+"""Imports checked against the peers' own code: the folders in tests/data/peers/ were written by
+SAELens, sparsify and Llamascopium themselves, with their own forward outputs on the tiny model's
+activations (tests/data/peers/make_fixtures.py). saelake's imported dictionary, fed the same raw
+activations, must give the same latents and outputs (float32 tolerance)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from saelake.lake import UserError
+from saelake.train import load_sae
+from saelake.train.interop import import_dictionary
+
+PEERS = Path(__file__).resolve().parents[1] / "data" / "peers"
+ACTS = load_file(str(PEERS / "activations.safetensors"))
+
+
+def rows(hook: str) -> torch.Tensor:
+    return ACTS[hook].reshape(-1, ACTS[hook].shape[-1])
+
+
+def forward(lake: str, name: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    sae, cfg = load_sae(lake, name)
+    with torch.no_grad():
+        codes = sae.encode(rows(cfg["hooks"][0]))
+        return codes.dense()[0], sae.decode(codes)[0], cfg
+
+
+def assert_matches(lake: str, name: str, folder: Path, latent_scale: float = 1.0) -> dict:
+    ref = load_file(str(folder / "peer_reference.safetensors"))
+    latents, output, cfg = forward(lake, name)
+    scale = float(ref["output"].abs().max())
+    torch.testing.assert_close(output, ref["output"], atol=1e-5 * scale, rtol=1e-4)
+    torch.testing.assert_close(latents, ref["latents"] * latent_scale, atol=1e-5 * float(latents.abs().max()),
+                               rtol=1e-4)
+    assert (latents != 0).sum() == (ref["latents"] != 0).sum()  # the same latents fire
+    return cfg
+
+
+@pytest.mark.parametrize("case,arch", [("standard", "relu"), ("jumprelu", "jumprelu"), ("topk", "topk"),
+                                       ("topk_rescaled", "topk"), ("transcoder", "relu"),
+                                       ("jumprelu_transcoder", "jumprelu"), ("batchtopk", "jumprelu"),
+                                       ("expected_average_only_in", "relu"), ("covariance_whitening", "topk")])
+def test_saelens_folders_match_saelens_forward(tmp_path, case, arch):
+    lake = str(tmp_path / "lake")
+    import_dictionary(lake, PEERS / "saelens" / case, "imp")
+    cfg = assert_matches(lake, "imp", PEERS / "saelens" / case)
+    assert cfg["arch"] == arch and cfg["import_format"] == "saelens" and cfg["model"] == "tiny-gpt2"
+    if "transcoder" in case:
+        assert cfg["hooks"] == ["blocks.1.mlp.hook_in"] and cfg["out_hooks"] == ["blocks.1.hook_mlp_out"]
+    if case in ("expected_average_only_in", "covariance_whitening"):
+        assert cfg["normalization"]["method"] == f"saelens:{case}"
+
+
+@pytest.mark.parametrize("case", ["constant_norm_rescale", "layer_norm"])
+def test_saelens_per_token_norms_are_refused(tmp_path, case):
+    with pytest.raises(UserError, match="per-token scale: this SAE cannot be imported"):
+        import_dictionary(str(tmp_path / "lake"), PEERS / "saelens" / case, "imp")
+
+
+def test_saelens_loads_what_saelake_exports(tmp_path):
+    """SAELens' own forward on folders saelake exported equals saelake's on the import of the same
+    folder; export -> import -> export gives the same weight bytes."""
+    from saelake.train.interop import export_saelens
+
+    lake = str(tmp_path / "lake")
+    for folder in sorted((PEERS / "saelake_exports").iterdir()):
+        import_dictionary(lake, folder, folder.name)
+        assert_matches(lake, folder.name, folder)
+        again = export_saelens(lake, folder.name, tmp_path / folder.name)
+        assert (again / "sae_weights.safetensors").read_bytes() == (folder / "sae_weights.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("hookpoint,hooks", [("h.0", ["blocks.0.hook_resid_post"] * 2),
+                                             ("h.1.mlp", ["blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"])])
+def test_sparsify_checkpoints_match_sparsify_forward(tmp_path, hookpoint, hooks):
+    """sparsify computed its forward on the activations its trainer hooks (HF modules): saelake reads
+    the mapped TransformerLens hooks, so equal outputs also check the hookpoint mapping."""
+    hf = load_file(str(PEERS / "sparsify_hook_activations.safetensors"))
+    torch.testing.assert_close(rows(hooks[1]), hf[f"{hookpoint}.out"], atol=1e-5, rtol=1e-5)
+    if hooks[0] != hooks[1]:
+        torch.testing.assert_close(rows(hooks[0]), hf[f"{hookpoint}.in"], atol=1e-5, rtol=1e-5)
+    lake = str(tmp_path / "lake")
+    cfg = import_dictionary(lake, PEERS / "sparsify" / hookpoint, "imp")
+    assert cfg["arch"] == "topk" and cfg["k"] == 8 and [cfg["hook"], cfg["out_hook"]] == hooks
+    assert_matches(lake, "imp", PEERS / "sparsify" / hookpoint)
+
+
+def test_sparsify_run_folder_asks_for_one_hookpoint(tmp_path):
+    with pytest.raises(UserError, match=r"several hookpoints \(h.0, h.1.mlp\): import one folder"):
+        import_dictionary(str(tmp_path / "lake"), PEERS / "sparsify", "imp")
