@@ -53,8 +53,7 @@ class Codec:
             return _int8_encode(x)
         if self.name == "float8":
             return _float8_encode(x)
-        t = x.detach().to(DTYPES[self.name]).contiguous()
-        return t.view(torch.uint16) if self.name == "bfloat16" else t
+        return x.detach().to(self.storage).contiguous()
 
     def decode(self, t: torch.Tensor, d: int) -> torch.Tensor:
         """``[..., width]`` storage elements -> ``[..., d]`` activations: float32 for quantised codecs;
@@ -63,13 +62,12 @@ class Codec:
             return _int8_decode(t, d)
         if self.name == "float8":
             return _float8_decode(t, d)
-        return t.view(torch.bfloat16) if self.name == "bfloat16" else t
+        return t.view(self.storage) if t.dtype != self.storage else t  # bfloat16 arrives as its uint16 bits
 
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 CODECS = {
     "float16": Codec("float16", torch.float16, pa.float16()),
-    "bfloat16": Codec("bfloat16", torch.uint16, pa.uint16()),  # Arrow has no bfloat16: raw bits
+    "bfloat16": Codec("bfloat16", torch.bfloat16, pa.uint16()),  # Arrow has no bfloat16: its raw bits
     "float32": Codec("float32", torch.float32, pa.float32()),
     "int8": Codec("int8", torch.int8, pa.int8()),
     "float8": Codec("float8", torch.uint8, pa.uint8()),  # e4m3fn bits + the scale's bytes

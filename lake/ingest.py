@@ -28,7 +28,8 @@ from .lake import TABLES, Lake
 from .models import LoadedModel, load_model
 from .records import HookStats, ModelInfo, RunManifest, Snapshot
 from .storage import check_name
-from .tables import DTYPES, column_name
+from .codecs import CODECS
+from .tables import column_name
 from .writer import (
     Chunk,
     Lease,
@@ -76,8 +77,8 @@ class IngestConfig:
             raise UserError(f"--context-size must be at least 2 (BOS + one token), got {self.context_size}")
         if self.batch_size <= 0 or self.shuffle_buffer <= 0:
             raise UserError("--batch-size and --shuffle-buffer must be positive")
-        if self.dtype not in DTYPES:
-            raise UserError(f"unsupported dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        if self.dtype not in CODECS:
+            raise UserError(f"unsupported dtype {self.dtype!r}: use one of {', '.join(CODECS)}")
         bad = [x for x in self.layouts if x not in TABLES]
         if bad or not self.layouts:
             raise UserError(f"unknown layout {','.join(bad) or '(none)'}: use --layout 1d, 2d or 1d,2d")
@@ -100,7 +101,8 @@ def _new_manifest(cfg: IngestConfig, model: LoadedModel, contexts_target: int) -
                              d_vocab=model.d_vocab, bos_token_id=model.bos_token_id),
         columns={h: column_name(h) for h in cfg.hooks}, d_model=model.hook_dims(cfg.hooks),
         tables=[TABLES[x] for x in cfg.layouts], contexts=0, tokens=0, rows_1d=0,
-        contexts_target=contexts_target, segment_start=0, versions=[], stats={}, checksums_from=0)
+        contexts_target=contexts_target, segment_start=0, versions=[], stats={}, checksums_from=0,
+        codecs={h: cfg.dtype for h in cfg.hooks})
 
 
 def _prepare(cfg: IngestConfig, lake: Lake) -> RunManifest | None:

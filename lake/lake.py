@@ -123,7 +123,7 @@ class Lake:
 
         m = self.manifest(run)
         ds = self.dataset(run, table)
-        acts = {m.columns[h]: m.dtype for h in m.hooks}
+        acts = {m.columns[h]: (m.codec(h), m.d_model[h]) for h in m.hooks}
         wanted = [f.name for f in ds.schema if f.name not in acts or re.search(rf"\b{f.name}\b", sql)]
         scanner = ds.scanner(columns=wanted, batch_size=8192)
 

@@ -2,8 +2,9 @@
 
 ``SnapshotSource`` reads a pinned version of a run's Lance tables; ``LiveSource`` runs the
 model. Both serve the same ``TokenBatch`` (1d, shuffled tokens) and ``ContextBatch`` (2d,
-whole contexts in order). Activations come in their storage dtype (float16 by default,
-zero-copy from Arrow where possible); callers cast to float32 for compute.
+whole contexts in order). Activations come decoded: float16/bfloat16/float32 runs in their
+storage dtype (zero-copy from Arrow where possible), int8/float8 runs as float32 (codes never
+leave the reader without their scales); callers cast to float32 for compute.
 """
 from __future__ import annotations
 
@@ -127,6 +128,7 @@ class SnapshotSource:
         self.d_model = dict(m.d_model)
         self.columns = dict(m.columns)
         self.dtype, self.context_size = m.dtype, m.context_size
+        self.codecs = {h: m.codec(h) for h in self.hooks}  # decoded inside the reader: callers get floats
         self.block_rows = block_rows
         self._pos: dict = {}
 
@@ -264,7 +266,7 @@ class SnapshotSource:
     def _token_batch(self, t: pa.Table, hooks: list[str]) -> TokenBatch:
         t = t.combine_chunks()
         batch = TokenBatch(
-            acts={h: arrow_to_acts(t.column(self.columns[h]), self.dtype, (self.d_model[h],)) for h in hooks},
+            acts={h: arrow_to_acts(t.column(self.columns[h]), self.codecs[h], (self.d_model[h],)) for h in hooks},
             token_id=torch.from_numpy(t.column("token_id").to_numpy()),
             context_id=torch.from_numpy(t.column("context_id").to_numpy()),
             position=torch.from_numpy(t.column("position").to_numpy()))
@@ -294,7 +296,7 @@ class SnapshotSource:
 
         for b in _prefetch(batches()):
             batch = ContextBatch(
-                acts={h: arrow_to_acts(b.column(self.columns[h]), self.dtype, (T, self.d_model[h])) for h in hooks},
+                acts={h: arrow_to_acts(b.column(self.columns[h]), self.codecs[h], (T, self.d_model[h])) for h in hooks},
                 tokens=torch.from_numpy(b.column("tokens").flatten().to_numpy()).view(-1, T),
                 context_id=torch.from_numpy(b.column("context_id").to_numpy()),
                 doc_id=torch.from_numpy(b.column("doc_id").to_numpy()))

@@ -161,8 +161,9 @@ class RunManifest(Record):
 
     ``checksums_from``: contexts committed before the run recorded content checksums: 0 when
     every data file has one, None for a run written before saelake recorded them (see
-    lake/checksums.py)."""
-    SCHEMA_VERSION: ClassVar[int] = 2
+    lake/checksums.py). ``codecs`` (schema 3): each hook's storage codec, so int8/float8 runs are
+    refused by older readers instead of misread."""
+    SCHEMA_VERSION: ClassVar[int] = 3
     # identity: --resume and --append must repeat these (IDENTITY in ingest.py)
     model: str
     dataset: str
@@ -192,7 +193,12 @@ class RunManifest(Record):
     versions: list[Snapshot]
     stats: dict[str, HookStats]
     checksums_from: int | None = None
-    schema_version: int = 2
+    codecs: dict[str, str] | None = None  # hook -> storage codec (lake/codecs.py); None: ``dtype`` for all
+    schema_version: int = 3
+
+    def codec(self, hook: str) -> str:
+        """The storage codec of ``hook``'s column (what the readers decode)."""
+        return (self.codecs or {}).get(hook, self.dtype)
 
     def snapshot(self, version: int) -> Snapshot:
         """Snapshot ``version`` (1-based), or a UserError that says which exist."""

@@ -1,14 +1,17 @@
 """Arrow layout of the activation tables, and zero-copy conversion to torch.
 
 tokens.lance (1d):   token_id int32, context_id int64, position int32,
-                     <col> fixed_size_list<dtype, d>, <col>_norm float32    (per hook)
+                     <col> fixed_size_list<storage, width>, <col>_norm float32    (per hook)
 contexts.lance (2d): context_id int64, doc_id int64, doc_offset int32,
                      tokens fixed_size_list<int32, T>,
-                     <col> fixed_size_list<fixed_size_list<dtype, d>, T>,
-                     <col>_norm fixed_size_list<float32, T>                  (per hook)
+                     <col> fixed_size_list<fixed_size_list<storage, width>, T>,
+                     <col>_norm fixed_size_list<float32, T>                        (per hook)
 
-Arrow has no bfloat16: bfloat16 activations are stored as their raw 16 bits in uint16
-values, and the field carries ``saelake.dtype = bfloat16`` so nobody reads them as ints.
+A hook column holds its codec's storage elements (``lake/codecs.py``): for float16/float32 the
+values themselves (width = d); bfloat16 as its raw 16 bits in uint16 (Arrow has no bfloat16);
+int8/float8 as codes followed by their scales in the same cell (width > d). The field carries
+``saelake.dtype`` (the codec) and ``saelake.d_model`` so nobody reads stored elements as values:
+``arrow_to_acts`` decodes, and it is the only way out.
 """
 from __future__ import annotations
 
@@ -18,8 +21,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-ARROW_VALUES = {"float16": pa.float16(), "bfloat16": pa.uint16(), "float32": pa.float32()}
+from .codecs import get_codec
 
 
 def column_name(hook: str) -> str:
@@ -27,21 +29,25 @@ def column_name(hook: str) -> str:
     return hook.replace(".", "_")
 
 
-def acts_to_arrow(x: torch.Tensor, dtype: str) -> pa.Array:
-    """[n, d] (or [n, T, d]) float tensor -> nested fixed_size_list array in the storage dtype."""
-    t = x.detach().to(DTYPES[dtype]).contiguous()
-    flat = t.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else t.numpy()
-    arr = pa.array(flat.reshape(-1), type=ARROW_VALUES[dtype])
-    for size in reversed(x.shape[1:]):
+def acts_to_arrow(stored: torch.Tensor) -> pa.Array:
+    """[n, width] (or [n, T, width]) storage elements (``Codec.encode``'s output) -> nested
+    fixed_size_list array."""
+    t = stored.detach().contiguous()
+    # numpy has no bfloat16 and torch's uint16 is not numpy-convertible: hand over the raw bits
+    flat = t.view(torch.int16).numpy().view(np.uint16) if t.dtype in (torch.uint16, torch.bfloat16) else t.numpy()
+    arr = pa.array(flat.reshape(-1))
+    for size in reversed(t.shape[1:]):
         arr = pa.FixedSizeListArray.from_arrays(arr, size)
     return arr
 
 
 def acts_field(name: str, dtype: str, shape: tuple[int, ...]) -> pa.Field:
-    typ = ARROW_VALUES[dtype]
-    for size in reversed(shape):
+    """The field of a hook column: ``shape`` ends with d_model; cells hold the codec's width."""
+    codec = get_codec(dtype)
+    typ = codec.arrow
+    for size in reversed((*shape[:-1], codec.width(shape[-1]))):
         typ = pa.list_(typ, size)
-    return pa.field(name, typ, metadata={"saelake.dtype": dtype})
+    return pa.field(name, typ, metadata={"saelake.dtype": dtype, "saelake.d_model": str(shape[-1])})
 
 
 def _values(arr: pa.Array | pa.ChunkedArray, depth: int) -> np.ndarray:
@@ -53,29 +59,32 @@ def _values(arr: pa.Array | pa.ChunkedArray, depth: int) -> np.ndarray:
 
 
 def arrow_to_acts(arr, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of acts_to_arrow, zero-copy where Arrow allows: [n, *shape] in the storage dtype."""
+    """Decode a hook column: [n, *shape] activations (``shape`` ends with d_model). Plain codecs come
+    back zero-copy in their storage dtype (float16, bfloat16, float32); int8/float8 as float32."""
+    codec = get_codec(dtype)
     values = _values(arr, len(shape))
     with warnings.catch_warnings():  # Arrow buffers are read-only; we never write into them
         warnings.simplefilter("ignore", UserWarning)
         t = torch.from_numpy(values)
-    if dtype == "bfloat16":
-        t = t.view(torch.bfloat16)
-    return t.view(-1, *shape)
+    d = shape[-1]
+    return codec.decode(t.view(-1, *shape[:-1], codec.width(d)), d)
 
 
-def as_float32_for_sql(batch: pa.RecordBatch, dtypes: dict[str, str]) -> pa.RecordBatch:
-    """Cast activation columns to float32 lists: DuckDB cannot read Arrow float16 or our bf16 bits."""
+def as_float32_for_sql(batch: pa.RecordBatch, hooks: dict[str, tuple[str, int]]) -> pa.RecordBatch:
+    """Decode activation columns (``hooks``: column -> (codec, d_model)) to float32 lists: DuckDB
+    cannot read Arrow float16, our bfloat16 bits, or codes (and must never see codes without scales)."""
     cols, fields = [], []
     for field, col in zip(batch.schema, batch.columns):
-        dtype = dtypes.get(field.name)
-        if dtype in ("float16", "bfloat16"):
+        if field.name in hooks:
+            dtype, d = hooks[field.name]
             shape = []
             typ = field.type
             while pa.types.is_fixed_size_list(typ):
                 shape.append(typ.list_size)
                 typ = typ.value_type
+            shape[-1] = d  # the cell holds the codec's width
             x = arrow_to_acts(col, dtype, tuple(shape)).float()
-            col = acts_to_arrow(x.view(-1, *shape), "float32")
+            col = acts_to_arrow(x.view(-1, *shape))
             field = acts_field(field.name, "float32", tuple(shape))
         cols.append(col)
         fields.append(field)

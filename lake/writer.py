@@ -23,19 +23,21 @@ from lance.fragment import FragmentMetadata, write_fragments
 
 from .errors import UserError
 from .lake import Lake
-from .tables import DTYPES, acts_field, acts_to_arrow, column_name
+from .codecs import get_codec
+from .tables import acts_field, acts_to_arrow, column_name
 
 LEASE_SECONDS = 120  # a writer that has not renewed its lease for this long is presumed dead
 
 
 @dataclass
 class Chunk:
-    """A forwarded chunk: its contexts, tokens [n, T], and per hook the activations [n, T, d]
-    in the storage dtype and their float32 norms [n, T]."""
+    """A forwarded chunk: its contexts, tokens [n, T], and per hook the activations as stored
+    (``Codec.encode``'d: [n, T, width]) and their float32 norms [n, T] (of the unencoded values)."""
     ctxs: list
     tokens: torch.Tensor
     acts: dict[str, torch.Tensor]
     norms: dict[str, torch.Tensor]
+    dims: dict[str, int]  # hook -> d_model (a stored cell may be wider: codes + scales)
 
     @property
     def end(self) -> int:
@@ -46,23 +48,26 @@ def forward_chunk(cfg, model, ctxs, on_batch: Callable[[int], None] | None = Non
     """Run the model over a chunk of contexts, batch by batch; ``on_batch(contexts)`` after each."""
     tokens = torch.from_numpy(np.stack([c.tokens for c in ctxs]))  # [n, T]
     n, T = tokens.shape
-    # one buffer per hook in the storage dtype, filled batch by batch: a chunk never holds its
+    # one buffer per hook in the storage format, filled batch by batch: a chunk never holds its
     # float32 activations twice (peak memory ~ the stored chunk, not 5x it)
+    codec = get_codec(cfg.dtype)
     acts: dict[str, torch.Tensor] = {}
     norms: dict[str, torch.Tensor] = {}
+    dims: dict[str, int] = {}
     for i in range(0, n, cfg.batch_size):
         out = model.activations(tokens[i:i + cfg.batch_size].to(cfg.device), cfg.hooks)
         for h in cfg.hooks:
             x = out[h].float().cpu()
             if h not in acts:
-                acts[h] = torch.empty(n, T, x.shape[-1], dtype=DTYPES[cfg.dtype])
+                dims[h] = x.shape[-1]
+                acts[h] = torch.empty(n, T, codec.width(dims[h]), dtype=codec.storage)
                 norms[h] = torch.empty(n, T, dtype=torch.float32)
-            acts[h][i:i + len(x)] = x
+            acts[h][i:i + len(x)] = codec.encode(x)
             norms[h][i:i + len(x)] = x.norm(dim=-1)
         del out
         if on_batch:
             on_batch(min(cfg.batch_size, n - i))
-    return Chunk(ctxs, tokens, acts, norms)
+    return Chunk(ctxs, tokens, acts, norms, dims)
 
 
 WRITE_ROWS = 8192  # rows per record batch handed to Lance: bounds the memory a write adds
@@ -77,8 +82,8 @@ def contexts_table(cfg, chunk: Chunk) -> pa.RecordBatchReader:
             "tokens": pa.FixedSizeListArray.from_arrays(pa.array(chunk.tokens.numpy().ravel()), T)}
     fields = [pa.field(k, v.type) for k, v in cols.items()]
     for h in cfg.hooks:
-        col, d = column_name(h), chunk.acts[h].shape[-1]
-        cols[col] = acts_to_arrow(chunk.acts[h], cfg.dtype)
+        col, d = column_name(h), chunk.dims[h]
+        cols[col] = acts_to_arrow(chunk.acts[h])
         cols[col + "_norm"] = pa.FixedSizeListArray.from_arrays(pa.array(chunk.norms[h].numpy().ravel()), T)
         fields += [acts_field(col, cfg.dtype, (T, d)), pa.field(col + "_norm", pa.list_(pa.float32(), T))]
     table = pa.Table.from_arrays(list(cols.values()), schema=pa.schema(fields))
@@ -102,7 +107,7 @@ def tokens_table(cfg, chunk: Chunk, bos: int) -> pa.RecordBatchReader:
               pa.field("position", pa.int32())]
     for h in cfg.hooks:
         col = column_name(h)
-        fields += [acts_field(col, cfg.dtype, (chunk.acts[h].shape[-1],)), pa.field(col + "_norm", pa.float32())]
+        fields += [acts_field(col, cfg.dtype, (chunk.dims[h],)), pa.field(col + "_norm", pa.float32())]
     schema = pa.schema(fields)
 
     def batches():
@@ -111,7 +116,7 @@ def tokens_table(cfg, chunk: Chunk, bos: int) -> pa.RecordBatchReader:
             cols = [pa.array(flat_tokens[r].numpy()), pa.array(ctx_ids[(r // T).numpy()]),
                     pa.array((r % T).to(torch.int32).numpy())]
             for h in cfg.hooks:
-                cols += [acts_to_arrow(chunk.acts[h].reshape(n * T, -1)[r], cfg.dtype),
+                cols += [acts_to_arrow(chunk.acts[h].reshape(n * T, -1)[r]),
                          pa.array(chunk.norms[h].reshape(-1)[r].numpy())]
             yield pa.RecordBatch.from_arrays(cols, schema=schema)
     return pa.RecordBatchReader.from_batches(schema, batches())

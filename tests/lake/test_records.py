@@ -53,7 +53,8 @@ def test_old_records_read_as_version_1_and_are_rewritten_at_the_current_version(
     assert (m.schema_version, m.checksums_from, m.versions[1].rows) == (1, None, {"contexts": 4, "tokens": 60})
     lk.write_manifest(m)
     written = json.loads((lake / "runs" / "r1" / "manifest.json").read_text())
-    assert written["schema_version"] == RunManifest.SCHEMA_VERSION == 2 and written["checksums_from"] is None
+    assert written["schema_version"] == RunManifest.SCHEMA_VERSION == 3 and written["checksums_from"] is None
+    assert m.codecs is None and m.codec("blocks.0.hook_resid_post") == m.dtype == "float16"
     assert RunManifest.from_json(written, "here") == lk.manifest("r1") != m  # only the version differs
     rec = lk.analysis_record("s1")
     assert rec.schema_version == 1 and AnalysisRecord.from_json(rec.to_json(), "here").schema_version == 2
