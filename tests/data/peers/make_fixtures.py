@@ -14,7 +14,8 @@
         --llamascopium ~/.cache/saelake-test/lms-venv/bin/python
 
 The venvs: ``python -m venv V && V/bin/pip install torch==2.13.0 PEER`` with PEER one of sae-lens
-(6.54.12 here), eai-sparsify (1.3.3), llamascopium (2.0.0b34).
+(6.54.12 here), eai-sparsify (1.3.3), llamascopium (2.0.0b34; it needs "transformer-lens<4" too, as it
+imports HookedTransformer).
 """
 from __future__ import annotations
 
