@@ -42,6 +42,13 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def cache_dir() -> str | None:
+    """The hub cache as the environment says now (huggingface_hub reads it once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    return os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None
+
+
 def fetch(source: str) -> tuple[Path, str]:
     """(local folder holding the dictionary, its address with the resolved commit)."""
     from huggingface_hub import snapshot_download
@@ -56,7 +63,7 @@ def fetch(source: str) -> tuple[Path, str]:
     src = parse(source)
     patterns = [f"{src.subfolder}/*", f"{src.subfolder}/**"] if src.subfolder else None
     try:
-        root = Path(snapshot_download(src.repo, revision=src.revision, allow_patterns=patterns,
+        root = Path(snapshot_download(src.repo, revision=src.revision, allow_patterns=patterns, cache_dir=cache_dir(),
                                       local_files_only=offline(), etag_timeout=TIMEOUT_S))
     except LocalEntryNotFoundError:
         raise UserError(f"{src} is not in the Hugging Face cache"
