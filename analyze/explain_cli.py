@@ -146,4 +146,4 @@ def features_cmd(lake_uri, store, sae, analysis, search, sort, desc, limit, as_j
     click.echo(f"{'feature':>7}  {'density':>9}  {'max_act':>7}  {'det.':>5}  {'fuzz.':>5}  label")
     for r in shown:
         click.echo(f"{r['feature']:>7}  {fmt(r['density']):>9}  {fmt(r['max_act']):>7}  {fmt(r['detection'], 2):>5}  "
-                   f"{fmt(r['fuzzing'], 2):>5}  {r['label']}")
+                   f"{fmt(r['fuzzing'], 2):>5}  {' '.join(r['label'].split())}")
