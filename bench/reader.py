@@ -127,7 +127,7 @@ def start_s3(a, runs: list[str]):
             break
         except OSError:
             if time.time() > deadline:
-                raise SystemExit("moto_server did not start")
+                raise SystemExit("moto_server did not start") from None
             time.sleep(0.1)
     fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint})
     fs.mkdir("bench")

@@ -40,6 +40,9 @@ create table if not exists metrics (
 create table if not exists analyses (
     name varchar primary key, sae varchar, run varchar, version bigint, store varchar,
     n_features integer, tokens bigint, created timestamp, uri varchar, config json);
+create table if not exists latent_indexes (
+    name varchar primary key, sae varchar, run varchar, version bigint, status varchar,
+    contexts bigint, tokens bigint, entries bigint, created timestamp, uri varchar, record json);
 """
 
 # What user SQL may do is decided by the database, not by reading the text: DuckDB refuses file
@@ -151,13 +154,26 @@ class Catalog:
                     [record.get(c) for c in cols] + [uri, json.dumps(record, default=str)])
         con.execute("commit")
 
+    def upsert_latent_index(self, record: dict, uri: str, con=None) -> None:
+        """One latent index (``lake encode``); ``record`` is kept whole as JSON."""
+        if con is None:
+            with self.connect() as con:
+                return self.upsert_latent_index(record, uri, con)
+        con.execute("begin")
+        con.execute("delete from latent_indexes where name = ?", [record["name"]])
+        con.execute("insert into latent_indexes values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [record["name"], record["sae"], record["run"], record["version"], record["status"],
+                     record["contexts_done"], record["tokens"], record["entries"], record["created"], uri,
+                     json.dumps(record, default=str)])
+        con.execute("commit")
+
     def rebuild(self, runs: list[tuple[dict, str]], saes: list[tuple[dict, str, list]] = (),
-                analyses: list[tuple[dict, str]] = ()) -> None:
+                analyses: list[tuple[dict, str]] = (), indexes: list[tuple[dict, str]] = ()) -> None:
         """Drop the index and rebuild it from the lake's manifests.
 
-        runs: (manifest, uri); saes: (config, uri, metrics); analyses: (record, uri)."""
+        runs: (manifest, uri); saes: (config, uri, metrics); analyses and indexes: (record, uri)."""
         with self.connect() as con:
-            for table in ("runs", "snapshots", "hooks", "saes", "metrics", "analyses"):
+            for table in ("runs", "snapshots", "hooks", "saes", "metrics", "analyses", "latent_indexes"):
                 con.execute(f"delete from {table}")
             for manifest, uri in runs:
                 self.upsert_run(manifest, uri, con)
@@ -165,6 +181,8 @@ class Catalog:
                 self.upsert_sae(config, uri, metrics, con)
             for record, uri in analyses:
                 self.upsert_analysis(record, uri, con)
+            for record, uri in indexes:
+                self.upsert_latent_index(record, uri, con)
 
     # -- reads -----------------------------------------------------------------------------
     def query(self, sql: str, relations: dict | None = None) -> tuple[list[str], list[tuple]]:

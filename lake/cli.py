@@ -11,12 +11,12 @@ import click
 from .errors import UserError
 
 
-def _lake_option(f):
+def lake_option(f):
     return click.option("--lake", "lake_uri", envvar="SAELAKE_LAKE", required=True,
                         help="Lake root: a directory or s3://bucket/prefix (env SAELAKE_LAKE).")(f)
 
 
-def _split(value: str) -> list[str]:
+def split_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
@@ -33,7 +33,7 @@ def cli():
 
 
 @cli.command()
-@_lake_option
+@lake_option
 @click.option("--model", default="smollm2-135m", show_default=True,
               help="Local HF folder, bundled smollm2-135m, or a hub name.")
 @click.option("--dataset", default="builtin", show_default=True,
@@ -65,10 +65,10 @@ def ingest(lake_uri, model, dataset, text_column, hooks, tokens, context_size, l
     from .ingest import IngestConfig, ingest as run_ingest
 
     if nproc > 1:
-        _torchrun(nproc)
+        relaunch_under_torchrun(nproc)
 
-    cfg = IngestConfig(lake=lake_uri, model=model, dataset=dataset, text_column=text_column, hooks=_split(hooks),
-                       tokens=tokens, context_size=context_size, layouts=_split(layout), dtype=dtype, run=run,
+    cfg = IngestConfig(lake=lake_uri, model=model, dataset=dataset, text_column=text_column, hooks=split_list(hooks),
+                       tokens=tokens, context_size=context_size, layouts=split_list(layout), dtype=dtype, run=run,
                        batch_size=batch_size, seed=seed, shuffle_buffer=shuffle_buffer, keep_bos=keep_bos,
                        resume=resume, append=append, device=device)
     m = run_ingest(cfg, progress=not quiet)
@@ -76,7 +76,7 @@ def ingest(lake_uri, model, dataset, text_column, hooks, tokens, context_size, l
                f"({m['rows_1d']} 1d rows), tables {', '.join(m['tables'])}, snapshot version {len(m['versions'])}")
 
 
-def _torchrun(nproc: int) -> None:
+def relaunch_under_torchrun(nproc: int) -> None:
     """Re-run this very command under torchrun with nproc CPU processes (gloo)."""
     import os
     import subprocess
@@ -97,7 +97,7 @@ def _torchrun(nproc: int) -> None:
 
 
 @cli.command("ls")
-@_lake_option
+@lake_option
 @click.option("--json", "as_json", is_flag=True)
 def ls_cmd(lake_uri, as_json):
     """What is in the lake: runs, SAEs, analyses."""
@@ -129,7 +129,7 @@ LS_TABLES = {"runs": "name, status, model, dataset, tokens, context_size, dtype,
 
 
 @cli.command()
-@_lake_option
+@lake_option
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True)
 def show(lake_uri, name, as_json):
@@ -162,7 +162,7 @@ def show(lake_uri, name, as_json):
 
 
 @cli.command()
-@_lake_option
+@lake_option
 @click.argument("sql")
 @click.option("--json", "as_json", is_flag=True)
 def query(lake_uri, sql, as_json):
@@ -182,7 +182,7 @@ def catalog_group():
 
 
 @catalog_group.command("sync")
-@_lake_option
+@lake_option
 def catalog_sync(lake_uri):
     """Rebuild the catalog from the lake's manifests."""
     from .lake import Lake
@@ -193,20 +193,19 @@ def catalog_sync(lake_uri):
 
 
 @cli.command()
-@_lake_option
+@lake_option
 @click.argument("names", nargs=-1)
 @click.option("--quick", is_flag=True,
               help="Check sizes and counts only; do not hash the data files or decode every fragment.")
 def verify(lake_uri, names, quick):
-    """Check runs, SAEs and analyses against their manifests, content checksums, Lance and the catalog.
-
-    Exit 1 on any problem; each damaged file is named with its run, SAE or analysis."""
+    """Check runs, SAEs, analyses and latent indexes against their records, content checksums, Lance and
+    the catalog. Exit 1 on any problem; each damaged file is named with what it belongs to."""
     from .lake import Lake
-    from .maintenance import Report, verify_analysis, verify_run, verify_sae
+    from .maintenance import Report, verify_analysis, verify_index, verify_run, verify_sae
 
     lake = Lake(lake_uri)
     kinds = {verify_run: lake.run_names(), verify_sae: lake.storage.listdir("saes"),
-             verify_analysis: lake.analysis_names()}
+             verify_analysis: lake.analysis_names(), verify_index: lake.index_names()}
     names = list(names) or [n for listed in kinds.values() for n in listed]
     report, items = Report(), 0
     for name in dict.fromkeys(names):
@@ -226,7 +225,7 @@ def verify(lake_uri, names, quick):
 
 
 @cli.command()
-@_lake_option
+@lake_option
 @click.option("--dry-run", is_flag=True, help="List what would be removed.")
 def gc(lake_uri, dry_run):
     """Remove failed runs nothing pins, and Lance versions that are not snapshots."""

@@ -11,7 +11,7 @@ import lance
 from saelake.catalog import Catalog, CatalogError, check_select
 
 from .errors import UserError
-from .records import AnalysisRecord, RunManifest
+from .records import AnalysisRecord, LatentIndexRecord, RunManifest
 from .storage import LakeStorage, check_name, saelake_home
 from .tables import as_float32_for_sql
 
@@ -51,6 +51,15 @@ class Lake:
         return None if rec is None else AnalysisRecord.from_json(rec, self.storage.uri("analyses", name,
                                                                                           "analysis.json"))
 
+    def index_names(self) -> list[str]:
+        return [n for n in self.storage.listdir("indexes") if self.storage.exists("indexes", n, "index.json")]
+
+    def index_record(self, name: str) -> LatentIndexRecord | None:
+        """``indexes/<name>/index.json`` (None if absent); ``lake encode`` writes it."""
+        rec = self.storage.read_json("indexes", name, "index.json")
+        return None if rec is None else LatentIndexRecord.from_json(rec, self.storage.uri("indexes", name,
+                                                                                             "index.json"))
+
     def table_uri(self, run: str, table: str) -> str:
         return self.storage.uri("runs", run, f"{table}.lance")
 
@@ -79,15 +88,16 @@ class Lake:
         """Rebuild the catalog from the manifests (the source of truth); returns counts.
 
         Runs: ``runs/<run>/manifest.json``. SAEs: ``saes/<sae>/config.json`` (+ ``metrics.json``,
-        a list of {step, tokens, name, value}). Analyses: ``analyses/<name>/analysis.json``.
+        a list of {step, tokens, name, value}). Analyses: ``analyses/<name>/analysis.json``. Latent indexes: ``indexes/<name>/index.json``.
         """
         st = self.storage
         runs = [(self.manifest(n).to_json(), st.uri("runs", n)) for n in self.run_names()]
         saes = [(st.read_json("saes", n, "config.json"), st.uri("saes", n), st.read_json("saes", n, "metrics.json") or [])
                 for n in st.listdir("saes") if st.exists("saes", n, "config.json")]
         analyses = [(self.analysis_record(n).to_json(), st.uri("analyses", n)) for n in self.analysis_names()]
-        self.catalog.rebuild(runs, saes, analyses)
-        return {"runs": len(runs), "saes": len(saes), "analyses": len(analyses)}
+        indexes = [(self.index_record(n).to_json(), st.uri("indexes", n)) for n in self.index_names()]
+        self.catalog.rebuild(runs, saes, analyses, indexes)
+        return {"runs": len(runs), "saes": len(saes), "analyses": len(analyses), "latent indexes": len(indexes)}
 
     def query(self, sql: str) -> tuple[list[str], list[tuple]]:
         """One read-only SELECT over the catalog, plus activation tables named ``<table>__<run>``.

@@ -143,6 +143,30 @@ def verify_analysis(lake: Lake, name: str, deep: bool = True) -> Report:
     return report
 
 
+def verify_index(lake: Lake, name: str, deep: bool = True) -> Report:
+    """A latent index (``lake encode``): the data files of its committed version against its record."""
+    rec = lake.index_record(name)
+    report, where = Report(), f"index {name}"
+    if rec.lance_version is None:
+        return report
+    table_uri = lake.storage.uri("indexes", name, "latents.lance")
+    try:
+        ds = lance.dataset(table_uri, version=rec.lance_version, storage_options=lake.storage.storage_options)
+        files = checksums.data_files(ds)
+    except Exception as e:
+        return Report([f"{where}: cannot open its table {table_uri} ({str(e).splitlines()[0][:150]})"])
+    for path, size in files:
+        want = rec.checksums.get(f"latents.lance/data/{path}")
+        if want is None:
+            report.problems.append(f"{where}: no checksum recorded for data file {table_uri}/data/{path}")
+        problem = checksums.check(lake.storage, where, f"{table_uri}/data/{path}", size, want, deep)
+        if problem:
+            report.problems.append(problem)
+    if rec.run not in lake.run_names():
+        report.problems.append(f"{where}: made from run {rec.run}, which is not in the lake")
+    return report
+
+
 def pins(lake: Lake) -> set[tuple[str, int]]:
     """(run, snapshot version) pairs that an SAE or an analysis was made from."""
     st = lake.storage

@@ -252,3 +252,33 @@ class AnalysisRecord(Record):
     features_table: str | None = None
     checksums: dict[str, FileChecksum] | None = None
     schema_version: int = 2
+
+
+# -- latent indexes --------------------------------------------------------------------------
+@dataclass
+class LatentIndexRecord(Record):
+    """``indexes/<name>/index.json``: an SAE's sparse codes over a snapshot (``lake encode``).
+
+    The table ``latents.lance`` has one row per valid token (BOS excluded) of the snapshot's 2d
+    table, in context order. ``contexts_done`` contexts are committed in Lance version
+    ``lance_version``; a resumed encode drops anything a crash committed after it. ``checksums``:
+    every data file of that version (keys ``latents.lance/data/<file>``)."""
+    SCHEMA_VERSION: ClassVar[int] = 1
+    name: str
+    sae: str
+    run: str
+    version: int
+    hooks: list[str]
+    d_sae: int
+    status: str  # running | complete
+    contexts_done: int
+    contexts_total: int
+    tokens: int  # rows written
+    entries: int  # non-zero latents written
+    lance_version: int | None
+    excluded_token_ids: list[int]
+    checksums: dict[str, FileChecksum]
+    created: str
+    updated: str
+    seconds: float = 0.0
+    schema_version: int = 1

@@ -11,7 +11,7 @@ from datetime import datetime
 
 import click
 
-from saelake.lake.cli import _lake_option, _split
+from saelake.lake.cli import lake_option, split_list
 
 from . import dictionaries
 from .config import (
@@ -69,7 +69,7 @@ SOURCE_FLAGS = ("run", "version", "live", "model", "dataset", "text_column", "co
 
 
 @click.command("train")
-@_lake_option
+@lake_option
 @click.option("--config", "config_path", default=None, help="Sweep TOML: top-level defaults + one [[sae]] per SAE.")
 @click.option("--run", "--run-name", "run", default=None, help="Snapshot source: run name.")
 @click.option("--version", type=int, default=None, help="Snapshot version (default: the latest).")
@@ -119,9 +119,9 @@ def train_cmd(lake_uri, config_path, hook, out_hook, name, resume, stop_after, n
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
     if nproc > 1:
-        from saelake.lake.cli import _torchrun
+        from saelake.lake.cli import relaunch_under_torchrun
 
-        _torchrun(nproc)
+        relaunch_under_torchrun(nproc)
 
     from .trainer import Trainer
 
@@ -149,7 +149,7 @@ def train_cmd(lake_uri, config_path, hook, out_hook, name, resume, stop_after, n
         if name is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UserError("--name is required under torchrun (every rank must use the same name)")
         src = SourceConfig(lake=lake_uri, **{k_: v for k_, v in source.items() if v is not None})
-        saes = [SAEConfig(hooks=_split(hook), out_hooks=_split(out_hook) if out_hook else None,
+        saes = [SAEConfig(hooks=split_list(hook), out_hooks=split_list(out_hook) if out_hook else None,
                           name=name or f"{arch}-{datetime.now().strftime('%Y%m%d-%H%M%S')}", **sae_keys)]
     trainer = Trainer(src, saes, resume=resume, progress=not quiet, stop_after=stop_after)
     results = trainer.run()
@@ -176,7 +176,7 @@ def _heldout_summary(cfg: dict) -> str:
 
 
 @click.command("eval")
-@_lake_option
+@lake_option
 @click.argument("name")
 @click.option("--model", default=None, help="Model to splice into (default: the SAE's model).")
 @click.option("--dataset", default=None, help="Corpus (default: the snapshot's contexts, else the run's corpus).")
@@ -202,7 +202,7 @@ def eval_cmd(lake_uri, name, model, dataset, tokens, batch_size, context_size, d
 
 
 @click.command("export")
-@_lake_option
+@lake_option
 @click.argument("name")
 @click.option("--format", "fmt", type=click.Choice(["saelens"]), default="saelens", show_default=True)
 @click.option("-o", "--out", required=True, help="Output folder: new or empty (see --force).")
@@ -216,7 +216,7 @@ def export_cmd(lake_uri, name, fmt, out, force):
 
 
 @click.command("import")
-@_lake_option
+@lake_option
 @click.argument("source")
 @click.option("--format", "fmt", type=click.Choice(["auto", "saelens", "sparsify", "llamascopium"]), default="auto",
               show_default=True, help="The source's format (auto: from the files in the folder).")
@@ -240,7 +240,7 @@ def import_cmd(lake_uri, source, fmt, name, hook, out_hook, model, norm_scaling_
 
 
 @click.command("plot")
-@_lake_option
+@lake_option
 @click.argument("names", nargs=-1, required=True)
 @click.option("--pareto", is_flag=True, help="FVU (and CE loss recovered) against L0 for these SAEs.")
 @click.option("-o", "--out", required=True, help="Output image (png, pdf, svg).")

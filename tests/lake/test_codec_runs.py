@@ -1,6 +1,7 @@
 """Runs stored with each codec: readers decode inside (callers only ever see floats of d_model
 width), values stay within the codec's error of a float32 run of the same tokens, 2d tables,
 --append, --resume after a SIGKILL and `lake query` all work with every codec."""
+import json
 import signal
 import subprocess
 import sys
@@ -67,13 +68,11 @@ def test_int8_and_float8_take_about_half_and_a_quarter_of_float32(runs):
 @pytest.mark.parametrize("dtype", ["int8", "float8"])
 def test_query_shows_decoded_values(runs, dtype):
     col = HOOKS[0].replace(".", "_")
-    code, out, err = cli("query", "--lake", runs, "--json",
-                         f"select context_id, position, {col} from tokens__{dtype} order by context_id, position limit 3")
+    sql = "select context_id, position, {col} from tokens__{run} order by context_id, position limit 3"
+    code, out, err = cli("query", "--lake", runs, "--json", sql.format(col=col, run=dtype))
     assert code == 0, err
-    import json
     rows = json.loads(out)
-    ref = json.loads(cli("query", "--lake", runs, "--json", f"select context_id, position, {col} from tokens__float32 "
-                         "order by context_id, position limit 3")[1])
+    ref = json.loads(cli("query", "--lake", runs, "--json", sql.format(col=col, run="float32"))[1])
     for r, f in zip(rows, ref):
         assert len(r[col]) == len(f[col]) == Lake(runs).manifest(dtype).d_model[HOOKS[0]]
         x, y = np.array(f[col]), np.array(r[col])
