@@ -102,7 +102,7 @@ def test_eval_export_bad_input(lake_dir, tmp_path):
     code, _, err = lake_main("export", "--lake", lake_dir, "nope", "-o", str(tmp_path / "x"))
     _one_line_error(code, err, "no SAE 'nope'")
     code, _, err = lake_main("import", "--lake", lake_dir, str(tmp_path), "--name", "x")
-    _one_line_error(code, err, "is not a SAELens SAE folder")
+    _one_line_error(code, err, "is not a dictionary folder saelake reads")
     assert not os.path.exists(tmp_path / "x")
 
 

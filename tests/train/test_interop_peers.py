@@ -129,3 +129,47 @@ def test_llamascopium_dictionaries_match_its_forward(tmp_path, case, arch):
 def test_llamascopium_token_wise_norm_is_refused(tmp_path):
     with pytest.raises(UserError, match="norm_activation 'token-wise' scales each token"):
         import_dictionary(str(tmp_path / "lake"), PEERS / "llamascopium" / "sae_token_wise", "imp")
+
+
+def _edited(tmp_path: Path, src: str, name: str, **keys) -> Path:
+    import json
+    import shutil
+
+    folder = tmp_path / "src" / name
+    shutil.copytree(PEERS / src, folder)
+    cfg_file = next(f for f in ("cfg.json", "config.json") if (folder / f).exists())
+    cfg = json.loads((folder / cfg_file).read_text())
+    (folder / cfg_file).write_text(json.dumps({**cfg, **keys}))
+    return folder
+
+
+@pytest.mark.parametrize("src,keys,msg", [
+    ("saelens/expected_average_only_in", {}, "pass --norm-scaling-factor F"),
+    ("saelens/standard", {"architecture": "gated"}, "SAELens architecture 'gated' is not supported"),
+    ("saelens/standard", {"normalize_activations": "batch_norm"}, "unknown normalize_activations 'batch_norm'"),
+    ("saelens/transcoder", {"metadata": {"hook_name": "blocks.1.mlp.hook_in"}}, "pass --out-hook"),
+    ("sparsify/h.0", {"activation": "groupmax"}, "no saelake kind computes groupmax"),
+    ("sparsify/h.0", {"skip_connection": True}, "skip connection"),
+    ("llamascopium/sae_topk", {"sae_type": "clt"}, "sae_type 'clt' is not supported"),
+    ("llamascopium/sae_topk", {"act_fn": "batchtopk"}, "topk_to_jumprelu_conversion"),
+    ("llamascopium/sae_topk", {"use_glu_encoder": True}, "GLU encoder"),
+])
+def test_imports_refuse_what_they_cannot_express(tmp_path, src, keys, msg):
+    folder = _edited(tmp_path, src, src.split("/")[-1], **keys)
+    if src == "saelens/expected_average_only_in":
+        (folder / "activation_scaler.json").unlink()
+    with pytest.raises(UserError, match=msg.replace("(", r"\(")):
+        import_dictionary(str(tmp_path / "lake"), folder, "imp")
+
+
+def test_saelens_norm_scaling_factor_given_by_hand(tmp_path):
+    import json
+
+    folder = _edited(tmp_path, "saelens/expected_average_only_in", "eao")
+    factor = json.loads((folder / "activation_scaler.json").read_text())["scaling_factor"]
+    (folder / "activation_scaler.json").unlink()
+    lake = str(tmp_path / "lake")
+    import_dictionary(lake, folder, "imp", norm_scaling_factor=factor)
+    assert_matches(lake, "imp", folder)
+    with pytest.raises(UserError, match="SAE name 'imp' is taken"):
+        import_dictionary(lake, folder, "imp", norm_scaling_factor=factor)
