@@ -46,10 +46,10 @@ class StepOutput:
 
     def __post_init__(self):
         for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor) and (v.shape[:1] != (self.members,) or v.ndim != 1 + f.name.startswith("hook")):
+            v, per_hook = getattr(self, f.name), f.name.startswith("hook")
+            if isinstance(v, torch.Tensor) and (v.shape[:1] != (self.members,) or v.ndim != 1 + per_hook):
                 raise ValueError(f"step output {f.name!r}: shape {tuple(v.shape)}, expected ({self.members},"
-                                 f"{' out hooks' if f.name.startswith('hook') else ''})")
+                                 f"{' out hooks' if per_hook else ''})")
 
     def fvu(self, i: int) -> float:
         return float(self.sq[i] / self.var[i].clamp_min(1e-12))
@@ -112,14 +112,17 @@ class Group:
 
     # -- one step ----------------------------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor, step: int, total: int, dead_window: int,
-             autocast, stats: bool = True, comm: Comm | None = None, window: bool = False) -> StepOutput:
+             autocast, stats: bool = True, comm: Comm | None = None, window: bool = False,
+             rows: torch.Tensor | None = None) -> StepOutput:
         """One optimizer step of every member on ``x`` -> ``y``. ``stats``: also the metrics
-        (FVU parts, L0...), else only what the loop needs every step."""
+        (FVU parts, L0...), else only what the loop needs every step. ``rows``: which rows of the
+        output the loss counts (``y`` holds those only): kinds that read whole contexts see every
+        position and are scored on the kept ones."""
         with sparse_section():
-            return self._step(x, y, step, total, dead_window, autocast, stats, comm or LocalComm(), window)
+            return self._step(x, y, step, total, dead_window, autocast, stats, comm or LocalComm(), window, rows)
 
-    def _step(self, x, y, step, total, dead_window, autocast, stats, comm, window):
-        c, model, n, B = self.cfg, self.model, self.n, x.shape[0]
+    def _step(self, x, y, step, total, dead_window, autocast, stats, comm, window, rows):
+        c, model, n, B = self.cfg, self.model, self.n, y.shape[0]
         lr = self.learning_rates(step, total)
         coef, k = model.schedule(step, total)
         # data-parallel: the loss is a mean over the tokens of the global batch (all ranks)
@@ -127,6 +130,8 @@ class Group:
         with autocast:
             codes = model.encode(x, k, training=True, comm=comm)
             y_hat = model.decode(codes)
+        if rows is not None:
+            y_hat = y_hat[:, rows]
         sq = _SqErr.apply(y_hat.float(), y)  # [n, B]
         mse = sq.sum(-1) / N
         loss = mse.sum()

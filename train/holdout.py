@@ -5,6 +5,9 @@ last ingest chunk(s); rows are shuffled within a chunk at ingest, so a held-out 
 also have trained tokens). Training reads rows ``0..n-tokens-1`` only, in every epoch of --repeat.
 Live: the first ``tokens`` rows of the token stream; training starts after them.
 
+Kinds that read whole contexts (Lorsa) hold out whole contexts instead: the last contexts of the 2d
+table (live: the first contexts of the stream), as many as cover the requested tokens.
+
 Default (one place): ``HOLDOUT_TOKENS`` tokens, but at most ``HOLDOUT_MAX_FRACTION`` of the snapshot
 (live: of the training tokens); 0 disables the holdout. Metrics on the held-out rows are computed
 like the in-sample ones (same normalised units, same outlier rule) with the final, saved weights.
@@ -28,9 +31,10 @@ HOLDOUT_HELP = (f"Tokens held out of training and used for the final metrics (de
 
 @dataclass(frozen=True)
 class Holdout:
-    tokens: int  # held-out rows (0: no holdout)
-    rows: tuple[int, int] | None  # snapshot: 1d table rows [lo, hi) held out; live / none: None
-    n_rows: int | None  # snapshot: rows of its 1d table
+    tokens: int  # held-out rows (0: no holdout); contexts: held-out contexts
+    rows: tuple[int, int] | None  # snapshot: 1d table rows (contexts: 2d rows) [lo, hi) held out; live / none: None
+    n_rows: int | None  # snapshot: rows of its 1d table (contexts: of its 2d table)
+    context_size: int | None = None  # set: the unit is whole contexts of this many tokens
 
     @property
     def train_rows(self) -> int | None:
@@ -40,6 +44,12 @@ class Holdout:
     def record(self) -> dict:
         if not self.tokens:
             return {"tokens": 0, "rule": "none: every metric is in-sample"}
+        if self.context_size:
+            T, n = self.context_size, self.tokens
+            where = (f"the last {n} contexts of the snapshot's 2d table (rows {self.rows[0]}..{self.rows[1] - 1})"
+                     if self.rows else f"live: the first {n} contexts of the stream (training starts after them)")
+            return {"tokens": n * T, "contexts": n, **({"rows": list(self.rows)} if self.rows else {}),
+                    "rule": f"{where}; training never reads them"}
         if self.rows is None:
             return {"tokens": self.tokens, "rule": f"live: the first {self.tokens} tokens of the stream (training "
                                                    "starts after them)"}
@@ -48,23 +58,30 @@ class Holdout:
                         f"{self.rows[0]}..{self.rows[1] - 1}); training never reads them"}
 
 
-def plan(requested: int | None, *, n_rows: int | None, train_tokens: int) -> Holdout:
-    """The holdout for a source: ``n_rows`` rows of a snapshot's 1d table, or None (live)."""
+def plan(requested: int | None, *, n_rows: int | None, train_tokens: int, context_size: int | None = None) -> Holdout:
+    """The holdout for a source: ``n_rows`` rows of a snapshot's 1d table, or None (live). With
+    ``context_size``: in whole contexts (``n_rows``: of the 2d table), enough to cover the tokens."""
     if requested is not None and requested < 0:
         raise UserError(f"--holdout is a number of tokens (0: none), got {requested}")
+    T = context_size or 1
     if requested is None:
-        base = train_tokens if n_rows is None else n_rows
+        base = train_tokens if n_rows is None else n_rows * T
         requested = min(HOLDOUT_TOKENS, int(base * HOLDOUT_MAX_FRACTION))
+    requested = -(-requested // T)  # tokens -> contexts (rounded up)
     if n_rows is None:
-        return Holdout(requested, None, None)
+        return Holdout(requested, None, None, context_size)
     if requested and requested >= n_rows:
-        raise UserError(f"--holdout {requested} leaves nothing to train on: the snapshot has {n_rows} tokens")
-    return Holdout(requested, (n_rows - requested, n_rows) if requested else None, n_rows)
+        raise UserError(f"--holdout {requested * T} leaves nothing to train on: the snapshot has {n_rows * T} "
+                        "tokens" + (f" ({n_rows} contexts)" if context_size else ""))
+    return Holdout(requested, (n_rows - requested, n_rows) if requested else None, n_rows, context_size)
 
 
 def training_batches(source, h: Holdout, batch_size: int, hooks: list[str], *, seed: int, start: int,
                      repeat: bool, shard: tuple[int, int]) -> Iterator:
-    """The training stream without the held-out rows; ``start`` counts training rows (resume)."""
+    """The training stream without the held-out rows; ``start`` counts training rows (resume). For
+    contexts: ``batch_size`` contexts per batch, in order, ``start`` counts contexts (one rank)."""
+    if h.context_size:
+        return _contexts(source, h, batch_size, hooks, start, repeat)
     if h.n_rows is None:  # live: the held-out rows are the stream's first
         return source.token_batches(batch_size, hooks, seed=seed, start=h.tokens + start, repeat=repeat,
                                     shard=shard)
@@ -76,9 +93,36 @@ def heldout_batches(source, h: Holdout, batch_size: int, hooks: list[str], *, se
     """The held-out rows, once (nothing when there is no holdout)."""
     if not h.tokens:
         return iter(())
+    if h.context_size:
+        return _first_contexts(source.context_batches(batch_size, hooks, start=h.rows[0] if h.rows else 0), h.tokens)
     if h.n_rows is not None:
         return source.token_batches(batch_size, hooks, seed=seed, rows=h.rows)
     return _first_rows(source.token_batches(batch_size, hooks, seed=seed), h.tokens)
+
+
+def _contexts(source, h: Holdout, batch_size: int, hooks: list[str], start: int, repeat: bool) -> Iterator:
+    """Training contexts: live, after the held-out first ones; a snapshot, its 2d rows before the held-out
+    tail, epoch after epoch with ``repeat``."""
+    if h.n_rows is None:
+        yield from source.context_batches(batch_size, hooks, start=h.tokens + start)
+        return
+    n = h.train_rows
+    while True:
+        at = start % n
+        yield from _first_contexts(source.context_batches(batch_size, hooks, start=at), n - at)
+        start += n - at
+        if not repeat:
+            return
+
+
+def _first_contexts(batches: Iterable, n: int) -> Iterator:
+    for b in batches:
+        if n <= 0:
+            return
+        if len(b) > n:
+            b = type(b)({k: a[:n] for k, a in b.acts.items()}, b.tokens[:n], b.context_id[:n], b.doc_id[:n])
+        n -= len(b)
+        yield b
 
 
 def _first_rows(batches: Iterable, n: int) -> Iterator:
@@ -115,23 +159,30 @@ def member(s, apply_b_dec_to_input: bool, weights: dict, scale_out: torch.Tensor
 
 
 @torch.no_grad()
-def evaluate(members: list[Member], batches: Iterable, device: str) -> dict[str, dict]:
+def evaluate(members: list[Member], batches: Iterable, device: str, bos: int | None = None) -> dict[str, dict]:
     """Per member: FVU (normalised units; per out hook too when it has several), L0 and dead
-    fraction on the held-out rows, and the tokens they cover (after the outlier rule)."""
+    fraction on the held-out rows, and the tokens they cover (after the outlier rule). Whole
+    contexts (kinds that read them) are encoded whole; their ``bos`` positions are not counted."""
     acc = {m.name: {"sq": 0.0, "ysq": 0.0, "ysum": None, "n": 0, "l0": 0.0, "fired": None, "sq_col": 0.0,
                     "ysq_col": 0.0, "widths": None} for m in members}
     for batch in batches:
         raw = {h: a.to(device, torch.float32) for h, a in batch.acts.items()}
+        tokens = getattr(batch, "tokens", None)  # a ContextBatch: whole contexts [b, T, d]
         for m in members:
-            keep = torch.ones(len(batch), dtype=torch.bool, device=device)
+            keep = (tokens.to(device) != bos) if tokens is not None else torch.ones(len(batch), dtype=torch.bool,
+                                                                                     device=device)
             for h, limit in m.outlier_limits.items():
                 keep &= torch.linalg.vector_norm(raw[h], dim=-1) <= limit
-            x = torch.cat([raw[h] for h in m.hooks], -1)[keep]
             y = torch.cat([raw[h] for h in m.out_hooks], -1)[keep]
-            if not len(x):
+            if not len(y):
                 continue
-            codes = m.model.encode(x)
-            err = ((y - m.model.decode(codes)[0]) * m.scale_out).double()
+            if tokens is not None:
+                codes, written = m.model.reconstruct(raw)
+                y_hat = torch.cat([written[h] for h in m.out_hooks], -1)[keep]
+            else:
+                codes = m.model.encode(torch.cat([raw[h] for h in m.hooks], -1)[keep])
+                y_hat = m.model.decode(codes)[0]
+            err = ((y - y_hat) * m.scale_out).double()
             yn = (y * m.scale_out).double()
             a = acc[m.name]
             a["sq"] += float(err.pow(2).sum())
@@ -141,8 +192,8 @@ def evaluate(members: list[Member], batches: Iterable, device: str) -> dict[str,
                 a["sq_col"] = a["sq_col"] + err.pow(2).sum(0)
                 a["ysq_col"] = a["ysq_col"] + yn.pow(2).sum(0)
                 a["widths"] = [raw[h].shape[-1] for h in m.out_hooks]
-            a["n"] += len(x)
-            a["l0"] += float(codes.l0()[0]) * len(x)
+            a["n"] += len(y)
+            a["l0"] += float(codes.l0()[0]) * len(y)
             fired = codes.fired()[0]
             a["fired"] = fired if a["fired"] is None else a["fired"] | fired
     out = {}

@@ -66,11 +66,23 @@ class Trainer:
                 raise UserError(f"data-parallel training over {W} ranks: --batch-size ({src.batch_size}) must be a "
                                 f"multiple of the number of ranks and --tokens ({src.tokens}) a multiple of it")
         self.hooks = list(dict.fromkeys(h for s in saes for h in s.hooks + s.all_out_hooks))
+        reads = {s._kind().context_input for s in saes}
+        if len(reads) > 1:
+            raise UserError("kinds that read whole contexts (lorsa) and kinds that read tokens cannot share one "
+                            "sweep: train them in separate runs")
+        self.contexts = reads == {True}  # the sweep reads whole contexts (the 2d table or live contexts)
+        if self.contexts and self.parallel == "data":
+            raise UserError("data-parallel training of kinds that read whole contexts is not supported: use "
+                            "--parallel sweep or one process")
         self.source = self._open_source()
         self.d_model = {h: self.source.d_model[h] for h in self.hooks}
         for s in saes:
             s.resolve(self.source.d_model, src.tokens, src.batch_size, self.model_spec)
-        self.total_steps = math.ceil(src.tokens / src.batch_size)
+        # a step reads step_rows rows: tokens, or contexts of T tokens (as many as fit in --batch-size)
+        self.T = self.source.context_size if self.contexts else 1
+        self.step_rows = max(1, src.batch_size // self.T)
+        self.step_tokens = self.step_rows * self.T
+        self.total_steps = math.ceil(src.tokens / self.step_tokens)
         self.ckpt_every = src.checkpoint_every or max(1, self.total_steps // 5)
         self.log_every = src.log_every or max(1, self.total_steps // 100)
         err = None
@@ -99,8 +111,10 @@ class Trainer:
                 raise UserError("--live needs --model and --dataset")
             src = LiveSource(s.model, s.dataset, self.hooks, s.context_size, text_column=s.text_column,
                              device=s.device)
-            self.holdout = holdout.plan(s.holdout, n_rows=None, train_tokens=s.tokens)
+            self.holdout = holdout.plan(s.holdout, n_rows=None, train_tokens=s.tokens,
+                                        context_size=s.context_size if self.contexts else None)
             self.stats, self.model_spec, self.bos_excluded = None, s.model, True
+            self.bos = src.model.bos_token_id
             self.snapshot = None
             return src
         if not s.run:
@@ -109,12 +123,18 @@ class Trainer:
         for h in self.hooks:
             if h not in src.hooks:
                 raise UserError(f"hook {h!r} is not in run {s.run!r}: it has {', '.join(src.hooks)}")
-        self.holdout = h = holdout.plan(s.holdout, n_rows=src.n_tokens, train_tokens=s.tokens)
-        if h.train_rows and s.tokens > h.train_rows and not s.repeat:
-            held = f" and {h.tokens} held out (--holdout)" if h.tokens else ""
+        T = src.context_size if self.contexts else 1
+        if self.contexts and "contexts" not in src.snapshot.tables:
+            raise UserError(f"run {s.run!r} has no 2d table, and this kind reads whole contexts: ingest one with "
+                            "`lake ingest --layout 2d ...` or train --live")
+        self.holdout = h = holdout.plan(s.holdout, n_rows=src.n_contexts if self.contexts else src.n_tokens,
+                                        train_tokens=s.tokens, context_size=T if self.contexts else None)
+        if h.train_rows and s.tokens > h.train_rows * T and not s.repeat:
+            held = f" and {h.tokens * T} held out (--holdout)" if h.tokens else ""
             raise UserError(f"--tokens {s.tokens} is more than snapshot {s.run} v{src.version} has for training "
-                            f"({h.train_rows} tokens{held}): lower --tokens or pass --repeat to loop over it")
+                            f"({h.train_rows * T} tokens{held}): lower --tokens or pass --repeat to loop over it")
         m = src.manifest
+        self.bos = m.model_info.bos_token_id
         self.stats = {h: {"mean_norm": m.stats[h].mean_norm, "median_norm": m.stats[h].median_norm}
                       for h in self.hooks}
         self.model_spec, self.bos_excluded = m.model, not m.keep_bos
@@ -130,6 +150,8 @@ class Trainer:
             stats = {}
             for h in self.hooks:
                 norms = batch.acts[h].float().norm(dim=-1)
+                if self.contexts:  # whole contexts: BOS positions (massive activations) left out, as ingest does
+                    norms = norms[batch.tokens != self.bos]
                 stats[h] = {"mean_norm": float(norms.mean()), "median_norm": float(norms.median())}
         return {h: {"mean_norm": stats[h]["mean_norm"], "median_norm": stats[h]["median_norm"],
                     "scale": math.sqrt(self.d_model[h]) / stats[h]["mean_norm"], "origin": origin}
@@ -183,10 +205,12 @@ class Trainer:
             "training": {"tokens": self.src.tokens, "batch_size": self.src.batch_size, "steps": self.total_steps,
                          "parallel": self.parallel, "world_size": self.comm.world,
                          "data_seed": self.src.data_seed, "repeat": self.src.repeat, "device": self.src.device,
-                         "autocast": self.src.autocast, "stacked_with": [c.name for c in g.cfgs]},
+                         "autocast": self.src.autocast, "stacked_with": [c.name for c in g.cfgs],
+                         **({"contexts_per_step": self.step_rows, "order": "contexts in order"}
+                            if self.contexts else {})},
             "normalization": {"method": s.normalize, "target": "E|x| = sqrt(d) per hook",
                               "hooks": {h: norm[h] for h in s.hooks + s.all_out_hooks}, "folded": False},
-            "bos_excluded": self.bos_excluded, "outlier_factor": s.outlier_factor,
+            "bos_excluded": self.bos_excluded or self.contexts, "outlier_factor": s.outlier_factor,
             "outlier_rule": "drop tokens whose norm at any of the SAE's hooks exceeds outlier_factor x that hook's "
                             "median norm", "dead_window": s.dead_window,
             "holdout": self.holdout.record(), "metric_definitions": METRIC_DEFINITIONS, "identity": self.identity(s),
@@ -195,7 +219,7 @@ class Trainer:
 
     def _beat(self, by_name: dict, norm: dict, created: str, step: int, every_s: float) -> None:
         """Each SAE's config on disk: status "training", progress, heartbeat (a small JSON write)."""
-        tokens = min(self.src.tokens, step * self.src.batch_size)
+        tokens = min(self.src.tokens, step * self.step_tokens)
         progress = {"step": step, "steps": self.total_steps, "tokens": tokens, "tokens_total": self.src.tokens}
         for s in self.saes:
             extra = {"created": created, "progress": progress, **beat(every_s)}
@@ -221,16 +245,17 @@ class Trainer:
                 step, rows, norm, created = state["step"], state["rows"], state["norm"], state["created"]
                 dropped[name], window[name] = state["dropped"], (state["window"] + [[], []])[:6]
                 metrics[name] = self.store.metrics(name)[:state["n_metrics"]]
-        autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if src.autocast == "bf16" else nullcontext()
+        autocast = (torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if src.autocast == "bf16"
+                    else nullcontext())
         dp = self.parallel == "data"
         W, R = self.comm.world, self.comm.rank
         writer = not dp or R == 0  # data-parallel: the replicas are identical, rank 0 writes
         comm = self.comm if dp else None
         # data-parallel: the single-process row stream cut into micro-batches; rank r reads only its own
-        batches = holdout.training_batches(self.source, self.holdout, src.batch_size // W if dp else src.batch_size,
+        batches = holdout.training_batches(self.source, self.holdout, self.step_rows // W if dp else self.step_rows,
                                            self.hooks, seed=src.data_seed, start=rows, repeat=src.repeat,
                                            shard=(R, W) if dp else (0, 1))
-        bar = tqdm(total=src.tokens, initial=min(rows, src.tokens), unit="tok", unit_scale=True,
+        bar = tqdm(total=src.tokens, initial=min(rows * self.T, src.tokens), unit="tok", unit_scale=True,
                    disable=not self.progress or R != 0, desc="train", dynamic_ncols=True)
         t0, status = time.perf_counter(), "complete"
         every_s, pulse = heartbeat_s(), {"t": time.monotonic(), "step": step, "beats": 0}
@@ -249,26 +274,21 @@ class Trainer:
                 self._init_b_dec(groups, first, norm)
             if writer and (not pulse["beats"] or time.monotonic() - pulse["t"] >= every_s):
                 heartbeat()  # the first one puts the config on disk
-            n_take = min(len(batch), src.tokens - step * src.batch_size)
-            n_global = n_take * W if dp else n_take
+            n_take = min(len(batch), -(-(src.tokens - step * self.step_tokens) // self.T))  # rows
+            n_global = n_take * self.T * (W if dp else 1)  # tokens
             log_now = step % self.log_every == 0 or step == self.total_steps - 1
             in_window = step >= self.total_steps - max(1, self.total_steps // 10)
             inputs = self._inputs(batch, n_take, norm, groups)
             shown = {}
             for g in groups:
-                x, y, _ = inputs[g.input_key]
+                x, y, rows_kept = inputs[g.input_key]
                 out = g.step(x, y, step, self.total_steps, g.cfg.dead_window, autocast, stats=log_now, comm=comm,
-                             window=in_window)
+                             window=in_window, rows=rows_kept)
                 N = out.tokens  # tokens kept in the (global) batch
                 for i, s in enumerate(g.cfgs):
                     dropped[s.name] += n_global - N
                     if in_window:
-                        w = window[s.name]
-                        w[0] += float(out.sq[i]); w[1] += float(out.var[i])
-                        w[2] += float(out.l0[i]) * N; w[3] += N
-                        if out.hook_sq is not None:
-                            w[4] = [a + float(b) for a, b in zip(w[4] or [0.0] * len(g.out_parts), out.hook_sq[i])]
-                            w[5] = [a + float(b) for a, b in zip(w[5] or [0.0] * len(g.out_parts), out.hook_var[i])]
+                        window[s.name] = _add_to_window(window[s.name], out, i)
                     if log_now:
                         fvu = out.fvu(i)
                         rows_ = {"loss": out.loss[i], "mse": out.mse[i], "fvu": fvu, "l0": out.l0[i],
@@ -280,7 +300,7 @@ class Trainer:
                             rows_ |= {f"fvu:{h}": out.hook_sq[i, j] / out.hook_var[i, j].clamp_min(1e-12)
                                       for j, h in enumerate(s.all_out_hooks)}
                         metrics.setdefault(s.name, []).extend(
-                            {"step": step, "tokens": (step + 1) * src.batch_size, "name": k, "value": float(v)}
+                            {"step": step, "tokens": (step + 1) * self.step_tokens, "name": k, "value": float(v)}
                             for k, v in rows_.items())
                         shown.setdefault("fvu", []).append(fvu)
                         shown.setdefault("l0", []).append(float(out.l0[i]))
@@ -345,12 +365,17 @@ class Trainer:
                     ok = norms[h] <= c.outlier_factor * norm[h]["median_norm"]
                     keep = ok if keep is None else keep & ok
             x = g.model.read(xn)  # the dictionary's input and target: its kind knows its hooks
+            if self.contexts:  # whole contexts in, every position out; the loss counts the kept ones (not BOS)
+                rows = batch.tokens[:n_take].to(device) != self.bos
+                rows = (rows if keep is None else rows & keep).reshape(-1)
+                out[key] = (x, g.model.target(xn)[rows], rows)
+                continue
             same = c.all_out_hooks == c.hooks
             y = x if same else g.model.target(xn)
             if keep is not None and not bool(keep.all()):
                 x = x[keep]
                 y = x if same else y[keep]
-            out[key] = (x, y, keep)
+            out[key] = (x, y, None)
         return out
 
     @torch.no_grad()
@@ -372,7 +397,7 @@ class Trainer:
 
     def _folded(self, s: SAEConfig, state: dict, norm: dict) -> dict[str, torch.Tensor]:
         """The member's weights with the normalization folded in: they take raw activations."""
-        dev = state["W_enc"].device
+        dev = next(iter(state.values())).device
         s_in = scale_vector(s.hooks, {h: norm[h]["scale"] for h in s.hooks}, self.d_model).to(dev)
         s_out = self._scale_out(s, norm).to(dev)
         if s.normalize == "none":
@@ -392,18 +417,18 @@ class Trainer:
         device = self.src.device
         members = [holdout.member(s, by_name[s.name][0].model.apply_b_dec_to_input, folded[s.name],
                                   self._scale_out(s, norm), norm, device) for s in self.saes]
-        batches = holdout.heldout_batches(self.source, self.holdout, self.src.batch_size, self.hooks,
+        batches = holdout.heldout_batches(self.source, self.holdout, self.step_rows, self.hooks,
                                           seed=self.src.data_seed)
-        return holdout.evaluate(members, batches, device)
+        return holdout.evaluate(members, batches, device, bos=self.bos)
 
     def _finish(self, s: SAEConfig, g: Group, i: int, norm: dict, created: str, dropped: int, window: list,
                 metrics: list[dict], step: int, seconds: float, weights: dict, heldout: dict | None) -> dict:
         sq, var, l0n, ntok, hook_sq, hook_var = window
-        dead = g.since_fired[i] >= min(s.dead_window, step * self.src.batch_size)
+        dead = g.since_fired[i] >= min(s.dead_window, step * self.step_tokens)
         final = {"fvu": sq / var if var else None, "l0": l0n / ntok if ntok else None,
                  "dead_fraction": float(dead.float().mean())}
         per_hook = {h: a / b if b else None for h, a, b in zip(s.all_out_hooks, hook_sq, hook_var)}
-        tokens = min(self.src.tokens, step * self.src.batch_size)
+        tokens = min(self.src.tokens, step * self.step_tokens)
         held = heldout or {}
         extra = {"created": created, "tokens_trained": tokens, "tokens_dropped_outliers": dropped,
                  "train_seconds": round(seconds, 2), "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
@@ -429,3 +454,13 @@ class Trainer:
         if self.parallel != "data" or self.comm.rank == 0:
             self.store.save(cfg, weights, metrics + final_rows, register=not self.comm.active)
         return cfg
+
+
+def _add_to_window(w: list, out, i: int) -> list:
+    """Member ``i``'s step ``out`` added to its window sums: sq, var, l0·tokens, tokens, and sq, var per out hook."""
+    sq, var, l0n, n, hook_sq, hook_var = w
+    N = out.tokens
+    if out.hook_sq is not None:
+        hook_sq = [a + float(b) for a, b in zip(hook_sq or [0.0] * out.hook_sq.shape[1], out.hook_sq[i])]
+        hook_var = [a + float(b) for a, b in zip(hook_var or [0.0] * out.hook_var.shape[1], out.hook_var[i])]
+    return [sq + float(out.sq[i]), var + float(out.var[i]), l0n + float(out.l0[i]) * N, n + N, hook_sq, hook_var]

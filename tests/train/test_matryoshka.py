@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from saelake.train import SAEStore, dictionaries
 from saelake.lake import SnapshotSource
+from saelake.train import SAEStore, dictionaries
 from tests.train.conftest import H1, lake_main
 
 

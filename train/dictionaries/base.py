@@ -82,6 +82,9 @@ class Dictionary(nn.Module):
     stackable: ClassVar[tuple[str, ...]] = ()  # option keys that may differ between stacked members
     unit_norm_decoder: ClassVar[bool] = True  # default of ``normalize_decoder``
     saelens_imports: ClassVar[tuple[str, ...]] = ()  # SAELens architectures that import as this kind
+    # True: ``encode`` takes whole contexts [b, T, d_in] (or one [T, d_in]) and the trainer feeds it the 2d
+    # table (or live contexts); its codes have a row per position, context-major (Lorsa)
+    context_input: ClassVar[bool] = False
     aux_coef: float = 0.0  # weight of ``aux_loss`` in the training loss
 
     def __init__(self, d_in: int, d_sae: int, d_out: int, options: list[Options], *,

@@ -188,7 +188,8 @@ class CLT(Dictionary):
 @dataclass
 class CLTOptions(Options):
     k: int | None = option(None, "Active latents per layer per token", "32, at most the latents per layer / 2")
-    aux_k: int | None = option(None, "AuxK: dead latents per layer in the auxiliary loss", "min(d, latents per layer)/2")
+    aux_k: int | None = option(None, "AuxK: dead latents per layer in the auxiliary loss",
+                               "min(d, latents per layer)/2")
     aux_coef: float = option(1 / 32, "AuxK: weight of the auxiliary loss; 0 turns it off")
 
     def resolve_layers(self, d: int, s: int, where: str) -> None:
