@@ -59,3 +59,20 @@ def test_steer_on_a_hook_the_model_lacks(lake_copy, tiny_model):
     assert code == 2 and "unknown hook 'blocks.7.hook_resid_post'" in err and len(err.strip().splitlines()) == 1
     code, out, err = cli("steer", "--lake", lake_copy, "nosuch", "--prompt", "x", "--feature", "1", "--value", "1")
     assert code == 2 and "no SAE 'nosuch'" in err
+
+
+def test_steer_example_runs(alake):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    p = subprocess.run([sys.executable, str(repo / "examples" / "steer.py"), "--lake", alake, "--sae", "topk",
+                        "--feature", "3", "--value", "5", "--tokens", "4", "--prompt", "The old man"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert p.returncode == 0, p.stderr
+    assert "error term kept: max |logit change| 0.00e+00" in p.stdout
+    for mode in ("add", "clamp", "ablate", "plain"):
+        assert f"{mode:>6}: The old man" in p.stdout
+    assert "top promoted tokens" in p.stdout
