@@ -26,7 +26,8 @@ def _positive(name: str, v: int | None, zero_ok: bool = False) -> None:
 @click.argument("sae")
 @click.option("--run", default=None, help="Run with a 2d table (default: the SAE's training run).")
 @click.option("--version", type=int, default=None, help="Snapshot version (default: the SAE's, else latest).")
-@click.option("--tokens", type=int, default=None, help="Tokens to analyze, in whole contexts (default: all; live 20000).")
+@click.option("--tokens", type=int, default=None,
+              help="Tokens to analyze, in whole contexts (default: all; live 20000).")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Contexts per batch.")
 @click.option("--top-k", type=int, default=20, show_default=True, help="Top contexts per feature.")
 @click.option("--intervals", default="0.8,0.6,0.4", show_default=True, help="Interval bounds (fractions of max).")
@@ -109,4 +110,13 @@ def feature_cmd(lake_uri, store, sae, index, name, n_top, window):
     feat = st.feature(rec.name, index)
     if feat is None:
         raise UserError(f"feature {index} is missing from analysis {rec.name!r}")
-    show_feature(rec, feat, n_top=n_top, window=window)
+    from saelake.lake import Lake
+
+    from .explanations import explanation_store
+    from .labels import feature_summary, label
+
+    nbrs = list(feat["neighbours"][:8])
+    expl = explanation_store(Lake(lake_uri) if lake_uri else None, rec,
+                             mongo=None if rec.store == "embedded" else st).rows(rec.name, [index, *nbrs])
+    labels = {j: label(expl.get(j), feature_summary(row))[0] for j in nbrs if (row := st.feature(rec.name, j))}
+    show_feature(rec, feat, n_top=n_top, window=window, explanation=expl.get(index), labels=labels)

@@ -40,12 +40,24 @@ def sample_text(sample: dict, feature_max: float, window: int, plain: bool) -> T
     return text
 
 
-def show_feature(rec: AnalysisRecord, feat: dict, n_top: int = 10, window: int = 12, console: Console | None = None) -> None:
+def show_feature(rec: AnalysisRecord, feat: dict, n_top: int = 10, window: int = 12, console: Console | None = None,
+                 explanation: dict | None = None, labels: dict[int, str] | None = None) -> None:
+    """``explanation``: the feature's explanation row (explanation, note, scores); ``labels``: short
+    labels of its neighbours."""
     con = console or Console(highlight=False, soft_wrap=True)
     plain = not con.is_terminal
     f = feat["feature"]
     con.print(Text(f"feature {f} of {rec.sae}  (analysis {rec.name}, {rec.source} "
                    f"{rec.run or rec.dataset or ''}, {rec.tokens} valid tokens)", style="bold"))
+    e = explanation or {}
+    if e.get("explanation"):
+        con.print(f"  explanation  {e['explanation']}  ({e.get('explainer')}"
+                  + (f", {e['explainer_model']}" if e.get("explainer_model") else "") + ")")
+    if e.get("detection") is not None or e.get("fuzzing") is not None:
+        fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
+        con.print(f"  scores       detection {fmt(e.get('detection'))}  fuzzing {fmt(e.get('fuzzing'))}")
+    if e.get("note"):
+        con.print(f"  note         {e['note']}")
     con.print(f"  density {feat['density']:.4%}  ({feat['count']} tokens)   max {feat['max_act']:.4g}   "
               f"mean non-zero {feat['mean_act']:.4g}")
     if feat["hist_counts"]:
@@ -53,11 +65,17 @@ def show_feature(rec: AnalysisRecord, feat: dict, n_top: int = 10, window: int =
         con.print(f"  histogram  {e[0]:.3g} {sparkline(feat['hist_counts'])} {e[-1]:.3g}")
     for side, label in (("pos", "promotes"), ("neg", "suppresses")):
         if feat[f"{side}_tokens"]:
-            toks = ", ".join(f"{_clean(s)!r} {v:+.3g}" for s, v in zip(feat[f"{side}_strs"][:8], feat[f"{side}_logits"]))
+            toks = ", ".join(f"{_clean(s)!r} {v:+.3g}"
+                             for s, v in zip(feat[f"{side}_strs"][:8], feat[f"{side}_logits"]))
             con.print(f"  {label:10s} {toks}")
     if feat["neighbours"]:
-        con.print("  neighbours " + ", ".join(f"{i} ({c:.2f})" for i, c in zip(feat["neighbours"][:8],
-                                                                           feat["neighbour_cos"])))
+        pairs = list(zip(feat["neighbours"][:8], feat["neighbour_cos"]))
+        if labels:
+            con.print("  neighbours")
+            for i, c in pairs:
+                con.print(f"    {i:>6} cos {c:.2f}  {labels.get(i, '')}")
+        else:
+            con.print("  neighbours " + ", ".join(f"{i} ({c:.2f})" for i, c in pairs))
     groups = [("top contexts", [s for s in feat["samples"] if s["kind"] == "top"][:n_top])]
     intervals = rec.config.get("intervals") or []
     for j, p in enumerate(intervals):

@@ -212,6 +212,9 @@ def test_features_search_cli(xlake, tmp_path, analysis):
                          "--json")
     assert code == 0, err
     assert [json.loads(ln)["feature"] for ln in out.splitlines()] == [5]
+    code, out, err = cli("feature", "--lake", root, *store, "topk", "5", "--analysis", analysis)
+    assert code == 0 and "explanation  Quokka detector" in out and "note         ok" in out, err
+    assert "  neighbours\n" in out  # one per line, each with its label
     sums = token_summaries(lake, lake.analysis_record(analysis) if analysis == "ex" else
                            MongoStore(xlake["uri"]).record(analysis), mongo=MongoStore(xlake["uri"])
                            if analysis == "exm" else None)
