@@ -65,6 +65,34 @@ class LiveEncoder:
                 raise LiveError(str(e), 404) from None
         return self._saes[key]
 
+    def steer(self, sae_name: str, req: dict) -> dict:
+        """The steering box: ``lake steer`` on the loaded model (``saelake.analyze.steer``)."""
+        from saelake.analyze.steer import MAX_TOKENS, steer
+
+        cfg = self.data.sae(sae_name)  # NotFound -> 404
+        prompt, feature, value = req.get("prompt"), req.get("feature"), req.get("value")
+        mode, tokens = req.get("mode", "add"), req.get("tokens", 20)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise LiveError("type a prompt first")
+        if len(prompt) > MAX_CHARS:
+            raise LiveError(f"prompt too long ({len(prompt)} characters; at most {MAX_CHARS})")
+        for key, v in (("feature", feature), ("tokens", tokens)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise LiveError(f"{key} must be an integer")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise LiveError("value must be a number")
+        spec = self.model_spec(cfg)
+        if not spec:
+            raise LiveError(f"no model for SAE {sae_name!r}: start lake serve with --model M", 503)
+        with self._lock:
+            model = self._model(spec)
+            sae = self._sae(sae_name, cfg)
+            try:
+                return steer(self.data.lake, sae_name, prompt, feature, float(value), mode=str(mode),
+                             tokens=min(tokens, MAX_TOKENS), model=model, sae=(sae, cfg))
+            except UserError as e:
+                raise LiveError(str(e)) from None
+
     @torch.no_grad()
     def run(self, sae_name: str, text: str, feature: int | None = None, top: int = 5) -> dict:
         cfg = self.data.sae(sae_name)  # NotFound -> 404

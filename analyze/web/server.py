@@ -16,6 +16,7 @@ returns ``(status, content_type, body_bytes, headers)``; the server only moves b
     GET  /api/context?sae=S&analysis=A&feature=F&context=C
                                    {"html"}: the whole context C of a sample of feature F (the "…")
     POST /api/note                 {"sae", "analysis", "feature", "note"}: set a feature's note
+    POST /api/steer                {"sae", "prompt", "feature", "value", "mode"?, "tokens"?} -> lake steer's answer
                                    (JSON only, same origin only: a page elsewhere cannot post one)
 
 No route serves files: names in URLs are looked up in the lake's listings after ``check_name``.
@@ -59,6 +60,8 @@ class WebApp:
         try:
             if method == "POST" and segs == ["api", "live"]:
                 return self._live(body)
+            if method == "POST" and segs == ["api", "steer"]:
+                return self._steer(body)
             if method == "POST" and segs == ["api", "note"]:
                 return self._note(body, headers or {})
             if segs[:1] == ["api"] and method in ("GET", "HEAD"):
@@ -194,6 +197,22 @@ class WebApp:
             return self._json(e.status, {"error": str(e)})
         out["labels"] = self._live_labels(out, req.get("analysis"))
         return self._json(200, out)
+
+    def _steer(self, body: bytes):
+        if self.live is None:
+            return self._json(503, {"error": "live inference is off (lake serve --no-live)"})
+        try:
+            req = json.loads(body or b"{}")
+            if not isinstance(req, dict):
+                raise ValueError
+        except ValueError:
+            return self._json(400, {"error": "send a JSON object: {\"sae\", \"prompt\", \"feature\", \"value\"}"})
+        try:
+            return self._json(200, self.live.steer(str(req.get("sae") or ""), req))
+        except NotFound as e:
+            return self._json(404, {"error": str(e)})
+        except LiveError as e:
+            return self._json(e.status, {"error": str(e)})
 
     def _live_labels(self, out: dict, analysis) -> dict:
         """Short labels of the features a live answer shows (none without an analysis)."""

@@ -76,3 +76,29 @@ def test_steer_example_runs(alake):
     for mode in ("add", "clamp", "ablate", "plain"):
         assert f"{mode:>6}: The old man" in p.stdout
     assert "top promoted tokens" in p.stdout
+
+
+def test_ui_steering_endpoint_shares_the_live_model(lake_copy):
+    """POST /api/steer answers what lake steer prints, on the model live inference loaded (once)."""
+    from saelake.analyze.web.server import WebApp
+
+    alake = lake_copy
+    assert cli("analyze", "--lake", alake, "topk", "--tokens", "256", "--quiet")[0] == 0
+    app = WebApp(alake)
+    body = {"sae": "topk", "prompt": "The old man", "feature": 3, "value": 5, "mode": "add", "tokens": 4}
+    code, _, out, _ = app.handle("POST", "/api/steer", json.dumps(body).encode())
+    assert code == 200, out
+    res = json.loads(out)
+    cli_res = json.loads(cli("steer", "--lake", alake, "topk", "--prompt", "The old man", "--feature", "3",
+                             "--value", "5", "--tokens", "4", "--json")[1])
+    assert res["steered"] == cli_res["steered"] and res["baseline"] == cli_res["baseline"]
+    assert res["mean_logprob_change"] == pytest.approx(cli_res["mean_logprob_change"], abs=1e-5)
+    models = dict(app.live._models)
+    code, _, out, _ = app.handle("POST", "/api/live", json.dumps({"sae": "topk", "text": "The old man"}).encode())
+    assert code == 200 and app.live._models == models  # live inference reuses the model the steering box loaded
+    for bad, msg in (({"value": float("nan")}, "finite"), ({"feature": 999}, "no feature 999"),
+                     ({"prompt": ""}, "type a prompt"), ({"value": "x"}, "must be a number")):
+        code, _, out, _ = app.handle("POST", "/api/steer", json.dumps(body | bad).encode())
+        assert code == 400 and msg in json.loads(out)["error"], out
+    code, _, out, _ = app.handle("GET", "/sae/topk/feature/3")
+    assert code == 200 and b'id="steer"' in out and b"runSteer" in out

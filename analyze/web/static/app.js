@@ -184,3 +184,31 @@ function runLive(form) {
     .catch(function (e) { done(); out.innerHTML = '<p class="err">request failed: ' + esc(e) + "</p>"; });
   return false;
 }
+
+// steering box (feature page): POST /api/steer -> both continuations side by side, promoted tokens' log-prob changes
+function runSteer(form) {
+  var box = form.closest(".steer"), out = box.querySelector(".steer-out"), button = form.querySelector("button");
+  var body = {sae: box.dataset.sae, feature: parseInt(box.dataset.feature, 10), prompt: form.prompt.value,
+              mode: form.mode.value, value: parseFloat(form.value.value), tokens: parseInt(form.tokens.value, 10) || 20};
+  button.disabled = true;
+  out.innerHTML = '<p class="running sub">generating… (the first run loads the model)</p>';
+  fetch("/api/steer", {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)})
+    .then(function (r) { return r.json().then(function (j) { return [r.status, j]; }); })
+    .then(function (res) {
+      button.disabled = false;
+      var j = res[1];
+      if (res[0] !== 200 || j.error) { out.innerHTML = '<p class="err">' + esc(j.error || ("HTTP " + res[0])) + "</p>"; return; }
+      var rows = (j.promoted || []).map(function (p) {
+        return '<tr><td class="tokcell">' + esc(shownTok(p.token)[0]) + '</td><td class="n">' + p.logprob_baseline.toFixed(3) +
+          '</td><td class="n">' + p.logprob_steered.toFixed(3) + '</td><td class="n ' + (p.change >= 0 ? "pos" : "neg") + '">' +
+          (p.change >= 0 ? "+" : "") + p.change.toFixed(3) + "</td></tr>";
+      }).join("");
+      out.innerHTML = '<div class="steer-cols"><div><h3>baseline</h3><p class="cont" id="steer-baseline">' + esc(j.baseline.text) +
+        '</p></div><div><h3>steered (' + esc(j.mode) + " " + j.value.toPrecision(3) + ')</h3><p class="cont" id="steer-steered">' +
+        esc(j.steered.text) + "</p></div></div>" + (j.promoted ? '<table class="promoted" id="steer-promoted"><thead><tr>' +
+        "<th>promoted token</th><th>log p before</th><th>after</th><th>change</th></tr></thead><tbody>" + rows +
+        '</tbody></table><p class="sub">mean change ' + j.mean_logprob_change.toFixed(3) + "</p>" : '<p class="sub">' + esc(j.note) + "</p>");
+    })
+    .catch(function (e) { button.disabled = false; out.innerHTML = '<p class="err">request failed: ' + esc(e) + "</p>"; });
+  return false;
+}
