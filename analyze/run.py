@@ -34,6 +34,8 @@ DEFINITIONS = {
     "logits": "top/bottom of norm_linear(W_dec[f]) @ W_U (final norm's weight folded in, LayerNorm centring, "
               "its 1/sigma scale and biases dropped; direct path only)",
     "neighbours": "features with the largest decoder cosine similarity (self excluded)",
+    "decoder_norms": "per out hook (the record's out_hooks; several out hooks only): the norm of the feature's "
+                     "decoder into that hook's columns (raw units); relative = each / their sum",
 }
 
 
@@ -86,8 +88,12 @@ def load_sae(lake: Lake, spec: str):
 
 
 def latents(sae, x: torch.Tensor, valid: torch.Tensor):
-    """Non-zero latents of valid rows: (rows, lat, vals)."""
-    codes = sae.encode(x)
+    """Non-zero latents of valid rows of ``x`` [N, d_in]: (rows, lat, vals)."""
+    return latents_of(sae.encode(x), valid)
+
+
+def latents_of(codes, valid: torch.Tensor):
+    """Non-zero latents of valid rows of a dictionary's codes: (rows, lat, vals)."""
     if codes.acts is not None:  # dense [N, S] (ReLU, JumpReLU): one big scan, worth every thread
         f = codes.acts[0]  # >= 0: non-zero is active
         rows, lat = f.nonzero(as_tuple=True)
@@ -169,10 +175,11 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalysisRecord:
             n = min(len(batch), n_max - stats.n_contexts)
             if n <= 0:
                 break
-            x = sae.read({h: batch.acts[h][:n] for h in hooks}).reshape(n * T, -1).to(cfg.device, torch.float32)
+            # every kind encodes hook activations of whole contexts: rows are positions, context-major
+            codes = sae.encode_acts({h: batch.acts[h][:n].to(cfg.device, torch.float32) for h in hooks})
             tokens = batch.tokens[:n]
             valid = ~torch.isin(tokens, skip)
-            rows, lat, vals = latents(sae, x, valid.reshape(-1).to(x.device))
+            rows, lat, vals = latents_of(codes, valid.reshape(-1).to(cfg.device))
             stats.update(rows.cpu(), lat.cpu(), vals.cpu(), tokens, valid, batch.context_id[:n], batch.doc_id[:n])
             if bar is not None:
                 bar.update(n * T)
@@ -188,6 +195,8 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalysisRecord:
     W_U, norm = unembedding(model)
     logits = top_logits(W_dec, W_U, norm, cfg.n_logits)
     nbrs = neighbours(W_dec, cfg.n_neighbours) if cfg.n_neighbours > 0 and sae.d_sae > 1 else None
+    # several out hooks (a CLT's layers, a crosscoder's models): each feature's decoder norm into each
+    dec_norms = sae.decoder_norms().float().cpu() if len(sae.out_hooks) > 1 else None
     vocab = vocab_strings(model.tokenizer, max(W_U.shape[1], len(model.tokenizer)))
     record = AnalysisRecord(
         name=name, sae=sae_name, run=desc["run"], version=desc["version"], store=store.where,
@@ -196,9 +205,9 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalysisRecord:
         source=desc["source"], model=desc["model"], dataset=desc["dataset"],
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), seconds=round(seconds, 3),
         tokens_per_second=round(stats.n_tokens / max(seconds, 1e-9), 1), final_norm=norm,
-        excluded_token_ids=skip.tolist(), status="complete", definitions=DEFINITIONS,
+        excluded_token_ids=skip.tolist(), status="complete", definitions=DEFINITIONS, out_hooks=sae.out_hooks,
         config={k: v for k, v in asdict(cfg).items() if k not in ("lake", "store", "overwrite", "extra")})
-    table = FeatureTable(stats, vocab, logits, nbrs)
+    table = FeatureTable(stats, vocab, logits, nbrs, decoder_norms=dec_norms)
     if isinstance(store, MongoStore):
         store.write(record, table, overwrite=cfg.overwrite, sae_config=sae_cfg)
         lake.storage.write_json(record.to_json(), "analyses", name, "analysis.json")  # a pointer for ls/sync

@@ -7,6 +7,8 @@ Both stores hold exactly these fields (MongoDB adds ``sae`` and ``analysis`` to 
     pos_tokens list<int32>, pos_strs list<string>, pos_logits list<float32>   (top output tokens)
     neg_tokens list<int32>, neg_strs list<string>, neg_logits list<float32>   (bottom ones)
     neighbours list<int32>, neighbour_cos list<float32>
+    decoder_norms list<float32>     (the decoder's norm into each out hook, in the record's ``out_hooks``
+                                     order; empty for one out hook)
     samples list<struct<kind string (top|interval|zero), interval int32 (-1 unless interval),
                         context_id int64, doc_id int64, max_act float32, tokens list<int32>,
                         strs list<string>, positions list<int32>, acts list<float32>>>
@@ -32,7 +34,7 @@ SCHEMA = pa.schema([
     ("pos_tokens", pa.list_(pa.int32())), ("pos_strs", pa.list_(pa.string())), ("pos_logits", pa.list_(pa.float32())),
     ("neg_tokens", pa.list_(pa.int32())), ("neg_strs", pa.list_(pa.string())), ("neg_logits", pa.list_(pa.float32())),
     ("neighbours", pa.list_(pa.int32())), ("neighbour_cos", pa.list_(pa.float32())),
-    ("samples", pa.list_(SAMPLE))])
+    ("decoder_norms", pa.list_(pa.float32())), ("samples", pa.list_(SAMPLE))])
 SCALARS = ["feature", "count", "density", "max_act", "mean_act"]
 
 
@@ -58,9 +60,10 @@ def _strs(vocab: pa.Array, ids: torch.Tensor | np.ndarray, rows: int, width: int
 class FeatureTable:
     """Builds record batches of ``chunk`` features from finished statistics."""
 
-    def __init__(self, stats: FeatureStats, vocab: list[str], logits=None, neighbours=None, chunk: int = 512):
+    def __init__(self, stats: FeatureStats, vocab: list[str], logits=None, neighbours=None, chunk: int = 512,
+                 decoder_norms: torch.Tensor | None = None):
         stats.finish()
-        self.stats, self.chunk = stats, chunk
+        self.stats, self.chunk, self.decoder_norms = stats, chunk, decoder_norms
         self.vocab = pa.array(vocab, pa.string())
         self.logits, self.neighbours = logits, neighbours
         self.edges = hist_edges().float()
@@ -91,6 +94,8 @@ class FeatureTable:
         nb = self.neighbours
         cols["neighbours"] = _fixed(nb[0][f0:f1].int() if nb else None, F, pa.int32())
         cols["neighbour_cos"] = _fixed(nb[1][f0:f1].float() if nb else None, F, pa.float32())
+        dn = self.decoder_norms
+        cols["decoder_norms"] = _fixed(dn[f0:f1].float() if dn is not None else None, F, pa.float32())
         cols["samples"] = self._samples(f0, f1)
         return pa.RecordBatch.from_arrays([cols[f.name] for f in SCHEMA], schema=SCHEMA)
 

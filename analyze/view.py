@@ -68,6 +68,10 @@ def show_feature(rec: AnalysisRecord, feat: dict, n_top: int = 10, window: int =
             toks = ", ".join(f"{_clean(s)!r} {v:+.3g}"
                              for s, v in zip(feat[f"{side}_strs"][:8], feat[f"{side}_logits"]))
             con.print(f"  {label:10s} {toks}")
+    norms = feat.get("decoder_norms") or []
+    if norms and rec.out_hooks:  # several out hooks: a CLT's output layers, a crosscoder's models
+        total = sum(norms) or 1.0
+        con.print("  decoder norm " + ", ".join(f"{h} {v:.3g} ({v / total:.0%})" for h, v in zip(rec.out_hooks, norms)))
     if feat["neighbours"]:
         pairs = list(zip(feat["neighbours"][:8], feat["neighbour_cos"]))
         if labels:

@@ -250,6 +250,7 @@ class AnalysisRecord(Record):
     definitions: dict[str, str]
     config: dict[str, Any]  # the AnalyzeConfig it was made with
     features_table: str | None = None
+    out_hooks: list[str] | None = None  # the SAE's out hooks (the order of each feature's decoder_norms)
     checksums: dict[str, FileChecksum] | None = None
     schema_version: int = 2
 
