@@ -123,40 +123,41 @@ class Splice:
     def _write(self, h: str, t: torch.Tensor, seen: dict, keep: torch.Tensor, edit_at: list) -> torch.Tensor:
         if not bool(keep.any()):
             return t
-        rows = int(keep.sum())
-        # inputs the model computes later do not change the output here (checked): zeros stand in
-        inputs = {r: seen[r][keep] if r not in self.later[h] else t.new_zeros(rows, self.widths[r])
+        # inputs the model computes later do not change the output here (checked): zeros stand in.
+        # Whole contexts go to the kind (``encode_acts``: a kind may attend across positions).
+        inputs = {r: seen[r] if r not in self.later[h] else t.new_zeros(*t.shape[:-1], self.widths[r])
                   for r in self.reads}
-        recon, edited = self._decode(inputs, [a[keep] for a in edit_at], h)
+        recon, edited = self._decode(inputs, keep, [a[keep] for a in edit_at], h)
         out = t.clone()
-        cur = t[keep].float()
-        new = cur + (edited - recon) if self.keep_error else edited
+        new = t[keep].float() + (edited - recon) if self.keep_error else edited
         out[keep] = new.to(t.dtype)
         return out
 
-    def _decode(self, inputs: dict, edit_rows: list[torch.Tensor], h: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(reconstruction, edited reconstruction) at out hook ``h`` for the spliced rows."""
-        x = self.sae.read({r: v.float() for r, v in inputs.items()})
-        f = self.sae.encode(x).dense()[0]  # [rows, d_sae]
+    def _decode(self, inputs: dict, keep: torch.Tensor, edit_rows: list[torch.Tensor],
+                h: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reconstruction, edited reconstruction) at out hook ``h`` for the spliced positions."""
+        codes = self.sae.encode_acts({r: v.float().to(self.sae.device) for r, v in inputs.items()})
+        f = codes.dense()[0][keep.reshape(-1).to(self.sae.device)]  # [rows, d_sae]
         g = f.clone()
         for e, rows in zip(self.edits, edit_rows):
             if e.mode == "add":
                 g[rows, e.feature] += e.value
             else:
                 g[rows, e.feature] = e.value if e.mode == "clamp" else 0.0
-        both = self.sae.decode(_dense(torch.stack([f, g]).view(1, -1, f.shape[1]), self.sae))[0]
-        parts = self.sae.written(both, self.widths)[h]
+        both = self.sae.decode(_dense(torch.cat([f, g]).unsqueeze(0), self.sae))[0]
+        parts = self.sae.written(both, self.widths)[h].to(keep.device)
         return parts[:len(f)], parts[len(f):]
 
     def _check_causal(self, h: str, later: list[str]) -> None:
         """The output at ``h`` must not depend on inputs the model computes after ``h``: compare the
         kind's output there with those inputs zero and random."""
         gen = torch.Generator().manual_seed(0)
-        known = {r: torch.randn(4, self.widths[r], generator=gen) for r in self.reads}
+        known = {r: torch.randn(1, 4, self.widths[r], generator=gen) for r in self.reads}
         outs = []
         for scale in (0.0, 10.0):
-            x = self.sae.read({r: (v * scale if r in later else v).to(self.sae.device) for r, v in known.items()})
-            outs.append(self.sae.written(self.sae.decode(self.sae.encode(x))[0], self.widths)[h])
+            codes = self.sae.encode_acts({r: (v * scale if r in later else v).to(self.sae.device)
+                                          for r, v in known.items()})
+            outs.append(self.sae.written(self.sae.decode(codes)[0], self.widths)[h])
         if not torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-4):
             raise UserError(f"this dictionary's output at {h} depends on {', '.join(later)}, which the model computes "
                             "later: it cannot be spliced into one forward pass")

@@ -88,7 +88,7 @@ def steer(lake: Lake | str, sae_name: str, prompt: str, feature: int, value: flo
     plain = lm.bridge(prompt_t, return_type="logits").float()[0, -1].log_softmax(-1)
     steered = splice.logits(prompt_t)[0, -1].log_softmax(-1)
     acts = Splice(lm, dictionary).activations(prompt_t, dictionary.hooks)
-    f = dictionary.encode(dictionary.read({h: a[0].float() for h, a in acts.items()})).dense()[0][1:, feature]
+    f = dictionary.encode_acts({h: a.float() for h, a in acts.items()}).dense()[0][1:, feature]
     base_ids = generate(lm, ids, tokens, None, temperature=temperature, seed=seed)
     steer_ids = generate(lm, ids, tokens, splice, temperature=temperature, seed=seed)
     res = {"sae": sae_name, "model": lm.spec, "feature": feature, "mode": mode, "value": float(value),

@@ -117,3 +117,34 @@ def test_eval_splices_through_the_same_api(trained):
     assert res["ce_loss_recovered"] is not None and res["kl"] > 0  # a transcoder into the next layer: spliced
     res = evaluate(trained["lake"], "cc", tokens=256, save=False)
     assert "ce_sae" not in res and "computes later" in res["note"]  # a crosscoder across layers: not spliceable
+
+
+def _kind(name: str, d_in: int, d_sae: int, hooks: list[str], out_hooks: list[str], **options):
+    from saelake.train import dictionaries
+
+    sae = dictionaries.get(name).build(d_in, d_sae, sum(32 for _ in out_hooks), hooks=hooks, out_hooks=out_hooks,
+                                       **options)
+    sae.initialize([torch.Generator().manual_seed(0)])
+    return sae.inference()
+
+
+@pytest.mark.parametrize("name,hooks,out_hooks,options", [
+    ("clt", ["blocks.0.mlp.hook_in", "blocks.1.mlp.hook_in"], ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"],
+     {"k": 4}),
+    ("lorsa", ["blocks.1.ln1.hook_out"], ["blocks.1.hook_attn_out"], {"k": 4, "d_qk": 8, "rotary_base": 0}),
+    ("topk", [H0], [H0], {"k": 4}),
+])
+def test_other_kinds_splice_through_their_own_read_and_written(trained, name, hooks, out_hooks, options):
+    """A cross-layer transcoder (one encoder per layer, decoders into every later layer) and Lorsa
+    (attention over whole contexts) splice like an SAE: with the error term kept and no edit the logits
+    are the model's, and an edit at position p leaves every earlier position's logits alone."""
+    lm = trained["model"]
+    sae = _kind(name, 32 * len(hooks), 16 * len(hooks), hooks, out_hooks, **options)
+    toks = prompt(lm)
+    plain = lm.bridge(toks, return_type="logits").float()
+    torch.testing.assert_close(Splice(lm, sae).logits(toks), plain, atol=1e-5, rtol=1e-5)
+    p = 4
+    steered = Splice(lm, sae, [Edit(1, "add", 20.0, (p,))]).logits(toks)
+    torch.testing.assert_close(steered[:, :p], plain[:, :p], atol=1e-5, rtol=1e-5)
+    assert (steered[:, p:] - plain[:, p:]).abs().max() > 1e-3
+    assert (Splice(lm, sae, keep_error=False).logits(toks) - plain).abs().max() > 1e-3
