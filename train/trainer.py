@@ -23,7 +23,7 @@ from saelake.lake import Lake, LiveSource, SnapshotSource, UserError
 from saelake.lake.heartbeat import beat, heartbeat_s
 from saelake.lake.storage import check_name
 
-from . import holdout
+from . import holdout, inputs
 from .config import SAEConfig, SourceConfig
 from .dist import Comm
 from .group import Group
@@ -141,22 +141,6 @@ class Trainer:
         self.snapshot = (s.run, src.version)
         return src
 
-    def _norm_stats(self, batch) -> dict:
-        """Per hook: scale (so E|x| = sqrt(d)) and outlier limit, from ingest stats (or the first live batch)."""
-        stats = self.stats
-        origin = "ingest"
-        if stats is None:
-            origin = "first live batch"
-            stats = {}
-            for h in self.hooks:
-                norms = batch.acts[h].float().norm(dim=-1)
-                if self.contexts:  # whole contexts: BOS positions (massive activations) left out, as ingest does
-                    norms = norms[batch.tokens != self.bos]
-                stats[h] = {"mean_norm": float(norms.mean()), "median_norm": float(norms.median())}
-        return {h: {"mean_norm": stats[h]["mean_norm"], "median_norm": stats[h]["median_norm"],
-                    "scale": math.sqrt(self.d_model[h]) / stats[h]["mean_norm"], "origin": origin}
-                for h in self.hooks}
-
     # -- resume ----------------------------------------------------------------------------------
     def _resume_state(self) -> dict:
         states = {}
@@ -270,18 +254,19 @@ class Trainer:
             if norm is None:  # first batch of a fresh run: norm stats, b_dec init
                 first = SimpleNamespace(acts={h: self.comm.gather_rows(a) for h, a in batch.acts.items()}) \
                     if dp else batch
-                norm = self._norm_stats(first)
-                self._init_b_dec(groups, first, norm)
+                norm = inputs.norm_stats(first, self.stats, self.d_model, self.bos if self.contexts else None)
+                inputs.init_from_data(groups, first, norm, device)
             if writer and (not pulse["beats"] or time.monotonic() - pulse["t"] >= every_s):
                 heartbeat()  # the first one puts the config on disk
             n_take = min(len(batch), -(-(src.tokens - step * self.step_tokens) // self.T))  # rows
             n_global = n_take * self.T * (W if dp else 1)  # tokens
             log_now = step % self.log_every == 0 or step == self.total_steps - 1
             in_window = step >= self.total_steps - max(1, self.total_steps // 10)
-            inputs = self._inputs(batch, n_take, norm, groups)
+            xs = inputs.group_inputs(batch, n_take, norm, groups, self.hooks, device,
+                                     self.bos if self.contexts else None)
             shown = {}
             for g in groups:
-                x, y, rows_kept = inputs[g.input_key]
+                x, y, rows_kept = xs[g.input_key]
                 out = g.step(x, y, step, self.total_steps, g.cfg.dead_window, autocast, stats=log_now, comm=comm,
                              window=in_window, rows=rows_kept)
                 N = out.tokens  # tokens kept in the (global) batch
@@ -340,51 +325,6 @@ class Trainer:
                     self.store.register(name)
             self.comm.barrier()
         return out
-
-    @torch.no_grad()
-    def _inputs(self, batch, n_take: int, norm: dict, groups: list[Group]) -> dict:
-        """Per distinct input setting of the groups: (x, y, keep). Each hook is converted to fp32 and
-        normalised once per batch, whatever the number of SAEs; outliers are dropped once per setting."""
-        device = self.src.device
-        raw, scaled, norms, out = {}, {}, {}, {}
-        need_raw = any(g.cfg.normalize == "none" for g in groups)
-        for h in self.hooks:
-            a = batch.acts[h][:n_take].to(device, torch.float32)
-            norms[h] = torch.linalg.vector_norm(a, dim=-1)
-            raw[h] = a
-            scaled[h] = a * norm[h]["scale"] if need_raw else a.mul_(norm[h]["scale"])  # `a`: a fresh copy
-        for g in groups:
-            c = g.cfg
-            key = g.input_key
-            if key in out:
-                continue
-            xn = raw if c.normalize == "none" else scaled
-            keep = None
-            if c.outlier_factor is not None:
-                for h in dict.fromkeys(c.hooks + c.all_out_hooks):
-                    ok = norms[h] <= c.outlier_factor * norm[h]["median_norm"]
-                    keep = ok if keep is None else keep & ok
-            x = g.model.read(xn)  # the dictionary's input and target: its kind knows its hooks
-            if self.contexts:  # whole contexts in, every position out; the loss counts the kept ones (not BOS)
-                rows = batch.tokens[:n_take].to(device) != self.bos
-                rows = (rows if keep is None else rows & keep).reshape(-1)
-                out[key] = (x, g.model.target(xn)[rows], rows)
-                continue
-            same = c.all_out_hooks == c.hooks
-            y = x if same else g.model.target(xn)
-            if keep is not None and not bool(keep.all()):
-                x = x[keep]
-                y = x if same else y[keep]
-            out[key] = (x, y, None)
-        return out
-
-    @torch.no_grad()
-    def _init_b_dec(self, groups: list[Group], batch, norm: dict) -> None:
-        for g in groups:
-            c = g.cfg
-            y = g.model.target({h: batch.acts[h].to(self.src.device, torch.float32)
-                                * (norm[h]["scale"] if c.normalize != "none" else 1.0) for h in c.all_out_hooks})
-            g.model.init_from_data(y, c.b_dec_init)
 
     def _checkpoint(self, groups, step, rows, norm, created, dropped, window, metrics) -> None:
         for g in groups:
