@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
 
+import aiobotocore.session
 import fsspec
 
 from .errors import UserError
@@ -44,6 +45,34 @@ def _s3_settings() -> dict:
     }
 
 
+S3_TIMEOUT_ENV = "SAELAKE_S3_TIMEOUT"
+S3_TIMEOUT_DEFAULT = 60.0  # seconds
+
+
+def s3_timeout() -> float:
+    """The longest one S3 request may wait for the store, its retries included (seconds).
+
+    From SAELAKE_S3_TIMEOUT (default 60). A stalled endpoint fails a command with the usual
+    one-line error instead of hanging it, within a few times this: an operation may make several
+    requests (Lance repeats a failed listing up to five times), and so does the clean-up after it.
+    """
+    raw = os.environ.get(S3_TIMEOUT_ENV, "")
+    try:
+        value = float(raw) if raw else S3_TIMEOUT_DEFAULT
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise UserError(f"{S3_TIMEOUT_ENV}={raw!r}: give the S3 time limit in seconds, a positive number "
+                        f"(default {S3_TIMEOUT_DEFAULT:g})")
+    return value
+
+
+def _no_expect_continue(params: dict, **_) -> None:
+    """botocore asks a stalled server for "100 Continue" before a PUT's body, and aiohttp waits
+    for that answer with no time limit; without the header the read timeout bounds the PUT."""
+    params["headers"].pop("Expect", None)
+
+
 class LakeStorage:
     """File access for one lake root."""
 
@@ -58,12 +87,24 @@ class LakeStorage:
             s = _s3_settings()
             self.endpoint = s["endpoint"]
             client_kwargs = {"endpoint_url": s["endpoint"]} if s["endpoint"] else {}
+            limit = s3_timeout()
+            # Every S3 request gives up within the limit, its retries included. botocore (fsspec):
+            # two attempts, each connecting and waiting for bytes at most a quarter of it. Lance
+            # (object_store): each attempt at most half of it (Lance's own default per request at the
+            # default limit), quick retries of errors such as 503 only within the first half.
+            session = aiobotocore.session.AioSession()
+            session.register("before-call.s3", _no_expect_continue)
             self.fs = fsspec.filesystem(
-                "s3", key=s["key"], secret=s["secret"], token=s["token"], client_kwargs=client_kwargs,
-                config_kwargs={"connect_timeout": 5, "read_timeout": 30, "retries": {"max_attempts": 2}},
+                "s3", key=s["key"], secret=s["secret"], token=s["token"], client_kwargs=client_kwargs, session=session,
+                config_kwargs={"connect_timeout": limit / 4, "read_timeout": limit / 4,
+                               "retries": {"total_max_attempts": 2, "mode": "standard"}},
                 skip_instance_cache=True,
             )
-            self.storage_options = {"region": s["region"]}
+            self.fs.retries = 1  # s3fs's own retry loop (5 by default) would multiply botocore's
+            half_ms = max(1, int(limit * 500))
+            self.storage_options = {"region": s["region"], "connect_timeout": f"{half_ms // 2}ms",
+                                    "timeout": f"{half_ms}ms", "client_max_retries": "3",
+                                    "client_retry_timeout": f"{max(1, round(limit / 2))}"}
             if s["key"]:
                 self.storage_options |= {"access_key_id": s["key"], "secret_access_key": s["secret"]}
             if s["token"]:
