@@ -200,5 +200,5 @@ def sweep_chart(points: list[dict], ylabel: str, title: str, cls: str = "") -> s
             body.append(f'<a href="{escape(p["href"])}">{dot}</a>' if p.get("href") else dot)
     legend = " ".join(f'<tspan style="fill:{ARCH_COLOURS[j % len(ARCH_COLOURS)]}">● {escape(a)}</tspan>'
                       for j, a in enumerate(archs))
-    body.append(f'<text class="tick" x="{ML + 4}" y="{MT + 11}">{legend}</text>')
+    body.append(f'<text class="tick" x="{W - MR}" y="15" text-anchor="end">{legend}</text>')
     return _svg(body, title, "sweep " + cls)

@@ -11,7 +11,7 @@ from importlib import resources
 from urllib.parse import quote, urlencode
 
 import jinja2
-from markupsafe import Markup
+from markupsafe import Markup, escape
 
 from saelake.analyze.explanations import FIELDS as EXPLANATION_FIELDS
 from saelake.lake.heartbeat import shown_status, stalled
@@ -20,7 +20,7 @@ from . import charts
 from .data import LakeData, Loading, NotFound, StoreDown
 from .listing import feature_listing, score_arrays
 from .sweep import feature_counts, sweep_groups
-from .tokens import clean_token, peak_flags, sample_html
+from .tokens import peak_flags, sample_html, shown
 
 CURVES = (("loss", True), ("fvu", False), ("l0", True), ("dead_fraction", False))
 DEFAULT_OUTLIER_FACTOR = 10.0  # a peak on a token above this x the hook's median norm is flagged
@@ -116,7 +116,7 @@ class Renderer:
         self.data, self.links, self.live = data, links or Links(), live
         self.env = jinja2.Environment(loader=jinja2.PackageLoader(__package__, "templates"),
                                       autoescape=True, trim_blocks=True, lstrip_blocks=True)
-        self.env.filters.update(num=fnum, pct=pct, bytes=human_bytes, tok=clean_token)
+        self.env.filters.update(num=fnum, pct=pct, bytes=human_bytes, tok=lambda s: shown(s)[0], wbr=break_after_dots)
         self.css, self.js = _asset("style.css"), _asset("app.js")
 
     def render(self, template: str, **ctx) -> str:
@@ -281,6 +281,11 @@ class Renderer:
     def error_page(self, status: int, message: str) -> str:
         heading = {404: "Not found", 503: "Feature store unavailable"}.get(status, "Error")
         return self.render("error.html", title=heading.lower(), status=status, heading=heading, message=message)
+
+
+def break_after_dots(s) -> Markup:
+    """A hook name that may wrap after its dots (and nowhere else) in a narrow table cell."""
+    return Markup(str(escape(s if s is not None else "")).replace(".", ".<wbr>"))
 
 
 def _act_range(samples: list[dict]) -> str:

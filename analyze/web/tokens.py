@@ -3,8 +3,9 @@
 - The peak token (the context's largest activation) has a dark outline and bold type: a shape,
   so it stands out from a fully shaded neighbour.
 - Whitespace-only tokens show visible marks (``·`` for a space, ``↵``, ``⇥``); an empty string
-  shows ``∅``. Byte tokens (a piece of a UTF-8 character) show as ``<0xNN>`` (analyses since this
-  rule; older ones stored the replacement character ``�``) with the token id on hover.
+  shows ``∅``; invisible characters (no-break space, zero-width, control) are spelled out
+  (``\\xa0``). Byte tokens (a piece of a UTF-8 character) show as ``<0xNN>`` (analyses since this
+  rule; older ones stored the replacement character ``\ufffd``) with the token id on hover.
 - A context is sent as a window around its peak; "…" asks the server for the rest
   (``/api/context``), so a feature page does not carry thousands of hidden spans. A static
   export has no server: it carries every token and "…" only reveals them.
@@ -20,6 +21,7 @@ from markupsafe import Markup
 
 WINDOW_BEFORE, WINDOW_AFTER = 24, 10
 EARLY = 5  # positions after a BOS that count as "early"
+WHITESPACE = {" ": "·", "\n": "↵", "\t": "⇥", "\r": ""}  # others (no-break space...) are spelled: \xa0
 BYTE = re.compile(r"<0x[0-9A-F]{2}>")  # as analyze.directions.token_strings spells bytes
 
 
@@ -34,10 +36,13 @@ def shown(s: str) -> tuple[str, str]:
     if s == "":
         return "∅", " ws"
     if not s.strip():
-        return s.replace("\r", "").replace("\n", "↵").replace("\t", "⇥").replace(" ", "·"), " ws"
+        return "".join(WHITESPACE.get(c) or repr(c)[1:-1] for c in s), " ws"
     if BYTE.search(s) or "\ufffd" in s:
         return s, " byte"
-    return clean_token(s), ""
+    s = clean_token(s)
+    if not s.isprintable():  # zero-width and control characters, spelled out
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s), " ws"
+    return s, ""
 
 
 def peak_of(sample: dict) -> int:

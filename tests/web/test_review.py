@@ -146,7 +146,7 @@ def test_token_rendering_peak_intervals_and_flags(page, server, web_lake):
     shown = page.locator(".group .sample.flagged")
     n = shown.count()
     assert n >= 1 and "early" in shown.first.get_attribute("data-flags")
-    assert f"hide the {n} examples" in page.locator("#flags").inner_text()
+    assert f"hide the {n} example{'s' if n != 1 else ''} whose" in page.locator("#flags").inner_text()
     assert shown.first.is_visible()
     page.check("#hide-flagged")
     assert not shown.first.is_visible() and page.locator(".group .sample:not(.flagged)").first.is_visible()

@@ -8,6 +8,8 @@ from saelake.analyze.web.tokens import WINDOW_AFTER, WINDOW_BEFORE, peak_flags, 
 def test_shown_tokens():
     assert shown(" ") == ("·", " ws") and shown("\n\n") == ("↵↵", " ws") and shown("\t ") == ("⇥·", " ws")
     assert shown("") == ("∅", " ws") and shown(" the") == (" the", "")
+    assert shown("\xa0 ") == ("\\xa0·", " ws") and shown("\u200b") == ("\\u200b", " ws")
+    assert shown("a\x07") == ("a\\x07", " ws")
     assert shown("<0xE6>") == ("<0xE6>", " byte") and shown(" <0xF0><0x9F>") == (" <0xF0><0x9F>", " byte")
     assert shown("\ufffd") == ("\ufffd", " byte")  # analyses written before bytes were spelled
 

@@ -118,7 +118,8 @@ function esc(s) {
 function shownTok(s) {
   if (s === "") return ["∅", " ws"];
   var c = s.replace(/\r/g, "").replace(/\n/g, "↵").replace(/\t/g, "⇥");
-  if (!s.trim()) return [c.replace(/ /g, "·"), " ws"];
+  if (!s.trim()) return [c.replace(/ /g, "·").replace(/[^·↵⇥]/g, function (ch) {
+    return "\\u" + ("000" + ch.charCodeAt(0).toString(16)).slice(-4); }), " ws"];
   if (/<0x[0-9A-F]{2}>/.test(s) || s.indexOf("\ufffd") >= 0) return [c, " byte"];
   return [c, ""];
 }
