@@ -24,6 +24,7 @@ from tqdm import tqdm
 from . import checksums
 from .corpus import check_corpus, documents, pack_contexts
 from .errors import UserError
+from .hooknames import qualify
 from .lake import TABLES, Lake
 from .models import LoadedModel, load_model
 from .records import HookStats, ModelInfo, RunManifest, Snapshot
@@ -69,6 +70,7 @@ class IngestConfig:
     def validate(self) -> None:
         if not self.hooks or any(not h.strip() for h in self.hooks):
             raise UserError("--hooks is empty: give comma-separated hook names like blocks.3.hook_resid_post")
+        self.hooks = qualify(self.model, self.hooks)  # {a-b} ranges; model:hook for several models
         if len(set(self.hooks)) != len(self.hooks):
             raise UserError(f"--hooks lists a hook twice: {','.join(self.hooks)}")
         if self.tokens <= 0:

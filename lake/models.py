@@ -151,6 +151,13 @@ class LoadedModel:
 
 
 def load_model(spec: str, device: str = "cpu") -> LoadedModel:
+    """A model by spec; ``a=PATH,b=PATH`` (several models over the same tokens): a ``MultiModel``."""
+    from .hooknames import several_models
+
+    if several_models(spec):
+        from .multimodel import MultiModel
+
+        return MultiModel.load(spec, device)
     target, kind = resolve_model(spec)
     import transformers
     from transformer_lens import TransformerBridge

@@ -25,8 +25,9 @@ from .codecs import get_codec
 
 
 def column_name(hook: str) -> str:
-    """Lance field names cannot contain '.': blocks.3.hook_resid_post -> blocks_3_hook_resid_post."""
-    return hook.replace(".", "_")
+    """Lance field names cannot contain '.': blocks.3.hook_resid_post -> blocks_3_hook_resid_post (a
+    model's hook in a run of several models, a:blocks.3.hook_resid_post -> a__blocks_3_hook_resid_post)."""
+    return hook.replace(".", "_").replace(":", "__")
 
 
 def acts_to_arrow(stored: torch.Tensor) -> pa.Array:

@@ -28,8 +28,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_tiny_model(path: Path, n_layers: int = 2, d_model: int = 32, n_ctx: int = 64) -> Path:
-    """A random GPT-2-style model + a BPE tokenizer trained offline on the test corpus."""
+def make_tiny_model(path: Path, n_layers: int = 2, d_model: int = 32, n_ctx: int = 64, seed: int = 0) -> Path:
+    """A random GPT-2-style model + a BPE tokenizer trained offline on the test corpus (the same tokenizer
+    whatever the ``seed`` of the weights: models of several seeds stand in for checkpoints of one model)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -45,7 +46,7 @@ def make_tiny_model(path: Path, n_layers: int = 2, d_model: int = 32, n_ctx: int
     bos = fast.convert_tokens_to_ids("<|endoftext|>")
     cfg = GPT2Config(vocab_size=len(fast), n_positions=n_ctx, n_embd=d_model, n_layer=n_layers, n_head=4,
                      bos_token_id=bos, eos_token_id=bos)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     GPT2LMHeadModel(cfg).save_pretrained(path)
     fast.save_pretrained(path)
     return path

@@ -12,7 +12,6 @@ CLI's help reads them from there.
 from __future__ import annotations
 
 import dataclasses
-import re
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from saelake.lake import IngestConfig, UserError
+from saelake.lake.hooknames import expand_hooks
 
 from . import dictionaries
 from .dictionaries.base import fraction, option, option_help
@@ -140,25 +140,6 @@ class BaseSAEConfig:
         for f in ("name", "lr", "seed", "expansion", *self.kind.stackable):
             d.pop(f)
         return tuple(sorted((k, str(v)) for k, v in d.items()))
-
-
-HOOK_RANGE = re.compile(r"\{(\d+)-(\d+)\}")
-
-
-def expand_hooks(hooks: list[str]) -> list[str]:
-    """Hook names with a ``{a-b}`` layer range expanded: ``blocks.{0-2}.ln2.hook_out`` -> blocks.0..., blocks.1...,
-    blocks.2... (one range per name)."""
-    out = []
-    for h in hooks:
-        ranges = HOOK_RANGE.findall(h)
-        if not ranges:
-            out.append(h)
-            continue
-        a, b = (int(v) for v in ranges[0])
-        if len(ranges) > 1 or a > b:
-            raise UserError(f"hook {h!r}: a name holds one range {{a-b}} with a <= b")
-        out += [HOOK_RANGE.sub(str(i), h) for i in range(a, b + 1)]
-    return out
 
 
 def type_name(typ) -> str:

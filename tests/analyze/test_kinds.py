@@ -9,8 +9,8 @@ import torch
 
 from saelake.analyze.stores import EmbeddedStore
 from saelake.lake import Lake, SnapshotSource
+from saelake.lake.hooknames import expand_hooks
 from saelake.train import SAEStore
-from saelake.train.config import expand_hooks
 from tests.conftest import cli
 
 CLT_IN, CLT_OUT = "blocks.{0-1}.ln2.hook_out", "blocks.{0-1}.hook_mlp_out"
@@ -85,8 +85,8 @@ def test_lorsa_features_are_encoded_over_whole_contexts(lake, tiny_model, tiny_c
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
         checked += 1
     assert checked > 5
-    code, out, err = cli("analyze", "--lake", lake, "lorsa", "--live", "--model", tiny_model, "--dataset", tiny_corpus, "--context-size", "32", "--tokens", "320", "--name", "lorsa-live",
-                         "--quiet")
+    code, out, err = cli("analyze", "--lake", lake, "lorsa", "--live", "--model", tiny_model, "--dataset", tiny_corpus,
+                         "--context-size", "32", "--tokens", "320", "--name", "lorsa-live", "--quiet")
     assert code == 0, err
     assert store.record("lorsa-live").source == "live"
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from saelake.lake import SnapshotSource
+from saelake.lake.hooknames import expand_hooks
 from saelake.train import SAEStore, dictionaries
-from saelake.train.config import expand_hooks
 from tests.train.conftest import lake_main
 
 IN = "blocks.{0-1}.ln2.hook_out"
