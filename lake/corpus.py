@@ -88,9 +88,13 @@ def _rows(spec: str, text_column: str) -> Iterator[str]:
     import datasets
 
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parse errors reach the user as one UserError
     path = Path(spec).expanduser()
+    builder = None
     if path.exists():
         builder, files = _local_files(path)
+        if all(os.path.getsize(f) == 0 for f in files):
+            raise UserError(f"corpus {spec} is empty: no documents to read")
         kwargs = {"sample_by": "document"} if builder == "text" else {}
         ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
     elif spec.startswith((".", "/", "~")) or spec.endswith(tuple(BUILDERS)):
@@ -104,7 +108,7 @@ def _rows(spec: str, text_column: str) -> Iterator[str]:
         except Exception as e:
             raise UserError(f"cannot open hub dataset {spec!r} ({type(e).__name__}): check the name and network") from None
     first = True
-    for row in ds:
+    for row in _parsed(ds, spec, builder):
         if first and text_column not in row:
             raise UserError(f"text column {text_column!r} not in {spec}: columns are {sorted(row)}; "
                             "pass --text-column")
@@ -112,6 +116,21 @@ def _rows(spec: str, text_column: str) -> Iterator[str]:
         text = row[text_column]
         if isinstance(text, str) and text.strip():
             yield text
+
+
+def _parsed(ds, spec: str, builder: str | None) -> Iterator[dict]:
+    """The rows of ``ds``; a file the parser cannot read (binary, malformed) is a UserError."""
+    rows = iter(ds)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:  # the datasets/pyarrow parsers raise many types; name the file instead
+            what = f"a {builder} file" if builder else "a dataset"
+            raise UserError(f"cannot read {spec} as {what} ({type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0][:120]})") from None
+        yield row
 
 
 def documents(spec: str, text_column: str = "text") -> Iterator[str]:

@@ -31,10 +31,14 @@ CASES = {
     "resume missing run": (dict(run="ghost", extra=["--resume"]), "does not exist"),
     "append missing run": (dict(run="ghost", extra=["--append"]), "does not exist"),
     "resume other settings": (dict(run="existing", tokens="500", extra=["--resume"], seed="7"), "seed=0"),
-    "bad dtype": (dict(dtype="float8"), "unsupported dtype"),
+    "bad dtype": (dict(dtype="float64"), "unsupported dtype"),
     "bad layout": (dict(layout="3d"), "unknown layout"),
     "bad run name": (dict(run="../escape"), "invalid run name"),
     "per-head hook": (dict(hooks="blocks.0.attn.hook_result"), "one vector per token"),
+    "empty jsonl": (dict(dataset="{empty}"), "is empty: no documents to read"),
+    "binary jsonl": (dict(dataset="{binary}"), "as a json file"),
+    "nproc zero": (dict(extra=["--nproc", "0"]), "--nproc must be at least 1, got 0"),
+    "nproc negative": (dict(extra=["--nproc", "-2"]), "--nproc must be at least 1, got -2"),
 }
 
 
@@ -42,10 +46,13 @@ CASES = {
 def test_bad_ingest_input(case, lake, tiny_model, tiny_corpus, tmp_path):
     over, expected = CASES[case]
     (tmp_path / "c.jsonl").write_text('{"body": "hello there"}\n')
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "binary.jsonl").write_bytes(bytes(range(256)) * 8)
     args = dict(model=tiny_model, dataset=tiny_corpus, hooks=",".join(HOOKS), tokens="600", context_size="32",
                 run="new", text_column="text", dtype="float16", layout="1d,2d", seed="0")
     extra = over.pop("extra", [])
-    args.update({k: v.format(tmp=tmp_path, jsonl=tmp_path / "c.jsonl") for k, v in over.items()})
+    args.update({k: v.format(tmp=tmp_path, jsonl=tmp_path / "c.jsonl", empty=tmp_path / "empty.jsonl",
+                             binary=tmp_path / "binary.jsonl") for k, v in over.items()})
     before = _listing(lake)
     argv = ["ingest", "--lake", str(lake), "--quiet", *extra]
     for k, v in args.items():
@@ -78,4 +85,12 @@ def test_unreachable_s3_endpoint_is_named(monkeypatch):
 def test_missing_s3_bucket_is_named(s3_env):
     code, _, err = cli("ls", "--lake", "s3://no-such-bucket-here/lake")
     assert code == 2 and "bucket 'no-such-bucket-here' does not exist" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-3", "nan"])
+def test_bad_s3_timeout_is_named(s3_env, monkeypatch, value):
+    monkeypatch.setenv("SAELAKE_S3_TIMEOUT", value)
+    code, _, err = cli("ls", "--lake", f"s3://{s3_env['bucket']}/lake")
+    assert code == 2 and f"SAELAKE_S3_TIMEOUT={value!r}" in err and "seconds" in err, err
     assert len(err.strip().splitlines()) == 1
