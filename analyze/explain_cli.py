@@ -90,7 +90,9 @@ def score_cmd(lake_uri, store, sae, analysis, features, scorer, model, api_key_e
     fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
     click.echo(f"scored {r.scored} features of analysis {r.analysis} in {r.seconds:.1f} s: mean detection "
                f"{fmt(r.mean_detection)}, mean fuzzing {fmt(r.mean_fuzzing)}"
-               + (f" ({r.skipped} skipped: unexplained or already scored)" if r.skipped else ""))
+               + (f" ({r.skipped} skipped: unexplained or already scored)" if r.skipped else "")
+               + (f"; {r.unscorable} had no examples the explainer did not see (explain with fewer "
+                  "--top-examples, or analyze with more --top-k)" if r.unscorable else ""))
 
 
 @click.command("features")

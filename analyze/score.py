@@ -57,6 +57,7 @@ class ScoreResult:
     seconds: float
     mean_detection: float | None
     mean_fuzzing: float | None
+    unscorable: int  # scored features without held-out or non-activating examples (their scores are None)
 
 
 def balanced_accuracy(pos: list[bool | None], neg: list[bool | None]) -> float | None:
@@ -131,4 +132,4 @@ def score(cfg: ScoreConfig, progress: bool = True) -> ScoreResult:
         expl_store.update(rec.name, rec.sae, pending)
     mean = lambda k: (sum(v) / len(v)) if (v := [r[k] for r in results if r[k] is not None]) else None  # noqa: E731
     return ScoreResult(rec.name, len(results), len(features) - len(todo), time.perf_counter() - t0,
-                       mean("detection"), mean("fuzzing"))
+                       mean("detection"), mean("fuzzing"), sum(r["detection"] is None for r in results))

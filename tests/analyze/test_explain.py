@@ -314,3 +314,23 @@ def test_killed_writer_leaves_the_old_rows_or_the_new(xlake, tmp_path):
         rec = st.record("ex")
         for path, want in rec.checksums.items():
             assert file_checksum(Lake(root).storage, Lake(root).storage.uri("analyses", "ex", path)) == want
+
+
+def test_explain_and_score_into_mongo(xlake, tmp_path, chat_server):
+    root = str(tmp_path / "lake")
+    shutil.copytree(xlake["lake"], root)
+    feats = alive(root, "ex", 2)
+    srv, url = chat_server(lambda p: "Yes" if "Does the neuron" in p or "marked tokens" in p else
+                           "Explanation: «Commas» in lists\nmore text")
+    code, out, err = cli("explain", "--store", xlake["uri"], "topk", "--analysis", "exm", "--features",
+                         ",".join(map(str, feats)), "--explainer", url, "--overwrite", "--top-examples", "2",
+                         "--interval-examples", "0", "--quiet")  # leave examples for the scorer (6 top, 2 per interval)
+    assert code == 0 and f"explained {len(feats)} features" in out, err
+    code, out, err = cli("score", "--store", xlake["uri"], "topk", "--analysis", "exm", "--features",
+                         ",".join(map(str, feats)), "--scorer", url, "--overwrite", "--quiet")
+    assert code == 0 and "mean detection 0.500" in out, err
+    rows = MongoExplanations(MongoStore(xlake["uri"])).rows("exm", feats)
+    assert [rows[f]["explanation"] for f in feats] == ["Commas in lists"] * len(feats)  # label, marks, rest cut
+    assert all(rows[f]["detection"] == 0.5 and rows[f]["explainer"] == url for f in feats)
+    prompt = srv.seen[0][2]["messages"][-1]["content"]
+    assert "«" in prompt and "Tokens the neuron makes more likely" in prompt  # marked examples, promoted tokens
