@@ -93,10 +93,13 @@ def evaluate(lake: Lake | str, name: str, *, model: str | None = None, dataset: 
         for h in dict.fromkeys(hooks + out_hooks):
             if factor and h in norm:
                 keep &= acts[h].float().norm(dim=-1) <= factor * norm[h]["median_norm"]
-        x = sae.read(acts).float()[keep]
-        y = sae.target(acts).float()[keep]
-        codes = sae.encode(x)
-        y_hat = sae.decode(codes)[0]
+        y = torch.cat([acts[h] for h in out_hooks], -1).float()[keep]
+        if sae.context_input:  # a kind that reads whole contexts (Lorsa) encodes them whole: kept positions scored
+            codes, written = sae.reconstruct({h: a.float() for h, a in acts.items()})
+            y_hat = torch.cat([written[h] for h in out_hooks], -1)[keep]
+        else:
+            codes = sae.encode(sae.read(acts).float()[keep])
+            y_hat = sae.decode(codes)[0]
         acc["sq"] += float((y - y_hat).double().pow(2).sum())
         acc["ysq"] += float(y.double().pow(2).sum())
         ysum = y.double().sum(0) if ysum is None else ysum + y.double().sum(0)

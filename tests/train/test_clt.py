@@ -194,3 +194,18 @@ def test_bad_clt_shapes_are_one_line(lake):
     assert code == 2 and "must be a multiple of the number of layers (2)" in err, err
     code, _, err = lake_main(*base, "--arch", "clt", "--hook", "blocks.{3-1}.ln2.hook_out", "--out-hook", OUT)
     assert code == 2 and "one range {a-b} with a <= b" in err, err
+
+
+def test_eval_replaces_every_layer_and_export_refuses(lake, tmp_path):
+    """lake eval splices the CLT into every covered MLP output (the later layers read the spliced
+    stream) and reports CE loss recovered and KL; SAELens has no CLT format: one line."""
+    code, _, err = lake_main("train", "--lake", lake, "--run", "r", "--arch", "clt", "--hook", IN, "--out-hook", OUT,
+                             "--expansion", "4", "--k", "8", "--tokens", "12800", "--batch-size", "256", "--repeat",
+                             "--lr", "0.01", "--holdout", "0", "--name", "e", "--quiet")
+    assert code == 0, err
+    code, out, err = lake_main("eval", "--lake", lake, "e", "--tokens", "512", "--json")
+    assert code == 0, err
+    res = __import__("json").loads(out)
+    assert res["ce_loss_recovered"] is not None and res["kl"] >= 0 and "note" not in res, res
+    code, _, err = lake_main("export", "--lake", lake, "e", "-o", str(tmp_path / "out"))
+    assert code == 2 and err.startswith("error: ") and "no format" in err, err

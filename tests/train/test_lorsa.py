@@ -206,3 +206,17 @@ def test_lorsa_refusals_are_one_line(lake, snapshot):
     assert code == 2 and "qk_heads (7) must divide heads (60)" in err, err
     code, _, err = lake_main(*base, "--hook", f"{IN},{OUT}", "--out-hook", OUT)
     assert code == 2 and "Lorsa reads one hook and writes one" in err, err
+
+
+def test_eval_splices_lorsa_over_whole_contexts_and_export_refuses(lake, tmp_path):
+    code, _, err = lake_main("train", "--lake", lake, "--run", "r", "--arch", "lorsa", "--hook", IN, "--out-hook", OUT,
+                             "--heads", "64", "--qk-heads", "4", "--d-qk", "8", "--k", "8", "--tokens", "8192",
+                             "--batch-size", "256", "--repeat", "--lr", "0.01", "--holdout", "0", "--name", "e",
+                             "--quiet")
+    assert code == 0, err
+    code, out, err = lake_main("eval", "--lake", lake, "e", "--tokens", "512", "--json")
+    assert code == 0, err
+    res = __import__("json").loads(out)
+    assert res["ce_loss_recovered"] is not None and res["kl"] >= 0 and 0 < res["fvu"] < 1, res
+    code, _, err = lake_main("export", "--lake", lake, "e", "-o", str(tmp_path / "out"))
+    assert code == 2 and "is a lorsa" in err and "no format" in err, err

@@ -62,3 +62,24 @@ def test_a_trained_prefix_reconstructs_alone(lake_dir):
     (m8, m24, m_full), (b8, b24, b_full) = ([_prefix_fvu(sae, x, P) for P in (8, 24, 64)] for sae in (m, b))
     assert m8 < 0.9 * b8 and m24 < 0.8 * b24, (m8, b8, m24, b24)
     assert m_full < 1.3 * b_full, (m_full, b_full)
+
+
+def test_resume_is_bitwise_and_export_is_jumprelu(lake_dir, tmp_path):
+    """An interrupted Matryoshka run resumed equals the uninterrupted one; it exports to SAELens as
+    what it is at inference (JumpReLU with its threshold), latents in their nested order."""
+    import json
+
+    args = ["--lake", lake_dir, "--run", "r1", "--hook", H1, "--arch", "matryoshka", "--prefixes", "8,24", "--d-sae",
+            "64", "--k", "4", "--tokens", "4096", "--batch-size", "256", "--holdout", "0", "--checkpoint-every", "4",
+            "--quiet"]
+    code, _, err = lake_main("train", *args, "--name", "a")
+    assert code == 0, err
+    code, out, err = lake_main("train", *args, "--name", "b", "--stop-after", "8")
+    assert code == 0 and "interrupted" in out, err
+    code, _, err = lake_main("train", *args, "--name", "b", "--resume")
+    assert code == 0, err
+    wa, wb = SAEStore(lake_dir).weights("a"), SAEStore(lake_dir).weights("b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    code, _, err = lake_main("export", "--lake", lake_dir, "a", "-o", str(tmp_path / "out"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "cfg.json").read_text())["architecture"] == "jumprelu"
