@@ -1,14 +1,15 @@
 """Text corpora -> BOS-prefixed, packed contexts of ``context_size`` tokens.
 
 A corpus is local files or a directory (txt, jsonl/json, parquet, csv), ``builtin``
-(real English text shipped with Python, no download), or a hub dataset name.
+(English text shipped with saelake, the same everywhere, no download), or a hub dataset name.
 """
 from __future__ import annotations
 
-import ast
 import glob
+import gzip
+import hashlib
+import json
 import os
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -23,14 +24,31 @@ FORTUNES = "/usr/share/games/fortunes"
 
 
 # -- built-in offline text ---------------------------------------------------------------
-def _pydoc_topics() -> Iterator[str]:
-    from pydoc_data.topics import topics
+# `builtin` is text shipped with saelake (lake/data/builtin.jsonl.gz, built by build_builtin.py from
+# Python 3.11's pydoc topics and standard-library docstrings), so it is the same on every machine.
+BUILTIN_FILE = Path(__file__).with_name("data") / "builtin.jsonl.gz"
+BUILTIN_SHA256 = "51a2d00829577490fb09fa8c393ce7b7095bfef1ee9fbbe0fb4fc413982d1571"  # of the uncompressed lines
+BUILTIN_PARTS = ("pydoc", "stdlib")  # in the file's order; `builtin` is both
 
-    for key in sorted(topics):
-        yield topics[key]
+
+def _shipped(parts: tuple[str, ...]) -> Iterator[str]:
+    try:
+        raw = gzip.decompress(BUILTIN_FILE.read_bytes())
+    except (OSError, EOFError) as e:
+        raise UserError(f"the builtin corpus {BUILTIN_FILE} is missing or damaged ({e}): reinstall saelake") \
+            from None
+    if hashlib.sha256(raw).hexdigest() != BUILTIN_SHA256:
+        raise UserError(f"the builtin corpus {BUILTIN_FILE} is not the one this saelake ships: reinstall saelake")
+    for line in raw.decode().splitlines():
+        doc = json.loads(line)
+        if doc["source"] in parts:
+            yield doc["text"]
 
 
 def _fortunes() -> Iterator[str]:
+    """Debian's fortunes package, where installed: only when asked for by name (builtin:fortunes)."""
+    if not os.path.isdir(FORTUNES):
+        raise UserError("builtin:fortunes needs Debian's fortunes package: apt-get install fortunes")
     for path in sorted(glob.glob(os.path.join(FORTUNES, "*"))):
         if "." in os.path.basename(path) or not os.path.isfile(path):
             continue  # skip .dat index files
@@ -40,35 +58,14 @@ def _fortunes() -> Iterator[str]:
                     yield entry.strip()
 
 
-def _stdlib_docstrings() -> Iterator[str]:
-    """Docstrings of the standard library: long-form English, on every Python install."""
-    stdlib = sysconfig.get_paths()["stdlib"]
-    for path in sorted(glob.glob(os.path.join(stdlib, "*.py")) + glob.glob(os.path.join(stdlib, "*", "*.py"))):
-        if "test" in path or "idlelib" in path:
-            continue
-        try:
-            tree = ast.parse(Path(path).read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) >= 300:
-                    yield doc
-
-
-BUILTINS = {"pydoc": _pydoc_topics, "fortunes": _fortunes, "stdlib": _stdlib_docstrings}
-
-
 def _builtin(name: str) -> Iterator[str]:
-    parts = ["pydoc", "fortunes", "stdlib"] if name == "builtin" else [name.removeprefix("builtin:")]
-    for part in parts:
-        if part not in BUILTINS:
-            raise UserError(f"unknown built-in corpus {name!r}: use builtin, " +
-                            ", ".join(f"builtin:{k}" for k in BUILTINS))
-        if part == "fortunes" and name != "builtin" and not os.path.isdir(FORTUNES):
-            raise UserError("builtin:fortunes needs Debian's fortunes package: apt-get install fortunes")
-        yield from BUILTINS[part]()
+    part = name.removeprefix("builtin").removeprefix(":")
+    if part == "fortunes":
+        return _fortunes()
+    if part and part not in BUILTIN_PARTS:
+        raise UserError(f"unknown built-in corpus {name!r}: use builtin, " +
+                        ", ".join(f"builtin:{k}" for k in (*BUILTIN_PARTS, "fortunes")))
+    return _shipped((part,) if part else BUILTIN_PARTS)
 
 
 # -- files and the hub ---------------------------------------------------------------------

@@ -71,6 +71,50 @@ def test_builtin_corpus_is_real_english_offline():
     assert next(documents("builtin:stdlib"))
 
 
+def test_builtin_corpus_is_the_same_on_every_machine(tmp_path, monkeypatch):
+    """The text ships with saelake: what the machine has installed (Debian's fortunes, the Python
+    version, modules next to the standard library) does not change it; fortunes only by name."""
+    import hashlib
+
+    from saelake.lake import corpus
+
+    def digest(spec):
+        return hashlib.sha256("\x00".join(documents(spec)).encode()).hexdigest()
+
+    docs = list(documents("builtin"))
+    assert len(docs) == 1386 and sum(map(len, docs)) == 1_393_614
+    assert docs == list(documents("builtin:pydoc")) + list(documents("builtin:stdlib"))
+    before = digest("builtin")
+    fortunes = tmp_path / "fortunes"
+    fortunes.mkdir()
+    (fortunes / "art").write_text("A quotation that is long enough to count as a fortune entry.\n%\nAnother one, "
+                                  "also long enough to count as a fortune entry here.\n")
+    monkeypatch.setattr(corpus, "FORTUNES", str(fortunes))
+    monkeypatch.setattr("sysconfig.get_paths", lambda: {"stdlib": str(tmp_path)})  # another Python
+    assert digest("builtin") == before
+    assert list(documents("builtin:fortunes")) == [
+        "A quotation that is long enough to count as a fortune entry.",
+        "Another one, also long enough to count as a fortune entry here."]
+    monkeypatch.setattr(corpus, "FORTUNES", str(tmp_path / "none"))
+    with pytest.raises(UserError, match="apt-get install fortunes"):
+        list(documents("builtin:fortunes"))
+
+
+def test_damaged_builtin_corpus_is_named(tmp_path, monkeypatch):
+    from saelake.lake import corpus
+
+    damaged = tmp_path / "builtin.jsonl.gz"
+    data = bytearray(corpus.BUILTIN_FILE.read_bytes())
+    damaged.write_bytes(data[: len(data) // 2])
+    monkeypatch.setattr(corpus, "BUILTIN_FILE", damaged)
+    with pytest.raises(UserError, match="missing or damaged"):
+        list(documents("builtin"))
+    import gzip
+    damaged.write_bytes(gzip.compress(b'{"source": "pydoc", "text": "other"}\n'))
+    with pytest.raises(UserError, match="not the one this saelake ships"):
+        list(documents("builtin"))
+
+
 @pytest.mark.parametrize("spec,column,match", [
     ("/no/such/file.jsonl", "text", "does not exist"),
     ("builtin:nope", "text", "unknown built-in corpus"),
