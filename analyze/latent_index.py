@@ -30,7 +30,7 @@ from saelake.lake.cli import lake_option
 from saelake.lake.records import LatentIndexRecord
 from saelake.lake.storage import check_name
 
-from .run import latents, load_sae
+from .run import latents_of, load_sae
 
 TABLE = "latents.lance"
 SCHEMA = pa.schema([("context_id", pa.int64()), ("doc_id", pa.int64()), ("position", pa.int32()),
@@ -117,9 +117,9 @@ def encode(lake: Lake | str, sae_spec: str, *, run: str | None = None, version: 
     with torch.no_grad():
         for batch in src.context_batches(batch_size, hooks, start=rec.contexts_done):
             n = len(batch)
-            x = sae.read({h: batch.acts[h] for h in hooks}).reshape(n * T, -1).to(device, torch.float32)
+            codes = sae.encode_acts({h: batch.acts[h].to(device, torch.float32) for h in hooks})  # rows: positions
             valid = ~torch.isin(batch.tokens, skip)
-            rows, lat, vals = latents(sae, x, valid.reshape(-1).to(x.device))
+            rows, lat, vals = latents_of(codes, valid.reshape(-1).to(device))
             pending.append(_rows(batch, n, rows.cpu(), lat.cpu(), vals.cpu(), valid, T, sae.d_sae))
             n_pending += n
             if bar is not None:

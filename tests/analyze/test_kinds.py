@@ -107,3 +107,21 @@ def test_live_inference_encodes_clts_and_lorsa(lake):
     assert b["tokens"][:n] == a["tokens"]
     for ta, tb in zip(a["top"][:n - 1], b["top"][:n - 1]):
         assert [i for i, _ in ta] == [i for i, _ in tb] and [v for _, v in ta] == pytest.approx([v for _, v in tb])
+
+
+def test_latent_index_of_a_lorsa_encodes_whole_contexts(lake):
+    """lake encode: a Lorsa's index rows are its heads at each position of whole contexts."""
+    import lance
+
+    code, _, err = cli("encode", "--lake", lake, "lorsa", "--quiet")
+    assert code == 0, err
+    t = lance.dataset(f"{lake}/indexes/lorsa/latents.lance").to_table().to_pylist()
+    sae, _ = SAEStore(lake).load("lorsa")
+    ctxs = next(SnapshotSource(lake, "r").context_batches(2, [L_IN]))
+    f = sae.encode_acts({L_IN: ctxs.acts[L_IN].float()}).dense()[0].view(2, 32, -1)
+    rows = [r for r in t if r["context_id"] == 1]
+    assert len(rows) == 31  # BOS left out
+    for r in rows[:10]:
+        want = f[1, r["position"]]
+        assert r["features"] == want.nonzero().squeeze(1).tolist()
+        torch.testing.assert_close(torch.tensor(r["acts"]), want[want != 0].half().float(), atol=1e-3, rtol=1e-3)
