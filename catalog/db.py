@@ -85,8 +85,11 @@ class Catalog:
                 con = duckdb.connect(str(self.path), read_only=read_only,
                                      config=CONFINED if confined else {})
                 break
-            except duckdb.IOException as e:
-                if "lock" not in str(e).lower() or time.monotonic() > deadline:
+            except (duckdb.IOException, duckdb.ConnectionException) as e:
+                # another process holds the write lock, or this one has the file open with other
+                # settings (a writer while a confined query starts): both are brief
+                busy = "lock" in str(e).lower() or "different configuration" in str(e)
+                if not busy or time.monotonic() > deadline:
                     raise CatalogError(f"catalog {self.path} is busy or unreadable: {e}") from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)

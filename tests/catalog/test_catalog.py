@@ -58,3 +58,25 @@ def test_concurrent_writers_wait_for_the_lock(tmp_path):
         p.join(120)
         assert p.exitcode == 0
     assert Catalog(path).query("select count(*) from runs")[1] == [(31,)]
+
+
+def test_query_waits_for_a_writer_in_the_same_process(tmp_path):
+    """DuckDB refuses a second connection with other settings while one is open in the process: the
+    confined query connection waits for the writer instead of failing."""
+    import threading
+    import time
+
+    cat = Catalog(tmp_path / "c.duckdb")
+    cat.upsert_run(_manifest("a"), "/x/a")
+    opened = threading.Event()
+
+    def hold_writer():
+        with cat.connect():
+            opened.set()
+            time.sleep(0.5)
+
+    writer = threading.Thread(target=hold_writer)
+    writer.start()
+    opened.wait(10)
+    assert cat.query("select name from runs")[1] == [("a",)]
+    writer.join()
