@@ -237,14 +237,15 @@ def check_length(model, prompt_len: int, tokens: int) -> None:
 @torch.no_grad()
 def promoted_tokens(model, sae, feature: int, n: int = 10) -> tuple[list[int], list[float]] | None:
     """The ``n`` tokens whose logits the feature's decoder direction raises most (direct effect
-    through the unembedding, at the last out hook); None when that hook's width is not d_model."""
+    through the unembedding of what it writes into the residual stream: summed over its out hooks,
+    e.g. a CLT's layers); None when its out hooks are not d_model wide."""
     from .directions import top_logits, unembedding
 
     W = sae.decoder_directions(0)[feature:feature + 1].float()
     widths = {h: model.d_model for h in sae.out_hooks}
     if W.shape[1] != model.d_model * len(sae.out_hooks):
         return None
-    direction = sae.written(W, widths)[sae.out_hooks[-1]]
+    direction = sum(sae.written(W, widths).values())
     W_U, norm = unembedding(model)
     res = top_logits(direction, W_U.to(direction.device), norm, n)
     if res is None:
