@@ -14,6 +14,7 @@ Default sizes follow issue 3: a snapshot of the bundled SmolLM2-135M at blocks.5
             separate `train` calls (each reads the snapshot and sets up on its own); --mixed-k adds
             the same with k = 8..64 (each member pays only for its own k); --cli adds one
             `lake train --config` process against 8 `lake train` processes (what a researcher runs).
+  clt       --clt: a cross-layer transcoder over 6 layers against 6 transcoders (bench/clt.py).
 
 Each phase runs in a fresh subprocess (its peak RSS is its own).
 
@@ -59,6 +60,8 @@ def args_parser():
     p.add_argument("--mixed-k", action="store_true", help="also a sweep of 8 with k 8..64 against 8 separate runs")
     p.add_argument("--cli", action="store_true",
                    help="also time one `lake train --config` sweep process against 8 `lake train` processes")
+    p.add_argument("--clt", action="store_true", help="also the CLT row: bench/clt.py (a CLT over 6 layers vs 6 "
+                   "transcoders with the same total latents: tok/s, peak RSS, FVU per layer) at its defaults")
     p.add_argument("--write", action="store_true", help="write the results into bench/RESULTS.md")
     p.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     return p
@@ -354,6 +357,12 @@ def main():
         lines.append(f"held-out FVU after {a.fvu_tokens} training tokens ({a.heldout_dataset}, 8k tokens): sparse "
                      f"{r['fvu_sparse']['fvu_heldout']:.4f} ({r['fvu_sparse']['tok_s']:.0f} tok/s incl. setup), dense "
                      f"reference {r['fvu_dense']['fvu_heldout']:.4f} ({r['fvu_dense']['tok_s']:.0f} tok/s)")
+    if a.clt:
+        p = subprocess.run([sys.executable, str(HERE / "clt.py"), "--model", a.model, "--dataset", a.dataset,
+                            "--threads", str(a.threads), "--device", a.device], capture_output=True, text=True)
+        if p.returncode:
+            sys.exit(f"bench/clt.py failed:\n{p.stderr[-3000:]}")
+        lines.append(p.stdout.strip().splitlines()[-1])
     print("\n".join(lines))
     if a.write:
         path = HERE / "RESULTS.md"
