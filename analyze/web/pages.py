@@ -16,7 +16,7 @@ from markupsafe import Markup, escape
 from saelake.analyze.explanations import FIELDS as EXPLANATION_FIELDS
 from saelake.lake.heartbeat import shown_status, stalled
 
-from . import charts
+from . import charts, kinds
 from .data import LakeData, Loading, NotFound, StoreDown
 from .listing import feature_listing, score_arrays
 from .sweep import feature_counts, sweep_groups
@@ -250,8 +250,10 @@ class Renderer:
             expl = dict.fromkeys(EXPLANATION_FIELDS) | (d.explanations(rec).get(index) or {})
         except StoreDown:
             expl = dict.fromkeys(EXPLANATION_FIELDS)
+        attention = kinds.attention_rows(d.lake, cfg, rec, index, top)  # kinds whose latents attend (Lorsa)
         return self.render(
             "feature.html", title=f"feature {index} · {sae}", cfg=cfg, rec=rec, f=feat, index=index, n=n,
+            dec_norms=kinds.decoder_norm_rows(rec, feat), attention=attention,
             groups=rendered, n_flagged=n_flagged, hist_svg=Markup(hist), neighbours=nbrs, analyses=d.analyses_of(sae),
             labels=d.labels(rec, [j for j, _ in nbrs] + [index], wait_s=0.5 if not self.links.static else 3600),
             expl=expl, pos=list(zip(feat.get("pos_strs") or [], feat.get("pos_logits") or [])),

@@ -125,3 +125,34 @@ def test_latent_index_of_a_lorsa_encodes_whole_contexts(lake):
         want = f[1, r["position"]]
         assert r["features"] == want.nonzero().squeeze(1).tolist()
         torch.testing.assert_close(torch.tensor(r["acts"]), want[want != 0].half().float(), atol=1e-3, rtol=1e-3)
+
+
+def test_feature_pages_show_decoder_norms_and_head_attention(lake):
+    """The UI's feature page: a CLT feature's decoder norm per output layer; a Lorsa head's attention
+    pattern on its top examples (from the peak position, equal to the head's own on that context)."""
+    from saelake.analyze.web.server import WebApp
+
+    for name in ("clt", "lorsa"):
+        code, _, err = cli("analyze", "--lake", lake, name, "--tokens", "640", "--quiet")
+        assert code == 0, err
+    app = WebApp(lake, live=False)
+    sae, _ = SAEStore(lake).load("clt")
+    status, _, body, _ = app.handle("GET", f"/sae/clt/feature/{sae.d_sae // 2 + 1}")
+    html = body.decode()
+    assert status == 200 and 'id="decoder-norms"' in html and "blocks.1.hook_mlp_out" in html and ">0%<" in html
+    lorsa, _ = SAEStore(lake).load("lorsa")
+    store = EmbeddedStore(Lake(lake))
+    head = next(h for h in range(lorsa.d_sae) if any(s["kind"] == "top" for s in store.feature("lorsa", h)["samples"]))
+    status, _, body, _ = app.handle("GET", f"/sae/lorsa/feature/{head}")
+    html = body.decode()
+    assert status == 200 and 'class="attn"' in html and "attends from" in html and 'id="decoder-norms"' not in html
+    from saelake.analyze.web.kinds import attention_rows
+
+    top = [s for s in store.feature("lorsa", head)["samples"] if s["kind"] == "top"]
+    rows = attention_rows(Lake(lake), {"arch": "lorsa", "name": "lorsa"}, {"run": "r", "version": None}, head, top)
+    cid = top[0]["context_id"]
+    peak, pairs = rows[cid]
+    ctx = next(SnapshotSource(lake, "r").context_batches(1, [L_IN], start=cid))
+    want = lorsa.attention(ctx.acts[L_IN][0].float(), head)[peak]
+    assert pairs and all(abs(float(want[p]) - w) < 1e-6 for p, w in pairs)
+    assert [p for p, _ in pairs] == want.topk(len(pairs)).indices.tolist()

@@ -85,6 +85,7 @@ class Dictionary(nn.Module):
     # True: ``encode`` takes whole contexts [b, T, d_in] (or one [T, d_in]) and the trainer feeds it the 2d
     # table (or live contexts); its codes have a row per position, context-major (Lorsa)
     context_input: ClassVar[bool] = False
+    attends: ClassVar[bool] = False  # True: ``attention(x, latent)`` gives a latent's attention pattern (Lorsa)
     aux_coef: float = 0.0  # weight of ``aux_loss`` in the training loss
 
     def __init__(self, d_in: int, d_sae: int, d_out: int, options: list[Options], *,

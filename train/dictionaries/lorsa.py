@@ -95,6 +95,7 @@ class Lorsa(Dictionary):
     name = "lorsa"
     Options = LorsaOptions
     context_input = True
+    attends = True
 
     def __init__(self, d_in, d_sae, d_out, options, *, hooks=None, out_hooks=None, device="cpu",
                  apply_b_dec_to_input=None):
