@@ -19,6 +19,7 @@ from saelake.lake import UserError
 from .base import Dictionary, Options, SAELensFormat, option
 
 _KINDS: dict[str, type[Dictionary]] = {}
+FIRST = ("sae", "topk")
 _discovered = False
 
 
@@ -36,7 +37,8 @@ def _discover() -> None:
     global _discovered
     if not _discovered:
         _discovered = True
-        for module in pkgutil.iter_modules(__path__):
+        # the SAE family (sae.py, topk.py) first: lists and messages name the classic kinds first
+        for module in sorted(pkgutil.iter_modules(__path__), key=lambda m: (m.name not in FIRST, m.name)):
             if module.name != "base":
                 importlib.import_module(f"{__name__}.{module.name}")
 
