@@ -220,3 +220,22 @@ def test_eval_splices_lorsa_over_whole_contexts_and_export_refuses(lake, tmp_pat
     assert res["ce_loss_recovered"] is not None and res["kl"] >= 0 and 0 < res["fvu"] < 1, res
     code, _, err = lake_main("export", "--lake", lake, "e", "-o", str(tmp_path / "out"))
     assert code == 2 and "is a lorsa" in err and "no format" in err, err
+
+
+def test_a_sweep_stacks_lorsas(lake, tmp_path):
+    """Two Lorsas (lr and seed differ) step together on the same contexts, and match separate runs."""
+    sweep = tmp_path / "s.toml"
+    sweep.write_text(f'run = "r"\ntokens = 1024\nbatch_size = 256\nholdout = 0\narch = "lorsa"\nhook = "{IN}"\n'
+                     f'out_hook = "{OUT}"\nheads = 32\nqk_heads = 4\nd_qk = 8\nk = 4\n[[sae]]\nname = "a"\n'
+                     '[[sae]]\nname = "b"\nlr = 0.01\nseed = 3\n')
+    code, _, err = lake_main("train", "--lake", lake, "--config", str(sweep), "--quiet")
+    assert code == 0, err
+    store = SAEStore(lake)
+    assert store.config("a")["training"]["stacked_with"] == ["a", "b"]
+    code, _, err = lake_main("train", "--lake", lake, "--run", "r", "--arch", "lorsa", "--hook", IN, "--out-hook", OUT,
+                             "--heads", "32", "--qk-heads", "4", "--d-qk", "8", "--k", "4", "--tokens", "1024",
+                             "--batch-size", "256", "--holdout", "0", "--lr", "0.01", "--seed", "3", "--name", "b1",
+                             "--quiet")
+    assert code == 0, err
+    wb, w1 = store.weights("b"), store.weights("b1")
+    assert all(torch.allclose(wb[k], w1[k], atol=1e-5, rtol=1e-4) for k in wb)
