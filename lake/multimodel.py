@@ -39,7 +39,11 @@ class MultiModel:
     def first(self):
         return next(iter(self.models.values()))
 
-    def __getattr__(self, key):  # tokenizer, bridge (unembedding), bos_token_id, d_vocab...: the first model's
+    @property
+    def bridge(self) -> MultiBridge:
+        return MultiBridge(self)
+
+    def __getattr__(self, key):  # tokenizer, bos_token_id, d_vocab...: the first model's
         if key in ("models", "spec", "enabled"):
             raise AttributeError(key)
         return getattr(self.first, key)
@@ -66,6 +70,10 @@ class MultiModel:
         for name, own in self._split(hooks).items():
             self.models[name].check_hooks(own)
 
+    def enable_hooks(self, hooks: list[str]) -> None:
+        for name, own in self._split(hooks).items():
+            self.models[name].enable_hooks(own)
+
     def hook_dims(self, hooks: list[str]) -> dict[str, int]:
         return {f"{n}:{h}": d for n, own in self._split(hooks).items()
                 for h, d in self.models[n].hook_dims(own).items()}
@@ -75,3 +83,30 @@ class MultiModel:
         """One forward pass per model (each up to its last requested layer): {model:hook: [batch, ctx, d]}."""
         return {f"{n}:{h}": t for n, own in self._split(hooks).items()
                 for h, t in self.models[n].activations(tokens, own).items()}
+
+
+class MultiBridge:
+    """``run_with_hooks`` over every model, one after another (hooks named ``model:hook``; each model's
+    fire during its own pass, so a dictionary that needs one model's activations at another's hook is
+    found not spliceable); the result and every other attribute (``W_U``, ``ln_final``, ``cfg``: the
+    unembedding) are the first model's."""
+
+    def __init__(self, multi: MultiModel):
+        self.multi = multi
+
+    def run_with_hooks(self, tokens, fwd_hooks=(), **kwargs):
+        per_model: dict[str, list] = {n: [] for n in self.multi.models}
+        for h, fn in fwd_hooks:
+            name, sep, hook = h.partition(":")
+            if not sep or name not in per_model:
+                raise UserError(f"hook {h!r}: name its model, one of {', '.join(per_model)}")
+            per_model[name].append((hook, fn))
+        out = None
+        for i, (name, m) in enumerate(self.multi.models.items()):
+            if i == 0 or per_model[name]:
+                res = m.bridge.run_with_hooks(tokens, fwd_hooks=per_model[name], **kwargs)
+                out = res if i == 0 else out
+        return out
+
+    def __getattr__(self, key):
+        return getattr(self.multi.first.bridge, key)

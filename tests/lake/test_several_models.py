@@ -109,3 +109,17 @@ def test_a_crosscoder_across_models_and_its_decoder_norm_per_model(lake, two_mod
         assert feat["decoder_norms"] == pytest.approx(want, rel=1e-5)
     code, out, err = cli("feature", "--lake", lake, "x", "7")
     assert code == 0 and f"decoder norm {A}" in out.replace("\n", " ") and B in out, out + err
+
+
+def test_eval_of_a_crosscoder_across_models_is_reconstruction_only(lake, two_models):
+    """One forward pass cannot splice two models: lake eval reports the reconstruction metrics and says so."""
+    import json
+
+    code, _, err = cli("train", "--lake", lake, "--run", "ab", "--hook", f"{A},{B}", "--name", "e", "--tokens", "1024",
+                       "--batch-size", "256", "--holdout", "0", "--quiet")
+    assert code == 0, err
+    code, out, err = cli("eval", "--lake", lake, "e", "--tokens", "256", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["fvu"] > 0 and "ce_loss_recovered" not in res and "not spliced" in res["note"], res
+    assert "depends on a:" in res["note"] or "depends on b:" in res["note"], res["note"]
