@@ -80,8 +80,9 @@ SOURCE_FLAGS = ("run", "version", "live", "model", "dataset", "text_column", "co
 @click.option("--text-column", default=None, help=_source_help("Live: the corpus' text column", "text_column"))
 @click.option("--context-size", type=int, default=None,
               help=_source_help("Live: tokens per context", "context_size"))
-@click.option("--hook", default=None, help="Input hook(s); several (comma-separated) make a crosscoder.")
-@click.option("--out-hook", default=None, help="Output hook(s) if different: a transcoder.")
+@click.option("--hook", default=None, help="Input hook(s); several (comma-separated) make a crosscoder; "
+              "blocks.{0-5}.ln2.hook_out is a range; a:HOOK names a model of a run of several.")
+@click.option("--out-hook", default=None, help="Output hook(s) if different: a transcoder (a CLT: one per input hook).")
 @click.option("--arch", type=click.Choice(dictionaries.names()), default=None,
               help=_sae_help("arch"))
 @click.option("--expansion", type=float, default=None, help=_sae_help("expansion"))

@@ -36,12 +36,12 @@ from .base import Dictionary, Options, option
 
 @dataclass
 class LorsaOptions(Options):
-    heads: int | None = option(None, "Lorsa: sparse attention heads (rank-1 OV each): the latents", "d_sae")
-    qk_heads: int | None = option(None, "Lorsa: QK groups shared by the heads (divides heads)", "gcd(heads, 16)")
-    d_qk: int | None = option(None, "Lorsa: dimensions of each QK group's queries and keys", "the model's head size")
-    k: int | None = option(None, "Active latents per token", "32, at most heads/2")
-    rotary_base: float | None = option(None, "Lorsa: RoPE base of queries and keys (0: none)", "the model's")
-    rotary_dim: int | None = option(None, "Lorsa: query/key dimensions RoPE rotates", "the model's share of d_qk")
+    heads: int | None = option(None, "Sparse attention heads (rank-1 OV each): the latents", "d_sae")
+    qk_heads: int | None = option(None, "QK groups shared by the heads (divides heads)", "gcd(heads, 16)")
+    d_qk: int | None = option(None, "Dimensions of each QK group's queries and keys", "the model's head size")
+    k: int | None = option(None, "Active heads per position", "32, at most heads/2")
+    rotary_base: float | None = option(None, "RoPE base of queries and keys (0: none)", "the model's")
+    rotary_dim: int | None = option(None, "Query/key dimensions RoPE rotates", "the model's share of d_qk")
 
     def latents(self):
         return self.heads
