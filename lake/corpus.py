@@ -10,9 +10,9 @@ import gzip
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -103,7 +103,8 @@ def _rows(spec: str, text_column: str) -> Iterator[str]:
         try:
             ds = datasets.load_dataset(spec, split="train", streaming=True)
         except Exception as e:
-            raise UserError(f"cannot open hub dataset {spec!r} ({type(e).__name__}): check the name and network") from None
+            raise UserError(f"cannot open hub dataset {spec!r} ({type(e).__name__}): check the name and "
+                            "network") from None
     first = True
     for row in _parsed(ds, spec, builder):
         if first and text_column not in row:
@@ -182,10 +183,14 @@ def pack_contexts(docs: Iterable[str], tokenizer, context_size: int, bos: int) -
         if len(ids) == 0:
             continue
         if started:  # separator, attributed to the next document at offset -1
-            toks.append(np.array([bos], np.int32)); docs_.append(np.array([doc_id])); offs.append(np.array([-1]))
+            toks.append(np.array([bos], np.int32))
+            docs_.append(np.array([doc_id]))
+            offs.append(np.array([-1]))
             have += 1
         started = True
-        toks.append(ids); docs_.append(np.full(len(ids), doc_id)); offs.append(np.arange(len(ids)))
+        toks.append(ids)
+        docs_.append(np.full(len(ids), doc_id))
+        offs.append(np.arange(len(ids)))
         have += len(ids)
         if have < need + 1:
             continue

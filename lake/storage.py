@@ -14,7 +14,7 @@ import re
 import socket
 import tempfile
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -239,7 +239,7 @@ class LakeStorage:
         """
         token = uuid.uuid4().hex
         record = {"owner": owner, "host": socket.gethostname(), "pid": os.getpid(),
-                  "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "token": token}
+                  "at": datetime.now(UTC).isoformat(timespec="seconds"), "token": token}
         if not self.create_exclusive(json.dumps(record, indent=2).encode(), *parts, CLAIM):
             held = self.read_json(*parts, CLAIM) or {}
             what = {"saes": "SAE name", "analyses": "analysis name", "runs": "run name"}.get(parts[0], "name")

@@ -72,7 +72,7 @@ def test_one_of_several_processes_takes_a_name(root, tmp_path):
     uri, env = root
     res = _at_once(CLAIM_X, [[uri]] * 3, tmp_path / "gate", env)
     assert sorted(code for code, _, _ in res) == [0, 2, 2], res
-    for code, out, err in res:
+    for code, out, _ in res:
         if code == 2:
             assert out.startswith("lost: SAE name 'x' is taken in") and "claimed by `test`" in out, out
     winner = next(out for code, out, _ in res if code == 0)

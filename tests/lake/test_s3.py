@@ -11,8 +11,8 @@ from pathlib import Path
 import lance
 import numpy as np
 
-from tests.conftest import HOOKS, REPO, cli, free_port, ingest_tiny
 from saelake.lake import Lake, SnapshotSource
+from tests.conftest import HOOKS, REPO, cli, free_port, ingest_tiny
 
 
 def test_ingest_query_and_read_on_s3(s3_env, tiny_model, tiny_corpus, tiny_lake):
@@ -52,7 +52,7 @@ def _moto_server(port: int) -> subprocess.Popen:
             return proc
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"moto_server did not start on port {port}")
+                raise RuntimeError(f"moto_server did not start on port {port}") from None
             time.sleep(0.05)
 
 
