@@ -168,7 +168,7 @@ def show(lake_uri, name, as_json):
 @click.argument("sql")
 @click.option("--json", "as_json", is_flag=True)
 def query(lake_uri, sql, as_json):
-    """One read-only SELECT over the catalog and the lake's tables (tokens__<run>, contexts__<run>, ...); nothing else."""
+    """One read-only SELECT over the catalog and the lake's tables (tokens__<run>, contexts__<run>, ...)."""
     from .lake import Lake
 
     names, rows = Lake(lake_uri).query(sql)
