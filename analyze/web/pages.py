@@ -175,7 +175,7 @@ class Renderer:
             if pts:
                 curves.append(Markup(charts.line_chart(pts, metric, logy=logy, cls=f"curve-{metric}")))
         ctx = dict(title=f"SAE {name}", cfg=sae_row(cfg), rec=rec, curves=curves, analyses=d.analyses_of(name),
-                   hyper=_hyper(cfg), run=None, store_error=None, listing=None, density_svg=None,
+                   hyper=_hyper(sae_row(cfg)), run=None, store_error=None, listing=None, density_svg=None,
                    loading=None, labels={}, search_note=None)
         if cfg.get("run"):
             try:

@@ -25,6 +25,8 @@ def summaries(web_lake, analysis="web-sae"):
 def test_labels_and_search_on_the_sae_page(page, server, web_lake):
     sums = summaries(web_lake)
     page.goto(server + "/sae/web-sae?analysis=web-sae")
+    held = Lake(web_lake["lake"]).storage.read_json("saes", "web-sae", "config.json")["holdout"]
+    assert f"held-out ({held['tokens_evaluated']:,} tokens) FVU" in page.locator("#hyper").inner_text()
     shown = page.locator("#features tbody tr").evaluate_all(
         "rs => rs.map(r => [parseInt(r.dataset.feature), r.querySelector('td.lbl').textContent])")
     assert shown and all(text == sums[f].text() for f, text in shown if sums[f].act)  # tokens when unexplained
