@@ -150,7 +150,8 @@ def _edited(tmp_path: Path, src: str, name: str, **keys) -> Path:
     ("saelens/transcoder", {"metadata": {"hook_name": "blocks.1.mlp.hook_in"}}, "pass --out-hook"),
     ("sparsify/h.0", {"activation": "groupmax"}, "no saelake kind computes groupmax"),
     ("sparsify/h.0", {"skip_connection": True}, "skip connection"),
-    ("llamascopium/sae_topk", {"sae_type": "clt"}, "sae_type 'clt' is not supported"),
+    ("llamascopium/sae_topk", {"sae_type": "lorsa"}, "sae_type 'lorsa' is not supported"),
+    ("llamascopium/clt_jumprelu", {"act_fn": "batchlayertopk"}, "saelake imports Llamascopium's JumpReLU CLTs"),
     ("llamascopium/sae_topk", {"act_fn": "batchtopk"}, "topk_to_jumprelu_conversion"),
     ("llamascopium/sae_topk", {"use_glu_encoder": True}, "GLU encoder"),
 ])
@@ -173,3 +174,22 @@ def test_saelens_norm_scaling_factor_given_by_hand(tmp_path):
     assert_matches(lake, "imp", folder)
     with pytest.raises(UserError, match="SAE name 'imp' is taken"):
         import_dictionary(lake, folder, "imp", norm_scaling_factor=factor)
+
+
+def test_llamascopium_cross_layer_transcoder_matches_its_forward(tmp_path):
+    """Its JumpReLU CLT (two layers' MLPs, dataset-wise norms per hook, decoder norms in the sparsity)
+    as saelake's clt-jumprelu: every layer's output equal, the latents divided by each layer's s_in."""
+    lake = str(tmp_path / "lake")
+    folder = PEERS / "llamascopium" / "clt_jumprelu"
+    cfg = import_dictionary(lake, folder, "imp")
+    assert cfg["arch"] == "clt-jumprelu" and cfg["hooks"] == ["blocks.0.mlp.hook_in", "blocks.1.mlp.hook_in"]
+    ref = load_file(str(folder / "peer_reference.safetensors"))
+    sae, _ = load_sae(lake, "imp")
+    with torch.no_grad():
+        codes = sae.encode_acts({h: rows(h) for h in cfg["hooks"]})
+        output = sae.decode(codes)[0].reshape(-1, 2, 32)
+    latents = codes.dense()[0].reshape(-1, 2, 32)
+    s_in = torch.tensor(cfg["normalization"]["s_in"]).view(1, 2, 1)
+    torch.testing.assert_close(output, ref["output"], atol=1e-5 * float(ref["output"].abs().max()), rtol=1e-4)
+    torch.testing.assert_close(latents, ref["latents"] / s_in, atol=1e-5 * float(latents.abs().max()), rtol=1e-4)
+    assert fired(latents) == fired(ref["latents"]) > 0

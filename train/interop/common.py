@@ -30,7 +30,7 @@ class Imported:
     options: dict
     hooks: list[str]
     out_hooks: list[str]
-    apply_b_dec_to_input: bool
+    apply_b_dec_to_input: bool | None  # the SAE family's switch (None: a kind without it)
     source_format: str
     source_cfg: dict
     normalization: dict = field(default_factory=lambda: {"method": "none", "folded": True})
@@ -88,12 +88,18 @@ def register(lake: Lake | str, imp: Imported, name: str, source: str) -> dict:
     check_name(name, "SAE name")
     if store.exists(name):
         raise UserError(f"SAE name {name!r} is taken in {store.lake.root}: pick another --name")
-    d_in, d_sae, d_out = check_shapes(imp.weights, source)
+    if "W_dec" in imp.weights:  # the SAE family
+        d_in, d_sae, d_out = check_shapes(imp.weights, source)
+    else:  # another kind: its own saved shapes
+        d_in, d_sae, d_out = imp.kind.dims(imp.weights)
+        bad = [k for k, v in imp.weights.items() if not bool(torch.isfinite(v).all())]
+        if bad:
+            raise UserError(f"{source}: {', '.join(bad)} hold NaN or infinite values")
     if "threshold" in imp.weights and imp.weights["threshold"].dim() == 0:
         imp.weights["threshold"] = imp.weights["threshold"].expand(d_sae).clone()
     # the kind itself must take these weights (shapes, options): build it once before anything is written
-    sae = imp.kind.build(d_in, d_sae, d_out, hooks=imp.hooks, out_hooks=imp.out_hooks,
-                         apply_b_dec_to_input=imp.apply_b_dec_to_input, **imp.options)
+    extra = {} if imp.apply_b_dec_to_input is None else {"apply_b_dec_to_input": imp.apply_b_dec_to_input}
+    sae = imp.kind.build(d_in, d_sae, d_out, hooks=imp.hooks, out_hooks=imp.out_hooks, **extra, **imp.options)
     sae.load_member(0, imp.weights)
     weights = {k: v.float().contiguous() for k, v in imp.weights.items()}  # as read: export gives the same bytes
     cfg = {c: None for c in CATALOG_COLUMNS} | {

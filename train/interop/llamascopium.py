@@ -16,7 +16,8 @@ b_dec = b_D/s_out, and a JumpReLU threshold θ becomes θ/(s_in·|W_D row|) per 
 exactly the same latents fire. TopK with decoder norms selects by pre-activation x decoder norm
 (the ``topk`` kind's ``decoder_norm_topk``). Refused with the reason: token-wise and batch-wise
 normalization (a per-token or per-batch scale), GLU encoders, batch-level top-k (no threshold to
-run it per token), and the other sae_types (crosscoders, CLTs, Lorsa).
+run it per token), and the other sae_types (crosscoders, Lorsa, top-k CLTs). JumpReLU cross-layer
+transcoders (``sae_type: "clt"``) come in as saelake's ``clt-jumprelu`` (``read_clt``).
 """
 from __future__ import annotations
 
@@ -61,9 +62,11 @@ def _norm(w: dict, hook: str, where) -> float:
 def read_llamascopium(path: Path, *, hook: str | None = None, out_hook: str | None = None) -> Imported:
     cfg = read_json(path / CONFIG)
     where = weights_file(path)
+    if cfg.get("sae_type") == "clt":
+        return read_clt(path, cfg, where, hook, out_hook)
     if cfg.get("sae_type") != "sae":
         raise UserError(f"{path}: sae_type {cfg.get('sae_type')!r} is not supported: saelake imports Llamascopium's "
-                        "'sae' dictionaries (SAEs and transcoders)")
+                        "'sae' dictionaries (SAEs and transcoders) and its JumpReLU 'clt's")
     act = cfg.get("act_fn", "relu")
     if act not in KINDS:
         raise UserError(f"{path}: act_fn {act!r} is not supported (use {', '.join(KINDS)}"
@@ -112,3 +115,49 @@ def read_llamascopium(path: Path, *, hook: str | None = None, out_hook: str | No
                     out_hooks=[out_hook or (hook if hook and hook_in == hook_out else hook_out)],
                     apply_b_dec_to_input=False, source_format="llamascopium", source_cfg=cfg,
                     normalization=normalization, model=model if isinstance(model, str) else None)
+
+
+def read_clt(path: Path, cfg: dict, where: Path, hook: str | None, out_hook: str | None) -> Imported:
+    """A cross-layer transcoder (``sae_type: "clt"``, JumpReLU) as saelake's ``clt-jumprelu``.
+
+    Llamascopium keeps W_E [L, d, s], b_E [L, s], W_D.j [j+1, s, d] (the decoders from layers 0..j into
+    layer j), b_D.j [d] and a log-threshold [L, s]; with decoder norms in the sparsity a latent of layer
+    i fires when pre·‖all its decoders‖ > θ. Folded per layer as above (s_in of layer i's input hook,
+    s_out of layer j's output hook): W_dec i->j = W_D.j[i]·s_in_i/s_out_j, b_dec_j = b_D.j/s_out_j,
+    b_enc_i = b_E[i]/s_in_i, threshold_i = θ_i/(s_in_i·‖decoders‖)."""
+    if hook or out_hook:
+        raise UserError(f"{path}: a cross-layer transcoder names its hooks itself (hook_points_in/out)")
+    if cfg.get("act_fn") != "jumprelu":
+        raise UserError(f"{path}: a cross-layer transcoder with act_fn {cfg.get('act_fn')!r}: saelake imports "
+                        "Llamascopium's JumpReLU CLTs")
+    ins, outs = cfg.get("hook_points_in"), cfg.get("hook_points_out")
+    if not (isinstance(ins, list) and isinstance(outs, list) and len(ins) == len(outs) > 0
+            and all(isinstance(h, str) for h in ins + outs)):
+        raise UserError(f"{path / CONFIG}: hook_points_in and hook_points_out must be equally long lists of hooks")
+    norm = cfg.get("norm_activation", "dataset-wise")
+    if norm not in ("dataset-wise", "inference"):
+        raise UserError(f"{path}: norm_activation {norm!r} scales each token or batch at run time; no weights "
+                        "express that, so it cannot be imported")
+    w = read_tensors(where)
+    L = len(ins)
+    need(w, ("W_E", "b_E", THRESHOLD) + tuple(f"W_D.{j}" for j in range(L)) + tuple(f"b_D.{j}" for j in range(L)),
+         where)
+    if norm == "dataset-wise":
+        d = int(w["W_E"].shape[1])
+        s_in = [math.sqrt(d) / _norm(w, h, where) for h in ins]
+        s_out = [math.sqrt(d) / _norm(w, h, where) for h in outs]
+    else:
+        s_in = s_out = [1.0] * L
+    dec = [[w[f"W_D.{j}"][i] * (s_in[i] / s_out[j]) for j in range(i, L)] for i in range(L)]  # i -> [s, d] per j
+    norms = [torch.stack([w[f"W_D.{j}"][i] for j in range(i, L)]).pow(2).sum((0, 2)).sqrt() for i in range(L)]
+    theta = w[THRESHOLD].exp()
+    with_norm = bool(cfg.get("sparsity_include_decoder_norm", True))
+    weights = {"W_enc": w["W_E"], "b_enc": torch.stack([w["b_E"][i] / s_in[i] for i in range(L)]),
+               "b_dec": torch.cat([w[f"b_D.{j}"] / s_out[j] for j in range(L)]),
+               "threshold": torch.stack([theta[i] / s_in[i] / (norms[i].clamp_min(1e-12) if with_norm else 1.0)
+                                         for i in range(L)])}
+    weights |= {f"W_dec_{i}": torch.cat(dec[i], -1) for i in range(L)}
+    normalization = {"method": f"llamascopium:{norm}", "s_in": s_in, "s_out": s_out, "folded": True}
+    return Imported(kind=dictionaries.get("clt-jumprelu"), weights=weights, options={}, hooks=list(ins),
+                    out_hooks=list(outs), apply_b_dec_to_input=None, source_format="llamascopium", source_cfg=cfg,
+                    normalization=normalization)

@@ -28,7 +28,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
-HOOKS = ["blocks.0.hook_resid_post", "blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"]
+HOOKS = ["blocks.0.hook_resid_post", "blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post",
+         "blocks.0.mlp.hook_in", "blocks.0.hook_mlp_out"]
 CONTEXTS, T = 2, 24
 
 

@@ -72,3 +72,34 @@ make("sae_relu", H0, H0, "relu", with_norm=False)
 make("transcoder_jumprelu", MLP_IN, MLP_OUT, "jumprelu")
 make("sae_topk_inference", H0, H0, "topk", fold=True)
 make("sae_token_wise", H0, H0, "topk", norm="token-wise")
+
+
+# a cross-layer transcoder over both layers' MLPs (JumpReLU, decoder norms in the sparsity)
+from llamascopium.models.clt import CLTConfig, CrossLayerTranscoder  # noqa: E402
+
+ins, outs = ["blocks.0.mlp.hook_in", MLP_IN], ["blocks.0.hook_mlp_out", MLP_OUT]
+clt = CrossLayerTranscoder(CLTConfig(hook_points_in=ins, hook_points_out=outs, d_model=32, expansion_factor=1,
+                                     act_fn="jumprelu", norm_activation="dataset-wise"))
+clt.set_dataset_average_activation_norm({h: float(rows(h).norm(dim=-1).mean()) for h in ins + outs})
+with torch.no_grad():
+    clt.W_E.copy_(torch.randn(clt.W_E.shape, generator=gen) / 32 ** 0.5)
+    for W in clt.W_D:
+        W.copy_(torch.randn(W.shape, generator=gen) / 8)
+    for b in clt.b_D:
+        b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
+    batch = clt.normalize_activations({h: rows(h) for h in ins + outs})
+    pre = torch.einsum("bld,lds->bls", clt.prepare_input(batch)[0], clt.W_E)
+    clt.b_E.copy_(-pre.quantile(0.6, dim=0))
+    clt.activation_function.log_jumprelu_threshold.copy_((pre.std(0) * 0.3).log())
+folder = out / "clt_jumprelu"
+folder.mkdir(parents=True)
+clt.save_pretrained(folder)
+clt.cfg.save_hyperparameters(folder)
+loaded = CrossLayerTranscoder.from_pretrained(str(folder))
+with torch.no_grad():
+    batch, scales = loaded.normalize_activations({h: rows(h) for h in ins + outs}, return_scale_factor=True)
+    latents = loaded.encode(loaded.prepare_input(batch)[0])  # [N, L, s]
+    y = loaded.decode(latents, batch_first=True)  # [N, L, d]
+    output = torch.stack([y[:, j] / scales[h] for j, h in enumerate(outs)], 1)
+save_file({"latents": latents.contiguous(), "output": output.contiguous()}, str(folder / "peer_reference.safetensors"))
+print("clt_jumprelu L0", float((latents > 0).float().sum((-1, -2)).mean()))
