@@ -275,7 +275,7 @@ def show_sae(lake, name: str, as_json: bool) -> bool:
         return True
     click.echo(f"sae {cfg['name']}  [{shown_status(cfg)}]  {cfg['arch']}")
     for key in ("hook", "out_hook", "d_in", "d_sae", "k", "run", "version", "model", "tokens_trained",
-                "tokens_per_second", "bos_excluded", "outlier_factor", "created"):
+                "tokens_per_second", "bos_excluded", "outlier_factor", "created", "imported_from", "import_format"):
         if cfg.get(key) is not None:
             click.echo(f"  {key:18s} {cfg[key]}")
     hp = cfg.get("hyperparameters") or {}
