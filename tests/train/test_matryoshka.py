@@ -71,7 +71,7 @@ def test_resume_is_bitwise_and_export_is_jumprelu(lake_dir, tmp_path):
 
     args = ["--lake", lake_dir, "--run", "r1", "--hook", H1, "--arch", "matryoshka", "--prefixes", "8,24", "--d-sae",
             "64", "--k", "4", "--tokens", "4096", "--batch-size", "256", "--holdout", "0", "--checkpoint-every", "4",
-            "--quiet"]
+            "--repeat", "--quiet"]
     code, _, err = lake_main("train", *args, "--name", "a")
     assert code == 0, err
     code, out, err = lake_main("train", *args, "--name", "b", "--stop-after", "8")
