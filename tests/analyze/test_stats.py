@@ -85,7 +85,10 @@ def test_scalars_histogram_topk_match_brute_force(analysed, name):
         assert [s["max_act"] for s in top] == pytest.approx(want.tolist(), rel=1e-5)
         for s in feat["samples"]:
             c = int((ids == s["context_id"]).nonzero())
-            assert s["tokens"] == tokens[c].tolist() and s["strs"] == [vocab[t] for t in s["tokens"]]
+            assert s["tokens"] == tokens[c].tolist()
+            # decoded text, except parts of a UTF-8 character: their bytes spelled <0xNN> (directions.token_strings)
+            assert all(st == vocab[t] if "\ufffd" not in vocab[t] else "<0x" in st
+                       for st, t in zip(s["strs"], s["tokens"]))
             assert s["max_act"] == pytest.approx(float(cmax[c, j]), rel=1e-5, abs=1e-7)
             pos = (f[c, :, j] > 0).nonzero().squeeze(1)
             assert s["positions"] == pos.tolist()
