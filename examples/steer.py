@@ -2,12 +2,14 @@
 
     python examples/steer.py --lake ./lake-demo --sae NAME [--feature F] [--value V] [--prompt TEXT]
 
-Without --feature it picks a feature from the SAE's analysis (`lake analyze` first): the sparse one
-(density under 5%) with the largest activation. --value defaults to twice that feature's largest
-activation seen in the analysis. Runs the same code as `lake steer` (and the
+Without --feature it picks a feature from the SAE's analysis (`lake analyze` first): of the sparse ones
+(density 0.1-5%) whose max activation is not an outlier (at most 3 x the median feature's: massive-
+activation tokens make a few huge), the one with the largest mean activation. --value defaults to
+four times that feature's max activation in the analysis. Runs the same code as `lake steer` (and the
 web UI's steering box): ``saelake.analyze.Splice`` / ``Edit`` / ``generate``.
 """
 import argparse
+import statistics
 
 import torch
 
@@ -32,14 +34,16 @@ lm = load_model(model_spec(lake, cfg, args.model))
 feature, value = args.feature, args.value
 if feature is None or value is None:
     store = EmbeddedStore(lake)
-    rows = [r for r in store.scalars(args.sae) if 0 < r["density"] < 0.05]
+    alive = [r for r in store.scalars(args.sae) if r["count"] > 0]
+    median = statistics.median(r["max_act"] for r in alive) if alive else 0.0
+    rows = [r for r in alive if 0.001 < r["density"] < 0.05 and r["max_act"] <= 3 * median]
     if not rows:
         raise SystemExit(f"no analysis of {args.sae} with sparse features: run `lake analyze --lake {args.lake} "
                          f"{args.sae}` first, or pass --feature and --value")
-    pick = max(rows, key=lambda r: r["max_act"]) if feature is None else \
+    pick = max(rows, key=lambda r: r["mean_act"]) if feature is None else \
         next(r for r in store.scalars(args.sae) if r["feature"] == feature)
     feature = pick["feature"] if feature is None else feature
-    value = 2 * pick["max_act"] if value is None else value
+    value = 4 * pick["max_act"] if value is None else value
 print(f"feature {feature}, value {value:.3g}")
 
 # 1. the API: a splice with one edit, applied at every position while generating (greedy)
