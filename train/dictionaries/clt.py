@@ -118,13 +118,12 @@ class CLT(Dictionary):
     # -- decode ----------------------------------------------------------------------------------
     def decode(self, codes: Codes, bias: bool = True) -> torch.Tensor:
         """-> [n, B, L·d]: out layer j = b_dec_j + Σ_{i ≤ j} f_i @ W_dec_{i→j}."""
-        contrib = [self._layer_out(codes, i) for i in range(self.L)]  # layer i -> [n, B, (L-i)·do]
-        do = self.do
-        blocks = []
-        for j in range(self.L):
-            y = sum(contrib[i][..., (j - i) * do:(j - i + 1) * do] for i in range(j + 1))
-            blocks.append(y + self.b_dec[:, None, j * do:(j + 1) * do] if bias else y)
-        return torch.cat(blocks, -1)
+        n, B = codes.n, codes.B
+        out = (self.b_dec.unsqueeze(1).expand(n, B, self.d_out) if bias else self.b_dec.new_zeros(1, 1, 1)
+               .expand(n, B, self.d_out)).clone()
+        for i in range(self.L):  # layer i writes layers i..L-1: added in place into their columns
+            out[..., i * self.do:] += self._layer_out(codes, i)
+        return out
 
     def _layer_out(self, codes: Codes, i: int) -> torch.Tensor:
         W = self.layer("W_dec", i)
