@@ -5,7 +5,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -124,7 +124,8 @@ def _source(cfg: AnalyzeConfig, lake: Lake, sae_cfg: dict, hooks: list[str]):
     if not run:
         raise UserError(f"SAE {sae_cfg.get('name')!r} was trained live: give --run RUN (a run with a 2d table) "
                         "or --live --model M --dataset D")
-    version = cfg.version if cfg.version is not None else (sae_cfg.get("version") if run == sae_cfg.get("run") else None)
+    version = cfg.version if cfg.version is not None else (
+        sae_cfg.get("version") if run == sae_cfg.get("run") else None)
     src = SnapshotSource(lake, run, version)
     if "contexts" not in src.snapshot.tables:
         raise UserError(f"run {run!r} has no 2d table: ingest one with `lake ingest --layout 2d --run NEW ...` "
@@ -203,7 +204,7 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalysisRecord:
         n_features=sae.d_sae, tokens=stats.n_valid, tokens_total=stats.n_tokens,
         contexts=stats.n_contexts, context_size=T, hook=",".join(hooks), hooks=hooks,
         source=desc["source"], model=desc["model"], dataset=desc["dataset"],
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), seconds=round(seconds, 3),
+        created=datetime.now(UTC).isoformat(timespec="seconds"), seconds=round(seconds, 3),
         tokens_per_second=round(stats.n_tokens / max(seconds, 1e-9), 1), final_norm=norm,
         excluded_token_ids=skip.tolist(), status="complete", definitions=DEFINITIONS, out_hooks=sae.out_hooks,
         config={k: v for k, v in asdict(cfg).items() if k not in ("lake", "store", "overwrite", "extra")})
