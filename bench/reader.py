@@ -6,8 +6,8 @@ For each storage dtype it ingests (once, cached under --lake) the bundled model'
 
   raw      lance dataset.scanner(columns=[hook column], batch_size=4096).to_batches(), each batch's
            values buffer touched (the most a reader of that column can get; codes not decoded)
-  reader   SnapshotSource(...).token_batches(4096, [hook], seed=0), each batch's activations
-           cast to float32 (what a trainer consumes: shuffled blocks, decoded, zero-copy where possible)
+  reader   SnapshotSource(...).token_batches(4096, [hook], seed=0, dtype=torch.float32): float32
+           tensors, what a trainer consumes (shuffled blocks, decoded and converted in the reader's thread)
 
 on local disk and on a moto S3 server (a separate process on 127.0.0.1), with 1 and 2 threads
 (torch and Lance's CPU threads). Target: reader >= 0.8x raw for float16 and int8 on local disk.
@@ -62,8 +62,8 @@ def measure(args) -> dict:
     def reader() -> float:
         t = time.perf_counter()
         n = 0
-        for b in src.token_batches(BATCH, [args.hook], seed=0):
-            x = b.acts[args.hook].float()
+        for b in src.token_batches(BATCH, [args.hook], seed=0, dtype=torch.float32):
+            x = b.acts[args.hook]
             n += x.shape[0]
         return n / (time.perf_counter() - t)
 
@@ -148,6 +148,7 @@ def main() -> None:
     p.add_argument("--threads", default="1,2")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-s3", action="store_true")
+    p.add_argument("--s3-dtypes", default="float16,int8", help="dtypes also measured on S3 (each is uploaded)")
     p.add_argument("--write", action="store_true", help="update the '## reader' section of bench/RESULTS.md")
     # internal: one measurement in a fresh process
     p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
@@ -164,12 +165,13 @@ def main() -> None:
     stores = [("local", a.lake, {})]
     s3 = None
     if not a.no_s3:
-        s3, env, uri = start_s3(a, list(runs.values()))
+        s3_dtypes = [d for d in a.s3_dtypes.split(",") if d in runs]
+        s3, env, uri = start_s3(a, [runs[d] for d in s3_dtypes])
         stores.append(("s3", uri, env))
     results = []
     try:
         for store, uri, env in stores:
-            for d in dtypes:
+            for d in (dtypes if store == "local" else s3_dtypes):
                 for t in threads:
                     r = run_config(a, uri, runs[d], t, env)
                     r |= {"store": store, "dtype": d, "threads": t,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import queue
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Protocol, Sequence
 
@@ -20,7 +21,8 @@ import torch
 
 from .errors import UserError
 from .lake import Lake
-from .tables import arrow_to_acts
+from .codecs import get_codec
+from .tables import arrow_to_acts, arrow_to_stored
 
 
 @dataclass
@@ -129,6 +131,7 @@ class SnapshotSource:
         self.columns = dict(m.columns)
         self.dtype, self.context_size = m.dtype, m.context_size
         self.codecs = {h: m.codec(h) for h in self.hooks}  # decoded inside the reader: callers get floats
+        self._hook_of = {c: h for h, c in self.columns.items()}
         self.block_rows = block_rows
         self._pos: dict = {}
 
@@ -161,8 +164,11 @@ class SnapshotSource:
     # -- 1d --------------------------------------------------------------------------------
     def token_batches(self, batch_size: int, hooks: Sequence[str] | None = None, *, seed: int = 0,
                       start: int = 0, repeat: bool = False, shard: tuple[int, int] = (0, 1),
-                      rows: tuple[int, int] | None = None) -> Iterator[TokenBatch]:
+                      rows: tuple[int, int] | None = None, dtype: torch.dtype | None = None) -> Iterator[TokenBatch]:
         """Shuffled token batches; ``start`` rows of the stream are skipped exactly (for resume).
+
+        Activations come decoded; ``dtype`` (e.g. torch.float32) converts them too. Reading,
+        shuffling, decoding and that conversion all run in a background thread, ahead of the consumer.
 
         ``rows=(lo, hi)``: only rows ``lo..hi-1`` of the 1d table in storage order (e.g. all but a
         held-out tail); the stream, its epochs and ``start`` then count those rows only.
@@ -227,31 +233,58 @@ class SnapshotSource:
                 if not repeat:
                     return
 
-        carry: pa.Table | None = None
-        for block in _prefetch(windows()):
-            block = block if carry is None else pa.concat_tables([carry, block])
-            i = 0
-            while len(block) - i >= batch_size:
-                yield self._token_batch(block.slice(i, batch_size), hooks)
-                i += batch_size
-            carry = block.slice(i) if i < len(block) else None
-        if carry is not None and len(carry):
-            yield self._token_batch(carry, hooks)
+        def batches():
+            carry: dict[str, torch.Tensor] | None = None  # a window's last rows, short of a batch
+            for block in windows():
+                n, i = len(block["token_id"]), 0
+                if carry is not None:  # complete it from this window's first rows (never copy a whole window)
+                    i = min(n, batch_size - len(carry["token_id"]))
+                    carry = {c: torch.cat([carry[c], x[:i]]) for c, x in block.items()}
+                    if len(carry["token_id"]) < batch_size:
+                        continue
+                    yield self._token_batch(carry, hooks, dtype)
+                    carry = None
+                while n - i >= batch_size:
+                    yield self._token_batch({c: x[i:i + batch_size] for c, x in block.items()}, hooks, dtype)
+                    i += batch_size
+                carry = {c: x[i:] for c, x in block.items()} if i < n else None
+            if carry is not None:
+                yield self._token_batch(carry, hooks, dtype)
 
-    def _window_rows(self, group: list, rows: np.ndarray, cols: list[str], whole: bool) -> pa.Table:
-        """Rows ``rows`` (indices into the window's blocks, concatenated) in that order. ``whole``
-        reads each block contiguously; otherwise only the wanted rows are read (Lance takes
-        sorted offsets), so data-parallel ranks read disjoint rows."""
+        for batch in _prefetch(batches()):
+            self._pos["rows"] += len(batch) * world  # stream rows consumed: every rank's micro-batch
+            yield batch
+
+    def _window_rows(self, group: list, rows: np.ndarray, cols: list[str], whole: bool) -> dict[str, torch.Tensor]:
+        """Rows ``rows`` (indices into the window's blocks, concatenated) in that order, as tensors of
+        stored cells per column. ``whole`` reads each block contiguously; otherwise only the wanted
+        rows are read (Lance takes sorted offsets), so data-parallel ranks read disjoint rows.
+
+        The permutation is a torch row gather (memcpy of whole cells), not Arrow's take, which
+        gathers a fixed-size list element by element."""
         if whole:
-            return pa.concat_tables([self._read(f, "tokens", columns=cols, offset=off, limit=n)
-                                     for f, off, n in group]).take(rows)
-        wanted, parts, lo = np.sort(rows), [], 0
-        for f, off, n in group:
-            sel = wanted[(wanted >= lo) & (wanted < lo + n)] - lo
-            if len(sel):
-                parts.append(self._read(f, "tokens", columns=cols, indices=sel + off))
-            lo += n
-        return pa.concat_tables(parts).take(np.searchsorted(wanted, rows))
+            table = pa.concat_tables([self._read(f, "tokens", columns=cols, offset=off, limit=n)
+                                      for f, off, n in group])
+            order = rows
+        else:
+            wanted, parts, lo = np.sort(rows), [], 0
+            for f, off, n in group:
+                sel = wanted[(wanted >= lo) & (wanted < lo + n)] - lo
+                if len(sel):
+                    parts.append(self._read(f, "tokens", columns=cols, indices=sel + off))
+                lo += n
+            table, order = pa.concat_tables(parts), np.searchsorted(wanted, rows)
+        table = table.combine_chunks()
+        index = torch.from_numpy(np.ascontiguousarray(order, dtype=np.int64))
+        out = {}
+        with warnings.catch_warnings():  # Arrow's buffers are read-only; index_select copies out of them
+            warnings.simplefilter("ignore", UserWarning)
+            for c in cols:
+                hook = self._hook_of.get(c)
+                x = (arrow_to_stored(table.column(c), self.codecs[hook], (self.d_model[hook],)) if hook
+                     else torch.from_numpy(table.column(c).to_numpy()))
+                out[c] = x.index_select(0, index)
+        return out
 
     def _unreadable(self, table: str, files: str, e: Exception) -> UserError:
         return UserError(f"run {self.run!r} {table}.lance: cannot read {files} ({str(e).splitlines()[0][:150]}); "
@@ -263,15 +296,10 @@ class SnapshotSource:
         except Exception as e:
             raise self._unreadable(table, ", ".join(f.path for f in fragment.metadata.files), e) from None
 
-    def _token_batch(self, t: pa.Table, hooks: list[str]) -> TokenBatch:
-        t = t.combine_chunks()
-        batch = TokenBatch(
-            acts={h: arrow_to_acts(t.column(self.columns[h]), self.codecs[h], (self.d_model[h],)) for h in hooks},
-            token_id=torch.from_numpy(t.column("token_id").to_numpy()),
-            context_id=torch.from_numpy(t.column("context_id").to_numpy()),
-            position=torch.from_numpy(t.column("position").to_numpy()))
-        self._pos["rows"] += len(batch) * self._pos["world"]  # stream rows: every rank's micro-batch
-        return batch
+    def _token_batch(self, t: dict[str, torch.Tensor], hooks: list[str], dtype: torch.dtype | None) -> TokenBatch:
+        acts = {h: get_codec(self.codecs[h]).decode(t[self.columns[h]], self.d_model[h]) for h in hooks}
+        return TokenBatch(acts={h: x if dtype is None else x.to(dtype) for h, x in acts.items()},
+                          token_id=t["token_id"], context_id=t["context_id"], position=t["position"])
 
     # -- 2d --------------------------------------------------------------------------------
     def context_batches(self, batch_size: int, hooks: Sequence[str] | None = None, *,

@@ -59,16 +59,21 @@ def _values(arr: pa.Array | pa.ChunkedArray, depth: int) -> np.ndarray:
     return arr.to_numpy(zero_copy_only=True)
 
 
-def arrow_to_acts(arr, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """Decode a hook column: [n, *shape] activations (``shape`` ends with d_model). Plain codecs come
-    back zero-copy in their storage dtype (float16, bfloat16, float32); int8/float8 as float32."""
+def arrow_to_stored(arr, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A hook column's cells as stored, zero-copy where Arrow allows: [n, *shape[:-1], width] storage
+    elements (``shape`` ends with d_model). Only for moving rows around: decode before use."""
     codec = get_codec(dtype)
     values = _values(arr, len(shape))
     with warnings.catch_warnings():  # Arrow buffers are read-only; we never write into them
         warnings.simplefilter("ignore", UserWarning)
         t = torch.from_numpy(values)
-    d = shape[-1]
-    return codec.decode(t.view(-1, *shape[:-1], codec.width(d)), d)
+    return t.view(-1, *shape[:-1], codec.width(shape[-1]))
+
+
+def arrow_to_acts(arr, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Decode a hook column: [n, *shape] activations (``shape`` ends with d_model). Plain codecs come
+    back zero-copy in their storage dtype (float16, bfloat16, float32); int8/float8 as float32."""
+    return get_codec(dtype).decode(arrow_to_stored(arr, dtype, shape), shape[-1])
 
 
 def as_float32_for_sql(batch: pa.RecordBatch, hooks: dict[str, tuple[str, int]]) -> pa.RecordBatch:
