@@ -35,11 +35,13 @@ def cli():
 @cli.command()
 @lake_option
 @click.option("--model", default="smollm2-135m", show_default=True,
-              help="Local HF folder, bundled smollm2-135m, or a hub name.")
+              help="Local HF folder, bundled smollm2-135m, or a hub name; several (a=PATH,b=PATH) run the same tokens "
+                   "through each (one tokenizer), their hooks stored as a:HOOK, b:HOOK.")
 @click.option("--dataset", default="builtin", show_default=True,
               help="Local file/folder (txt, jsonl, json, parquet, csv), builtin[:pydoc|stdlib|fortunes], or hub name.")
 @click.option("--text-column", default="text", show_default=True)
-@click.option("--hooks", required=True, help="Comma-separated TransformerLens hook names.")
+@click.option("--hooks", required=True, help="Comma-separated TransformerLens hook names; blocks.{0-5}.ln2.hook_out "
+              "is a range; with several models a hook applies to each (or name one: a:HOOK).")
 @click.option("--tokens", type=int, required=True, help="Tokens to ingest (rounded up to whole contexts).")
 @click.option("--context-size", type=int, default=128, show_default=True)
 @click.option("--layout", default="1d,2d", show_default=True, help="1d (shuffled tokens), 2d (contexts), or both.")

@@ -21,9 +21,9 @@ import pyarrow as pa
 import torch
 from lance.fragment import FragmentMetadata, write_fragments
 
+from .codecs import get_codec
 from .errors import UserError
 from .lake import Lake
-from .codecs import get_codec
 from .tables import acts_field, acts_to_arrow, column_name
 
 LEASE_SECONDS = 120  # a writer that has not renewed its lease for this long is presumed dead
