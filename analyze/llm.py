@@ -11,7 +11,9 @@ the URL recorded with each explanation has no credentials, query or fragment.
 
 Both answer ``complete(messages, max_tokens)`` with text and ``yes_no(messages)`` with a bool
 (the scorer's question): the local model compares the next-token logits of "Yes" and "No"
-spellings; a server is asked for a few tokens, the first word read.
+spellings; a server is asked for the first token's top log-probabilities and the likelier of
+"yes" and "no" wins; without them (or when neither is among them) the first "yes" or "no" in its
+short answer counts.
 """
 from __future__ import annotations
 
@@ -48,11 +50,21 @@ def chat_model(explainer: str, model: str | None = None, api_key_env: str | None
 
 
 def first_word_yes(text: str) -> bool | None:
-    m = re.search(r"[A-Za-z]+", text or "")
-    if not m:
+    """True / False for the first "yes" / "no" in a short answer ("Yes.", "The answer is no"), else None."""
+    m = re.search(r"\b(yes|no)\b", text or "", re.I)
+    return None if not m else m.group(1).lower() == "yes"
+
+
+def top_logprobs_yes(tops: list[dict]) -> bool | None:
+    """Yes or no by the likelier of the two among the first token's top log-probabilities (None: neither)."""
+    best: dict[str, float] = {}
+    for t in tops:
+        w = str(t.get("token", "")).strip().lower()
+        if w in ("yes", "no") and isinstance(t.get("logprob"), (int, float)):
+            best[w] = max(best.get(w, float("-inf")), float(t["logprob"]))
+    if not best:
         return None
-    w = m.group(0).lower()
-    return True if w in ("yes", "y", "true") else False if w in ("no", "n", "false") else None
+    return best.get("yes", float("-inf")) > best.get("no", float("-inf"))
 
 
 class LocalChat:
@@ -135,6 +147,7 @@ class OpenAIChat:
         self.explainer = urlunsplit((parts.scheme, parts.netloc, path, "", ""))  # no query: keys hide there too
         self.model = model or "default"
         self.timeout_s = timeout_s
+        self.logprobs = True  # until the server refuses them
         self.key = None
         if api_key_env:
             self.key = os.environ.get(api_key_env)
@@ -150,7 +163,8 @@ class OpenAIChat:
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:
             detail = e.read()[:300].decode("utf-8", "replace").replace("\n", " ")
-            raise UserError(f"explainer server {self.explainer} answered HTTP {e.code}: {detail}") from None
+            raise ServerError(f"explainer server {self.explainer} answered HTTP {e.code}: {detail}", e.code) \
+                from None
         except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
             reason = getattr(e, "reason", e)
             raise UserError(f"cannot reach the explainer server {self.explainer} ({reason}): is it running?") \
@@ -167,4 +181,32 @@ class OpenAIChat:
                 from None
 
     def yes_no(self, messages: list[dict]) -> bool | None:
-        return first_word_yes(self.complete(messages, 3))
+        """The likelier of "yes" and "no" as the first token when the server returns log-probabilities
+        (asked for once; a server that refuses them is not asked again), else the answer's first yes/no."""
+        body = {"model": self.model, "messages": messages, "max_tokens": 8, "temperature": 0}
+        if self.logprobs:
+            try:  # one token is enough when its log-probabilities come back
+                out = self._post({**body, "max_tokens": 1, "logprobs": True, "top_logprobs": 20})
+            except ServerError as e:
+                if e.status not in (400, 422):
+                    raise
+                self.logprobs = False
+                out = self._post(body)
+        else:
+            out = self._post(body)
+        try:
+            choice = out["choices"][0]
+            tops = ((choice.get("logprobs") or {}).get("content") or [{}])[0].get("top_logprobs") or []
+            text = (choice.get("message") or {}).get("content") or ""
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise UserError(f"explainer server {self.explainer} answered without choices[0]") from None
+        verdict = top_logprobs_yes(tops)
+        return verdict if verdict is not None else first_word_yes(text)
+
+
+class ServerError(UserError):
+    """An HTTP error status from the server (``status``)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status

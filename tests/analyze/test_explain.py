@@ -116,9 +116,13 @@ class _Chat(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(b'{"error": "bad key"}')
             return
-        text = self.server.answer(body["messages"][-1]["content"])
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
-        self.send_response(200)
+        if getattr(self.server, "respond", None):  # the whole answer (status, JSON object) from the test
+            status, obj = self.server.respond(body)
+        else:
+            text = self.server.answer(body["messages"][-1]["content"])
+            status, obj = 200, {"choices": [{"message": {"role": "assistant", "content": text}}]}
+        data = json.dumps(obj).encode()
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -191,6 +195,29 @@ def test_scores_from_an_oracle_and_a_yes_sayer_server(xlake, tmp_path, chat_serv
     got = [json.loads(ln) for ln in out.splitlines()]
     assert [g["feature"] for g in got] == feats and all(g["detection"] == 0.5 for g in got)
     assert got[0]["label"] == f"feature {feats[0]} things" and got[0]["source"] == "explanation"
+
+
+def test_server_yes_no_from_logprobs_or_the_answer(chat_server):
+    from saelake.analyze.llm import OpenAIChat
+
+    msg = [{"role": "user", "content": "q"}]
+    tops = [{"token": " No", "logprob": -0.2}, {"token": "Yes", "logprob": -1.5}, {"token": "The", "logprob": -3.0}]
+    srv, url = chat_server(None)
+    srv.respond = lambda body: (200, {"choices": [{"message": {"content": "Yes, it does"},
+                                                   "logprobs": {"content": [{"top_logprobs": tops}]}}]})
+    assert OpenAIChat(url, None, None, 10).yes_no(msg) is False  # the first token's log-probabilities decide
+    assert srv.seen[0][2]["logprobs"] is True and srv.seen[0][2]["top_logprobs"] == 20
+    # a server that refuses logprobs: asked once, then never again; the answer's first yes/no counts
+    srv.respond = lambda body: (400, {"error": "no logprobs"}) if "logprobs" in body else \
+        (200, {"choices": [{"message": {"content": "I think no."}}]})
+    chat, n = OpenAIChat(url, None, None, 10), len(srv.seen)
+    assert chat.yes_no(msg) is False and chat.yes_no(msg) is False
+    assert [("logprobs" in b) for _, _, b in srv.seen[n:]] == [True, False, False]
+    srv.respond = lambda body: (200, {"choices": [{"message": {"content": "Maybe."}}]})
+    assert OpenAIChat(url, None, None, 10).yes_no(msg) is None  # counted as wrong by the scores
+    srv.respond = lambda body: (500, {"error": "boom"})
+    with pytest.raises(UserError, match="HTTP 500"):
+        OpenAIChat(url, None, None, 10).yes_no(msg)
 
 
 def test_balanced_accuracy():
