@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 LAKE    ?= ./lake-demo
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 
-.PHONY: venv browser demo test test-slow bench clean
+.PHONY: venv browser demo lint test test-slow bench clean
 
 venv: $(VENV)/.installed
 
@@ -27,7 +27,12 @@ demo: venv
 browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 
-test: venv browser
+# style and dead code (config in pyproject.toml); `make test` runs it first
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: venv browser lint
 	$(BIN)/python -m pytest -q
 
 test-slow: venv
@@ -37,6 +42,8 @@ bench: venv
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/analyze.py
+	$(BIN)/python bench/codecs.py
+	$(BIN)/python bench/reader.py
 
 clean:
 	rm -rf $(VENV) $(LAKE)

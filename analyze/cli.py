@@ -1,4 +1,5 @@
 """``lake analyze`` and ``lake feature`` (registered through the saelake.commands entry points)."""
+
 from __future__ import annotations
 
 import click
@@ -26,8 +27,9 @@ def _positive(name: str, v: int | None, zero_ok: bool = False) -> None:
 @click.argument("sae")
 @click.option("--run", default=None, help="Run with a 2d table (default: the SAE's training run).")
 @click.option("--version", type=int, default=None, help="Snapshot version (default: the SAE's, else latest).")
-@click.option("--tokens", type=int, default=None,
-              help="Tokens to analyze, in whole contexts (default: all; live 20000).")
+@click.option(
+    "--tokens", type=int, default=None, help="Tokens to analyze, in whole contexts (default: all; live 20000)."
+)
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Contexts per batch.")
 @click.option("--top-k", type=int, default=20, show_default=True, help="Top contexts per feature.")
 @click.option("--intervals", default="0.8,0.6,0.4", show_default=True, help="Interval bounds (fractions of max).")
@@ -44,25 +46,71 @@ def _positive(name: str, v: int | None, zero_ok: bool = False) -> None:
 @click.option("--context-size", type=int, default=None, help="--live: context size (default 128).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample priority hash.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def analyze_cmd(lake_uri, sae, run, version, tokens, batch_size, top_k, intervals, per_interval, non_activating,
-                n_logits, n_neighbours, store, name, overwrite, live, model, dataset, context_size, seed, quiet):
+def analyze_cmd(
+    lake_uri,
+    sae,
+    run,
+    version,
+    tokens,
+    batch_size,
+    top_k,
+    intervals,
+    per_interval,
+    non_activating,
+    n_logits,
+    n_neighbours,
+    store,
+    name,
+    overwrite,
+    live,
+    model,
+    dataset,
+    context_size,
+    seed,
+    quiet,
+):
     """Per-feature statistics and samples of an SAE -> a feature store."""
     from .run import AnalyzeConfig, analyze
 
-    for opt, v, z in (("tokens", tokens, False), ("batch-size", batch_size, False), ("top-k", top_k, False),
-                      ("per-interval", per_interval, True), ("non-activating", non_activating, True),
-                      ("logits", n_logits, True), ("neighbours", n_neighbours, True)):
+    for opt, v, z in (
+        ("tokens", tokens, False),
+        ("batch-size", batch_size, False),
+        ("top-k", top_k, False),
+        ("per-interval", per_interval, True),
+        ("non-activating", non_activating, True),
+        ("logits", n_logits, True),
+        ("neighbours", n_neighbours, True),
+    ):
         _positive(opt, v, z)
     if not live and (model or dataset or context_size):
         raise UserError("--model/--dataset/--context-size are for --live (a snapshot knows its model)")
-    cfg = AnalyzeConfig(lake=lake_uri, sae=sae, run=run, version=version, tokens=tokens, batch_size=batch_size,
-                        top_k=top_k, intervals=_intervals(intervals), per_interval=per_interval,
-                        n_zero=non_activating, n_logits=n_logits, n_neighbours=n_neighbours, store=store, name=name,
-                        overwrite=overwrite, live=live, model=model, dataset=dataset, context_size=context_size,
-                        seed=seed)
+    cfg = AnalyzeConfig(
+        lake=lake_uri,
+        sae=sae,
+        run=run,
+        version=version,
+        tokens=tokens,
+        batch_size=batch_size,
+        top_k=top_k,
+        intervals=_intervals(intervals),
+        per_interval=per_interval,
+        n_zero=non_activating,
+        n_logits=n_logits,
+        n_neighbours=n_neighbours,
+        store=store,
+        name=name,
+        overwrite=overwrite,
+        live=live,
+        model=model,
+        dataset=dataset,
+        context_size=context_size,
+        seed=seed,
+    )
     rec = analyze(cfg, progress=not quiet)
-    click.echo(f"analysis {rec.name}: {rec.n_features} features of {rec.sae} over {rec.tokens} valid "
-               f"tokens ({rec.contexts} contexts, {rec.tokens_per_second:.0f} tok/s) -> {rec.store}")
+    click.echo(
+        f"analysis {rec.name}: {rec.n_features} features of {rec.sae} over {rec.tokens} valid "
+        f"tokens ({rec.contexts} contexts, {rec.tokens_per_second:.0f} tok/s) -> {rec.store}"
+    )
 
 
 def find_analysis(lake_uri: str | None, store: str | None, sae: str, name: str | None):
@@ -72,8 +120,13 @@ def find_analysis(lake_uri: str | None, store: str | None, sae: str, name: str |
     from .stores import EmbeddedStore, MongoStore, open_store
 
     if store:
-        st = open_store(Lake(lake_uri), store) if lake_uri else MongoStore(store) if store.startswith("mongodb") \
+        st = (
+            open_store(Lake(lake_uri), store)
+            if lake_uri
+            else MongoStore(store)
+            if store.startswith("mongodb")
             else None
+        )
         if st is None:
             raise UserError("--lake is required for the embedded store")
         candidates = [st.record(name)] if name else st.records(sae)
@@ -84,8 +137,11 @@ def find_analysis(lake_uri: str | None, store: str | None, sae: str, name: str |
         candidates = [st.record(name)] if name else st.records(sae)
     candidates = [c for c in candidates if c and c.sae == sae]
     if not candidates:
-        raise UserError(f"no analysis {name!r} of SAE {sae!r}" if name else
-                        f"no analysis of SAE {sae!r}: run `lake analyze {sae}` first")
+        raise UserError(
+            f"no analysis {name!r} of SAE {sae!r}"
+            if name
+            else f"no analysis of SAE {sae!r}: run `lake analyze {sae}` first"
+        )
     rec = max(candidates, key=lambda c: c.created)
     if not store and rec.store != "embedded":
         st = MongoStore(rec.store)  # the record names the URI without its password
@@ -116,7 +172,8 @@ def feature_cmd(lake_uri, store, sae, index, name, n_top, window):
     from .labels import feature_summary, label
 
     nbrs = list(feat["neighbours"][:8])
-    expl = explanation_store(Lake(lake_uri) if lake_uri else None, rec,
-                             mongo=None if rec.store == "embedded" else st).rows(rec.name, [index, *nbrs])
+    expl = explanation_store(
+        Lake(lake_uri) if lake_uri else None, rec, mongo=None if rec.store == "embedded" else st
+    ).rows(rec.name, [index, *nbrs])
     labels = {j: label(expl.get(j), feature_summary(row))[0] for j in nbrs if (row := st.feature(rec.name, j))}
     show_feature(rec, feat, n_top=n_top, window=window, explanation=expl.get(index), labels=labels)

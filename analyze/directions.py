@@ -11,6 +11,7 @@ Decoders whose width differs from d_model (e.g. hook_post of an MLP) get no logi
 
 Neighbours: cosine similarity of decoder rows, the ``n`` largest excluding the feature itself.
 """
+
 from __future__ import annotations
 
 import re
@@ -25,8 +26,10 @@ def _final_norm(bridge) -> tuple[str, torch.Tensor | None]:
     kind = str(getattr(bridge.cfg, "normalization_type", "") or "").upper()
     if not kind:
         kind = "LN" if getattr(orig, "bias", None) is not None else ("RMS" if weight is not None else "")
-    return ("layernorm" if kind.startswith("LN") else "rmsnorm" if kind.startswith("RMS") else "none",
-            None if weight is None else weight.detach().float())
+    return (
+        "layernorm" if kind.startswith("LN") else "rmsnorm" if kind.startswith("RMS") else "none",
+        None if weight is None else weight.detach().float(),
+    )
 
 
 def unembedding(model) -> tuple[torch.Tensor, str]:
@@ -47,7 +50,7 @@ def top_logits(W_dec: torch.Tensor, W_U: torch.Tensor, norm: str, n: int, chunk:
     n = min(n, W_U.shape[1])
     out = [[], [], [], []]
     for i in range(0, W_dec.shape[0], chunk):
-        w = W_dec[i:i + chunk].float()
+        w = W_dec[i : i + chunk].float()
         if norm == "layernorm":
             w = w - w.mean(1, keepdim=True)
         logits = w @ W_U
@@ -65,7 +68,7 @@ def neighbours(W_dec: torch.Tensor, n: int, chunk: int = 1024) -> tuple[torch.Te
     Wn = W_dec.float() / W_dec.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
     ids, cos = [], []
     for i in range(0, S, chunk):
-        sim = Wn[i:i + chunk] @ Wn.t()
+        sim = Wn[i : i + chunk] @ Wn.t()
         sim[torch.arange(sim.shape[0]), torch.arange(i, i + sim.shape[0])] = float("-inf")
         top = sim.topk(n, dim=1)
         ids.append(top.indices)

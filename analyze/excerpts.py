@@ -2,6 +2,7 @@
 tokens marked «like this», BOS and document separators left out, token strings as stored (nothing
 is re-tokenized). Shared by ``explain`` and ``score`` so both read examples alike.
 """
+
 from __future__ import annotations
 
 import random

@@ -17,6 +17,7 @@ MongoDB (the analysis lives there): collection ``explanations``, one document pe
 (analysis, feature) with ``_id`` ``"<analysis>:<feature>"`` (unique index on analysis, feature);
 an update is one ``$set`` per feature, so concurrent writers of different fields never clash.
 """
+
 from __future__ import annotations
 
 import re
@@ -32,21 +33,37 @@ from saelake.lake import Lake, UserError
 from saelake.lake.checksums import dataset_checksums
 from saelake.lake.records import FileChecksum, Record
 
-SCHEMA = pa.schema([
-    ("feature", pa.int32()),
-    ("explanation", pa.string()), ("explainer", pa.string()), ("explainer_model", pa.string()),
-    ("examples", pa.list_(pa.int64())),  # context ids of the examples the explainer saw
-    ("example_kinds", pa.list_(pa.string())),  # top | interval, one per example
-    ("promoted", pa.list_(pa.string())),  # the promoted tokens it saw
-    ("prompt_sha256", pa.string()), ("explained_at", pa.string()),
-    ("note", pa.string()),
-    ("detection", pa.float64()), ("fuzzing", pa.float64()), ("scorer", pa.string()), ("scorer_model", pa.string()),
-    ("score_examples", pa.list_(pa.int64())),  # context ids the scorer classified
-    ("scored_at", pa.string()),
-])
+SCHEMA = pa.schema(
+    [
+        ("feature", pa.int32()),
+        ("explanation", pa.string()),
+        ("explainer", pa.string()),
+        ("explainer_model", pa.string()),
+        ("examples", pa.list_(pa.int64())),  # context ids of the examples the explainer saw
+        ("example_kinds", pa.list_(pa.string())),  # top | interval, one per example
+        ("promoted", pa.list_(pa.string())),  # the promoted tokens it saw
+        ("prompt_sha256", pa.string()),
+        ("explained_at", pa.string()),
+        ("note", pa.string()),
+        ("detection", pa.float64()),
+        ("fuzzing", pa.float64()),
+        ("scorer", pa.string()),
+        ("scorer_model", pa.string()),
+        ("score_examples", pa.list_(pa.int64())),  # context ids the scorer classified
+        ("scored_at", pa.string()),
+    ]
+)
 FIELDS = tuple(SCHEMA.names)
-EXPLANATION_FIELDS = ("explanation", "explainer", "explainer_model", "examples", "example_kinds", "promoted",
-                      "prompt_sha256", "explained_at")
+EXPLANATION_FIELDS = (
+    "explanation",
+    "explainer",
+    "explainer_model",
+    "examples",
+    "example_kinds",
+    "promoted",
+    "prompt_sha256",
+    "explained_at",
+)
 SCORE_FIELDS = ("detection", "fuzzing", "scorer", "scorer_model", "score_examples", "scored_at")
 MAX_TEXT = 2000  # characters of an explanation or a note
 
@@ -70,6 +87,7 @@ def check_text(value, what: str) -> str | None:
 @dataclass
 class ExplanationsRecord(Record):
     """``analyses/<name>/explanations.json``: which table holds the rows, and its data files' checksums."""
+
     SCHEMA_VERSION: ClassVar[int] = 1
     analysis: str
     table: str
@@ -153,8 +171,9 @@ class EmbeddedExplanations:
             con.execute("set enable_progress_bar = false")
             con.register("e", ds.scanner(columns=["feature", "explanation", "note"]).to_reader())
             pat = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            got = con.execute("select feature from e where explanation ilike ? escape '\\' or note ilike ? escape '\\'",
-                              [pat, pat]).fetchall()
+            got = con.execute(
+                "select feature from e where explanation ilike ? escape '\\' or note ilike ? escape '\\'", [pat, pat]
+            ).fetchall()
         finally:
             con.close()
         return {int(r[0]) for r in got}
@@ -176,15 +195,17 @@ class EmbeddedExplanations:
                 uri = self.st.uri("analyses", analysis, table)
                 data = pa.Table.from_pylist([rows[f] for f in sorted(rows)], schema=SCHEMA)
                 try:
-                    lance.write_dataset(data, uri, schema=SCHEMA, mode="create",
-                                        storage_options=self.st.storage_options)
+                    lance.write_dataset(
+                        data, uri, schema=SCHEMA, mode="create", storage_options=self.st.storage_options
+                    )
                     sums = dataset_checksums(self.st, uri, prefix=f"{table}/")
                     now_rec = self.record(analysis)
                     if (now_rec.table if now_rec else None) != (base.table if base else None):
                         self.st.remove("analyses", analysis, table)  # another process wrote: merge onto its rows
                         continue
-                    rec = ExplanationsRecord(analysis=analysis, table=table, rows=len(rows), updated=now(),
-                                             checksums=sums)
+                    rec = ExplanationsRecord(
+                        analysis=analysis, table=table, rows=len(rows), updated=now(), checksums=sums
+                    )
                     self.st.write_json(rec.to_json(), "analyses", analysis, "explanations.json")
                 except BaseException:
                     self.st.remove("analyses", analysis, table)
@@ -229,10 +250,17 @@ class MongoExplanations:
         if self.db.analyses.find_one({"name": analysis}, {"_id": 1}) is None:
             raise UserError(f"no analysis {analysis!r} in this MongoDB store")
         stamp = f"{now()}-{uuid.uuid4().hex[:8]}"
-        ops = [UpdateOne({"_id": f"{analysis}:{f}"},
-                         {"$set": {**ch, "_stamp": stamp},
-                          "$setOnInsert": {"analysis": analysis, "sae": sae, "feature": int(f)}}, upsert=True)
-               for f, ch in changes.items()]
+        ops = [
+            UpdateOne(
+                {"_id": f"{analysis}:{f}"},
+                {
+                    "$set": {**ch, "_stamp": stamp},
+                    "$setOnInsert": {"analysis": analysis, "sae": sae, "feature": int(f)},
+                },
+                upsert=True,
+            )
+            for f, ch in changes.items()
+        ]
         if ops:
             self.db.explanations.bulk_write(ops, ordered=False)
 

@@ -18,6 +18,7 @@ Edits act on the latents: ``add`` (latent += value: adds value x the feature's d
 an input the model computes later (a crosscoder reading a later layer) cannot be spliced into one
 forward pass: that is checked, not assumed. Used by ``lake eval``, ``lake steer`` and the web UI.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,6 +36,7 @@ MODES = ("add", "clamp", "ablate")
 class Edit:
     """One feature edit. ``positions``: token indices of the sequence (0 = BOS, never edited;
     negative counts from the end of the prompt); None: every spliced position, new tokens included."""
+
     feature: int
     mode: str = "add"
     value: float = 0.0
@@ -80,16 +82,20 @@ class Splice:
             self.model.bridge.run_with_hooks(torch.tensor([[bos, bos]]), fwd_hooks=fwd, return_type=None)
         missing = [h for h in hooks if h not in seen]
         if missing:
-            raise UserError(f"hooks {', '.join(missing)} did not fire on {self.model.spec}: not activations of the "
-                            "forward pass, so the dictionary cannot be spliced there")
+            raise UserError(
+                f"hooks {', '.join(missing)} did not fire on {self.model.spec}: not activations of the "
+                "forward pass, so the dictionary cannot be spliced there"
+            )
         for h, t in seen.items():
             if t.ndim != 3:
                 raise UserError(f"hook {h!r} gives {tuple(t.shape[2:])} per token: only one vector per token splices")
         widths = {h: int(seen[h].shape[-1]) for h in hooks}
         d_in = sum(widths[h] for h in self.reads)
         if d_in != self.sae.d_in:
-            raise UserError(f"the dictionary takes inputs of size {self.sae.d_in}; {self.model.spec} gives {d_in} at "
-                            f"{', '.join(self.reads)}: wrong model?")
+            raise UserError(
+                f"the dictionary takes inputs of size {self.sae.d_in}; {self.model.spec} gives {d_in} at "
+                f"{', '.join(self.reads)}: wrong model?"
+            )
         return widths, {h: i for i, h in enumerate(seen)}
 
     # -- the forward pass -----------------------------------------------------------------------
@@ -107,6 +113,7 @@ class Splice:
             if h not in self.writes:
                 return None
             return self._write(h, t, seen, keep, edit_at)
+
         return [(h, lambda t, hook, h=h: on(t, hook, h)) for h in dict.fromkeys(self.reads + self.writes)]
 
     def _positions(self, edit: Edit, keep: torch.Tensor) -> torch.Tensor:
@@ -125,16 +132,18 @@ class Splice:
             return t
         # inputs the model computes later do not change the output here (checked): zeros stand in.
         # Whole contexts go to the kind (``encode_acts``: a kind may attend across positions).
-        inputs = {r: seen[r] if r not in self.later[h] else t.new_zeros(*t.shape[:-1], self.widths[r])
-                  for r in self.reads}
+        inputs = {
+            r: seen[r] if r not in self.later[h] else t.new_zeros(*t.shape[:-1], self.widths[r]) for r in self.reads
+        }
         recon, edited = self._decode(inputs, keep, [a[keep] for a in edit_at], h)
         out = t.clone()
         new = t[keep].float() + (edited - recon) if self.keep_error else edited
         out[keep] = new.to(t.dtype)
         return out
 
-    def _decode(self, inputs: dict, keep: torch.Tensor, edit_rows: list[torch.Tensor],
-                h: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode(
+        self, inputs: dict, keep: torch.Tensor, edit_rows: list[torch.Tensor], h: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(reconstruction, edited reconstruction) at out hook ``h`` for the spliced positions."""
         codes = self.sae.encode_acts({r: v.float().to(self.sae.device) for r, v in inputs.items()})
         f = codes.dense()[0][keep.reshape(-1).to(self.sae.device)]  # [rows, d_sae]
@@ -146,7 +155,7 @@ class Splice:
                 g[rows, e.feature] = e.value if e.mode == "clamp" else 0.0
         both = self.sae.decode(_dense(torch.cat([f, g]).unsqueeze(0), self.sae))[0]
         parts = self.sae.written(both, self.widths)[h].to(keep.device)
-        return parts[:len(f)], parts[len(f):]
+        return parts[: len(f)], parts[len(f) :]
 
     def _check_causal(self, h: str, later: list[str]) -> None:
         """The output at ``h`` must not depend on inputs the model computes after ``h``: compare the
@@ -155,19 +164,23 @@ class Splice:
         known = {r: torch.randn(1, 4, self.widths[r], generator=gen) for r in self.reads}
         outs = []
         for scale in (0.0, 10.0):
-            codes = self.sae.encode_acts({r: (v * scale if r in later else v).to(self.sae.device)
-                                          for r, v in known.items()})
+            codes = self.sae.encode_acts(
+                {r: (v * scale if r in later else v).to(self.sae.device) for r, v in known.items()}
+            )
             outs.append(self.sae.written(self.sae.decode(codes)[0], self.widths)[h])
         if not torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-4):
-            raise UserError(f"this dictionary's output at {h} depends on {', '.join(later)}, which the model computes "
-                            "later: it cannot be spliced into one forward pass")
+            raise UserError(
+                f"this dictionary's output at {h} depends on {', '.join(later)}, which the model computes "
+                "later: it cannot be spliced into one forward pass"
+            )
 
     # -- conveniences ---------------------------------------------------------------------------
     @torch.no_grad()
     def logits(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """[batch, T, vocab] float32 logits with the dictionary spliced in."""
-        return self.model.bridge.run_with_hooks(tokens, fwd_hooks=self.hooks(tokens, mask),
-                                                return_type="logits").float()
+        return self.model.bridge.run_with_hooks(
+            tokens, fwd_hooks=self.hooks(tokens, mask), return_type="logits"
+        ).float()
 
     @torch.no_grad()
     def activations(self, tokens: torch.Tensor, hooks: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -177,12 +190,14 @@ class Splice:
         names = dict(mine)
         fwd = []
         for h in dict.fromkeys(list(names) + list(hooks)):
+
             def fn(t, hook, h=h):
                 t2 = names[h](t, hook) if h in names else None
                 t2 = t if t2 is None else t2
                 if h in hooks:
                     out[h] = t2.detach().clone()
                 return t2
+
             fwd.append((h, fn))
         self.model.enable_hooks(list(hooks))
         self.model.bridge.run_with_hooks(tokens, fwd_hooks=fwd, return_type=None)
@@ -197,8 +212,9 @@ def _dense(acts: torch.Tensor, sae):
 
 
 @torch.no_grad()
-def generate(model, prompt: Sequence[int], tokens: int, splice: Splice | None = None, *,
-             temperature: float = 0.0, seed: int = 0) -> list[int]:
+def generate(
+    model, prompt: Sequence[int], tokens: int, splice: Splice | None = None, *, temperature: float = 0.0, seed: int = 0
+) -> list[int]:
     """``tokens`` new token ids after ``prompt`` (BOS-prefixed ids). Greedy at temperature 0
     (deterministic), else sampled with a seeded generator; ``splice`` (with its edits) applies at
     every step, to the prompt and to the tokens generated so far."""
@@ -230,8 +246,10 @@ def check_length(model, prompt_len: int, tokens: int) -> None:
     if n_ctx and prompt_len > n_ctx:
         raise UserError(f"the prompt is {prompt_len} tokens (BOS included); {model.spec} reads at most {n_ctx}")
     if n_ctx and prompt_len + tokens > n_ctx:
-        raise UserError(f"the prompt ({prompt_len} tokens, BOS included) plus {tokens} new tokens exceed "
-                        f"{model.spec}'s context of {n_ctx}: ask for at most {n_ctx - prompt_len} tokens")
+        raise UserError(
+            f"the prompt ({prompt_len} tokens, BOS included) plus {tokens} new tokens exceed "
+            f"{model.spec}'s context of {n_ctx}: ask for at most {n_ctx - prompt_len} tokens"
+        )
 
 
 @torch.no_grad()
@@ -241,7 +259,7 @@ def promoted_tokens(model, sae, feature: int, n: int = 10) -> tuple[list[int], l
     e.g. a CLT's layers); None when its out hooks are not d_model wide."""
     from .directions import top_logits, unembedding
 
-    W = sae.decoder_directions(0)[feature:feature + 1].float()
+    W = sae.decoder_directions(0)[feature : feature + 1].float()
     widths = {h: model.d_model for h in sae.out_hooks}
     if W.shape[1] != model.d_model * len(sae.out_hooks):
         return None

@@ -9,6 +9,7 @@ loop over samples), a projection of the ``features`` collection in MongoDB.
 ``search`` matches a text, case-insensitively, against explanations and notes (answered by the
 explanation store: SQL / a MongoDB regex) and against those tokens.
 """
+
 from __future__ import annotations
 
 from collections import Counter

@@ -12,6 +12,7 @@ Commits every ``commit_contexts`` contexts; ``index.json`` (``LatentIndexRecord`
 is committed, in which Lance version, with the checksum of every data file, so a killed encode
 resumes exactly where its last commit ended (``--resume``).
 """
+
 from __future__ import annotations
 
 import re
@@ -33,16 +34,25 @@ from saelake.lake.storage import check_name
 from .run import latents_of, load_sae
 
 TABLE = "latents.lance"
-SCHEMA = pa.schema([("context_id", pa.int64()), ("doc_id", pa.int64()), ("position", pa.int32()),
-                    ("token_id", pa.int32()), ("features", pa.list_(pa.int32())), ("acts", pa.list_(pa.float16()))])
+SCHEMA = pa.schema(
+    [
+        ("context_id", pa.int64()),
+        ("doc_id", pa.int64()),
+        ("position", pa.int32()),
+        ("token_id", pa.int32()),
+        ("features", pa.list_(pa.int32())),
+        ("acts", pa.list_(pa.float16())),
+    ]
+)
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _rows(batch, n: int, rows: torch.Tensor, lat: torch.Tensor, vals: torch.Tensor, valid: torch.Tensor,
-          T: int, d_sae: int) -> pa.RecordBatch:
+def _rows(
+    batch, n: int, rows: torch.Tensor, lat: torch.Tensor, vals: torch.Tensor, valid: torch.Tensor, T: int, d_sae: int
+) -> pa.RecordBatch:
     """Rows of the valid tokens of ``n`` contexts; (rows, lat, vals) are the non-zero latents, rows
     ascending (flat token index)."""
     flat_valid = valid.reshape(-1)
@@ -57,16 +67,32 @@ def _rows(batch, n: int, rows: torch.Tensor, lat: torch.Tensor, vals: torch.Tens
     pos = torch.arange(T, dtype=torch.int32).repeat(n)[keep]
     tok = batch.tokens[:n].reshape(-1)[keep].to(torch.int32)
     off = pa.array(offsets.numpy())
-    return pa.RecordBatch.from_arrays([
-        pa.array(ctx.numpy()), pa.array(doc.numpy()), pa.array(pos.numpy()), pa.array(tok.numpy()),
-        pa.ListArray.from_arrays(off, pa.array(lat[order].to(torch.int32).numpy())),
-        pa.ListArray.from_arrays(off, pa.array(vals[order].to(torch.float16).numpy())),
-    ], schema=SCHEMA)
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.array(ctx.numpy()),
+            pa.array(doc.numpy()),
+            pa.array(pos.numpy()),
+            pa.array(tok.numpy()),
+            pa.ListArray.from_arrays(off, pa.array(lat[order].to(torch.int32).numpy())),
+            pa.ListArray.from_arrays(off, pa.array(vals[order].to(torch.float16).numpy())),
+        ],
+        schema=SCHEMA,
+    )
 
 
-def encode(lake: Lake | str, sae_spec: str, *, run: str | None = None, version: int | None = None,
-           name: str | None = None, batch_size: int = 8, commit_contexts: int = 512, resume: bool = False,
-           progress: bool = True, device: str = "cpu") -> LatentIndexRecord:
+def encode(
+    lake: Lake | str,
+    sae_spec: str,
+    *,
+    run: str | None = None,
+    version: int | None = None,
+    name: str | None = None,
+    batch_size: int = 8,
+    commit_contexts: int = 512,
+    resume: bool = False,
+    progress: bool = True,
+    device: str = "cpu",
+) -> LatentIndexRecord:
     lake = lake if isinstance(lake, Lake) else Lake(lake)
     if batch_size <= 0 or commit_contexts <= 0:
         raise UserError(f"--batch-size and the commit size must be positive, got {batch_size}, {commit_contexts}")
@@ -75,16 +101,19 @@ def encode(lake: Lake | str, sae_spec: str, *, run: str | None = None, version: 
     st = lake.storage
     rec = lake.index_record(name)
     if rec is not None and not resume:
-        raise UserError(f"latent index {name!r} exists ({rec.status}): pick another --name"
-                        + (", or --resume it" if rec.status != "complete" else ""))
+        raise UserError(
+            f"latent index {name!r} exists ({rec.status}): pick another --name"
+            + (", or --resume it" if rec.status != "complete" else "")
+        )
     if resume:
         if rec is None:
             raise UserError(f"--resume: no latent index {name!r} in {lake.root}")
         if rec.status == "complete":
             raise UserError(f"--resume: latent index {name!r} is already complete")
         if rec.sae != sae_name or (run and run != rec.run) or (version and version != rec.version):
-            raise UserError(f"--resume: index {name!r} is of SAE {rec.sae} on {rec.run} v{rec.version}; "
-                            "repeat those settings")
+            raise UserError(
+                f"--resume: index {name!r} is of SAE {rec.sae} on {rec.run} v{rec.version}; repeat those settings"
+            )
         run, version = rec.run, rec.version
     run = run or cfg.get("run")
     if not run:
@@ -99,10 +128,24 @@ def encode(lake: Lake | str, sae_spec: str, *, run: str | None = None, version: 
     bos = src.manifest.model_info.bos_token_id
     if rec is None:
         st.claim("indexes", name, owner="lake encode")  # of two encodes named alike, one goes on
-        rec = LatentIndexRecord(name=name, sae=sae_name, run=run, version=src.version, hooks=hooks, d_sae=sae.d_sae,
-                                status="running", contexts_done=0, contexts_total=src.n_contexts, tokens=0,
-                                entries=0, lance_version=None, excluded_token_ids=[] if bos is None else [bos],
-                                checksums={}, created=_now(), updated=_now())
+        rec = LatentIndexRecord(
+            name=name,
+            sae=sae_name,
+            run=run,
+            version=src.version,
+            hooks=hooks,
+            d_sae=sae.d_sae,
+            status="running",
+            contexts_done=0,
+            contexts_total=src.n_contexts,
+            tokens=0,
+            entries=0,
+            lance_version=None,
+            excluded_token_ids=[] if bos is None else [bos],
+            checksums={},
+            created=_now(),
+            updated=_now(),
+        )
         st.write_json(rec.to_json(), "indexes", name, "index.json")
     uri = st.uri("indexes", name, TABLE)
     _roll_back(lake, uri, rec)
@@ -112,6 +155,7 @@ def encode(lake: Lake | str, sae_spec: str, *, run: str | None = None, version: 
     bar = None
     if progress:
         from tqdm import tqdm
+
         bar = tqdm(total=rec.contexts_total * T, initial=rec.contexts_done * T, unit="tok", desc=f"encode {name}")
     t0, pending, n_pending = time.perf_counter(), [], 0
     with torch.no_grad():
@@ -155,13 +199,15 @@ def _roll_back(lake: Lake, uri: str, rec: LatentIndexRecord) -> None:
         lance.dataset(uri, version=rec.lance_version, storage_options=st.storage_options).restore()
 
 
-def _commit(lake: Lake, uri: str, rec: LatentIndexRecord, batches: list[pa.RecordBatch], n_contexts: int,
-            seconds: float) -> LatentIndexRecord:
+def _commit(
+    lake: Lake, uri: str, rec: LatentIndexRecord, batches: list[pa.RecordBatch], n_contexts: int, seconds: float
+) -> LatentIndexRecord:
     """Append ``batches`` as one Lance commit, checksum the files it added, then record it."""
     st = lake.storage
     table = pa.Table.from_batches(batches, schema=SCHEMA)
-    ds = lance.write_dataset(table, uri, mode="create" if rec.lance_version is None else "append",
-                             storage_options=st.storage_options)
+    ds = lance.write_dataset(
+        table, uri, mode="create" if rec.lance_version is None else "append", storage_options=st.storage_options
+    )
     for path, _ in data_files(ds):
         key = f"{TABLE}/data/{path}"
         if key not in rec.checksums:
@@ -187,15 +233,18 @@ def relations(lake: Lake, sql: str) -> dict:
         rec = lake.index_record(name)
         if rec.lance_version is None:
             raise UserError(f"latent index {name!r} has nothing committed yet")
-        ds = lance.dataset(lake.storage.uri("indexes", name, TABLE), version=rec.lance_version,
-                           storage_options=lake.storage.storage_options)
+        ds = lance.dataset(
+            lake.storage.uri("indexes", name, TABLE),
+            version=rec.lance_version,
+            storage_options=lake.storage.storage_options,
+        )
         cols = [f for f in SCHEMA.names if "*" in sql or re.search(rf"\b{f}\b", sql)] or ["context_id"]
-        schema = pa.schema([pa.field("acts", pa.list_(pa.float32())) if f == "acts" else SCHEMA.field(f)
-                            for f in cols])
+        schema = pa.schema([pa.field("acts", pa.list_(pa.float32())) if f == "acts" else SCHEMA.field(f) for f in cols])
 
         def batches(ds=ds, cols=cols, schema=schema):
             for b in ds.scanner(columns=cols, batch_size=65536).to_batches():
                 yield b.cast(schema) if "acts" in cols else b  # DuckDB reads no float16
+
         out[f"latents__{key}"] = pa.RecordBatchReader.from_batches(schema, batches())
     return out
 
@@ -213,8 +262,20 @@ def relations(lake: Lake, sql: str) -> dict:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def encode_cmd(lake_uri, sae, run, version, name, batch_size, commit_contexts, resume, device, quiet):
     """Write an SAE's sparse codes over a snapshot into the lake: a latent index for SQL."""
-    rec = encode(lake_uri, sae, run=run, version=version, name=name, batch_size=batch_size,
-                 commit_contexts=commit_contexts, resume=resume, progress=not quiet, device=device)
-    click.echo(f"latent index {rec.name}: {rec.tokens} tokens of {rec.run} v{rec.version}, {rec.entries} non-zero "
-               f"latents ({rec.entries / max(rec.tokens, 1):.1f} per token); query it as "
-               f"latents__{re.sub(r'[^A-Za-z0-9_]', '_', rec.name)}")
+    rec = encode(
+        lake_uri,
+        sae,
+        run=run,
+        version=version,
+        name=name,
+        batch_size=batch_size,
+        commit_contexts=commit_contexts,
+        resume=resume,
+        progress=not quiet,
+        device=device,
+    )
+    click.echo(
+        f"latent index {rec.name}: {rec.tokens} tokens of {rec.run} v{rec.version}, {rec.entries} non-zero "
+        f"latents ({rec.entries / max(rec.tokens, 1):.1f} per token); query it as "
+        f"latents__{re.sub(r'[^A-Za-z0-9_]', '_', rec.name)}"
+    )

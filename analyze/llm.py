@@ -15,6 +15,7 @@ spellings; a server is asked for the first token's top log-probabilities and the
 "yes" and "no" wins; without them (or when neither is among them) the first "yes" or "no" in its
 short answer counts.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,14 +40,17 @@ class ChatModel(Protocol):
     def yes_no(self, messages: list[dict]) -> bool | None: ...
 
 
-def chat_model(explainer: str, model: str | None = None, api_key_env: str | None = None,
-               timeout_s: float = 120.0) -> ChatModel:
+def chat_model(
+    explainer: str, model: str | None = None, api_key_env: str | None = None, timeout_s: float = 120.0
+) -> ChatModel:
     if explainer == "local":
         return LocalChat(model or DEFAULT_LOCAL)
     if explainer.startswith(("http://", "https://")):
         return OpenAIChat(explainer, model, api_key_env, timeout_s)
-    raise UserError(f"--explainer must be 'local' or the URL of an OpenAI-compatible server "
-                    f"(http://host:port/v1), not {explainer[:80]!r}")
+    raise UserError(
+        f"--explainer must be 'local' or the URL of an OpenAI-compatible server "
+        f"(http://host:port/v1), not {explainer[:80]!r}"
+    )
 
 
 def first_word_yes(text: str) -> bool | None:
@@ -93,8 +97,11 @@ class LocalChat:
         self._no = self._first_ids(NO)
 
     def _first_ids(self, words) -> list[int]:
-        ids = {self.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in words
-               if self.tokenizer(w, add_special_tokens=False)["input_ids"]}
+        ids = {
+            self.tokenizer(w, add_special_tokens=False)["input_ids"][0]
+            for w in words
+            if self.tokenizer(w, add_special_tokens=False)["input_ids"]
+        }
         return sorted(ids)
 
     def _ids(self, messages: list[dict], room: int):
@@ -106,20 +113,22 @@ class LocalChat:
             text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) + room > self.max_len:
-            raise UserError(f"the prompt is {len(ids)} tokens; model {self.model} takes {self.max_len}: "
-                            "show fewer or shorter examples")
+            raise UserError(
+                f"the prompt is {len(ids)} tokens; model {self.model} takes {self.max_len}: "
+                "show fewer or shorter examples"
+            )
         return torch.tensor([ids])
 
     def complete(self, messages: list[dict], max_tokens: int = 48) -> str:
         import torch
 
         ids = self._ids(messages, max_tokens)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else \
-            self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         with torch.no_grad():
-            out = self.lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                   do_sample=False, pad_token_id=pad)
-        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            out = self.lm.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False, pad_token_id=pad
+            )
+        return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
     def yes_no(self, messages: list[dict]) -> bool | None:
         import torch
@@ -142,8 +151,15 @@ class OpenAIChat:
         if parts.username or parts.password:
             raise UserError("put the API key in an environment variable (--api-key-env NAME), not in the URL")
         path = parts.path.rstrip("/")
-        self.endpoint = urlunsplit((parts.scheme, parts.netloc, path if path.endswith("/chat/completions")
-                                    else path + "/chat/completions", "", ""))
+        self.endpoint = urlunsplit(
+            (
+                parts.scheme,
+                parts.netloc,
+                path if path.endswith("/chat/completions") else path + "/chat/completions",
+                "",
+                "",
+            )
+        )
         self.explainer = urlunsplit((parts.scheme, parts.netloc, path, "", ""))  # no query: keys hide there too
         self.model = model or "default"
         self.timeout_s = timeout_s
@@ -155,20 +171,24 @@ class OpenAIChat:
                 raise UserError(f"--api-key-env {api_key_env}: that environment variable is not set")
 
     def _post(self, body: dict) -> dict:
-        req = urllib.request.Request(self.endpoint, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json",
-                                              **({"Authorization": f"Bearer {self.key}"} if self.key else {})})
+        req = urllib.request.Request(
+            self.endpoint,
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={
+                "Content-Type": "application/json",
+                **({"Authorization": f"Bearer {self.key}"} if self.key else {}),
+            },
+        )
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:
             detail = e.read()[:300].decode("utf-8", "replace").replace("\n", " ")
-            raise ServerError(f"explainer server {self.explainer} answered HTTP {e.code}: {detail}", e.code) \
-                from None
+            raise ServerError(f"explainer server {self.explainer} answered HTTP {e.code}: {detail}", e.code) from None
         except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
             reason = getattr(e, "reason", e)
-            raise UserError(f"cannot reach the explainer server {self.explainer} ({reason}): is it running?") \
-                from None
+            raise UserError(f"cannot reach the explainer server {self.explainer} ({reason}): is it running?") from None
         except ValueError:
             raise UserError(f"explainer server {self.explainer} did not answer JSON") from None
 
@@ -177,8 +197,7 @@ class OpenAIChat:
         try:
             return out["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
-            raise UserError(f"explainer server {self.explainer} answered without choices[0].message.content") \
-                from None
+            raise UserError(f"explainer server {self.explainer} answered without choices[0].message.content") from None
 
     def yes_no(self, messages: list[dict]) -> bool | None:
         """The likelier of "yes" and "no" as the first token when the server returns log-probabilities

@@ -1,4 +1,5 @@
 """``analyze()``: stream 2d contexts through an SAE and write the feature store."""
+
 from __future__ import annotations
 
 import json
@@ -27,15 +28,15 @@ DEFINITIONS = {
     "context_max": "a sample's max_act: the feature's largest activation over the context's valid tokens",
     "top": "the top_k contexts by context max (exact)",
     "interval": "interval j: contexts with max in [p_{j+1}·M, p_j·M), p_0 = 1 (top closed), M = the feature's max; "
-                "up to per_interval of them by lowest priority hash, chosen while streaming (see analyze/stats.py)",
+    "up to per_interval of them by lowest priority hash, chosen while streaming (see analyze/stats.py)",
     "zero": "contexts where the feature is 0 on every valid token, by lowest priority hash",
     "histogram": "non-zero activations in quarter-octave bins [2^(-20+i/4), 2^(-20+(i+1)/4)), plus (0, 2^-20) "
-                 "and [2^20, max]; only the non-empty bin range is stored",
+    "and [2^20, max]; only the non-empty bin range is stored",
     "logits": "top/bottom of norm_linear(W_dec[f]) @ W_U (final norm's weight folded in, LayerNorm centring, "
-              "its 1/sigma scale and biases dropped; direct path only)",
+    "its 1/sigma scale and biases dropped; direct path only)",
     "neighbours": "features with the largest decoder cosine similarity (self excluded)",
     "decoder_norms": "per out hook (the record's out_hooks; several out hooks only): the norm of the feature's "
-                     "decoder into that hook's columns (raw units); relative = each / their sum",
+    "decoder into that hook's columns (raw units); relative = each / their sum",
 }
 
 
@@ -117,24 +118,40 @@ def _source(cfg: AnalyzeConfig, lake: Lake, sae_cfg: dict, hooks: list[str]):
         missing = [h for h in hooks if h not in model.hook_names()]
         if missing:
             raise UserError(f"hook {missing[0]!r} of the SAE is not a hook of model {spec}")
-        src = LiveSource(model, dataset, hooks, T, text_column=cfg.text_column, batch_size=cfg.batch_size,
-                         device=cfg.device)
+        src = LiveSource(
+            model, dataset, hooks, T, text_column=cfg.text_column, batch_size=cfg.batch_size, device=cfg.device
+        )
         return src, model, T, {"source": "live", "model": spec, "dataset": dataset, "run": None, "version": None}
     run = cfg.run or sae_cfg.get("run")
     if not run:
-        raise UserError(f"SAE {sae_cfg.get('name')!r} was trained live: give --run RUN (a run with a 2d table) "
-                        "or --live --model M --dataset D")
-    version = cfg.version if cfg.version is not None else (
-        sae_cfg.get("version") if run == sae_cfg.get("run") else None)
+        raise UserError(
+            f"SAE {sae_cfg.get('name')!r} was trained live: give --run RUN (a run with a 2d table) "
+            "or --live --model M --dataset D"
+        )
+    version = (
+        cfg.version if cfg.version is not None else (sae_cfg.get("version") if run == sae_cfg.get("run") else None)
+    )
     src = SnapshotSource(lake, run, version)
     if "contexts" not in src.snapshot.tables:
-        raise UserError(f"run {run!r} has no 2d table: ingest one with `lake ingest --layout 2d --run NEW ...` "
-                        "or analyze with --live --model M --dataset D")
+        raise UserError(
+            f"run {run!r} has no 2d table: ingest one with `lake ingest --layout 2d --run NEW ...` "
+            "or analyze with --live --model M --dataset D"
+        )
     for h in hooks:
         if h not in src.hooks:
             raise UserError(f"hook {h!r} of the SAE is not in run {run!r}: it has {', '.join(src.hooks)}")
-    return src, None, src.context_size, {"source": "snapshot", "model": src.manifest.model,
-                                         "dataset": src.manifest.dataset, "run": run, "version": src.version}
+    return (
+        src,
+        None,
+        src.context_size,
+        {
+            "source": "snapshot",
+            "model": src.manifest.model,
+            "dataset": src.manifest.dataset,
+            "run": run,
+            "version": src.version,
+        },
+    )
 
 
 def analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalysisRecord:
@@ -147,8 +164,10 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalysisRecord:
     src, model, T, desc = _source(cfg, lake, sae_cfg, hooks)
     d_model = sum(src.d_model[h] for h in hooks)
     if sae.d_in != d_model:
-        raise UserError(f"SAE {sae_name!r} takes inputs of size {sae.d_in}, but hook {','.join(hooks)} has "
-                        f"d_model {d_model}" + (f" in run {desc['run']!r}" if desc["run"] else ""))
+        raise UserError(
+            f"SAE {sae_name!r} takes inputs of size {sae.d_in}, but hook {','.join(hooks)} has "
+            f"d_model {d_model}" + (f" in run {desc['run']!r}" if desc["run"] else "")
+        )
     name = check_name(cfg.name or sae_name, "analysis name")
     store = open_store(lake, cfg.store)
     embedded = EmbeddedStore(lake)
@@ -160,8 +179,15 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalysisRecord:
         model = load_model(desc["model"], cfg.device)
     n_max = math.ceil(cfg.tokens / T) if cfg.tokens else (src.n_contexts if not cfg.live else math.ceil(20_000 / T))
 
-    stats = FeatureStats(sae.d_sae, T, top_k=cfg.top_k, intervals=cfg.intervals, per_interval=cfg.per_interval,
-                         n_zero=cfg.n_zero, seed=cfg.seed)
+    stats = FeatureStats(
+        sae.d_sae,
+        T,
+        top_k=cfg.top_k,
+        intervals=cfg.intervals,
+        per_interval=cfg.per_interval,
+        n_zero=cfg.n_zero,
+        seed=cfg.seed,
+    )
     skip = {model.bos_token_id}
     if getattr(model.tokenizer, "pad_token_id", None) is not None:
         skip.add(int(model.tokenizer.pad_token_id))
@@ -169,6 +195,7 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalysisRecord:
     bar = None
     if progress:
         from tqdm import tqdm
+
         bar = tqdm(total=n_max * T, unit="tok", desc=f"analyze {name}", smoothing=0.1)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -200,14 +227,31 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalysisRecord:
     dec_norms = sae.decoder_norms().float().cpu() if len(sae.out_hooks) > 1 else None
     vocab = vocab_strings(model.tokenizer, max(W_U.shape[1], len(model.tokenizer)))
     record = AnalysisRecord(
-        name=name, sae=sae_name, run=desc["run"], version=desc["version"], store=store.where,
-        n_features=sae.d_sae, tokens=stats.n_valid, tokens_total=stats.n_tokens,
-        contexts=stats.n_contexts, context_size=T, hook=",".join(hooks), hooks=hooks,
-        source=desc["source"], model=desc["model"], dataset=desc["dataset"],
-        created=datetime.now(UTC).isoformat(timespec="seconds"), seconds=round(seconds, 3),
-        tokens_per_second=round(stats.n_tokens / max(seconds, 1e-9), 1), final_norm=norm,
-        excluded_token_ids=skip.tolist(), status="complete", definitions=DEFINITIONS, out_hooks=sae.out_hooks,
-        config={k: v for k, v in asdict(cfg).items() if k not in ("lake", "store", "overwrite", "extra")})
+        name=name,
+        sae=sae_name,
+        run=desc["run"],
+        version=desc["version"],
+        store=store.where,
+        n_features=sae.d_sae,
+        tokens=stats.n_valid,
+        tokens_total=stats.n_tokens,
+        contexts=stats.n_contexts,
+        context_size=T,
+        hook=",".join(hooks),
+        hooks=hooks,
+        source=desc["source"],
+        model=desc["model"],
+        dataset=desc["dataset"],
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        seconds=round(seconds, 3),
+        tokens_per_second=round(stats.n_tokens / max(seconds, 1e-9), 1),
+        final_norm=norm,
+        excluded_token_ids=skip.tolist(),
+        status="complete",
+        definitions=DEFINITIONS,
+        out_hooks=sae.out_hooks,
+        config={k: v for k, v in asdict(cfg).items() if k not in ("lake", "store", "overwrite", "extra")},
+    )
     table = FeatureTable(stats, vocab, logits, nbrs, decoder_norms=dec_norms)
     if isinstance(store, MongoStore):
         store.write(record, table, overwrite=cfg.overwrite, sae_config=sae_cfg)

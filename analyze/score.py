@@ -13,6 +13,7 @@ Balanced accuracy is the mean of the accuracy on each class, so an always-"yes" 
 an answer that is neither yes nor no counts as wrong. A score is None when a class is empty
 (a feature without held-out or non-activating examples).
 """
+
 from __future__ import annotations
 
 import random
@@ -88,16 +89,23 @@ def score_feature(chat: ChatModel, row: dict, expl: dict, skip_ids: set[int], n:
     pos, neg = held_out(row, set(expl.get("examples") or []), n)
     text = expl["explanation"]
     q_detect = "Does the neuron fire on this text?"
-    detection = balanced_accuracy([_ask(chat, text, excerpt(s, skip_ids), q_detect) for s in pos],
-                                  [_ask(chat, text, excerpt(s, skip_ids), q_detect) for s in neg])
+    detection = balanced_accuracy(
+        [_ask(chat, text, excerpt(s, skip_ids), q_detect) for s in pos],
+        [_ask(chat, text, excerpt(s, skip_ids), q_detect) for s in neg],
+    )
     rng = random.Random(int(row["feature"]))
     q_fuzz = "The tokens marked «like this» are where the neuron fires. Do the marked tokens fit the description?"
     right = [_ask(chat, text, excerpt(s, skip_ids, marked_positions(s)), q_fuzz) for s in pos]
     decoys = [(s, decoy_marks(s, skip_ids, rng)) for s in pos]
     wrong = [_ask(chat, text, excerpt(s, skip_ids, m), q_fuzz) for s, m in decoys if m]
-    return {"detection": detection, "fuzzing": balanced_accuracy(right, wrong), "scorer": chat.explainer,
-            "scorer_model": chat.model, "score_examples": [int(s["context_id"]) for s in pos + neg],
-            "scored_at": now()}
+    return {
+        "detection": detection,
+        "fuzzing": balanced_accuracy(right, wrong),
+        "scorer": chat.explainer,
+        "scorer_model": chat.model,
+        "score_examples": [int(s["context_id"]) for s in pos + neg],
+        "scored_at": now(),
+    }
 
 
 def score(cfg: ScoreConfig, progress: bool = True) -> ScoreResult:
@@ -107,14 +115,20 @@ def score(cfg: ScoreConfig, progress: bool = True) -> ScoreResult:
 
     store, rec = find_analysis(cfg.lake, cfg.store, cfg.sae, cfg.analysis)
     features = parse_features(cfg.features, rec.n_features)
-    expl_store = explanation_store(Lake(cfg.lake) if cfg.lake else None, rec,
-                                   mongo=None if rec.store == "embedded" else store)
+    expl_store = explanation_store(
+        Lake(cfg.lake) if cfg.lake else None, rec, mongo=None if rec.store == "embedded" else store
+    )
     rows = expl_store.rows(rec.name, features)
-    todo = [f for f in features if (rows.get(f) or {}).get("explanation")
-            and (cfg.overwrite or rows[f].get("scored_at") is None)]
+    todo = [
+        f
+        for f in features
+        if (rows.get(f) or {}).get("explanation") and (cfg.overwrite or rows[f].get("scored_at") is None)
+    ]
     if not todo and not any((rows.get(f) or {}).get("explanation") for f in features):
-        raise UserError(f"no explained features among --features {cfg.features} of analysis {rec.name!r}: "
-                        f"run `lake explain {cfg.sae}` first")
+        raise UserError(
+            f"no explained features among --features {cfg.features} of analysis {rec.name!r}: "
+            f"run `lake explain {cfg.sae}` first"
+        )
     chat = chat_model(cfg.scorer, cfg.model, cfg.api_key_env, cfg.timeout_s)
     skip = set(rec.excluded_token_ids)
     t0, pending, results = time.perf_counter(), {}, []
@@ -131,5 +145,12 @@ def score(cfg: ScoreConfig, progress: bool = True) -> ScoreResult:
     if pending:
         expl_store.update(rec.name, rec.sae, pending)
     mean = lambda k: (sum(v) / len(v)) if (v := [r[k] for r in results if r[k] is not None]) else None  # noqa: E731
-    return ScoreResult(rec.name, len(results), len(features) - len(todo), time.perf_counter() - t0,
-                       mean("detection"), mean("fuzzing"), sum(r["detection"] is None for r in results))
+    return ScoreResult(
+        rec.name,
+        len(results),
+        len(features) - len(todo),
+        time.perf_counter() - t0,
+        mean("detection"),
+        mean("fuzzing"),
+        sum(r["detection"] is None for r in results),
+    )

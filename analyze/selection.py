@@ -1,4 +1,5 @@
 """``--features`` specs: ``0-99``, ``3,5,10-20`` or ``all``, checked against an analysis's size."""
+
 from __future__ import annotations
 
 import re

@@ -5,6 +5,7 @@ the SQL mentions (analysis names with characters other than letters, digits and 
 spelled with ``_``). Only the columns the SQL names are read (all of them for ``*``), so
 ``select feature, density from features__a order by density desc`` never touches samples.
 """
+
 from __future__ import annotations
 
 import re
@@ -17,8 +18,7 @@ from .table import SCHEMA
 
 def relations(lake, sql: str) -> dict:
     store = EmbeddedStore(lake)
-    names = {re.sub(r"[^A-Za-z0-9_]", "_", n): n for n in lake.storage.listdir("analyses")
-             if store.exists(n)}
+    names = {re.sub(r"[^A-Za-z0-9_]", "_", n): n for n in lake.storage.listdir("analyses") if store.exists(n)}
     out = {}
     for key in set(re.findall(r"\bfeatures__([A-Za-z0-9_]+)\b", sql)):
         name = names.get(key)

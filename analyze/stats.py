@@ -31,6 +31,7 @@ Memory is bounded by d_sae x (top_k + intervals x per_interval) x context size (
 activations of the held samples) plus the tokens of the contexts they reference: flat in the
 number of tokens analysed.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,9 @@ NEG = float("-inf")
 
 def hist_edges() -> torch.Tensor:
     """[HIST_BINS + 1] bin edges: 0, 2^-20, 2^(-20 + 1/4), ..., 2^20, inf."""
-    inner = 2.0 ** (HIST_LO + torch.arange((HIST_HI - HIST_LO) * HIST_PER_OCTAVE + 1, dtype=torch.float64)
-                    / HIST_PER_OCTAVE)
+    inner = 2.0 ** (
+        HIST_LO + torch.arange((HIST_HI - HIST_LO) * HIST_PER_OCTAVE + 1, dtype=torch.float64) / HIST_PER_OCTAVE
+    )
     return torch.cat([torch.zeros(1, dtype=torch.float64), inner, torch.full((1,), math.inf, dtype=torch.float64)])
 
 
@@ -79,13 +81,14 @@ def bookkeeping_threads():
 def priority(ctx: torch.Tensor, features: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """A deterministic hash of (context id, feature, seed) in [0, 1): [len(features), len(ctx)]."""
     m32 = 0xFFFFFFFF
-    x = ((ctx.long() & m32)[None, :] * 0x7FEB352D + features.long()[:, None] * 0x6C8E9CF5
-         + (seed * 0x27D4EB2F & m32)) & m32
+    x = (
+        (ctx.long() & m32)[None, :] * 0x7FEB352D + features.long()[:, None] * 0x6C8E9CF5 + (seed * 0x27D4EB2F & m32)
+    ) & m32
     for shift, mult in ((16, 0x7FEB352D), (15, 0x46C8A68B), (16, None)):
         x = x ^ (x >> shift)
         if mult:
             x = (x * mult) & m32
-    return x.double() / 2.0 ** 32
+    return x.double() / 2.0**32
 
 
 class Slots:
@@ -101,8 +104,15 @@ class Slots:
     def used(self) -> torch.Tensor:
         return self.ctx >= 0
 
-    def refill(self, keep_old: torch.Tensor, keep_new: torch.Tensor, batch_ctx: torch.Tensor, cval: torch.Tensor,
-               cu: torch.Tensor, acts_of=None) -> torch.Tensor:
+    def refill(
+        self,
+        keep_old: torch.Tensor,
+        keep_new: torch.Tensor,
+        batch_ctx: torch.Tensor,
+        cval: torch.Tensor,
+        cu: torch.Tensor,
+        acts_of=None,
+    ) -> torch.Tensor:
         """Keep ``keep_old`` slots; move the batch candidates ``keep_new`` [S, n] into freed slots.
 
         ``cval``/``cu`` [S, n]: the candidates' context max and priority; ``acts_of(features,
@@ -145,8 +155,17 @@ class _PerToken:
 
 
 class FeatureStats:
-    def __init__(self, d_sae: int, context_size: int, *, top_k: int = 20, intervals=(0.8, 0.6, 0.4),
-                 per_interval: int = 5, n_zero: int = 5, seed: int = 0):
+    def __init__(
+        self,
+        d_sae: int,
+        context_size: int,
+        *,
+        top_k: int = 20,
+        intervals=(0.8, 0.6, 0.4),
+        per_interval: int = 5,
+        n_zero: int = 5,
+        seed: int = 0,
+    ):
         S, T = d_sae, context_size
         self.S, self.T, self.seed = S, T, seed
         self.intervals = [float(p) for p in intervals]
@@ -168,8 +187,16 @@ class FeatureStats:
 
     # -- one batch ---------------------------------------------------------------------------
     @torch.no_grad()
-    def update(self, rows: torch.Tensor, lat: torch.Tensor, vals: torch.Tensor, tokens: torch.Tensor,
-               valid: torch.Tensor, context_id: torch.Tensor, doc_id: torch.Tensor) -> None:
+    def update(
+        self,
+        rows: torch.Tensor,
+        lat: torch.Tensor,
+        vals: torch.Tensor,
+        tokens: torch.Tensor,
+        valid: torch.Tensor,
+        context_id: torch.Tensor,
+        doc_id: torch.Tensor,
+    ) -> None:
         """One batch of n whole contexts: non-zero latents (``rows`` = context·T + position,
         ``lat``, ``vals``) already restricted to valid tokens; ``tokens`` [n, T]; ``valid`` [n, T].
         Thread count: see ``bookkeeping_threads``."""
@@ -190,8 +217,11 @@ class FeatureStats:
         cmax = torch.zeros(n * S).scatter_reduce_(0, (rows // T) * S + lat, vals, "amax").view(n, S).t()  # [S, n]
         f = _PerToken(rows, lat, vals, n, T, S)
         cu = priority(context_id, self.features, self.seed)  # [S, n]
-        used = [self._update_top(cmax, context_id, cu, f), self._update_intervals(cmax, context_id, cu, f),
-                self._update_zero(cmax, context_id, cu)]
+        used = [
+            self._update_top(cmax, context_id, cu, f),
+            self._update_intervals(cmax, context_id, cu, f),
+            self._update_zero(cmax, context_id, cu),
+        ]
         for i in torch.cat(used).unique().tolist():
             self.contexts[int(context_id[i])] = (tokens[i].numpy().copy(), int(doc_id[i]))
         self._batches += 1
@@ -225,8 +255,13 @@ class FeatureStats:
         skey, order = key.sort(dim=1, stable=True)
         group = torch.where(torch.isfinite(skey), skey.floor(), -1.0)
         pos = torch.arange(key.shape[1]).expand_as(key)
-        start = torch.where(torch.cat([torch.ones_like(group[:, :1], dtype=torch.bool),
-                                       group[:, 1:] != group[:, :-1]], 1), pos, 0).cummax(1).values
+        start = (
+            torch.where(
+                torch.cat([torch.ones_like(group[:, :1], dtype=torch.bool), group[:, 1:] != group[:, :-1]], 1), pos, 0
+            )
+            .cummax(1)
+            .values
+        )
         kept_sorted = (pos - start < self.per_interval) & torch.isfinite(skey)
         keep = torch.zeros_like(kept_sorted).scatter_(1, order, kept_sorted)
         return self.inter.refill(keep[:, :C], keep[:, C:], ctx, cmax, cu, f)
@@ -252,8 +287,12 @@ class FeatureStats:
     # -- results -----------------------------------------------------------------------------
     def scalars(self) -> dict[str, torch.Tensor]:
         mean = torch.where(self.count > 0, self.total / self.count.clamp_min(1), 0.0)
-        return {"count": self.count, "density": self.count.double() / max(self.n_valid, 1), "max_act": self.max,
-                "mean_act": mean.float()}
+        return {
+            "count": self.count,
+            "density": self.count.double() / max(self.n_valid, 1),
+            "max_act": self.max,
+            "mean_act": mean.float(),
+        }
 
     def samples(self, f0: int = 0, f1: int | None = None) -> dict[str, torch.Tensor]:
         """Every held sample, ordered per feature: top (by max, descending), then each interval
@@ -263,8 +302,9 @@ class FeatureStats:
         top, inter, zero = self.top, self.inter, self.zero
         ti = torch.full_like(top.ctx[sl], -1)
         tj = self._interval_of(torch.where(inter.used[sl], inter.val[sl], 0.0), self.max[sl])
-        kind = torch.cat([torch.zeros_like(top.ctx[sl]), torch.ones_like(inter.ctx[sl]),
-                          torch.full_like(zero.ctx[sl], 2)], 1)
+        kind = torch.cat(
+            [torch.zeros_like(top.ctx[sl]), torch.ones_like(inter.ctx[sl]), torch.full_like(zero.ctx[sl], 2)], 1
+        )
         interval = torch.cat([ti, tj, torch.full_like(zero.ctx[sl], -1)], 1)
         ctx = torch.cat([top.ctx[sl], inter.ctx[sl], zero.ctx[sl]], 1)
         val = torch.cat([top.val[sl], inter.val[sl], torch.zeros_like(zero.val[sl])], 1)
@@ -274,5 +314,10 @@ class FeatureStats:
         order = torch.from_numpy(np.lexsort((sub.numpy(), key.numpy()), axis=1))
         acts = torch.cat([top.acts[sl], inter.acts[sl], torch.zeros(len(ctx), self.n_zero, self.T)], 1)
         g = lambda t: t.gather(1, order)  # noqa: E731
-        return {"kind": g(kind), "interval": g(interval), "ctx": g(ctx), "val": g(torch.where(ctx >= 0, val, 0.0)),
-                "acts": acts.gather(1, order[:, :, None].expand(-1, -1, self.T))}
+        return {
+            "kind": g(kind),
+            "interval": g(interval),
+            "ctx": g(ctx),
+            "val": g(torch.where(ctx >= 0, val, 0.0)),
+            "acts": acts.gather(1, order[:, :, None].expand(-1, -1, self.T)),
+        }

@@ -15,6 +15,7 @@ feature): the feature-table row plus ``sae`` and ``analysis``, arrays inline, un
 features it wrote. The lake also gets ``analyses/<name>/analysis.json`` naming the store (URI
 without password) so that ``lake ls``/catalog sync list it.
 """
+
 from __future__ import annotations
 
 import re
@@ -73,8 +74,9 @@ class EmbeddedStore:
     def table_uri(self, name: str, record: AnalysisRecord | None = None) -> str:
         record = record or self.record(name)
         if record is None or not record.features_table:
-            raise UserError(f"analysis {name!r} has no embedded feature table"
-                            + (f" (store {record.store})" if record else ""))
+            raise UserError(
+                f"analysis {name!r} has no embedded feature table" + (f" (store {record.store})" if record else "")
+            )
         return self.st.uri("analyses", name, record.features_table)
 
     def dataset(self, name: str, record: AnalysisRecord | None = None):
@@ -127,17 +129,20 @@ class MongoStore:
             raise UserError(f"bad MongoDB database name {db!r} in {self.where}")
         ms = int(timeout_s * 1000)
         try:
-            self.client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=ms, connectTimeoutMS=ms,
-                                              socketTimeoutMS=max(ms, 60_000))
+            self.client = pymongo.MongoClient(
+                uri, serverSelectionTimeoutMS=ms, connectTimeoutMS=ms, socketTimeoutMS=max(ms, 60_000)
+            )
             self.client.admin.command("ping")
             self.db = self.client[db]
-            self.db.features.create_index([("sae", 1), ("analysis", 1), ("feature", 1)], unique=True,
-                                          name="sae_analysis_feature")
+            self.db.features.create_index(
+                [("sae", 1), ("analysis", 1), ("feature", 1)], unique=True, name="sae_analysis_feature"
+            )
             self.db.analyses.create_index([("name", 1)], unique=True, name="name")
             self.db.saes.create_index([("name", 1)], unique=True, name="name")
         except PyMongoError as e:
-            raise UserError(f"cannot reach MongoDB at {self.where} ({type(e).__name__}): start it or fix --store") \
-                from None
+            raise UserError(
+                f"cannot reach MongoDB at {self.where} ({type(e).__name__}): start it or fix --store"
+            ) from None
         except Exception as e:  # bad URI
             raise UserError(f"bad MongoDB URI {self.where}: {str(e).splitlines()[0][:200]}") from None
 
@@ -153,8 +158,13 @@ class MongoStore:
     def records(self, sae: str) -> list[AnalysisRecord]:
         return [self._record(d) for d in self.db.analyses.find({"sae": sae}, {"_id": 0, "scalars": 0})]
 
-    def write(self, record: AnalysisRecord, batches: Iterable[pa.RecordBatch], overwrite: bool = False,
-              sae_config: dict | None = None) -> None:
+    def write(
+        self,
+        record: AnalysisRecord,
+        batches: Iterable[pa.RecordBatch],
+        overwrite: bool = False,
+        sae_config: dict | None = None,
+    ) -> None:
         from pymongo import InsertOne
 
         name, sae = record.name, record.sae
@@ -167,8 +177,10 @@ class MongoStore:
         try:
             for batch in batches:
                 # _id = "<analysis>:<feature>": servers look documents up by _id fastest
-                docs = [{"_id": f"{name}:{row['feature']}", "sae": sae, "analysis": name, **row}
-                        for row in batch.to_pylist()]
+                docs = [
+                    {"_id": f"{name}:{row['feature']}", "sae": sae, "analysis": name, **row}
+                    for row in batch.to_pylist()
+                ]
                 if docs:
                     self.db.features.bulk_write([InsertOne(d) for d in docs], ordered=False)
                 for k in SCALARS:

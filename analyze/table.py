@@ -13,9 +13,10 @@ Both stores hold exactly these fields (MongoDB adds ``sae`` and ``analysis`` to 
                         context_id int64, doc_id int64, max_act float32, tokens list<int32>,
                         strs list<string>, positions list<int32>, acts list<float32>>>
 """
+
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -24,17 +25,40 @@ import torch
 from .stats import FeatureStats, hist_edges
 
 KINDS = ("top", "interval", "zero")
-SAMPLE = pa.struct([("kind", pa.string()), ("interval", pa.int32()), ("context_id", pa.int64()),
-                    ("doc_id", pa.int64()), ("max_act", pa.float32()), ("tokens", pa.list_(pa.int32())),
-                    ("strs", pa.list_(pa.string())), ("positions", pa.list_(pa.int32())),
-                    ("acts", pa.list_(pa.float32()))])
-SCHEMA = pa.schema([
-    ("feature", pa.int32()), ("count", pa.int64()), ("density", pa.float64()), ("max_act", pa.float32()),
-    ("mean_act", pa.float32()), ("hist_edges", pa.list_(pa.float32())), ("hist_counts", pa.list_(pa.int64())),
-    ("pos_tokens", pa.list_(pa.int32())), ("pos_strs", pa.list_(pa.string())), ("pos_logits", pa.list_(pa.float32())),
-    ("neg_tokens", pa.list_(pa.int32())), ("neg_strs", pa.list_(pa.string())), ("neg_logits", pa.list_(pa.float32())),
-    ("neighbours", pa.list_(pa.int32())), ("neighbour_cos", pa.list_(pa.float32())),
-    ("decoder_norms", pa.list_(pa.float32())), ("samples", pa.list_(SAMPLE))])
+SAMPLE = pa.struct(
+    [
+        ("kind", pa.string()),
+        ("interval", pa.int32()),
+        ("context_id", pa.int64()),
+        ("doc_id", pa.int64()),
+        ("max_act", pa.float32()),
+        ("tokens", pa.list_(pa.int32())),
+        ("strs", pa.list_(pa.string())),
+        ("positions", pa.list_(pa.int32())),
+        ("acts", pa.list_(pa.float32())),
+    ]
+)
+SCHEMA = pa.schema(
+    [
+        ("feature", pa.int32()),
+        ("count", pa.int64()),
+        ("density", pa.float64()),
+        ("max_act", pa.float32()),
+        ("mean_act", pa.float32()),
+        ("hist_edges", pa.list_(pa.float32())),
+        ("hist_counts", pa.list_(pa.int64())),
+        ("pos_tokens", pa.list_(pa.int32())),
+        ("pos_strs", pa.list_(pa.string())),
+        ("pos_logits", pa.list_(pa.float32())),
+        ("neg_tokens", pa.list_(pa.int32())),
+        ("neg_strs", pa.list_(pa.string())),
+        ("neg_logits", pa.list_(pa.float32())),
+        ("neighbours", pa.list_(pa.int32())),
+        ("neighbour_cos", pa.list_(pa.float32())),
+        ("decoder_norms", pa.list_(pa.float32())),
+        ("samples", pa.list_(SAMPLE)),
+    ]
+)
 SCALARS = ["feature", "count", "density", "max_act", "mean_act"]
 
 
@@ -60,8 +84,15 @@ def _strs(vocab: pa.Array, ids: torch.Tensor | np.ndarray, rows: int, width: int
 class FeatureTable:
     """Builds record batches of ``chunk`` features from finished statistics."""
 
-    def __init__(self, stats: FeatureStats, vocab: list[str], logits=None, neighbours=None, chunk: int = 512,
-                 decoder_norms: torch.Tensor | None = None):
+    def __init__(
+        self,
+        stats: FeatureStats,
+        vocab: list[str],
+        logits=None,
+        neighbours=None,
+        chunk: int = 512,
+        decoder_norms: torch.Tensor | None = None,
+    ):
         stats.finish()
         self.stats, self.chunk, self.decoder_norms = stats, chunk, decoder_norms
         self.vocab = pa.array(vocab, pa.string())
@@ -70,8 +101,11 @@ class FeatureTable:
         ids = sorted(stats.contexts)
         self.ctx_ids = torch.tensor(ids, dtype=torch.long)
         T = stats.T
-        self.ctx_tokens = (torch.from_numpy(np.stack([stats.contexts[c][0] for c in ids])) if ids
-                           else torch.zeros(0, T, dtype=torch.int32))
+        self.ctx_tokens = (
+            torch.from_numpy(np.stack([stats.contexts[c][0] for c in ids]))
+            if ids
+            else torch.zeros(0, T, dtype=torch.int32)
+        )
         self.ctx_docs = torch.tensor([stats.contexts[c][1] for c in ids], dtype=torch.long)
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
@@ -81,15 +115,19 @@ class FeatureTable:
     def batch(self, f0: int, f1: int) -> pa.RecordBatch:
         st, F = self.stats, f1 - f0
         sc = {k: v[f0:f1] for k, v in st.scalars().items()}
-        cols = {"feature": pa.array(np.arange(f0, f1, dtype=np.int32)), "count": pa.array(sc["count"].numpy()),
-                "density": pa.array(sc["density"].numpy()), "max_act": pa.array(sc["max_act"].numpy()),
-                "mean_act": pa.array(sc["mean_act"].numpy())}
+        cols = {
+            "feature": pa.array(np.arange(f0, f1, dtype=np.int32)),
+            "count": pa.array(sc["count"].numpy()),
+            "density": pa.array(sc["density"].numpy()),
+            "max_act": pa.array(sc["max_act"].numpy()),
+            "mean_act": pa.array(sc["mean_act"].numpy()),
+        }
         cols.update(self._hist(f0, f1, sc["max_act"]))
         lg = self.logits
         for side, (ids_i, vals_i) in (("pos", (0, 1)), ("neg", (2, 3))):
             ids = lg[ids_i][f0:f1] if lg else None
             cols[f"{side}_tokens"] = _fixed(ids.int() if lg else None, F, pa.int32())
-            cols[f"{side}_strs"] = (_strs(self.vocab, ids, F) if lg else _fixed(None, F, pa.string()))
+            cols[f"{side}_strs"] = _strs(self.vocab, ids, F) if lg else _fixed(None, F, pa.string())
             cols[f"{side}_logits"] = _fixed(lg[vals_i][f0:f1].float() if lg else None, F, pa.float32())
         nb = self.neighbours
         cols["neighbours"] = _fixed(nb[0][f0:f1].int() if nb else None, F, pa.int32())
@@ -113,8 +151,10 @@ class FeatureTable:
         edges[:, -1] = max_act  # the overflow bin ends at the feature's max
         emask = (torch.arange(HIST_BINS + 1) >= lo[:, None]) & (torch.arange(HIST_BINS + 1) <= hi[:, None] + 1)
         n = torch.where(any_, hi - lo + 1, 0).numpy()
-        return {"hist_counts": _lists(pa.array(h[mask].numpy()), n, pa.int64()),
-                "hist_edges": _lists(pa.array(edges[emask].numpy()), np.where(n > 0, n + 1, 0), pa.float32())}
+        return {
+            "hist_counts": _lists(pa.array(h[mask].numpy()), n, pa.int64()),
+            "hist_edges": _lists(pa.array(edges[emask].numpy()), np.where(n > 0, n + 1, 0), pa.float32()),
+        }
 
     def _samples(self, f0: int, f1: int) -> pa.Array:
         s = self.stats.samples(f0, f1)
@@ -128,11 +168,18 @@ class FeatureTable:
         si, pos = (acts > 0).nonzero(as_tuple=True)
         n_act = np.bincount(si.numpy(), minlength=m)
         kinds = pa.array(np.array(KINDS, dtype=object)[s["kind"][fi, ci].numpy()], pa.string())
-        struct = pa.StructArray.from_arrays([
-            kinds, pa.array(s["interval"][fi, ci].numpy().astype(np.int32)), pa.array(ctx.numpy()),
-            pa.array(self.ctx_docs[row].numpy()), pa.array(s["val"][fi, ci].numpy().astype(np.float32)),
-            _fixed(tokens.int(), m, pa.int32()), _strs(self.vocab, tokens.numpy(), m, T),
-            _lists(pa.array(pos.numpy().astype(np.int32)), n_act, pa.int32()),
-            _lists(pa.array(acts[si, pos].numpy().astype(np.float32)), n_act, pa.float32())],
-            fields=list(SAMPLE))
+        struct = pa.StructArray.from_arrays(
+            [
+                kinds,
+                pa.array(s["interval"][fi, ci].numpy().astype(np.int32)),
+                pa.array(ctx.numpy()),
+                pa.array(self.ctx_docs[row].numpy()),
+                pa.array(s["val"][fi, ci].numpy().astype(np.float32)),
+                _fixed(tokens.int(), m, pa.int32()),
+                _strs(self.vocab, tokens.numpy(), m, T),
+                _lists(pa.array(pos.numpy().astype(np.int32)), n_act, pa.int32()),
+                _lists(pa.array(acts[si, pos].numpy().astype(np.float32)), n_act, pa.float32()),
+            ],
+            fields=list(SAMPLE),
+        )
         return _lists(struct, per_feature, SAMPLE)

@@ -1,4 +1,5 @@
 """``lake feature``: one feature's statistics and samples in the terminal (rich)."""
+
 from __future__ import annotations
 
 from rich.console import Console
@@ -40,33 +41,51 @@ def sample_text(sample: dict, feature_max: float, window: int, plain: bool) -> T
     return text
 
 
-def show_feature(rec: AnalysisRecord, feat: dict, n_top: int = 10, window: int = 12, console: Console | None = None,
-                 explanation: dict | None = None, labels: dict[int, str] | None = None) -> None:
+def show_feature(
+    rec: AnalysisRecord,
+    feat: dict,
+    n_top: int = 10,
+    window: int = 12,
+    console: Console | None = None,
+    explanation: dict | None = None,
+    labels: dict[int, str] | None = None,
+) -> None:
     """``explanation``: the feature's explanation row (explanation, note, scores); ``labels``: short
     labels of its neighbours."""
     con = console or Console(highlight=False, soft_wrap=True)
     plain = not con.is_terminal
     f = feat["feature"]
-    con.print(Text(f"feature {f} of {rec.sae}  (analysis {rec.name}, {rec.source} "
-                   f"{rec.run or rec.dataset or ''}, {rec.tokens} valid tokens)", style="bold"))
+    con.print(
+        Text(
+            f"feature {f} of {rec.sae}  (analysis {rec.name}, {rec.source} "
+            f"{rec.run or rec.dataset or ''}, {rec.tokens} valid tokens)",
+            style="bold",
+        )
+    )
     e = explanation or {}
     if e.get("explanation"):
-        con.print(f"  explanation  {e['explanation']}  ({e.get('explainer')}"
-                  + (f", {e['explainer_model']}" if e.get("explainer_model") else "") + ")")
+        con.print(
+            f"  explanation  {e['explanation']}  ({e.get('explainer')}"
+            + (f", {e['explainer_model']}" if e.get("explainer_model") else "")
+            + ")"
+        )
     if e.get("detection") is not None or e.get("fuzzing") is not None:
         fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
         con.print(f"  scores       detection {fmt(e.get('detection'))}  fuzzing {fmt(e.get('fuzzing'))}")
     if e.get("note"):
         con.print(f"  note         {e['note']}")
-    con.print(f"  density {feat['density']:.4%}  ({feat['count']} tokens)   max {feat['max_act']:.4g}   "
-              f"mean non-zero {feat['mean_act']:.4g}")
+    con.print(
+        f"  density {feat['density']:.4%}  ({feat['count']} tokens)   max {feat['max_act']:.4g}   "
+        f"mean non-zero {feat['mean_act']:.4g}"
+    )
     if feat["hist_counts"]:
         e = feat["hist_edges"]
         con.print(f"  histogram  {e[0]:.3g} {sparkline(feat['hist_counts'])} {e[-1]:.3g}")
     for side, label in (("pos", "promotes"), ("neg", "suppresses")):
         if feat[f"{side}_tokens"]:
-            toks = ", ".join(f"{_clean(s)!r} {v:+.3g}"
-                             for s, v in zip(feat[f"{side}_strs"][:8], feat[f"{side}_logits"]))
+            toks = ", ".join(
+                f"{_clean(s)!r} {v:+.3g}" for s, v in zip(feat[f"{side}_strs"][:8], feat[f"{side}_logits"])
+            )
             con.print(f"  {label:10s} {toks}")
     norms = feat.get("decoder_norms") or []
     if norms and rec.out_hooks:  # several out hooks: a CLT's output layers, a crosscoder's models
@@ -84,8 +103,12 @@ def show_feature(rec: AnalysisRecord, feat: dict, n_top: int = 10, window: int =
     intervals = rec.config.get("intervals") or []
     for j, p in enumerate(intervals):
         hi = 1.0 if j == 0 else intervals[j - 1]
-        groups.append((f"interval [{p:g}, {hi:g}) x max",
-                       [s for s in feat["samples"] if s["kind"] == "interval" and s["interval"] == j][:3]))
+        groups.append(
+            (
+                f"interval [{p:g}, {hi:g}) x max",
+                [s for s in feat["samples"] if s["kind"] == "interval" and s["interval"] == j][:3],
+            )
+        )
     groups.append(("non-activating", [s for s in feat["samples"] if s["kind"] == "zero"][:2]))
     for title, samples in groups:
         if not samples:

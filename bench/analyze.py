@@ -10,6 +10,7 @@ training). Throughput: the same in-memory batches go through (a) ``sae.encode`` 
 of --repeats. RSS: ``lake analyze`` end to end (model load, stream, logits, neighbours, write
 the embedded store) in a fresh subprocess per token count; VmHWM.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,19 @@ def setup(lake: str, tokens: int, arch: str) -> str:
     from saelake.train.store import SAEStore
 
     if RUN not in Lake(lake).run_names():
-        ingest(IngestConfig(lake=lake, model="smollm2-135m", dataset="builtin", hooks=[HOOK], tokens=tokens,
-                            context_size=128, layouts=["2d"], run=RUN), progress=False)
+        ingest(
+            IngestConfig(
+                lake=lake,
+                model="smollm2-135m",
+                dataset="builtin",
+                hooks=[HOOK],
+                tokens=tokens,
+                context_size=128,
+                layouts=["2d"],
+                run=RUN,
+            ),
+            progress=False,
+        )
     name = f"bench-{arch}"
     if not SAEStore(lake).exists(name):
         d, S = 576, 8 * 576
@@ -43,11 +55,26 @@ def setup(lake: str, tokens: int, arch: str) -> str:
         if arch == "relu":
             with torch.no_grad():
                 sae.b_enc.fill_(-7.25)  # L0 about 60 on these raw activations, like a trained ReLU SAE
-        SAEStore(lake).save({"name": name, "arch": arch, "hook": HOOK, "hooks": [HOOK], "out_hook": HOOK,
-                             "out_hooks": [HOOK], "d_in": d, "d_sae": S, "k": 32 if arch == "topk" else None,
-                             "run": RUN, "version": 1, "model": "smollm2-135m", "status": "complete",
-                             "apply_b_dec_to_input": True}, sae.member_state(0),
-                            metrics=[{"step": 0, "tokens": 0, "name": "init", "value": 0.0}])
+        SAEStore(lake).save(
+            {
+                "name": name,
+                "arch": arch,
+                "hook": HOOK,
+                "hooks": [HOOK],
+                "out_hook": HOOK,
+                "out_hooks": [HOOK],
+                "d_in": d,
+                "d_sae": S,
+                "k": 32 if arch == "topk" else None,
+                "run": RUN,
+                "version": 1,
+                "model": "smollm2-135m",
+                "status": "complete",
+                "apply_b_dec_to_input": True,
+            },
+            sae.member_state(0),
+            metrics=[{"step": 0, "tokens": 0, "name": "init", "value": 0.0}],
+        )
     return name
 
 
@@ -98,12 +125,21 @@ def child(lake: str, sae_name: str, tokens: int) -> None:
     """One full `lake analyze`, then print peak RSS."""
     from saelake.analyze.run import AnalyzeConfig, analyze
 
-    rec = analyze(AnalyzeConfig(lake=lake, sae=sae_name, tokens=tokens, name=f"rss-{tokens}", overwrite=True),
-                  progress=False)
+    rec = analyze(
+        AnalyzeConfig(lake=lake, sae=sae_name, tokens=tokens, name=f"rss-{tokens}", overwrite=True), progress=False
+    )
     # VmHWM, not ru_maxrss: a child exec'd from this bench process can report its parent's peak
     peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    print(json.dumps({"tokens": rec.tokens_total, "peak_rss_mb": peak_kb / 1024,
-                      "seconds": rec.seconds, "tokens_per_second": rec.tokens_per_second}))
+    print(
+        json.dumps(
+            {
+                "tokens": rec.tokens_total,
+                "peak_rss_mb": peak_kb / 1024,
+                "seconds": rec.seconds,
+                "tokens_per_second": rec.tokens_per_second,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -123,16 +159,24 @@ def main() -> None:
         return child(a.lake, name, a.child)
     setup(a.lake, a.tokens, a.arch)
     tp = throughput(a.lake, name, a.throughput_tokens, a.batch_size, a.repeats)
-    print(f"{a.arch} SAE d_sae 4608 on d_model 576, {tp['tokens']} tokens in batches of {a.batch_size} contexts x 128, "
-          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"{a.arch} SAE d_sae 4608 on d_model 576, {tp['tokens']} tokens in batches of {a.batch_size} contexts x 128, "
+        f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"  encoder only   {tp['encoder_only']:9.0f} tok/s")
     print(f"  analysis       {tp['analysis']:9.0f} tok/s   ratio {tp['ratio']:.2f}")
     for n in (a.small, a.tokens):
-        r = subprocess.run([sys.executable, __file__, "--lake", a.lake, "--arch", a.arch, "--child", str(n)],
-                           capture_output=True, text=True, check=True)
+        r = subprocess.run(
+            [sys.executable, __file__, "--lake", a.lake, "--arch", a.arch, "--child", str(n)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         res = json.loads(r.stdout.strip().splitlines()[-1])
-        print(f"  lake analyze {res['tokens']:6d} tokens: peak RSS {res['peak_rss_mb']:7.0f} MB, "
-              f"stream {res['tokens_per_second']:.0f} tok/s")
+        print(
+            f"  lake analyze {res['tokens']:6d} tokens: peak RSS {res['peak_rss_mb']:7.0f} MB, "
+            f"stream {res['tokens_per_second']:.0f} tok/s"
+        )
 
 
 if __name__ == "__main__":

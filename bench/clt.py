@@ -14,6 +14,7 @@ same budget. Each phase runs in its own subprocess.
     python bench/clt.py --model DIR --dataset FILE --layers 0-1 --ingest-tokens 2000 --context-size 32 \
         --latents 64 --k 4 --batch-size 256 --tokens 4096      # smoke run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,10 @@ def args_parser():
 def hooks(a) -> tuple[list[str], list[str]]:
     from saelake.lake.hooknames import expand_hooks
 
-    return (expand_hooks([f"blocks.{{{a.layers}}}.ln2.hook_out"]),
-            expand_hooks([f"blocks.{{{a.layers}}}.hook_mlp_out"]))
+    return (
+        expand_hooks([f"blocks.{{{a.layers}}}.ln2.hook_out"]),
+        expand_hooks([f"blocks.{{{a.layers}}}.hook_mlp_out"]),
+    )
 
 
 def ensure_snapshot(a) -> None:
@@ -60,9 +63,19 @@ def ensure_snapshot(a) -> None:
 
     ins, outs = hooks(a)
     if "clt" not in lake.Lake(a.lake).run_names():
-        lake.ingest(lake.IngestConfig(lake=a.lake, model=a.model, dataset=a.dataset, hooks=ins + outs, run="clt",
-                                      tokens=a.ingest_tokens, context_size=a.context_size, layouts=["1d"]),
-                    progress=False)
+        lake.ingest(
+            lake.IngestConfig(
+                lake=a.lake,
+                model=a.model,
+                dataset=a.dataset,
+                hooks=ins + outs,
+                run="clt",
+                tokens=a.ingest_tokens,
+                context_size=a.context_size,
+                layouts=["1d"],
+            ),
+            progress=False,
+        )
 
 
 def phase(a) -> dict:
@@ -71,18 +84,31 @@ def phase(a) -> dict:
     ins, outs = hooks(a)
     tag = time.strftime("%H%M%S")
     if a.phase == "clt":
-        saes = [SAEConfig(hooks=ins, out_hooks=outs, arch="clt", name=f"clt-{tag}", d_sae=a.latents * len(ins),
-                          k=a.k)]
+        saes = [SAEConfig(hooks=ins, out_hooks=outs, arch="clt", name=f"clt-{tag}", d_sae=a.latents * len(ins), k=a.k)]
     else:
-        saes = [SAEConfig(hooks=[i], out_hooks=[o], arch="topk", name=f"tc{n}-{tag}", d_sae=a.latents, k=a.k)
-                for n, (i, o) in enumerate(zip(ins, outs))]
-    cfgs = train(a.lake, saes, run="clt", tokens=a.tokens, batch_size=a.batch_size, repeat=True, holdout=a.holdout,
-                 device=a.device, progress=False)
+        saes = [
+            SAEConfig(hooks=[i], out_hooks=[o], arch="topk", name=f"tc{n}-{tag}", d_sae=a.latents, k=a.k)
+            for n, (i, o) in enumerate(zip(ins, outs))
+        ]
+    cfgs = train(
+        a.lake,
+        saes,
+        run="clt",
+        tokens=a.tokens,
+        batch_size=a.batch_size,
+        repeat=True,
+        holdout=a.holdout,
+        device=a.device,
+        progress=False,
+    )
     fvu = {}
     for c in cfgs:
         fvu |= c["holdout"].get("fvu_per_hook") or {c["out_hooks"][0]: c["heldout_fvu"]}
-    return {"tok_s": cfgs[0]["tokens_per_second"], "fvu": {h: fvu[h] for h in outs},
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "tok_s": cfgs[0]["tokens_per_second"],
+        "fvu": {h: fvu[h] for h in outs},
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def run_phase(a, name: str) -> dict:
@@ -108,12 +134,14 @@ def main() -> list[str]:
     load.append(os.getloadavg()[0])
     ins, outs = hooks(a)
     L = len(ins)
-    line = (f"CLT over {L} layers ({a.model} blocks.{{{a.layers}}}.ln2.hook_out -> hook_mlp_out, {a.latents} latents "
-            f"and k {a.k} per layer, batch {a.batch_size}, {a.tokens} tokens, {a.threads} threads, load "
-            f"{', '.join(f'{x:.1f}' for x in load)}): {clt['tok_s']:.0f} tok/s, peak RSS {clt['peak_rss_mb']:.0f} MB, "
-            f"held-out FVU per layer {[round(clt['fvu'][h], 3) for h in outs]}; {L} separate transcoders "
-            f"({a.latents} latents each, one sweep): {tc['tok_s']:.0f} tok/s, peak RSS {tc['peak_rss_mb']:.0f} MB, "
-            f"FVU per layer {[round(tc['fvu'][h], 3) for h in outs]}")
+    line = (
+        f"CLT over {L} layers ({a.model} blocks.{{{a.layers}}}.ln2.hook_out -> hook_mlp_out, {a.latents} latents "
+        f"and k {a.k} per layer, batch {a.batch_size}, {a.tokens} tokens, {a.threads} threads, load "
+        f"{', '.join(f'{x:.1f}' for x in load)}): {clt['tok_s']:.0f} tok/s, peak RSS {clt['peak_rss_mb']:.0f} MB, "
+        f"held-out FVU per layer {[round(clt['fvu'][h], 3) for h in outs]}; {L} separate transcoders "
+        f"({a.latents} latents each, one sweep): {tc['tok_s']:.0f} tok/s, peak RSS {tc['peak_rss_mb']:.0f} MB, "
+        f"FVU per layer {[round(tc['fvu'][h], 3) for h in outs]}"
+    )
     print(line)
     return [line]
 

@@ -19,6 +19,7 @@ float16-trained SAE's.
     python bench/codecs.py --model PATH --dataset FILE --heldout-dataset FILE --hook blocks.0.hook_resid_post \
         --tokens 4000 --context-size 32 --train-tokens 8192 --batch-size 512     # tiny smoke run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,9 +43,21 @@ def ensure_run(a, run: str, dataset: str, dtype: str, tokens: int) -> None:
     if run in lake.run_names() and lake.manifest(run).status == "complete":
         return
     print(f"ingesting {run} ({tokens:,} tokens, {dtype}) ...", flush=True)
-    ingest(IngestConfig(lake=a.lake, model=a.model, dataset=dataset, hooks=[a.hook], tokens=tokens,
-                        context_size=a.context_size, layouts=["1d"], dtype=dtype, run=run,
-                        resume=run in lake.run_names()), progress=True)
+    ingest(
+        IngestConfig(
+            lake=a.lake,
+            model=a.model,
+            dataset=dataset,
+            hooks=[a.hook],
+            tokens=tokens,
+            context_size=a.context_size,
+            layouts=["1d"],
+            dtype=dtype,
+            run=run,
+            resume=run in lake.run_names(),
+        ),
+        progress=True,
+    )
 
 
 def all_rows(lake: str, run: str, hook: str):
@@ -61,7 +74,8 @@ def all_rows(lake: str, run: str, hook: str):
     t = ds.to_table(columns=[src.columns[hook], "context_id", "position"])
     x = arrow_to_acts(t.column(src.columns[hook]), src.codecs[hook], (src.d_model[hook],)).float()
     key = torch.from_numpy(t.column("context_id").to_numpy()) * 10_000 + torch.from_numpy(
-        t.column("position").to_numpy().astype("int64"))
+        t.column("position").to_numpy().astype("int64")
+    )
     return x, key
 
 
@@ -72,7 +86,9 @@ def int8_per_token(x):
 
 
 def table_bytes(lake: str, run: str) -> int:
-    return sum(f.stat().st_size for f in (Path(lake) / "runs" / run / "tokens.lance" / "data").rglob("*") if f.is_file())
+    return sum(
+        f.stat().st_size for f in (Path(lake) / "runs" / run / "tokens.lance" / "data").rglob("*") if f.is_file()
+    )
 
 
 def heldout_fvu(lake: str, sae_name: str, x, limit: float) -> float:
@@ -87,7 +103,7 @@ def heldout_fvu(lake: str, sae_name: str, x, limit: float) -> float:
     mean = x.double().mean(0)
     with torch.no_grad():
         for i in range(0, len(x), 4096):
-            xb = x[i:i + 4096]
+            xb = x[i : i + 4096]
             y = sae.decode(sae.encode(xb))[0]
             num += float((xb - y).double().pow(2).sum())
             den += float((xb.double() - mean).pow(2).sum())
@@ -99,8 +115,11 @@ def main() -> None:
     p.add_argument("--lake", default=str(Path.home() / ".cache" / "saelake-bench" / "reader-lake"))
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dataset", default="builtin")
-    p.add_argument("--heldout-dataset", default="/usr/share/common-licenses",
-                   help="other text for the held-out FVU (default: Debian's licence files)")
+    p.add_argument(
+        "--heldout-dataset",
+        default="/usr/share/common-licenses",
+        help="other text for the held-out FVU (default: Debian's licence files)",
+    )
     p.add_argument("--hook", default="blocks.3.hook_resid_post")
     p.add_argument("--tokens", type=int, default=200_000)
     p.add_argument("--heldout-tokens", type=int, default=32_768)
@@ -144,26 +163,45 @@ def main() -> None:
         return float((y - x).norm() / x.norm())
 
     results = []
-    base = {"dtype": "int8, one scale per token (not a codec)", "cell_bytes": d + 4,
-            "rel_err": rel(int8_per_token(ref), ref), "rel_err_massive": rel(int8_per_token(ref[massive]), ref[massive])}
+    base = {
+        "dtype": "int8, one scale per token (not a codec)",
+        "cell_bytes": d + 4,
+        "rel_err": rel(int8_per_token(ref), ref),
+        "rel_err_massive": rel(int8_per_token(ref[massive]), ref[massive]),
+    }
     for dt in dtypes:
         x, k = all_rows(a.lake, runs[dt], a.hook)
         assert torch.equal(k, key), "codec runs must hold the same tokens in the same order"
         from saelake.lake.codecs import get_codec
-        r = {"dtype": dt, "cell_bytes": get_codec(dt).width(d) * get_codec(dt).storage.itemsize,
-             "table_bytes_per_token": table_bytes(a.lake, runs[dt]) / len(x),
-             "rel_err": rel(x, ref), "rel_err_massive": rel(x[massive], ref[massive]) if massive.any() else None}
+
+        r = {
+            "dtype": dt,
+            "cell_bytes": get_codec(dt).width(d) * get_codec(dt).storage.itemsize,
+            "table_bytes_per_token": table_bytes(a.lake, runs[dt]) / len(x),
+            "rel_err": rel(x, ref),
+            "rel_err_massive": rel(x[massive], ref[massive]) if massive.any() else None,
+        }
         name = f"codecs-{dt}-{a.train_tokens}"
         t = time.perf_counter()
         if name not in lake.storage.listdir("saes"):
-            train(a.lake, [SAEConfig(hooks=[a.hook], arch="topk", k=32, expansion=8, name=name, seed=0)],
-                  run=runs[dt], tokens=a.train_tokens, batch_size=a.batch_size, repeat=True, progress=True)
+            train(
+                a.lake,
+                [SAEConfig(hooks=[a.hook], arch="topk", k=32, expansion=8, name=name, seed=0)],
+                run=runs[dt],
+                tokens=a.train_tokens,
+                batch_size=a.batch_size,
+                repeat=True,
+                progress=True,
+            )
         r["train_s"] = time.perf_counter() - t
         r["heldout_fvu"] = heldout_fvu(a.lake, name, x_held, 10 * median)
         results.append(r)
-        print(f"{dt:9s} cell {r['cell_bytes']:5d} B, table {r['table_bytes_per_token']:7.1f} B/token, rel err "
-              f"{r['rel_err']:.2e} (massive tokens {r['rel_err_massive'] or 0:.2e}), held-out FVU "
-              f"{r['heldout_fvu']:.4f}", flush=True)
+        print(
+            f"{dt:9s} cell {r['cell_bytes']:5d} B, table {r['table_bytes_per_token']:7.1f} B/token, rel err "
+            f"{r['rel_err']:.2e} (massive tokens {r['rel_err_massive'] or 0:.2e}), held-out FVU "
+            f"{r['heldout_fvu']:.4f}",
+            flush=True,
+        )
     print(f"{base['dtype']}: rel err {base['rel_err']:.2e} (massive tokens {base['rel_err_massive']:.2e})")
     f16 = next((r for r in results if r["dtype"] == "float16"), None)
     if f16:
@@ -176,22 +214,30 @@ def main() -> None:
 
 def write_results(a, results, base, n_massive, n, median) -> None:
     load = os.getloadavg()[0]
-    lines = ["## codecs", "",
-             f"`python bench/codecs.py` on `{a.hook}` of the bundled SmolLM2-135M, {a.tokens:,} tokens of "
-             f"`{a.dataset}`; TopK (8x, k 32, batch {a.batch_size}, seed 0) trained {a.train_tokens:,} tokens on "
-             f"each codec's snapshot; held-out FVU on {a.heldout_tokens:,} float32 tokens of `{a.heldout_dataset}` "
-             f"(tokens over 10x the median norm {median:.1f} excluded, as in training). {platform.machine()}, "
-             f"{os.cpu_count()} cores, load average {load:.1f} at the end. Rel. error: sqrt(sum|x_codec - x|^2 / "
-             f"sum|x|^2) against the float32 run of the same tokens; massive = the {n_massive:,} of {n:,} tokens "
-             "over 10x the median norm.", "",
-             "| dtype | cell bytes | table bytes/token | vs float16 | rel. error | on massive tokens | held-out FVU "
-             "| FVU vs float16 |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## codecs",
+        "",
+        f"`python bench/codecs.py` on `{a.hook}` of the bundled SmolLM2-135M, {a.tokens:,} tokens of "
+        f"`{a.dataset}`; TopK (8x, k 32, batch {a.batch_size}, seed 0) trained {a.train_tokens:,} tokens on "
+        f"each codec's snapshot; held-out FVU on {a.heldout_tokens:,} float32 tokens of `{a.heldout_dataset}` "
+        f"(tokens over 10x the median norm {median:.1f} excluded, as in training). {platform.machine()}, "
+        f"{os.cpu_count()} cores, load average {load:.1f} at the end. Rel. error: sqrt(sum|x_codec - x|^2 / "
+        f"sum|x|^2) against the float32 run of the same tokens; massive = the {n_massive:,} of {n:,} tokens "
+        "over 10x the median norm.",
+        "",
+        "| dtype | cell bytes | table bytes/token | vs float16 | rel. error | on massive tokens | held-out FVU "
+        "| FVU vs float16 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r['dtype']} | {r['cell_bytes']} | {r['table_bytes_per_token']:.1f} | "
-                     f"{r.get('bytes_vs_f16', float('nan')):.3f} | {r['rel_err']:.2e} | "
-                     f"{(r['rel_err_massive'] or 0):.2e} | {r['heldout_fvu']:.4f} | {r.get('fvu_vs_f16', 0):+.2%} |")
-    lines.append(f"| {base['dtype']} | {base['cell_bytes']} | | | {base['rel_err']:.2e} | "
-                 f"{base['rel_err_massive']:.2e} | | |")
+        lines.append(
+            f"| {r['dtype']} | {r['cell_bytes']} | {r['table_bytes_per_token']:.1f} | "
+            f"{r.get('bytes_vs_f16', float('nan')):.3f} | {r['rel_err']:.2e} | "
+            f"{(r['rel_err_massive'] or 0):.2e} | {r['heldout_fvu']:.4f} | {r.get('fvu_vs_f16', 0):+.2%} |"
+        )
+    lines.append(
+        f"| {base['dtype']} | {base['cell_bytes']} | | | {base['rel_err']:.2e} | {base['rel_err_massive']:.2e} | | |"
+    )
     section = "\n".join(lines) + "\n"
     path = ROOT / "bench" / "RESULTS.md"
     text = path.read_text()

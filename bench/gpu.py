@@ -12,6 +12,7 @@ bf16 autocast, and print tokens/s next to what the device can do, measured in th
     bash bench/gpu.sh                          # on a GPU machine (under 8 minutes on one GPU)
     bash bench/gpu.sh --device cpu --tiny      # the CPU dry run that `make test` runs
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,16 +65,25 @@ def reader_rate(lake: str, run: str, hook: str, device: str, batch: int) -> floa
     return n / (time.perf_counter() - t)
 
 
-def train_rate(lake: str, run: str, hook: str, device: str, tokens: int, batch: int, autocast: str | None,
-               name: str) -> tuple[float, dict]:
+def train_rate(
+    lake: str, run: str, hook: str, device: str, tokens: int, batch: int, autocast: str | None, name: str
+) -> tuple[float, dict]:
     """Tokens/s over the whole call minus a warm-up call of two steps (boot, first batch, allocations)."""
     from saelake.train import SAEConfig, train
 
     def once(n_tokens: int, tag: str) -> tuple[float, dict]:
         t = time.perf_counter()
-        cfg = train(lake, [SAEConfig(hooks=[hook], arch="topk", k=32, expansion=8, name=f"{name}-{tag}")],
-                    run=run, tokens=n_tokens, batch_size=batch, repeat=True, device=device, autocast=autocast,
-                    progress=False)[0]
+        cfg = train(
+            lake,
+            [SAEConfig(hooks=[hook], arch="topk", k=32, expansion=8, name=f"{name}-{tag}")],
+            run=run,
+            tokens=n_tokens,
+            batch_size=batch,
+            repeat=True,
+            device=device,
+            autocast=autocast,
+            progress=False,
+        )[0]
         sync(device)
         return time.perf_counter() - t, cfg
 
@@ -104,25 +114,51 @@ def main() -> None:
         sys.path.insert(0, str(ROOT))  # the tests' tiny model builder
         from tests.conftest import make_tiny_model
 
-        model, dataset, hook, ctx = str(make_tiny_model(Path(tmp.name) / "tiny")), str(
-            ROOT / "tests" / "data" / "corpus.txt"), "blocks.1.hook_resid_post", 32
+        model, dataset, hook, ctx = (
+            str(make_tiny_model(Path(tmp.name) / "tiny")),
+            str(ROOT / "tests" / "data" / "corpus.txt"),
+            "blocks.1.hook_resid_post",
+            32,
+        )
         ingest_tokens, train_tokens, batch = a.ingest_tokens or 4096, a.train_tokens or 8192, 512
     else:
         model, dataset, hook, ctx = "smollm2-135m", "builtin", "blocks.15.hook_resid_post", 128
         ingest_tokens, train_tokens, batch = a.ingest_tokens or 131_072, a.train_tokens or 4_096_000, 4096
     t = time.perf_counter()
-    m = ingest(IngestConfig(lake=lake, model=model, dataset=dataset, hooks=[hook], tokens=ingest_tokens,
-                            context_size=ctx, layouts=["1d"], run="gpu", device=a.device), progress=False)
+    m = ingest(
+        IngestConfig(
+            lake=lake,
+            model=model,
+            dataset=dataset,
+            hooks=[hook],
+            tokens=ingest_tokens,
+            context_size=ctx,
+            layouts=["1d"],
+            run="gpu",
+            device=a.device,
+        ),
+        progress=False,
+    )
     ingest_s = time.perf_counter() - t
     d_in = m.d_model[hook] if hasattr(m, "d_model") else m["d_model"][hook]
     d_sae = 8 * d_in
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
     rate = matmul_rate(a.device, batch, d_in, d_sae, dtype)
     bound = rate / (2 * d_in * d_sae)
-    out = {"device": a.device, "device_name": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",
-           "hook": hook, "d_in": d_in, "d_sae": d_sae, "batch": batch, "ingest_tokens": ingest_tokens,
-           "ingest_tok_s": ingest_tokens / ingest_s, "matmul_flop_s": rate, "matmul_dtype": str(dtype),
-           "bound_tok_s": bound, "reader_tok_s": reader_rate(lake, "gpu", hook, a.device, batch)}
+    out = {
+        "device": a.device,
+        "device_name": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",
+        "hook": hook,
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "batch": batch,
+        "ingest_tokens": ingest_tokens,
+        "ingest_tok_s": ingest_tokens / ingest_s,
+        "matmul_flop_s": rate,
+        "matmul_dtype": str(dtype),
+        "bound_tok_s": bound,
+        "reader_tok_s": reader_rate(lake, "gpu", hook, a.device, batch),
+    }
     for autocast in (None, "bf16"):
         tok_s, cfg = train_rate(lake, "gpu", hook, a.device, train_tokens, batch, autocast, f"gpu-{autocast or 'fp32'}")
         key = autocast or "fp32"
@@ -138,8 +174,10 @@ def main() -> None:
     print(f"bound    {bound:>12,.0f} tok/s (dense encoder GEMM only)")
     print(f"reader   {out['reader_tok_s']:>12,.0f} tok/s (float32 on {a.device})")
     for key in ("fp32", "bf16"):
-        print(f"train {key} {out[f'train_{key}_tok_s']:>10,.0f} tok/s = {out[f'train_{key}_fraction']:.2f} of the bound"
-              + (f", held-out FVU {out[f'train_{key}_fvu']:.3f}" if out.get(f"train_{key}_fvu") is not None else ""))
+        print(
+            f"train {key} {out[f'train_{key}_tok_s']:>10,.0f} tok/s = {out[f'train_{key}_fraction']:.2f} of the bound"
+            + (f", held-out FVU {out[f'train_{key}_fvu']:.3f}" if out.get(f"train_{key}_fvu") is not None else "")
+        )
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ the model boot (VmHWM reset via /proc/self/clear_refs); target: largest within 1
     python bench/ingest.py --model PATH --dataset FILE --hooks blocks.0.hook_resid_post \
         --tokens 2000 --rss-tokens 1000,4000 --context-size 32    # tiny smoke run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,7 +96,7 @@ def maxrss_mb() -> float:
 
 
 def load() -> str:
-    return "%.2f %.2f %.2f" % os.getloadavg()
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def dir_bytes(path: Path) -> int:
@@ -109,8 +110,9 @@ def du_bytes(path: Path) -> int:
 
 def busy_processes(n: int = 5) -> list[str]:
     try:
-        out = subprocess.run(["ps", "-eo", "pcpu,pid,etime,args", "--sort=-pcpu"], capture_output=True,
-                             text=True, timeout=10).stdout.splitlines()
+        out = subprocess.run(
+            ["ps", "-eo", "pcpu,pid,etime,args", "--sort=-pcpu"], capture_output=True, text=True, timeout=10
+        ).stdout.splitlines()
     except Exception:
         return []
     me = str(os.getpid())
@@ -139,15 +141,23 @@ class Stages:
                 return fn(*a, **k)
             finally:
                 self.t[name] += time.perf_counter() - t0
+
         return wrapper
 
     # (attribute of lake.ingest, stage): whichever exist are wrapped, so the bench follows refactors of lake/
     # Since the writer thread, forward_chunk (the forward plus copies into the chunk buffers) runs on the
     # main thread and chunk_table + write_chunk_fragments on the writer thread, overlapping the next forward.
-    WRAP = [("check_corpus", "check_corpus"), ("_chunk_tables", "chunk_tables"), ("chunk_tables", "chunk_tables"),
-            ("forward_chunk", "chunk_tables"), ("chunk_table", "build_tables_bg"),
-            ("write_chunk_fragments", "lance_write"), ("commit_fragments", "lance_commit"), ("_finish", "finish"),
-            ("_stats", "stats")]
+    WRAP = [
+        ("check_corpus", "check_corpus"),
+        ("_chunk_tables", "chunk_tables"),
+        ("chunk_tables", "chunk_tables"),
+        ("forward_chunk", "chunk_tables"),
+        ("chunk_table", "build_tables_bg"),
+        ("write_chunk_fragments", "lance_write"),
+        ("commit_fragments", "lance_commit"),
+        ("_finish", "finish"),
+        ("_stats", "stats"),
+    ]
     CHUNK = ("forward_chunk", "chunk_tables", "_chunk_tables")  # the attribute whose calls hold the forward
 
     @contextlib.contextmanager
@@ -155,13 +165,16 @@ class Stages:
         import lance
 
         from saelake.lake.models import LoadedModel
+
         mod = importlib.import_module("saelake.lake.ingest")
         names = ["load_model", "pack_contexts"] + [k for k, _ in self.WRAP]
         saved = {k: getattr(mod, k) for k in names if hasattr(mod, k)}
         missing = {"load_model", "pack_contexts"} - set(saved)
         if missing or not set(self.CHUNK) & set(saved):
-            raise RuntimeError(f"bench/ingest.py no longer matches lake/ingest.py (missing {sorted(missing)} or "
-                               "chunk_tables): update Stages.WRAP")
+            raise RuntimeError(
+                f"bench/ingest.py no longer matches lake/ingest.py (missing {sorted(missing)} or "
+                "chunk_tables): update Stages.WRAP"
+            )
         saved_write, saved_acts = lance.write_dataset, LoadedModel.activations
         stages = self
 
@@ -201,6 +214,7 @@ class Stages:
                 return inner_chunk(*a, **k)
             finally:
                 stages.in_chunk = False
+
         setattr(mod, chunk_attr, chunk_tables)
 
         def bare(*a, **k):  # the paired (a): the same call on the same batch, output discarded
@@ -225,6 +239,7 @@ class Stages:
                     stages.t["forward_in_chunks"] += dt
                 if paired and not stages.n_batches % 2:
                     bare(*a, **k)
+
         lance.write_dataset = self._timed("lance_write", saved_write)  # the pre-writer.py ingest wrote this way
         LoadedModel.activations = activations
         try:
@@ -263,9 +278,13 @@ def pack(model, dataset: str, text_column: str, tokens: int, T: int):
     import torch
 
     from saelake import lake
+
     want = math.ceil(tokens / T)
-    ctxs = list(itertools.islice(lake.pack_contexts(lake.documents(dataset, text_column), model.tokenizer, T,
-                                                    model.bos_token_id), want))
+    ctxs = list(
+        itertools.islice(
+            lake.pack_contexts(lake.documents(dataset, text_column), model.tokenizer, T, model.bos_token_id), want
+        )
+    )
     return torch.from_numpy(np.stack([c.tokens for c in ctxs])), want
 
 
@@ -273,6 +292,7 @@ def interleaved(runners: dict, toks, batch: int) -> dict[str, tuple[float, float
     """Time several forwards over the same contexts, alternating batch by batch (order rotated), so a
     change in the machine's other load hits all of them alike. Returns {name: (wall s, CPU s)}."""
     import torch
+
     names = list(runners)
     wall = dict.fromkeys(names, 0.0)
     cpu = dict.fromkeys(names, 0.0)
@@ -280,8 +300,8 @@ def interleaved(runners: dict, toks, batch: int) -> dict[str, tuple[float, float
         for name in names:  # warm-up (first call allocates / picks kernels)
             runners[name](toks[:batch])
         for j, i in enumerate(range(0, len(toks), batch)):
-            x = toks[i:i + batch]
-            for name in names[j % len(names):] + names[:j % len(names)]:
+            x = toks[i : i + batch]
+            for name in names[j % len(names) :] + names[: j % len(names)]:
                 t0, c0 = time.perf_counter(), time.process_time()
                 runners[name](x)
                 wall[name] += time.perf_counter() - t0
@@ -301,8 +321,9 @@ def truncated_hf(path: str, n_layers: int | None, attn: str | None):
     base = hf.base_model
     total = hf.config.num_hidden_layers
     if n_layers is not None and n_layers < total:
-        lists = [(name, m) for name, m in base.named_children()
-                 if isinstance(m, torch.nn.ModuleList) and len(m) == total]
+        lists = [
+            (name, m) for name, m in base.named_children() if isinstance(m, torch.nn.ModuleList) and len(m) == total
+        ]
         if len(lists) != 1:
             raise RuntimeError(f"cannot find the decoder layer list of {type(base).__name__}")
         name, layers = lists[0]
@@ -311,14 +332,33 @@ def truncated_hf(path: str, n_layers: int | None, attn: str | None):
     return base, hf.config._attn_implementation
 
 
-def run_ingest(args, hooks: list[str], tokens: int, lake_dir: Path, run: str, profile: Path | None = None,
-               reset_peak: bool = False, paired: bool = False) -> dict:
+def run_ingest(
+    args,
+    hooks: list[str],
+    tokens: int,
+    lake_dir: Path,
+    run: str,
+    profile: Path | None = None,
+    reset_peak: bool = False,
+    paired: bool = False,
+) -> dict:
     """One in-process lake.ingest call, timed whole, with the stage breakdown and disk usage."""
     from saelake import lake
-    cfg = lake.IngestConfig(lake=str(lake_dir), hooks=hooks, tokens=tokens, model=args.model, dataset=args.dataset,
-                            text_column=args.text_column, context_size=args.context_size,
-                            layouts=args.layout.split(","), dtype=args.dtype, run=run, batch_size=args.batch_size,
-                            seed=0)
+
+    cfg = lake.IngestConfig(
+        lake=str(lake_dir),
+        hooks=hooks,
+        tokens=tokens,
+        model=args.model,
+        dataset=args.dataset,
+        text_column=args.text_column,
+        context_size=args.context_size,
+        layouts=args.layout.split(","),
+        dtype=args.dtype,
+        run=run,
+        batch_size=args.batch_size,
+        seed=0,
+    )
     stages = Stages(reset_peak, paired)
     prof = cProfile.Profile() if profile else None
     out = io.StringIO()
@@ -336,11 +376,23 @@ def run_ingest(args, hooks: list[str], tokens: int, lake_dir: Path, run: str, pr
         prof.dump_stats(profile)
     run_dir = lake_dir / "runs" / run
     tables = {t: dir_bytes(run_dir / f"{t}.lance") for t in m["tables"] if (run_dir / f"{t}.lance").exists()}
-    return {"seconds": dt, "cpu_seconds": cpu, "tokens": m["tokens"], "requested": tokens, "rows_1d": m["rows_1d"],
-            "bytes": dir_bytes(run_dir), "du_bytes": du_bytes(run_dir), "table_bytes": tables,
-            "stages": stages.breakdown(dt), "printed": out.getvalue().strip(), "rss_after_load": stages.rss_after_load,
-            "peak_boot_kb": stages.peak_boot_kb, "peak_reset": stages.peak_reset,
-            "paired_tokens": stages.paired_tokens, "paired_seconds": stages.t.get("paired_bare", 0.0)}
+    return {
+        "seconds": dt,
+        "cpu_seconds": cpu,
+        "tokens": m["tokens"],
+        "requested": tokens,
+        "rows_1d": m["rows_1d"],
+        "bytes": dir_bytes(run_dir),
+        "du_bytes": du_bytes(run_dir),
+        "table_bytes": tables,
+        "stages": stages.breakdown(dt),
+        "printed": out.getvalue().strip(),
+        "rss_after_load": stages.rss_after_load,
+        "peak_boot_kb": stages.peak_boot_kb,
+        "peak_reset": stages.peak_reset,
+        "paired_tokens": stages.paired_tokens,
+        "paired_seconds": stages.t.get("paired_bare", 0.0),
+    }
 
 
 # -- fresh-process ingests for peak RSS ------------------------------------------------------
@@ -356,6 +408,7 @@ def child(args) -> None:
 
     rss_start = rss_mb()
     from saelake import lake  # noqa: F401  (imports count toward the baseline, as they would in `lake ingest`)
+
     rss_imports = rss_mb()
     th = threading.Thread(target=sampler, daemon=True)
     th.start()
@@ -369,14 +422,18 @@ def child(args) -> None:
     # The process peak comes from VmHWM, not getrusage: a child forked (vfork + exec) from this bench's big
     # parent inherits the parent's RSS high-water mark into ru_maxrss (Linux keeps the pre-exec mm's peak in
     # signal->maxrss), so ru_maxrss (and RUSAGE_CHILDREN in the parent) would report the parent's peak.
-    r |= {"maxrss_mb": round(max(boot_kb or 0, hwm_end or 0) / 1024, 1) if hwm_end else round(maxrss_mb(), 1),
-          "ru_maxrss_mb": round(maxrss_mb(), 1),
-          "peak_boot_mb": round(boot_kb / 1024, 1) if boot_kb else None,
-          "peak_after_boot_mb": round(hwm_end / 1024, 1) if reset and hwm_end else None,
-          "max_sampled_mb": round(max(samples), 1) if samples else None, "rss_start_mb": round(rss_start, 1),
-          "rss_imports_mb": round(rss_imports, 1), "rss_end_mb": round(rss_mb(), 1),
-          "rss_after_load_mb": round(r.pop("rss_after_load") or 0, 1),
-          "rss_profile_mb": {f"{int(p * 100)}%": q(p) for p in (0.25, 0.5, 0.75, 0.99)}}
+    r |= {
+        "maxrss_mb": round(max(boot_kb or 0, hwm_end or 0) / 1024, 1) if hwm_end else round(maxrss_mb(), 1),
+        "ru_maxrss_mb": round(maxrss_mb(), 1),
+        "peak_boot_mb": round(boot_kb / 1024, 1) if boot_kb else None,
+        "peak_after_boot_mb": round(hwm_end / 1024, 1) if reset and hwm_end else None,
+        "max_sampled_mb": round(max(samples), 1) if samples else None,
+        "rss_start_mb": round(rss_start, 1),
+        "rss_imports_mb": round(rss_imports, 1),
+        "rss_end_mb": round(rss_mb(), 1),
+        "rss_after_load_mb": round(r.pop("rss_after_load") or 0, 1),
+        "rss_profile_mb": {f"{int(p * 100)}%": q(p) for p in (0.25, 0.5, 0.75, 0.99)},
+    }
     print(CHILD_TAG + json.dumps(r), flush=True)
 
 
@@ -389,7 +446,7 @@ def fresh_ingest(args, hooks: list[str], tokens: int, lake_dir: Path, run: str) 
     line = next((x for x in p.stdout.splitlines() if x.startswith(CHILD_TAG)), None)
     if p.returncode != 0 or line is None:
         sys.exit(f"fresh-process ingest of {tokens} tokens failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
-    r = json.loads(line[len(CHILD_TAG):])
+    r = json.loads(line[len(CHILD_TAG) :])
     r["wall_with_python_start"] = wall
     return r
 
@@ -404,11 +461,17 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dataset", default="builtin")
     ap.add_argument("--text-column", default="text")
-    ap.add_argument("--hooks", default="blocks.3.hook_resid_post;blocks.3.hook_resid_post,blocks.3.hook_mlp_out",
-                    help="hook sets to measure, ';'-separated; each is a comma-separated list (one ingest)")
+    ap.add_argument(
+        "--hooks",
+        default="blocks.3.hook_resid_post;blocks.3.hook_resid_post,blocks.3.hook_mlp_out",
+        help="hook sets to measure, ';'-separated; each is a comma-separated list (one ingest)",
+    )
     ap.add_argument("--tokens", type=int, default=100_000, help="tokens for the throughput runs (a), (b), (c)")
-    ap.add_argument("--rss-tokens", default="20000,200000",
-                    help="comma-separated token counts for the fresh-process peak-RSS ingests ('' to skip)")
+    ap.add_argument(
+        "--rss-tokens",
+        default="20000,200000",
+        help="comma-separated token counts for the fresh-process peak-RSS ingests ('' to skip)",
+    )
     ap.add_argument("--rss-hooks", default=None, help="hook set for the RSS ingests (default: the last --hooks set)")
     ap.add_argument("--context-size", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass")
@@ -416,12 +479,22 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats of (a), (b), (c); the best is reported")
     ap.add_argument("--no-raw", action="store_true", help="skip (c)")
-    ap.add_argument("--no-paired", action="store_true",
-                    help="skip the paired (a): a bare forward of each ingest batch, timed next to the ingest's own")
-    ap.add_argument("--profile", metavar="FILE", help="cProfile one extra ingest (last hook set) into FILE; print the top")
+    ap.add_argument(
+        "--no-paired",
+        action="store_true",
+        help="skip the paired (a): a bare forward of each ingest batch, timed next to the ingest's own",
+    )
+    ap.add_argument(
+        "--profile", metavar="FILE", help="cProfile one extra ingest (last hook set) into FILE; print the top"
+    )
     ap.add_argument("--workdir", help="where the bench lakes go (default: a temp dir, removed afterwards)")
-    ap.add_argument("--write", nargs="?", const=str(ROOT / "bench" / "RESULTS.md"), metavar="RESULTS_MD",
-                    help="write the '## ingest' section of RESULTS_MD (default bench/RESULTS.md)")
+    ap.add_argument(
+        "--write",
+        nargs="?",
+        const=str(ROOT / "bench" / "RESULTS.md"),
+        metavar="RESULTS_MD",
+        help="write the '## ingest' section of RESULTS_MD (default bench/RESULTS.md)",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -431,6 +504,7 @@ def main() -> None:
 
     from saelake import lake
     from saelake.lake.models import resolve_model
+
     hook_sets = [[h.strip() for h in s.split(",") if h.strip()] for s in args.hooks.split(";") if s.strip()]
     rss_tokens = [int(x) for x in args.rss_tokens.split(",") if x.strip()]
     rss_hooks = [h.strip() for h in args.rss_hooks.split(",")] if args.rss_hooks else hook_sets[-1]
@@ -438,22 +512,37 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     log = lambda *a: print(*a, flush=True)
 
-    env = {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-           "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-           "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "load_start": load(),
-           "busy_start": busy_processes(), "commit": os.environ.get("SAELAKE_COMMIT")}
+    env = {
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "load_start": load(),
+        "busy_start": busy_processes(),
+        "commit": os.environ.get("SAELAKE_COMMIT"),
+    }
     with contextlib.suppress(Exception):
-        env["commit"] = env["commit"] or subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-                                                        capture_output=True, text=True, timeout=10).stdout.strip()
+        env["commit"] = (
+            env["commit"]
+            or subprocess.run(
+                ["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+        )
     with contextlib.suppress(Exception):
         env["cpu"] = next(x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name"))
     for pkg in ("transformers", "transformer_lens", "pylance", "pyarrow"):
         with contextlib.suppress(Exception):
             from importlib.metadata import version
+
             env[pkg] = version(pkg)
-    log(f"saelake ingest bench: model {args.model}, dataset {args.dataset}, T={args.context_size}, "
+    log(
+        f"saelake ingest bench: model {args.model}, dataset {args.dataset}, T={args.context_size}, "
         f"batch={args.batch_size}, tokens={args.tokens}, layouts {args.layout}, {args.dtype}; "
-        f"{env['cores']} cores, torch threads {env['torch_threads']}, load {env['load_start']}")
+        f"{env['cores']} cores, torch threads {env['torch_threads']}, load {env['load_start']}"
+    )
 
     # Warm the model cache (the bundled model converts once) and time a boot from the cache.
     lake.load_model(args.model)
@@ -472,8 +561,18 @@ def main() -> None:
     for si, hooks in enumerate(hook_sets if args.repeats > 0 else []):
         model.check_hooks(hooks)
         n_layers = model.stop_layer(hooks)
-        rec = {"hooks": hooks, "n_layers": n_layers, "a": [], "b": [], "c": [], "c_eager": [], "load": [],
-               "a_cpu": [], "c_cpu": [], "c_eager_cpu": []}
+        rec = {
+            "hooks": hooks,
+            "n_layers": n_layers,
+            "a": [],
+            "b": [],
+            "c": [],
+            "c_eager": [],
+            "load": [],
+            "a_cpu": [],
+            "c_cpu": [],
+            "c_eager_cpu": [],
+        }
         for rep in range(args.repeats):
             rec["load"].append(load())
             runners = {"a": lambda x, hooks=hooks: model.activations(x, hooks)}
@@ -486,10 +585,15 @@ def main() -> None:
             for key, (dt, cpu) in interleaved(runners, toks, args.batch_size).items():
                 rec[key].append(n_tok / dt)
                 rec[key + "_cpu"].append(n_tok / cpu)
-                what = {"a": "bare forward (bridge)", "c": f"raw transformers, {n_layers} layers, attn={rec.get('c_impl')}",
-                        "c_eager": f"raw transformers, {n_layers} layers, attn=eager"}[key]
-                log(f"[{','.join(hooks)}] rep {rep}: ({key}) {what}: {n_tok / dt:,.0f} tok/s ({dt:.1f}s; "
-                    f"{n_tok / cpu:,.0f} tok per CPU-s)")
+                what = {
+                    "a": "bare forward (bridge)",
+                    "c": f"raw transformers, {n_layers} layers, attn={rec.get('c_impl')}",
+                    "c_eager": f"raw transformers, {n_layers} layers, attn=eager",
+                }[key]
+                log(
+                    f"[{','.join(hooks)}] rep {rep}: ({key}) {what}: {n_tok / dt:,.0f} tok/s ({dt:.1f}s; "
+                    f"{n_tok / cpu:,.0f} tok per CPU-s)"
+                )
             r = run_ingest(args, hooks, args.tokens, work / f"lake-{si}-{rep}", "bench", paired=not args.no_paired)
             r["tok_s"] = r["tokens"] / r["seconds"]
             steady = r["seconds"] - r["stages"]["load_model"]
@@ -498,13 +602,19 @@ def main() -> None:
             r["forward_share"] = r["stages"]["forward"] / r["seconds"]
             r["paired_a_tok_s"] = r["paired_tokens"] / r["paired_seconds"] if r["paired_seconds"] else None
             r["paired_ratio"] = r["tok_s"] / r["paired_a_tok_s"] if r["paired_a_tok_s"] else None
-            paired = (f"; paired (a) on the same batches {r['paired_a_tok_s']:,.0f} tok/s -> (b)/(a) paired "
-                      f"{r['paired_ratio']:.3f}" if r["paired_ratio"] else "")
+            paired = (
+                f"; paired (a) on the same batches {r['paired_a_tok_s']:,.0f} tok/s -> (b)/(a) paired "
+                f"{r['paired_ratio']:.3f}"
+                if r["paired_ratio"]
+                else ""
+            )
             rec["b"].append(r)
-            log(f"[{','.join(hooks)}] rep {rep}: (b) lake.ingest {r['tok_s']:,.0f} tok/s ({r['seconds']:.1f}s for "
+            log(
+                f"[{','.join(hooks)}] rep {rep}: (b) lake.ingest {r['tok_s']:,.0f} tok/s ({r['seconds']:.1f}s for "
                 f"{r['tokens']} tokens; {r['tok_s_no_boot']:,.0f} tok/s without the {r['stages']['load_model']:.1f}s "
                 f"model boot; {r['tok_cpu_s']:,.0f} tok per CPU-s; forward is {r['forward_share']:.1%} of the call{paired}) | "
-                f"{fmt_stages(r['stages'])}")
+                f"{fmt_stages(r['stages'])}"
+            )
             if r["printed"]:
                 log(f"    ingest printed: {r['printed']}")
             shutil.rmtree(work / f"lake-{si}-{rep}", ignore_errors=True) if rep else None
@@ -526,11 +636,13 @@ def main() -> None:
         env.setdefault("load_rss", []).append(load())
         r = fresh_ingest(args, rss_hooks, n, work / f"rss-{n}", "bench")
         rss.append(r)
-        log(f"fresh-process ingest of {n} tokens ({','.join(rss_hooks)}): {r['tokens']} tokens in {r['seconds']:.1f}s "
+        log(
+            f"fresh-process ingest of {n} tokens ({','.join(rss_hooks)}): {r['tokens']} tokens in {r['seconds']:.1f}s "
             f"({r['tokens'] / r['seconds']:,.0f} tok/s), peak RSS {r['maxrss_mb']:.0f} MB (until model boot "
             f"{r['peak_boot_mb']} MB, after model boot {r['peak_after_boot_mb']} MB; after imports "
             f"{r['rss_imports_mb']:.0f}, after model boot {r['rss_after_load_mb']:.0f}, at end {r['rss_end_mb']:.0f}; "
-            f"over time {r['rss_profile_mb']}) | {fmt_stages(r['stages'])}")
+            f"over time {r['rss_profile_mb']}) | {fmt_stages(r['stages'])}"
+        )
         if r["printed"]:
             log(f"    ingest printed: {r['printed']}")
     env["load_end"] = load()
@@ -546,37 +658,47 @@ def main() -> None:
 
 
 def render(args, env, boot, n_tok, corpus_note, results, rss, rss_hooks) -> str:
-    L = ["## ingest", "",
-         f"`python bench/ingest.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
-         "",
-         f"- Code: saelake `{env.get('commit') or 'unknown commit'}`.",
-         f"- Machine: {env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}; python {env['python']}, "
-         f"torch {env['torch']}, transformers {env.get('transformers')}, transformer-lens {env.get('transformer_lens')}, "
-         f"pylance {env.get('pylance')}, pyarrow {env.get('pyarrow')}.",
-         f"- Load average (1/5/15 min) at start {env['load_start']}, at end {env['load_end']}; per measurement below. "
-         f"Busiest other processes at start: " + ("; ".join(f"`{b}`" for b in env["busy_start"][:3]) or "none") + ".",
-         f"- Model `{args.model}`, corpus `{args.dataset}`, context size {args.context_size}, batch {args.batch_size} "
-         f"contexts, layouts {args.layout}, dtype {args.dtype}; {n_tok:,} tokens per throughput run"
-         + (f" ({corpus_note})" if corpus_note else "") + f". Model boot from the warm cache: {boot:.1f}s.",
-         f"- (a) `LoadedModel.activations` (TransformerBridge, stop_at_layer) on pre-tokenized contexts, outputs "
-         f"discarded; (b) `lake.ingest(IngestConfig(...), progress=False)` in-process, the whole call timed "
-         f"(model boot, tokenization, forward, Arrow, Lance commits, stats, catalog); (c) raw `transformers` base "
-         f"model with the decoder-layer list truncated to the same layers, no hooks. {args.repeats} interleaved "
-         f"repeats, best shown (all in the log line below each table).",
-         ""]
+    L = [
+        "## ingest",
+        "",
+        f"`python bench/ingest.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
+        "",
+        f"- Code: saelake `{env.get('commit') or 'unknown commit'}`.",
+        f"- Machine: {env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}; python {env['python']}, "
+        f"torch {env['torch']}, transformers {env.get('transformers')}, transformer-lens {env.get('transformer_lens')}, "
+        f"pylance {env.get('pylance')}, pyarrow {env.get('pyarrow')}.",
+        f"- Load average (1/5/15 min) at start {env['load_start']}, at end {env['load_end']}; per measurement below. "
+        f"Busiest other processes at start: " + ("; ".join(f"`{b}`" for b in env["busy_start"][:3]) or "none") + ".",
+        f"- Model `{args.model}`, corpus `{args.dataset}`, context size {args.context_size}, batch {args.batch_size} "
+        f"contexts, layouts {args.layout}, dtype {args.dtype}; {n_tok:,} tokens per throughput run"
+        + (f" ({corpus_note})" if corpus_note else "")
+        + f". Model boot from the warm cache: {boot:.1f}s.",
+        f"- (a) `LoadedModel.activations` (TransformerBridge, stop_at_layer) on pre-tokenized contexts, outputs "
+        f"discarded; (b) `lake.ingest(IngestConfig(...), progress=False)` in-process, the whole call timed "
+        f"(model boot, tokenization, forward, Arrow, Lance commits, stats, catalog); (c) raw `transformers` base "
+        f"model with the decoder-layer list truncated to the same layers, no hooks. {args.repeats} interleaved "
+        f"repeats, best shown (all in the log line below each table).",
+        "",
+    ]
     L += [] if results else ["(no throughput runs: --repeats 0)", ""]
     med = statistics.median
-    L += [] if not results else [
-        "How the ratios are measured, so that other load on this shared machine cancels out: (a), (c) and (c eager) "
-        "run over the same contexts alternating batch by batch (order rotated), so (a)/(c) compares like with like. "
-        "**(b)/(a) paired**: during each (b) ingest, each batch the ingest forwards is also forwarded once more by a bare "
-        "`LoadedModel.activations` call (before or after the ingest's own, alternating; timed apart and excluded from "
-        "(b)'s time), so paired (a) and (b) see the same load at the same moment. **in-run**: the share of the ingest call spent in "
-        "`LoadedModel.activations` itself (the rest is the lake's own work). Wall tok/s columns are the best repeat; "
-        "ratios are the median over repeats.", "",
-        "| hooks | layers | (a) bare tok/s | (b) ingest tok/s | (c) raw HF tok/s | (c) raw HF eager tok/s "
-        "| **(b)/(a) paired** | (b)/(a) in-run | (a)/(c) | (a)/(c eager) | bytes/token on disk |",
-        "|---|---|---|---|---|---|---|---|---|---|---|"]
+    L += (
+        []
+        if not results
+        else [
+            "How the ratios are measured, so that other load on this shared machine cancels out: (a), (c) and (c eager) "
+            "run over the same contexts alternating batch by batch (order rotated), so (a)/(c) compares like with like. "
+            "**(b)/(a) paired**: during each (b) ingest, each batch the ingest forwards is also forwarded once more by a bare "
+            "`LoadedModel.activations` call (before or after the ingest's own, alternating; timed apart and excluded from "
+            "(b)'s time), so paired (a) and (b) see the same load at the same moment. **in-run**: the share of the ingest call spent in "
+            "`LoadedModel.activations` itself (the rest is the lake's own work). Wall tok/s columns are the best repeat; "
+            "ratios are the median over repeats.",
+            "",
+            "| hooks | layers | (a) bare tok/s | (b) ingest tok/s | (c) raw HF tok/s | (c) raw HF eager tok/s "
+            "| **(b)/(a) paired** | (b)/(a) in-run | (a)/(c) | (a)/(c eager) | bytes/token on disk |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+    )
     nan = float("nan")
     for r in results:
         a, b = max(r["a"]), max(r["b"], key=lambda x: x["tok_s"])
@@ -588,46 +710,68 @@ def render(args, env, boot, n_tok, corpus_note, results, rss, rss_hooks) -> str:
         ac = med(x / y for x, y in zip(r["a"], r["c"])) if r["c"] else nan
         ace = med(x / y for x, y in zip(r["a"], r["c_eager"])) if r["c_eager"] else nan
         tb = ", ".join(f"{k} {v / b['tokens']:,.0f}" for k, v in b["table_bytes"].items())
-        L.append(f"| `{','.join(r['hooks'])}` | {r['n_layers']} | {a:,.0f} | {b['tok_s']:,.0f} | {c:,.0f} | {ce:,.0f} "
-                 f"| {pr} | {share:.2f} | {ac:.2f} | {ace:.2f} "
-                 f"| {b['bytes'] / b['tokens']:,.0f} ({tb}; du {b['du_bytes'] / b['tokens']:,.0f}) |")
+        L.append(
+            f"| `{','.join(r['hooks'])}` | {r['n_layers']} | {a:,.0f} | {b['tok_s']:,.0f} | {c:,.0f} | {ce:,.0f} "
+            f"| {pr} | {share:.2f} | {ac:.2f} | {ace:.2f} "
+            f"| {b['bytes'] / b['tokens']:,.0f} ({tb}; du {b['du_bytes'] / b['tokens']:,.0f}) |"
+        )
     L.append("")
     for r in results:
         bb = max(r["b"], key=lambda x: x["tok_s"])
-        L.append(f"- `{','.join(r['hooks'])}`, per repeat: (a) " + ", ".join(f"{x:,.0f}" for x in r["a"])
-                 + "; (c) " + ", ".join(f"{x:,.0f}" for x in r["c"])
-                 + "; (c eager) " + ", ".join(f"{x:,.0f}" for x in r["c_eager"])
-                 + " tok/s; (b) " + ", ".join(f"{x['tok_s']:,.0f}" for x in r["b"])
-                 + " tok/s (without the in-call model boot " + ", ".join(f"{x['tok_s_no_boot']:,.0f}" for x in r["b"])
-                 + "), paired (a) " + ", ".join(f"{x['paired_a_tok_s']:,.0f}" for x in r["b"] if x.get("paired_a_tok_s"))
-                 + " tok/s, (b)/(a) paired " + ", ".join(f"{x['paired_ratio']:.3f}" for x in r["b"] if x.get("paired_ratio"))
-                 + ", in-run " + ", ".join(f"{x['forward_share']:.3f}" for x in r["b"])
-                 + f". Load avg per repeat: {'; '.join(r['load'])}. Stages of the fastest ingest (s): "
-                 + fmt_stages(bb["stages"]) + f" (total {bb['seconds']:.1f}s).")
+        L.append(
+            f"- `{','.join(r['hooks'])}`, per repeat: (a) "
+            + ", ".join(f"{x:,.0f}" for x in r["a"])
+            + "; (c) "
+            + ", ".join(f"{x:,.0f}" for x in r["c"])
+            + "; (c eager) "
+            + ", ".join(f"{x:,.0f}" for x in r["c_eager"])
+            + " tok/s; (b) "
+            + ", ".join(f"{x['tok_s']:,.0f}" for x in r["b"])
+            + " tok/s (without the in-call model boot "
+            + ", ".join(f"{x['tok_s_no_boot']:,.0f}" for x in r["b"])
+            + "), paired (a) "
+            + ", ".join(f"{x['paired_a_tok_s']:,.0f}" for x in r["b"] if x.get("paired_a_tok_s"))
+            + " tok/s, (b)/(a) paired "
+            + ", ".join(f"{x['paired_ratio']:.3f}" for x in r["b"] if x.get("paired_ratio"))
+            + ", in-run "
+            + ", ".join(f"{x['forward_share']:.3f}" for x in r["b"])
+            + f". Load avg per repeat: {'; '.join(r['load'])}. Stages of the fastest ingest (s): "
+            + fmt_stages(bb["stages"])
+            + f" (total {bb['seconds']:.1f}s)."
+        )
     if rss:
         f = lambda v: f"{v:,.0f}" if v is not None else "n/a"
-        L += ["", f"Peak RSS, each ingest in a fresh subprocess (`{','.join(rss_hooks)}`). *Process peak* is the "
-              "whole child's peak (`VmHWM`; not `ru_maxrss`, which a child spawned from this big bench process "
-              "inherits from its parent on Linux); the child resets `VmHWM` right after the in-call model "
-              "boot (`/proc/self/clear_refs`), so *ingest peak* is the peak of the ingest proper (corpus, forward, "
-              "tables, commits, stats), apart from the boot's transient.", "",
-              "| tokens requested | tokens ingested | seconds | tok/s | process peak MB | peak until model boot "
-              "| **ingest peak (after boot)** | RSS after imports | RSS after boot | RSS over time (25/50/75/99%) "
-              "| load avg |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+        L += [
+            "",
+            f"Peak RSS, each ingest in a fresh subprocess (`{','.join(rss_hooks)}`). *Process peak* is the "
+            "whole child's peak (`VmHWM`; not `ru_maxrss`, which a child spawned from this big bench process "
+            "inherits from its parent on Linux); the child resets `VmHWM` right after the in-call model "
+            "boot (`/proc/self/clear_refs`), so *ingest peak* is the peak of the ingest proper (corpus, forward, "
+            "tables, commits, stats), apart from the boot's transient.",
+            "",
+            "| tokens requested | tokens ingested | seconds | tok/s | process peak MB | peak until model boot "
+            "| **ingest peak (after boot)** | RSS after imports | RSS after boot | RSS over time (25/50/75/99%) "
+            "| load avg |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r, ld in zip(rss, env.get("load_rss", [])):
             prof = " / ".join(f"{v:.0f}" for v in r["rss_profile_mb"].values() if v is not None)
-            L.append(f"| {r['requested']:,} | {r['tokens']:,} | {r['seconds']:.1f} | {r['tokens'] / r['seconds']:,.0f} "
-                     f"| {f(r['maxrss_mb'])} | {f(r.get('peak_boot_mb'))} | **{f(r.get('peak_after_boot_mb'))}** "
-                     f"| {f(r['rss_imports_mb'])} | {f(r['rss_after_load_mb'])} | {prof} | {ld} |")
+            L.append(
+                f"| {r['requested']:,} | {r['tokens']:,} | {r['seconds']:.1f} | {r['tokens'] / r['seconds']:,.0f} "
+                f"| {f(r['maxrss_mb'])} | {f(r.get('peak_boot_mb'))} | **{f(r.get('peak_after_boot_mb'))}** "
+                f"| {f(r['rss_imports_mb'])} | {f(r['rss_after_load_mb'])} | {prof} | {ld} |"
+            )
         lo, hi = rss[0], rss[-1]
         L += [""]
         if lo.get("peak_after_boot_mb") and hi.get("peak_after_boot_mb"):
             a, b = hi["peak_after_boot_mb"], lo["peak_after_boot_mb"]
-            L.append(f"Largest vs smallest ingest peak (after boot): {a:,.0f} / {b:,.0f} MB = {a / b:.2f}x "
-                     "(target ≤ 1.10x).")
-        L.append(f"Largest vs smallest process peak: {hi['maxrss_mb']:,.0f} / {lo['maxrss_mb']:,.0f} MB = "
-                 f"{hi['maxrss_mb'] / lo['maxrss_mb']:.2f}x (target ≤ 1.10x).")
+            L.append(
+                f"Largest vs smallest ingest peak (after boot): {a:,.0f} / {b:,.0f} MB = {a / b:.2f}x (target ≤ 1.10x)."
+            )
+        L.append(
+            f"Largest vs smallest process peak: {hi['maxrss_mb']:,.0f} / {lo['maxrss_mb']:,.0f} MB = "
+            f"{hi['maxrss_mb'] / lo['maxrss_mb']:.2f}x (target ≤ 1.10x)."
+        )
         for r in rss:
             if r["printed"]:
                 L.append(f"- the {r['requested']:,}-token ingest printed: `{r['printed']}`")

@@ -17,6 +17,7 @@ on local disk and on a moto S3 server (a separate process on 127.0.0.1), with 1 
     python bench/reader.py --model PATH --dataset FILE --hook blocks.0.hook_resid_post --tokens 4000 \
         --context-size 32 --dtypes float16,int8 --no-s3     # tiny smoke run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,9 +90,21 @@ def ensure_run(a, dtype: str) -> str:
     lake = Lake(a.lake)
     if run not in lake.run_names() or lake.manifest(run).status != "complete":
         print(f"ingesting {run} ...", flush=True)
-        ingest(IngestConfig(lake=a.lake, model=a.model, dataset=a.dataset, hooks=[a.hook], tokens=a.tokens,
-                            context_size=a.context_size, layouts=["1d"], dtype=dtype, run=run,
-                            resume=run in lake.run_names()), progress=True)
+        ingest(
+            IngestConfig(
+                lake=a.lake,
+                model=a.model,
+                dataset=a.dataset,
+                hooks=[a.hook],
+                tokens=a.tokens,
+                context_size=a.context_size,
+                layouts=["1d"],
+                dtype=dtype,
+                run=run,
+                resume=run in lake.run_names(),
+            ),
+            progress=True,
+        )
     return run
 
 
@@ -101,8 +114,21 @@ def bytes_per_token(lake_dir: str, run: str, tokens_rows: int) -> float:
 
 
 def run_config(a, uri: str, run: str, threads: int, env: dict) -> dict:
-    cmd = [sys.executable, __file__, "--measure", "--lake-uri", uri, "--run", run, "--hook", a.hook,
-           "--threads", str(threads), "--repeats", str(a.repeats)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--measure",
+        "--lake-uri",
+        uri,
+        "--run",
+        run,
+        "--hook",
+        a.hook,
+        "--threads",
+        str(threads),
+        "--repeats",
+        str(a.repeats),
+    ]
     full_env = {**os.environ, **env, "OMP_NUM_THREADS": str(threads), "LANCE_CPU_THREADS": str(threads)}
     p = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=1800)
     if p.returncode != 0:
@@ -115,11 +141,18 @@ def start_s3(a, runs: list[str]):
     import s3fs
 
     port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_ENDPOINT_URL": endpoint,
-           "AWS_REGION": "us-east-1"}
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_REGION": "us-east-1",
+    }
     deadline = time.time() + 20
     while True:
         try:
@@ -171,14 +204,21 @@ def main() -> None:
     results = []
     try:
         for store, uri, env in stores:
-            for d in (dtypes if store == "local" else s3_dtypes):
+            for d in dtypes if store == "local" else s3_dtypes:
                 for t in threads:
                     r = run_config(a, uri, runs[d], t, env)
-                    r |= {"store": store, "dtype": d, "threads": t,
-                          "bytes_per_token": bytes_per_token(a.lake, runs[d], r["rows"])}
+                    r |= {
+                        "store": store,
+                        "dtype": d,
+                        "threads": t,
+                        "bytes_per_token": bytes_per_token(a.lake, runs[d], r["rows"]),
+                    }
                     results.append(r)
-                    print(f"{store:5s} {d:8s} threads {t}: raw {r['raw']:>9,.0f} tok/s  reader {r['reader']:>9,.0f} "
-                          f"tok/s  ({r['reader'] / r['raw']:.2f}x raw)  {r['bytes_per_token']:.0f} B/token", flush=True)
+                    print(
+                        f"{store:5s} {d:8s} threads {t}: raw {r['raw']:>9,.0f} tok/s  reader {r['reader']:>9,.0f} "
+                        f"tok/s  ({r['reader'] / r['raw']:.2f}x raw)  {r['bytes_per_token']:.0f} B/token",
+                        flush=True,
+                    )
     finally:
         if s3 is not None:
             s3.terminate()
@@ -188,16 +228,22 @@ def main() -> None:
 
 def write_results(a, results: list[dict]) -> None:
     load = os.getloadavg()[0]
-    lines = ["## reader", "",
-             f"`python bench/reader.py` ({a.tokens:,} tokens of `{a.hook}`, bundled model, batch {BATCH}, best of "
-             f"{a.repeats}; {platform.machine()}, {os.cpu_count()} cores, load average {load:.1f} at the end). "
-             "raw = Lance scan of the column; reader = `SnapshotSource.token_batches` as float32 tensors "
-             "(decoded, shuffled blocks). B/token = the 1d table's data files / rows.", "",
-             "| store | dtype | threads | raw tok/s | reader tok/s | reader/raw | B/token |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "## reader",
+        "",
+        f"`python bench/reader.py` ({a.tokens:,} tokens of `{a.hook}`, bundled model, batch {BATCH}, best of "
+        f"{a.repeats}; {platform.machine()}, {os.cpu_count()} cores, load average {load:.1f} at the end). "
+        "raw = Lance scan of the column; reader = `SnapshotSource.token_batches` as float32 tensors "
+        "(decoded, shuffled blocks). B/token = the 1d table's data files / rows.",
+        "",
+        "| store | dtype | threads | raw tok/s | reader tok/s | reader/raw | B/token |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r['store']} | {r['dtype']} | {r['threads']} | {r['raw']:,.0f} | {r['reader']:,.0f} | "
-                     f"{r['reader'] / r['raw']:.2f} | {r['bytes_per_token']:.0f} |")
+        lines.append(
+            f"| {r['store']} | {r['dtype']} | {r['threads']} | {r['raw']:,.0f} | {r['reader']:,.0f} | "
+            f"{r['reader'] / r['raw']:.2f} | {r['bytes_per_token']:.0f} |"
+        )
     section = "\n".join(lines) + "\n"
     path = ROOT / "bench" / "RESULTS.md"
     text = path.read_text()

@@ -22,6 +22,7 @@ Each phase runs in a fresh subprocess (its peak RSS is its own).
     python bench/train.py --model DIR --dataset FILE --hook blocks.1.hook_resid_post --ingest-tokens 2000 \
         --context-size 32 --heldout-dataset FILE --d-sae 128 --k 8 --batch-size 256 --steps 4 --fvu-tokens 2048   # smoke run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,10 +59,17 @@ def args_parser():
     p.add_argument("--device", default="cpu")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the throughput phases (medians)")
     p.add_argument("--mixed-k", action="store_true", help="also a sweep of 8 with k 8..64 against 8 separate runs")
-    p.add_argument("--cli", action="store_true",
-                   help="also time one `lake train --config` sweep process against 8 `lake train` processes")
-    p.add_argument("--clt", action="store_true", help="also the CLT row: bench/clt.py (a CLT over 6 layers vs 6 "
-                   "transcoders with the same total latents: tok/s, peak RSS, FVU per layer) at its defaults")
+    p.add_argument(
+        "--cli",
+        action="store_true",
+        help="also time one `lake train --config` sweep process against 8 `lake train` processes",
+    )
+    p.add_argument(
+        "--clt",
+        action="store_true",
+        help="also the CLT row: bench/clt.py (a CLT over 6 layers vs 6 "
+        "transcoders with the same total latents: tok/s, peak RSS, FVU per layer) at its defaults",
+    )
     p.add_argument("--write", action="store_true", help="write the results into bench/RESULTS.md")
     p.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     return p
@@ -72,9 +80,19 @@ def ensure_snapshot(a) -> None:
 
     for run, ds in (("bench", a.dataset), ("heldout", a.heldout_dataset)):
         if run not in lake.Lake(a.lake).run_names():
-            lake.ingest(lake.IngestConfig(lake=a.lake, model=a.model, dataset=ds, hooks=[a.hook],
-                                          tokens=a.ingest_tokens if run == "bench" else 8192, context_size=a.context_size,
-                                          layouts=["1d"], run=run), progress=False)
+            lake.ingest(
+                lake.IngestConfig(
+                    lake=a.lake,
+                    model=a.model,
+                    dataset=ds,
+                    hooks=[a.hook],
+                    tokens=a.ingest_tokens if run == "bench" else 8192,
+                    context_size=a.context_size,
+                    layouts=["1d"],
+                    run=run,
+                ),
+                progress=False,
+            )
 
 
 def timeit(f, n=5):
@@ -93,7 +111,7 @@ def phase_bound(a) -> dict:
     import torch.nn.functional as F
 
     B, d, S, k = a.batch_size, a.d_in, a.d_sae, a.k
-    x, W = torch.randn(B, d), torch.randn(d, S) / d ** 0.5
+    x, W = torch.randn(B, d), torch.randn(d, S) / d**0.5
     Wd = torch.randn(S, d)
     pre = x @ W
     idx = pre.topk(k, dim=-1).indices.reshape(-1)
@@ -129,9 +147,17 @@ def phase_bound(a) -> dict:
     t_sort = best(sort)
     t_spmm = best(lambda: torch.sparse.mm(At, g))
     step = t_mm + t_topk + t_dec + t_sddmm + t_sort + 2 * t_spmm
-    return {"matmul_gflops": 2 * B * d * S / t_mm / 1e9, "t_encoder_matmul": t_mm, "t_topk": t_topk,
-            "t_sparse_decode": t_dec, "t_sampled_grad": t_sddmm, "t_sort": t_sort, "t_sparse_weight_grad": t_spmm,
-            "bound_step_s": step, "bound_tok_s": B / step}
+    return {
+        "matmul_gflops": 2 * B * d * S / t_mm / 1e9,
+        "t_encoder_matmul": t_mm,
+        "t_topk": t_topk,
+        "t_sparse_decode": t_dec,
+        "t_sampled_grad": t_sddmm,
+        "t_sort": t_sort,
+        "t_sparse_weight_grad": t_spmm,
+        "bound_step_s": step,
+        "bound_tok_s": B / step,
+    }
 
 
 def phase_sparse(a, tokens=None, names=("sparse",), ks=None, lrs=None, heldout=False) -> dict:
@@ -144,14 +170,32 @@ def phase_sparse(a, tokens=None, names=("sparse",), ks=None, lrs=None, heldout=F
     # throughput runs: the dead-latent window of a long run (1M tokens), so that AuxK does not switch on
     # after a few steps of a 20-step measurement; the FVU run keeps the default (tokens / 4)
     dead = None if heldout else 1_000_000
-    saes = [SAEConfig(hooks=[a.hook], name=f"{n}-{tag}", arch="topk", d_sae=a.d_sae, k=kk, lr=lr, seed=i,
-                      dead_window=dead) for i, (n, kk, lr) in enumerate(zip(names, ks, lrs))]
+    saes = [
+        SAEConfig(hooks=[a.hook], name=f"{n}-{tag}", arch="topk", d_sae=a.d_sae, k=kk, lr=lr, seed=i, dead_window=dead)
+        for i, (n, kk, lr) in enumerate(zip(names, ks, lrs))
+    ]
     t = time.perf_counter()
-    cfgs = train(a.lake, saes, run="bench", tokens=tokens, batch_size=a.batch_size, repeat=True, progress=False,
-                 device=a.device, checkpoint_every=10 ** 9, log_every=max(1, tokens // a.batch_size // 10))
+    cfgs = train(
+        a.lake,
+        saes,
+        run="bench",
+        tokens=tokens,
+        batch_size=a.batch_size,
+        repeat=True,
+        progress=False,
+        device=a.device,
+        checkpoint_every=10**9,
+        log_every=max(1, tokens // a.batch_size // 10),
+    )
     wall = time.perf_counter() - t
-    out = {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall, "train_tok_s": cfgs[0]["tokens_per_second"],
-           "loop_s": tokens / cfgs[0]["tokens_per_second"], "fvu_train_window": [c["fvu"] for c in cfgs]}
+    out = {
+        "wall_s": wall,
+        "tokens": tokens,
+        "tok_s": tokens / wall,
+        "train_tok_s": cfgs[0]["tokens_per_second"],
+        "loop_s": tokens / cfgs[0]["tokens_per_second"],
+        "fvu_train_window": [c["fvu"] for c in cfgs],
+    }
     if heldout:
         out["fvu_heldout"] = heldout_fvu(a, saes[0].name)
     return out
@@ -193,11 +237,13 @@ def phase_dense(a, tokens=None, heldout=False) -> dict:
     m = dictionaries.get("topk").build(a.d_in, a.d_sae, k=a.k)
     m.initialize([torch.Generator().manual_seed(0)])
     params = [m.W_enc, m.b_enc, m.W_dec, m.b_dec]
-    lr = 2e-4 / (a.d_sae / 2 ** 14) ** 0.5
+    lr = 2e-4 / (a.d_sae / 2**14) ** 0.5
     opt = torch.optim.Adam(params, lr=lr)
     steps = math.ceil(tokens / a.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / max(1, round(0.02 * steps))) * (
-        min(1, (steps - s) / max(1, round(0.2 * steps)))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1, (s + 1) / max(1, round(0.02 * steps))) * (min(1, (steps - s) / max(1, round(0.2 * steps)))),
+    )
     t = time.perf_counter()
     first = True
     for i, b in enumerate(src.token_batches(a.batch_size, [a.hook], seed=0, repeat=True)):
@@ -256,9 +302,18 @@ def cli_comparison(a) -> dict:
 
     tok, tag = a.steps * a.batch_size, time.time_ns()
     with tempfile.TemporaryDirectory() as tmp:
-        toml = ['run = "bench"', f'hook = "{a.hook}"', f"tokens = {tok}", f"batch_size = {a.batch_size}",
-                "repeat = true", 'arch = "topk"', "checkpoint_every = 1000000000", f"d_sae = {a.d_sae}",
-                f"k = {a.k}", "dead_window = 1000000"]
+        toml = [
+            'run = "bench"',
+            f'hook = "{a.hook}"',
+            f"tokens = {tok}",
+            f"batch_size = {a.batch_size}",
+            "repeat = true",
+            'arch = "topk"',
+            "checkpoint_every = 1000000000",
+            f"d_sae = {a.d_sae}",
+            f"k = {a.k}",
+            "dead_window = 1000000",
+        ]
         for i, lr in enumerate(SWEEP_LRS):
             toml += ["[[sae]]", f'name = "cli-sw{i}-{tag}"', f"lr = {lr}", f"seed = {i}"]
         cfg = Path(tmp) / "sweep.toml"
@@ -270,11 +325,39 @@ def cli_comparison(a) -> dict:
         sweep = time.perf_counter() - t
         t = time.perf_counter()
         for i, lr in enumerate(SWEEP_LRS):
-            subprocess.run(lake_cmd + ["--run", "bench", "--hook", a.hook, "--arch", "topk", "--d-sae", str(a.d_sae),
-                                       "--k", str(a.k), "--lr", str(lr), "--seed", str(i), "--tokens", str(tok),
-                                       "--batch-size", str(a.batch_size), "--repeat", "--dead-window", "1000000",
-                                       "--checkpoint-every", "1000000000", "--name", f"cli-sep{i}-{tag}"],
-                           check=True, env=env, capture_output=True)
+            subprocess.run(
+                lake_cmd
+                + [
+                    "--run",
+                    "bench",
+                    "--hook",
+                    a.hook,
+                    "--arch",
+                    "topk",
+                    "--d-sae",
+                    str(a.d_sae),
+                    "--k",
+                    str(a.k),
+                    "--lr",
+                    str(lr),
+                    "--seed",
+                    str(i),
+                    "--tokens",
+                    str(tok),
+                    "--batch-size",
+                    str(a.batch_size),
+                    "--repeat",
+                    "--dead-window",
+                    "1000000",
+                    "--checkpoint-every",
+                    "1000000000",
+                    "--name",
+                    f"cli-sep{i}-{tag}",
+                ],
+                check=True,
+                env=env,
+                capture_output=True,
+            )
         separate_s = time.perf_counter() - t
     return {"sweep_s": sweep, "separate_s": separate_s}
 
@@ -296,15 +379,17 @@ def main():
         torch.set_num_threads(a.threads)
         tok = a.steps * a.batch_size
         same_k, same_lr = [a.k] * 8, [None] * 8
-        res = {"bound": lambda: phase_bound(a),
-               "sparse": lambda: phase_sparse(a),
-               "dense": lambda: phase_dense(a),
-               "sweep8": lambda: phase_sparse(a, tok, [f"sw{i}" for i in range(8)], same_k, SWEEP_LRS),
-               "separate8": lambda: separate(a, tok, same_k, SWEEP_LRS),
-               "sweep8k": lambda: phase_sparse(a, tok, [f"swk{i}" for i in range(8)], SWEEP_KS, same_lr),
-               "separate8k": lambda: separate(a, tok, SWEEP_KS, same_lr),
-               "fvu_sparse": lambda: phase_sparse(a, a.fvu_tokens, heldout=True),
-               "fvu_dense": lambda: phase_dense(a, a.fvu_tokens, heldout=True)}[a.phase]()
+        res = {
+            "bound": lambda: phase_bound(a),
+            "sparse": lambda: phase_sparse(a),
+            "dense": lambda: phase_dense(a),
+            "sweep8": lambda: phase_sparse(a, tok, [f"sw{i}" for i in range(8)], same_k, SWEEP_LRS),
+            "separate8": lambda: separate(a, tok, same_k, SWEEP_LRS),
+            "sweep8k": lambda: phase_sparse(a, tok, [f"swk{i}" for i in range(8)], SWEEP_KS, same_lr),
+            "separate8k": lambda: separate(a, tok, SWEEP_KS, same_lr),
+            "fvu_sparse": lambda: phase_sparse(a, a.fvu_tokens, heldout=True),
+            "fvu_dense": lambda: phase_dense(a, a.fvu_tokens, heldout=True),
+        }[a.phase]()
         res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(res))
         return
@@ -312,7 +397,9 @@ def main():
     load = [os.getloadavg()[0]]
     rounds: dict[str, list] = {}
     for _ in range(a.rounds):  # interleaved: A, B, A, B...; medians below
-        for ph in ("bound", "sparse", "dense", "sweep8", "separate8") + (("sweep8k", "separate8k") if a.mixed_k else ()):
+        for ph in ("bound", "sparse", "dense", "sweep8", "separate8") + (
+            ("sweep8k", "separate8k") if a.mixed_k else ()
+        ):
             rounds.setdefault(ph, []).append(run_phase(a, ph))
         load.append(os.getloadavg()[0])
     cli = [cli_comparison(a) for _ in range(a.rounds)] if a.cli else []
@@ -345,21 +432,41 @@ def main():
         f"peak RSS {med('sweep8', 'peak_rss_mb'):.0f} MB vs {med('separate8', 'peak_rss_mb'):.0f} MB",
     ]
     if a.mixed_k:
-        lines.append(f"sweep of 8 with k 8..64 (stacked, each member its own top-k): {med('sweep8k', 'wall_s'):.1f} s "
-                     f"vs 8 separate runs {med('separate8k', 'wall_s'):.1f} s "
-                     f"({med('separate8k', 'wall_s') / med('sweep8k', 'wall_s'):.2f}x)")
+        lines.append(
+            f"sweep of 8 with k 8..64 (stacked, each member its own top-k): {med('sweep8k', 'wall_s'):.1f} s "
+            f"vs 8 separate runs {med('separate8k', 'wall_s'):.1f} s "
+            f"({med('separate8k', 'wall_s') / med('sweep8k', 'wall_s'):.2f}x)"
+        )
     if cli:
         sw, sep = median([c["sweep_s"] for c in cli]), median([c["separate_s"] for c in cli])
-        lines.append(f"as processes: one `lake train --config` sweep of 8 {sw:.1f} s vs 8 `lake train` processes "
-                     f"{sep:.1f} s ({sep / sw:.2f}x; per round {[round(c['sweep_s'], 1) for c in cli]} vs "
-                     f"{[round(c['separate_s'], 1) for c in cli]})")
+        lines.append(
+            f"as processes: one `lake train --config` sweep of 8 {sw:.1f} s vs 8 `lake train` processes "
+            f"{sep:.1f} s ({sep / sw:.2f}x; per round {[round(c['sweep_s'], 1) for c in cli]} vs "
+            f"{[round(c['separate_s'], 1) for c in cli]})"
+        )
     if r:
-        lines.append(f"held-out FVU after {a.fvu_tokens} training tokens ({a.heldout_dataset}, 8k tokens): sparse "
-                     f"{r['fvu_sparse']['fvu_heldout']:.4f} ({r['fvu_sparse']['tok_s']:.0f} tok/s incl. setup), dense "
-                     f"reference {r['fvu_dense']['fvu_heldout']:.4f} ({r['fvu_dense']['tok_s']:.0f} tok/s)")
+        lines.append(
+            f"held-out FVU after {a.fvu_tokens} training tokens ({a.heldout_dataset}, 8k tokens): sparse "
+            f"{r['fvu_sparse']['fvu_heldout']:.4f} ({r['fvu_sparse']['tok_s']:.0f} tok/s incl. setup), dense "
+            f"reference {r['fvu_dense']['fvu_heldout']:.4f} ({r['fvu_dense']['tok_s']:.0f} tok/s)"
+        )
     if a.clt:
-        p = subprocess.run([sys.executable, str(HERE / "clt.py"), "--model", a.model, "--dataset", a.dataset,
-                            "--threads", str(a.threads), "--device", a.device], capture_output=True, text=True)
+        p = subprocess.run(
+            [
+                sys.executable,
+                str(HERE / "clt.py"),
+                "--model",
+                a.model,
+                "--dataset",
+                a.dataset,
+                "--threads",
+                str(a.threads),
+                "--device",
+                a.device,
+            ],
+            capture_output=True,
+            text=True,
+        )
         if p.returncode:
             sys.exit(f"bench/clt.py failed:\n{p.stderr[-3000:]}")
         lines.append(p.stdout.strip().splitlines()[-1])
@@ -367,8 +474,13 @@ def main():
     if a.write:
         path = HERE / "RESULTS.md"
         text = path.read_text() if path.exists() else "# Benchmark results\n"
-        section = "## train\n\n`python bench/train.py` (" + time.strftime("%Y-%m-%d") + ")\n\n" + "\n".join(
-            f"- {ln}" for ln in lines) + "\n"
+        section = (
+            "## train\n\n`python bench/train.py` ("
+            + time.strftime("%Y-%m-%d")
+            + ")\n\n"
+            + "\n".join(f"- {ln}" for ln in lines)
+            + "\n"
+        )
         if "## train" in text:
             text = re.sub(r"## train\n.*?(?=\n## |\Z)", section.rstrip("\n") + "\n", text, flags=re.S)
         else:

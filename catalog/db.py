@@ -5,6 +5,7 @@ Manifests in the lake are the source of truth; everything here can be rebuilt fr
 confined to the catalog and the relations it is given: one SELECT statement, on a read-only
 connection whose access to files, other databases and extensions is switched off and locked.
 """
+
 from __future__ import annotations
 
 import json
@@ -82,8 +83,7 @@ class Catalog:
         delay = 0.05
         while True:
             try:
-                con = duckdb.connect(str(self.path), read_only=read_only,
-                                     config=CONFINED if confined else {})
+                con = duckdb.connect(str(self.path), read_only=read_only, config=CONFINED if confined else {})
                 break
             except (duckdb.IOException, duckdb.ConnectionException) as e:
                 # another process holds the write lock, or this one has the file open with other
@@ -112,18 +112,57 @@ class Catalog:
             con.execute(f"delete from {table} where {'name' if table == 'runs' else 'run'} = ?", [name])
         con.execute(
             "insert into runs values (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            [name, m["status"], m["model"], m["dataset"], m["hooks"], m["context_size"], m["dtype"],
-             m["layouts"], m["tokens"], m["contexts"], m.get("rows_1d", 0), m["seed"], len(m["versions"]),
-             m["created"], m["updated"], uri, json.dumps(m)])
+            [
+                name,
+                m["status"],
+                m["model"],
+                m["dataset"],
+                m["hooks"],
+                m["context_size"],
+                m["dtype"],
+                m["layouts"],
+                m["tokens"],
+                m["contexts"],
+                m.get("rows_1d", 0),
+                m["seed"],
+                len(m["versions"]),
+                m["created"],
+                m["updated"],
+                uri,
+                json.dumps(m),
+            ],
+        )
         for v in m["versions"]:
             for table, version in v["tables"].items():
-                con.execute("insert into snapshots values (?,?,?,?,?,?,?,?)",
-                            [name, table, version, v["contexts"], v["tokens"],
-                             v["rows"].get(table), v.get("tag"), v["created"]])
+                con.execute(
+                    "insert into snapshots values (?,?,?,?,?,?,?,?)",
+                    [
+                        name,
+                        table,
+                        version,
+                        v["contexts"],
+                        v["tokens"],
+                        v["rows"].get(table),
+                        v.get("tag"),
+                        v["created"],
+                    ],
+                )
         for hook, s in m.get("stats", {}).items():
-            con.execute("insert into hooks values (?,?,?,?,?,?,?,?,?,?)",
-                        [name, hook, m["columns"][hook], m["d_model"][hook], s["n"], s["mean_norm"],
-                         s["rms_norm"], s["median_norm"], s["p99_norm"], s["max_norm"]])
+            con.execute(
+                "insert into hooks values (?,?,?,?,?,?,?,?,?,?)",
+                [
+                    name,
+                    hook,
+                    m["columns"][hook],
+                    m["d_model"][hook],
+                    s["n"],
+                    s["mean_norm"],
+                    s["rms_norm"],
+                    s["median_norm"],
+                    s["p99_norm"],
+                    s["max_norm"],
+                ],
+            )
         con.execute("commit")
 
     def upsert_sae(self, config: dict, uri: str, metrics: list[dict] | None = None, con=None) -> None:
@@ -132,17 +171,39 @@ class Catalog:
         if con is None:
             with self.connect() as con:
                 return self.upsert_sae(config, uri, metrics, con)
-        cols = ["name", "arch", "hook", "out_hook", "d_in", "d_sae", "k", "run", "version", "tokens_trained",
-                "fvu", "l0", "dead_fraction", "status", "created", "heldout_fvu", "heldout_l0", "heldout_dead_fraction"]
+        cols = [
+            "name",
+            "arch",
+            "hook",
+            "out_hook",
+            "d_in",
+            "d_sae",
+            "k",
+            "run",
+            "version",
+            "tokens_trained",
+            "fvu",
+            "l0",
+            "dead_fraction",
+            "status",
+            "created",
+            "heldout_fvu",
+            "heldout_l0",
+            "heldout_dead_fraction",
+        ]
         con.execute("begin")
         con.execute("delete from saes where name = ?", [config["name"]])
-        con.execute(f"insert into saes ({', '.join(cols)}, uri, config) values ({','.join('?' * (len(cols) + 2))})",
-                    [config.get(c) for c in cols] + [uri, json.dumps(config, default=str)])
+        con.execute(
+            f"insert into saes ({', '.join(cols)}, uri, config) values ({','.join('?' * (len(cols) + 2))})",
+            [config.get(c) for c in cols] + [uri, json.dumps(config, default=str)],
+        )
         if metrics is not None:
             con.execute("delete from metrics where sae = ?", [config["name"]])
         if metrics:
-            con.executemany("insert into metrics values (?,?,?,?,?)",
-                            [[config["name"], r["step"], r["tokens"], r["name"], r["value"]] for r in metrics])
+            con.executemany(
+                "insert into metrics values (?,?,?,?,?)",
+                [[config["name"], r["step"], r["tokens"], r["name"], r["value"]] for r in metrics],
+            )
         con.execute("commit")
 
     def upsert_analysis(self, record: dict, uri: str, con=None) -> None:
@@ -153,8 +214,10 @@ class Catalog:
         cols = ["name", "sae", "run", "version", "store", "n_features", "tokens", "created"]
         con.execute("begin")
         con.execute("delete from analyses where name = ?", [record["name"]])
-        con.execute(f"insert into analyses values ({','.join('?' * (len(cols) + 2))})",
-                    [record.get(c) for c in cols] + [uri, json.dumps(record, default=str)])
+        con.execute(
+            f"insert into analyses values ({','.join('?' * (len(cols) + 2))})",
+            [record.get(c) for c in cols] + [uri, json.dumps(record, default=str)],
+        )
         con.execute("commit")
 
     def upsert_latent_index(self, record: dict, uri: str, con=None) -> None:
@@ -164,14 +227,31 @@ class Catalog:
                 return self.upsert_latent_index(record, uri, con)
         con.execute("begin")
         con.execute("delete from latent_indexes where name = ?", [record["name"]])
-        con.execute("insert into latent_indexes values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [record["name"], record["sae"], record["run"], record["version"], record["status"],
-                     record["contexts_done"], record["tokens"], record["entries"], record["created"], uri,
-                     json.dumps(record, default=str)])
+        con.execute(
+            "insert into latent_indexes values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                record["name"],
+                record["sae"],
+                record["run"],
+                record["version"],
+                record["status"],
+                record["contexts_done"],
+                record["tokens"],
+                record["entries"],
+                record["created"],
+                uri,
+                json.dumps(record, default=str),
+            ],
+        )
         con.execute("commit")
 
-    def rebuild(self, runs: list[tuple[dict, str]], saes: list[tuple[dict, str, list]] = (),
-                analyses: list[tuple[dict, str]] = (), indexes: list[tuple[dict, str]] = ()) -> None:
+    def rebuild(
+        self,
+        runs: list[tuple[dict, str]],
+        saes: list[tuple[dict, str, list]] = (),
+        analyses: list[tuple[dict, str]] = (),
+        indexes: list[tuple[dict, str]] = (),
+    ) -> None:
         """Drop the index and rebuild it from the lake's manifests.
 
         runs: (manifest, uri); saes: (config, uri, metrics); analyses and indexes: (record, uri)."""
@@ -213,5 +293,7 @@ def check_select(sql: str) -> None:
         raise CatalogError(f"lake query runs exactly one statement, got {len(statements)}")
     kind = statements[0].type
     if kind != duckdb.StatementType.SELECT:
-        raise CatalogError(f"lake query is read-only: only SELECT-like statements (SELECT, WITH, FROM, DESCRIBE, "
-                           f"SHOW, SUMMARIZE), not {kind.name}")
+        raise CatalogError(
+            f"lake query is read-only: only SELECT-like statements (SELECT, WITH, FROM, DESCRIBE, "
+            f"SHOW, SUMMARIZE), not {kind.name}"
+        )

@@ -7,6 +7,7 @@ Without --sae (or when it does not exist yet) a small TopK SAE is first trained 
 --model DIR --dataset FILE --hook blocks.0.hook_resid_post --context-size 32 --tokens 640
 --train-tokens 2048 --train-batch-size 256 --expansion 2 --k 4.
 """
+
 import argparse
 import time
 
@@ -35,20 +36,43 @@ from saelake.train.store import SAEStore  # noqa: E402
 if not SAEStore(lake).exists(sae):
     from saelake.train import SAEConfig, train
 
-    cfg = train(args.lake, [SAEConfig(hooks=[args.hook], arch="topk", name=sae, expansion=args.expansion, k=args.k)],
-                live=True, model=args.model, dataset=args.dataset, context_size=args.context_size,
-                tokens=args.train_tokens, batch_size=args.train_batch_size, progress=False)[0]
+    cfg = train(
+        args.lake,
+        [SAEConfig(hooks=[args.hook], arch="topk", name=sae, expansion=args.expansion, k=args.k)],
+        live=True,
+        model=args.model,
+        dataset=args.dataset,
+        context_size=args.context_size,
+        tokens=args.train_tokens,
+        batch_size=args.train_batch_size,
+        progress=False,
+    )[0]
     print(f"trained sae {sae}: d_sae {cfg['d_sae']}, FVU {cfg['fvu']:.3f}, L0 {cfg['l0']:.1f}")
-rec = analyze(AnalyzeConfig(lake=args.lake, sae=sae, live=True, model=args.model, dataset=args.dataset,
-                            context_size=args.context_size, tokens=args.tokens, name=args.name or f"{sae}-live",
-                            overwrite=True), progress=False)
-print(f"analysis {rec.name}: {rec.n_features} features over {rec.tokens} valid live tokens "
-      f"({rec.tokens_per_second:.0f} tok/s including the model)")
+rec = analyze(
+    AnalyzeConfig(
+        lake=args.lake,
+        sae=sae,
+        live=True,
+        model=args.model,
+        dataset=args.dataset,
+        context_size=args.context_size,
+        tokens=args.tokens,
+        name=args.name or f"{sae}-live",
+        overwrite=True,
+    ),
+    progress=False,
+)
+print(
+    f"analysis {rec.name}: {rec.n_features} features over {rec.tokens} valid live tokens "
+    f"({rec.tokens_per_second:.0f} tok/s including the model)"
+)
 store = EmbeddedStore(lake)
 rows = sorted(store.scalars(rec.name), key=lambda r: -r["density"])
 alive = sum(r["count"] > 0 for r in rows)
-print(f"{alive} of {len(rows)} features fired; densest: "
-      + ", ".join(f"{r['feature']} ({r['density']:.2%})" for r in rows[:5]))
+print(
+    f"{alive} of {len(rows)} features fired; densest: "
+    + ", ".join(f"{r['feature']} ({r['density']:.2%})" for r in rows[:5])
+)
 pick = next((r for r in rows if 0 < r["density"] < 0.05), rows[0])  # a sparse, interpretable-looking one
 show_feature(rec, store.feature(rec.name, pick["feature"]), n_top=5)
 print(f"next: lake feature --lake {args.lake} {sae} INDEX --analysis {rec.name}")

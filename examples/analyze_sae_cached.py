@@ -9,6 +9,7 @@ defaults on the bundled SmolLM2-135M. Tiny: --model DIR --dataset FILE --hook
 blocks.0.hook_resid_post --context-size 32 --ingest-tokens 1024 --train-tokens 2048
 --train-batch-size 256 --expansion 2 --k 4.
 """
+
 import argparse
 import os
 import time
@@ -35,23 +36,43 @@ args = p.parse_args()
 
 L = lake.Lake(args.lake)
 if args.run not in L.run_names():
-    lake.ingest(lake.IngestConfig(lake=args.lake, model=args.model, dataset=args.dataset, hooks=[args.hook],
-                                  tokens=args.ingest_tokens, context_size=args.context_size, layouts=["1d", "2d"],
-                                  run=args.run), progress=False)
+    lake.ingest(
+        lake.IngestConfig(
+            lake=args.lake,
+            model=args.model,
+            dataset=args.dataset,
+            hooks=[args.hook],
+            tokens=args.ingest_tokens,
+            context_size=args.context_size,
+            layouts=["1d", "2d"],
+            run=args.run,
+        ),
+        progress=False,
+    )
 sae = args.sae or f"topk-{args.run}-{time.strftime('%Y%m%d-%H%M%S')}"
 from saelake.train.store import SAEStore  # noqa: E402
 
 if not SAEStore(L).exists(sae):
     from saelake.train import SAEConfig, train
 
-    cfg = train(args.lake, [SAEConfig(hooks=[args.hook], arch="topk", name=sae, expansion=args.expansion, k=args.k)],
-                run=args.run, tokens=args.train_tokens, batch_size=args.train_batch_size, repeat=True,
-                progress=False)[0]
+    cfg = train(
+        args.lake,
+        [SAEConfig(hooks=[args.hook], arch="topk", name=sae, expansion=args.expansion, k=args.k)],
+        run=args.run,
+        tokens=args.train_tokens,
+        batch_size=args.train_batch_size,
+        repeat=True,
+        progress=False,
+    )[0]
     print(f"trained sae {sae} on snapshot {args.run}: d_sae {cfg['d_sae']}, FVU {cfg['fvu']:.3f}, L0 {cfg['l0']:.1f}")
-rec = analyze(AnalyzeConfig(lake=args.lake, sae=sae, run=args.run, store=args.store, name=args.name,
-                            overwrite=True), progress=False)
-print(f"analysis {rec.name} -> {rec.store}: {rec.n_features} features over {rec.tokens} valid tokens "
-      f"of snapshot {rec.run} v{rec.version} ({rec.tokens_per_second:.0f} tok/s)")
+rec = analyze(
+    AnalyzeConfig(lake=args.lake, sae=sae, run=args.run, store=args.store, name=args.name, overwrite=True),
+    progress=False,
+)
+print(
+    f"analysis {rec.name} -> {rec.store}: {rec.n_features} features over {rec.tokens} valid tokens "
+    f"of snapshot {rec.run} v{rec.version} ({rec.tokens_per_second:.0f} tok/s)"
+)
 store = open_store(L, args.store)
 rows = sorted(store.scalars(rec.name), key=lambda r: -r["density"])
 for r in rows[:5]:
@@ -61,8 +82,12 @@ for r in rows[:5]:
     if top and top["positions"]:
         i = top["positions"][top["acts"].index(max(top["acts"]))]
         peak = f", peaks on {top['strs'][i]!r} in context {top['context_id']}"
-    print(f"  feature {r['feature']:5d}: density {r['density']:.2%}, max {r['max_act']:.3g}{peak}, "
-          f"promotes {f['pos_strs'][:3]}")
+    print(
+        f"  feature {r['feature']:5d}: density {r['density']:.2%}, max {r['max_act']:.3g}{peak}, "
+        f"promotes {f['pos_strs'][:3]}"
+    )
 where = f"--store {args.store} " if args.store else f"--lake {args.lake} "
-print(f"next: lake feature {where}{sae} {rows[0]['feature']}" + ("" if args.store else
-      f";  lake query --lake {args.lake} \"select name, tokens from analyses\""))
+print(
+    f"next: lake feature {where}{sae} {rows[0]['feature']}"
+    + ("" if args.store else f';  lake query --lake {args.lake} "select name, tokens from analyses"')
+)

@@ -8,6 +8,7 @@ weights are perturbed (written once next to the model cache). Prints each featur
 in model b: near 0 = a only, near 1 = b only. For a tiny run: --models a=DIR1,b=DIR2 --dataset FILE
 --hook blocks.1.hook_resid_post --ingest-tokens 2000 --tokens 4096 --batch-size 256 --context-size 32
 --expansion 2 --k 4."""
+
 import argparse
 import time
 
@@ -57,16 +58,28 @@ models = args.models or f"a={resolve_model('smollm2-135m')[0]},b={stand_in_check
 run = args.run or "xmodels"
 hooks = [f"a:{args.hook}", f"b:{args.hook}"]
 if run not in lake.Lake(args.lake).run_names():  # the same tokens through both models, aligned columns
-    lake.ingest(lake.IngestConfig(lake=args.lake, model=models, dataset=args.dataset, hooks=[args.hook],
-                                  tokens=args.ingest_tokens, context_size=args.context_size, run=run))
+    lake.ingest(
+        lake.IngestConfig(
+            lake=args.lake,
+            model=models,
+            dataset=args.dataset,
+            hooks=[args.hook],
+            tokens=args.ingest_tokens,
+            context_size=args.context_size,
+            run=run,
+        )
+    )
 name = args.name or f"xmodels-{time.strftime('%Y%m%d-%H%M%S')}"
 sae = SAEConfig(hooks=hooks, arch="topk", name=name, k=args.k, expansion=args.expansion, lr=args.lr)
 cfg = train(args.lake, [sae], run=run, tokens=args.tokens, batch_size=args.batch_size, repeat=True)[0]
 per_model = cfg["holdout"].get("fvu_per_hook") or cfg["final_metrics"]["fvu_per_hook"]
-print(f"sae {name}: crosscoder over {', '.join(hooks)}, d_sae {cfg['d_sae']}, FVU "
-      + ", ".join(f"{h} {v:.3f}" for h, v in per_model.items()))
-rec = analyze(AnalyzeConfig(lake=args.lake, sae=name, tokens=min(args.ingest_tokens, 20_000), n_neighbours=0),
-              progress=False)
+print(
+    f"sae {name}: crosscoder over {', '.join(hooks)}, d_sae {cfg['d_sae']}, FVU "
+    + ", ".join(f"{h} {v:.3f}" for h, v in per_model.items())
+)
+rec = analyze(
+    AnalyzeConfig(lake=args.lake, sae=name, tokens=min(args.ingest_tokens, 20_000), n_neighbours=0), progress=False
+)
 table = EmbeddedStore(lake.Lake(args.lake)).dataset(rec.name).to_table(columns=["count", "decoder_norms"])
 norms = torch.tensor(table.column("decoder_norms").to_pylist())[torch.tensor(table.column("count").to_pylist()) > 0]
 share = norms[:, 1] / norms.sum(1).clamp_min(1e-12)  # each live feature's share of decoder norm in model b

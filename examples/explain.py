@@ -9,6 +9,7 @@ real and offline, but a 135M model writes weak explanations and scores near chan
 Tiny: --model DIR --dataset FILE --hook blocks.0.hook_resid_post --context-size 32 --tokens 640
 --train-tokens 2048 --train-batch-size 256 --expansion 2 --k 4 --explainer-model DIR.
 """
+
 import argparse
 import time
 
@@ -42,11 +43,30 @@ if sae is None:
     from saelake.train import SAEConfig, train
 
     sae = f"topk-explain-{time.strftime('%Y%m%d-%H%M%S')}"
-    train(args.lake, [SAEConfig(hooks=[args.hook], arch="topk", name=sae, expansion=args.expansion, k=args.k)],
-          live=True, model=args.model, dataset=args.dataset, context_size=args.context_size,
-          tokens=args.train_tokens, batch_size=args.train_batch_size, progress=False)
-    analyze(AnalyzeConfig(lake=args.lake, sae=sae, live=True, model=args.model, dataset=args.dataset,
-                          context_size=args.context_size, tokens=args.tokens, name=sae), progress=False)
+    train(
+        args.lake,
+        [SAEConfig(hooks=[args.hook], arch="topk", name=sae, expansion=args.expansion, k=args.k)],
+        live=True,
+        model=args.model,
+        dataset=args.dataset,
+        context_size=args.context_size,
+        tokens=args.train_tokens,
+        batch_size=args.train_batch_size,
+        progress=False,
+    )
+    analyze(
+        AnalyzeConfig(
+            lake=args.lake,
+            sae=sae,
+            live=True,
+            model=args.model,
+            dataset=args.dataset,
+            context_size=args.context_size,
+            tokens=args.tokens,
+            name=sae,
+        ),
+        progress=False,
+    )
     print(f"trained and analysed {sae}")
 
 store = EmbeddedStore(lake)
@@ -54,13 +74,26 @@ rec = max(store.records(sae), key=lambda r: r.created)
 features = args.features or ",".join([str(r["feature"]) for r in store.scalars(rec.name) if r["count"] > 0][:5])
 
 # 1. explanations: the explainer reads top and interval examples with the activating tokens marked
-r = explain(ExplainConfig(lake=args.lake, sae=sae, analysis=rec.name, features=features, explainer=args.explainer,
-                          model=args.explainer_model), progress=False)
+r = explain(
+    ExplainConfig(
+        lake=args.lake,
+        sae=sae,
+        analysis=rec.name,
+        features=features,
+        explainer=args.explainer,
+        model=args.explainer_model,
+    ),
+    progress=False,
+)
 print(f"explained {r.explained} features in {r.seconds:.1f} s ({r.seconds_per_feature:.2f} s per feature)")
 
 # 2. scores: can the scorer, told the explanation, pick held-out activating contexts / marked tokens?
-s = score(ScoreConfig(lake=args.lake, sae=sae, analysis=rec.name, features=features, scorer=args.explainer,
-                      model=args.explainer_model), progress=False)
+s = score(
+    ScoreConfig(
+        lake=args.lake, sae=sae, analysis=rec.name, features=features, scorer=args.explainer, model=args.explainer_model
+    ),
+    progress=False,
+)
 fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
 print(f"scored {s.scored} features: mean detection {fmt(s.mean_detection)}, mean fuzzing {fmt(s.mean_fuzzing)}")
 

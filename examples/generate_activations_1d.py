@@ -5,6 +5,7 @@
 Writes run `acts-1d` with `tokens.lance`: one row per non-BOS token, shuffled, one column per
 hook. Defaults run in well under a minute on the bundled SmolLM2-135M.
 """
+
 import argparse
 
 from saelake import lake
@@ -19,13 +20,23 @@ p.add_argument("--context-size", type=int, default=128)
 p.add_argument("--run", default="acts-1d")
 args = p.parse_args()
 
-cfg = lake.IngestConfig(lake=args.lake, model=args.model, dataset=args.dataset, hooks=args.hooks.split(","),
-                        tokens=args.tokens, context_size=args.context_size, layouts=["1d"], run=args.run,
-                        resume=args.run in lake.Lake(args.lake).run_names())
+cfg = lake.IngestConfig(
+    lake=args.lake,
+    model=args.model,
+    dataset=args.dataset,
+    hooks=args.hooks.split(","),
+    tokens=args.tokens,
+    context_size=args.context_size,
+    layouts=["1d"],
+    run=args.run,
+    resume=args.run in lake.Lake(args.lake).run_names(),
+)
 manifest = lake.ingest(cfg)
 source = lake.SnapshotSource(args.lake, args.run)
 batch = next(source.token_batches(4096, seed=0))
 hook = source.hooks[0]
-print(f"run {args.run}: {manifest['rows_1d']} token rows; first batch {tuple(batch.acts[hook].shape)} "
-      f"{batch.acts[hook].dtype}, mean norm {batch.acts[hook].float().norm(dim=-1).mean():.2f} "
-      f"(ingest stats: {manifest['stats'][hook]['mean_norm']:.2f})")
+print(
+    f"run {args.run}: {manifest['rows_1d']} token rows; first batch {tuple(batch.acts[hook].shape)} "
+    f"{batch.acts[hook].dtype}, mean norm {batch.acts[hook].float().norm(dim=-1).mean():.2f} "
+    f"(ingest stats: {manifest['stats'][hook]['mean_norm']:.2f})"
+)

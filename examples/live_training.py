@@ -1,5 +1,6 @@
 """Shared body of the live-training examples (train_sae_topk.py, train_sae_batchtopk.py,
 train_sae_jumprelu.py): the model runs over the corpus and feeds the trainer, no cache."""
+
 import argparse
 import time
 
@@ -25,8 +26,18 @@ def main(arch: str, description: str) -> None:
     name = args.name or f"{arch}-live-{time.strftime('%Y%m%d-%H%M%S')}"
     sparsity = {"l1": args.l1} if arch == "jumprelu" else {"k": args.k}
     sae = SAEConfig(hooks=[args.hook], arch=arch, name=name, expansion=args.expansion, lr=args.lr, **sparsity)
-    cfg = train(args.lake, [sae], live=True, model=args.model, dataset=args.dataset, context_size=args.context_size,
-                tokens=args.tokens, batch_size=args.batch_size)[0]
-    print(f"sae {name}: {arch}, d_sae {cfg['d_sae']}, {cfg['tokens_trained']} live tokens, FVU {cfg['fvu']:.3f}, "
-          f"L0 {cfg['l0']:.1f}, dead {cfg['dead_fraction']:.3f} ({cfg['tokens_per_second']:.0f} tok/s incl. the model)")
+    cfg = train(
+        args.lake,
+        [sae],
+        live=True,
+        model=args.model,
+        dataset=args.dataset,
+        context_size=args.context_size,
+        tokens=args.tokens,
+        batch_size=args.batch_size,
+    )[0]
+    print(
+        f"sae {name}: {arch}, d_sae {cfg['d_sae']}, {cfg['tokens_trained']} live tokens, FVU {cfg['fvu']:.3f}, "
+        f"L0 {cfg['l0']:.1f}, dead {cfg['dead_fraction']:.3f} ({cfg['tokens_per_second']:.0f} tok/s incl. the model)"
+    )
     print(f"next: lake show --lake {args.lake} {name};  lake eval --lake {args.lake} {name}")

@@ -8,6 +8,7 @@ activation tokens make a few huge), the one with the largest mean activation. --
 four times that feature's max activation in the analysis. Runs the same code as `lake steer` (and the
 web UI's steering box): ``saelake.analyze.Splice`` / ``Edit`` / ``generate``.
 """
+
 import argparse
 import statistics
 
@@ -38,10 +39,15 @@ if feature is None or value is None:
     median = statistics.median(r["max_act"] for r in alive) if alive else 0.0
     rows = [r for r in alive if 0.001 < r["density"] < 0.05 and r["max_act"] <= 3 * median]
     if not rows:
-        raise SystemExit(f"no analysis of {args.sae} with sparse features: run `lake analyze --lake {args.lake} "
-                         f"{args.sae}` first, or pass --feature and --value")
-    pick = max(rows, key=lambda r: r["mean_act"]) if feature is None else \
-        next(r for r in store.scalars(args.sae) if r["feature"] == feature)
+        raise SystemExit(
+            f"no analysis of {args.sae} with sparse features: run `lake analyze --lake {args.lake} "
+            f"{args.sae}` first, or pass --feature and --value"
+        )
+    pick = (
+        max(rows, key=lambda r: r["mean_act"])
+        if feature is None
+        else next(r for r in store.scalars(args.sae) if r["feature"] == feature)
+    )
     feature = pick["feature"] if feature is None else feature
     value = 4 * pick["max_act"] if value is None else value
 print(f"feature {feature}, value {value:.3g}")

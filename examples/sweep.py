@@ -6,6 +6,7 @@ Ingests a 1d snapshot if the run is missing, writes a sweep TOML (TopK at severa
 BatchTopK and a JumpReLU), trains it in one pass (same-shape SAEs are stacked and stepped
 together), and draws the FVU-vs-L0 Pareto plot. About a minute at the defaults on SmolLM2-135M.
 """
+
 import argparse
 import sys
 import time
@@ -30,16 +31,35 @@ p.add_argument("--out", default="pareto.png")
 args = p.parse_args()
 
 if args.run not in lake.Lake(args.lake).run_names():
-    lake.ingest(lake.IngestConfig(lake=args.lake, model=args.model, dataset=args.dataset, hooks=[args.hook],
-                                  tokens=args.ingest_tokens, context_size=args.context_size, layouts=["1d", "2d"],
-                                  run=args.run))
+    lake.ingest(
+        lake.IngestConfig(
+            lake=args.lake,
+            model=args.model,
+            dataset=args.dataset,
+            hooks=[args.hook],
+            tokens=args.ingest_tokens,
+            context_size=args.context_size,
+            layouts=["1d", "2d"],
+            run=args.run,
+        )
+    )
 prefix = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
 ks = [int(k) for k in args.ks.split(",")]
-toml = [f'run = "{args.run}"', f'hook = "{args.hook}"', f"tokens = {args.tokens}", f"batch_size = {args.batch_size}",
-        "repeat = true", "lr = 0.002", f"expansion = {args.expansion}", f'name = "{prefix}"']
+toml = [
+    f'run = "{args.run}"',
+    f'hook = "{args.hook}"',
+    f"tokens = {args.tokens}",
+    f"batch_size = {args.batch_size}",
+    "repeat = true",
+    "lr = 0.002",
+    f"expansion = {args.expansion}",
+    f'name = "{prefix}"',
+]
 toml += [f'[[sae]]\nname = "{prefix}-topk{k}"\narch = "topk"\nk = {k}' for k in ks]
-toml += [f'[[sae]]\nname = "{prefix}-batchtopk{ks[-1]}"\narch = "batchtopk"\nk = {ks[-1]}',
-         f'[[sae]]\nname = "{prefix}-jumprelu"\narch = "jumprelu"\nl1 = 0.1']
+toml += [
+    f'[[sae]]\nname = "{prefix}-batchtopk{ks[-1]}"\narch = "batchtopk"\nk = {ks[-1]}',
+    f'[[sae]]\nname = "{prefix}-jumprelu"\narch = "jumprelu"\nl1 = 0.1',
+]
 path = Path(f"{prefix}.toml")
 path.write_text("\n".join(toml) + "\n")
 print(path.read_text())
@@ -60,6 +80,10 @@ lake_cmd("train", "--lake", args.lake, "--config", str(path))
 print(f"{len(ks) + 2} SAEs from one pass over the snapshot in {time.time() - t0:.0f} s")
 names = [f"{prefix}-topk{k}" for k in ks] + [f"{prefix}-batchtopk{ks[-1]}", f"{prefix}-jumprelu"]
 lake_cmd("plot", "--lake", args.lake, "--pareto", *names, "-o", args.out)
-lake_cmd("query", "--lake", args.lake, f"select name, arch, k, round(fvu, 3) fvu, round(l0, 1) l0 from saes "
-         f"where name like '{prefix}%' order by l0")
+lake_cmd(
+    "query",
+    "--lake",
+    args.lake,
+    f"select name, arch, k, round(fvu, 3) fvu, round(l0, 1) l0 from saes where name like '{prefix}%' order by l0",
+)
 path.unlink()

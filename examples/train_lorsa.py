@@ -8,6 +8,7 @@ Lorsa with --heads rank-1 heads sharing --qk-heads QK groups, the model's RoPE r
 prints the held-out FVU and where one active head attends on a context. For a tiny run: --model DIR
 --dataset FILE --layer 0 --ingest-tokens 2000 --tokens 4096 --batch-size 256 --context-size 32 --heads 64
 --qk-heads 4 --k 4."""
+
 import argparse
 import time
 
@@ -34,16 +35,36 @@ args = p.parse_args()
 hook, out = f"blocks.{args.layer}.ln1.hook_normalized", f"blocks.{args.layer}.hook_attn_out"
 run = args.run or f"lorsa-L{args.layer}"
 if run not in lake.Lake(args.lake).run_names():
-    lake.ingest(lake.IngestConfig(lake=args.lake, model=args.model, dataset=args.dataset, hooks=[hook, out],
-                                  tokens=args.ingest_tokens, context_size=args.context_size, layouts=["2d"], run=run))
+    lake.ingest(
+        lake.IngestConfig(
+            lake=args.lake,
+            model=args.model,
+            dataset=args.dataset,
+            hooks=[hook, out],
+            tokens=args.ingest_tokens,
+            context_size=args.context_size,
+            layouts=["2d"],
+            run=run,
+        )
+    )
 name = args.name or f"lorsa-{time.strftime('%Y%m%d-%H%M%S')}"
-sae = SAEConfig(hooks=[hook], out_hooks=[out], arch="lorsa", name=name, heads=args.heads, qk_heads=args.qk_heads,
-                k=args.k, lr=args.lr)
+sae = SAEConfig(
+    hooks=[hook],
+    out_hooks=[out],
+    arch="lorsa",
+    name=name,
+    heads=args.heads,
+    qk_heads=args.qk_heads,
+    k=args.k,
+    lr=args.lr,
+)
 cfg = train(args.lake, [sae], run=run, tokens=args.tokens, batch_size=args.batch_size, repeat=True)[0]
 hp = cfg["hyperparameters"]
-print(f"sae {name}: lorsa, {hp['heads']} heads over {hp['qk_heads']} QK groups of {hp['d_qk']} dims (RoPE base "
-      f"{hp['rotary_base']:g}), k {hp['k']}, {cfg['tokens_trained']} tokens, "
-      f"FVU {cfg['heldout_fvu'] or cfg['fvu']:.3f}")
+print(
+    f"sae {name}: lorsa, {hp['heads']} heads over {hp['qk_heads']} QK groups of {hp['d_qk']} dims (RoPE base "
+    f"{hp['rotary_base']:g}), k {hp['k']}, {cfg['tokens_trained']} tokens, "
+    f"FVU {cfg['heldout_fvu'] or cfg['fvu']:.3f}"
+)
 lorsa, _ = load_sae(args.lake, name)
 ctx = next(lake.SnapshotSource(args.lake, run).context_batches(1, [hook]))
 x = ctx.acts[hook][0].float()
@@ -52,6 +73,8 @@ i = int(f[1:].argmax())  # the strongest head activation after BOS
 t, h = 1 + i // f.shape[1], i % f.shape[1]
 pattern = lorsa.attention(x, h)[t]
 src = pattern.topk(3)
-print(f"head {h} at position {t} ({f[t, h]:.2f}) attends to positions {src.indices.tolist()} "
-      f"(weights {[round(v, 2) for v in src.values.tolist()]})")
+print(
+    f"head {h} at position {t} ({f[t, h]:.2f}) attends to positions {src.indices.tolist()} "
+    f"(weights {[round(v, 2) for v in src.values.tolist()]})"
+)
 print(f"next: lake analyze --lake {args.lake} {name};  lake eval --lake {args.lake} {name}")

@@ -5,6 +5,7 @@
 About a minute at the defaults on the bundled SmolLM2-135M: ingest 20k tokens (skipped when the
 run exists), then 120k training tokens read from the snapshot (looping over it with --repeat).
 """
+
 import argparse
 import time
 
@@ -28,14 +29,25 @@ p.add_argument("--name", default=None)
 args = p.parse_args()
 
 if args.run not in lake.Lake(args.lake).run_names():
-    lake.ingest(lake.IngestConfig(lake=args.lake, model=args.model, dataset=args.dataset, hooks=[args.hook],
-                                  tokens=args.ingest_tokens, context_size=args.context_size, layouts=["1d", "2d"],
-                                  run=args.run))
+    lake.ingest(
+        lake.IngestConfig(
+            lake=args.lake,
+            model=args.model,
+            dataset=args.dataset,
+            hooks=[args.hook],
+            tokens=args.ingest_tokens,
+            context_size=args.context_size,
+            layouts=["1d", "2d"],
+            run=args.run,
+        )
+    )
 source = lake.SnapshotSource(args.lake, args.run)
 name = args.name or f"topk-cached-{time.strftime('%Y%m%d-%H%M%S')}"
 sae = SAEConfig(hooks=[args.hook], arch="topk", name=name, k=args.k, expansion=args.expansion, lr=args.lr)
 cfg = train(args.lake, [sae], run=args.run, tokens=args.tokens, batch_size=args.batch_size, repeat=True)[0]
-print(f"sae {name}: topk k {args.k}, d_sae {cfg['d_sae']}, trained on snapshot {args.run} v{cfg['version']} "
-      f"({source.n_tokens} tokens, {cfg['tokens_trained']} read), FVU {cfg['fvu']:.3f}, L0 {cfg['l0']:.1f}, "
-      f"{cfg['tokens_per_second']:.0f} tok/s")
+print(
+    f"sae {name}: topk k {args.k}, d_sae {cfg['d_sae']}, trained on snapshot {args.run} v{cfg['version']} "
+    f"({source.n_tokens} tokens, {cfg['tokens_trained']} read), FVU {cfg['fvu']:.3f}, L0 {cfg['l0']:.1f}, "
+    f"{cfg['tokens_per_second']:.0f} tok/s"
+)
 print(f"next: lake eval --lake {args.lake} {name};  lake plot --lake {args.lake} {name} -o curves.png")

@@ -4,6 +4,7 @@
 
 About a minute at the defaults on the bundled SmolLM2-135M (2 CPU cores). For a tiny run:
 --model DIR --dataset FILE --tokens 2048 --batch-size 256 --context-size 32 --expansion 2."""
+
 from live_training import main
 
 main("jumprelu", __doc__.splitlines()[0])

@@ -1,4 +1,5 @@
 """saelake's activation lake: models, corpora, ingest, and the shared reader interface."""
+
 import os
 
 os.environ.setdefault("LANCE_LOG", "error")  # Lance warns on every first write to a new dataset
@@ -12,5 +13,18 @@ from .live import LiveSource
 from .models import LoadedModel, load_model
 from .readers import ActivationSource, ContextBatch, SnapshotSource, TokenBatch
 
-__all__ = ["ActivationSource", "ContextBatch", "IngestConfig", "Lake", "LiveSource", "LoadedModel",
-           "SnapshotSource", "TokenBatch", "UserError", "documents", "ingest", "load_model", "pack_contexts"]
+__all__ = [
+    "ActivationSource",
+    "ContextBatch",
+    "IngestConfig",
+    "Lake",
+    "LiveSource",
+    "LoadedModel",
+    "SnapshotSource",
+    "TokenBatch",
+    "UserError",
+    "documents",
+    "ingest",
+    "load_model",
+    "pack_contexts",
+]

@@ -14,6 +14,7 @@ checksum file and the commit, or ``lake gc``) are dropped when the files are mer
 Analyses: the analysis record carries its table's checksums (``AnalysisRecord.checksums``,
 paths relative to the analysis folder). SAE weights: ``weights_sha256`` in the SAE's config.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,6 +33,7 @@ BLOCK = 8 << 20  # bytes read per hash update: large reads keep S3 round trips f
 @dataclass
 class TableChecksums(Record):
     """One checksum file of a run's table."""
+
     SCHEMA_VERSION: ClassVar[int] = 1
     table: str
     files: dict[str, FileChecksum]
@@ -69,16 +71,20 @@ def dataset_checksums(storage: LakeStorage, dataset_uri: str, prefix: str = "") 
 
 
 # -- the checksum files of a run ---------------------------------------------------------------
-def record_commit(storage: LakeStorage, run: str, table: str, contexts_done: int,
-                  files: dict[str, FileChecksum]) -> None:
+def record_commit(
+    storage: LakeStorage, run: str, table: str, contexts_done: int, files: dict[str, FileChecksum]
+) -> None:
     """Record the checksums of the data files that the commit up to ``contexts_done`` adds."""
     rec = TableChecksums(table=table, files=files)
     storage.write_json(rec.to_json(), "runs", run, "checksums", f"{table}-{contexts_done:012d}.json")
 
 
 def _checksum_files(storage: LakeStorage, run: str, table: str) -> list[str]:
-    return [n for n in storage.listdir("runs", run, "checksums")
-            if n == f"{table}.json" or (n.startswith(f"{table}-") and n.endswith(".json"))]
+    return [
+        n
+        for n in storage.listdir("runs", run, "checksums")
+        if n == f"{table}.json" or (n.startswith(f"{table}-") and n.endswith(".json"))
+    ]
 
 
 def has_checksums(storage: LakeStorage, run: str) -> bool:
@@ -107,8 +113,9 @@ def merge(storage: LakeStorage, run: str, table: str, keep: set[str]) -> None:
             storage.remove("runs", run, "checksums", name)
 
 
-def check(storage: LakeStorage, where: str, uri: str, lance_size: int | None, want: FileChecksum | None,
-          deep: bool) -> str | None:
+def check(
+    storage: LakeStorage, where: str, uri: str, lance_size: int | None, want: FileChecksum | None, deep: bool
+) -> str | None:
     """What is wrong with one data file (None: nothing found). ``deep`` hashes its content."""
     try:
         size = storage.fs.size(uri)
@@ -120,6 +127,8 @@ def check(storage: LakeStorage, where: str, uri: str, lance_size: int | None, wa
     if deep and want:
         got = file_checksum(storage, uri)
         if got.sha256 != want.sha256:
-            return (f"{where}: data file {uri} is damaged: its sha256 {got.sha256[:12]}... differs from the one "
-                    f"recorded at its commit ({want.sha256[:12]}...)")
+            return (
+                f"{where}: data file {uri} is damaged: its sha256 {got.sha256[:12]}... differs from the one "
+                f"recorded at its commit ({want.sha256[:12]}...)"
+            )
     return None

@@ -1,5 +1,6 @@
 """The ``lake`` command. train/ and analyze/ add sub-commands through the
 ``saelake.commands`` entry-point group, so this module never imports upward."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,13 @@ from .errors import UserError
 
 
 def lake_option(f):
-    return click.option("--lake", "lake_uri", envvar="SAELAKE_LAKE", required=True,
-                        help="Lake root: a directory or s3://bucket/prefix (env SAELAKE_LAKE).")(f)
+    return click.option(
+        "--lake",
+        "lake_uri",
+        envvar="SAELAKE_LAKE",
+        required=True,
+        help="Lake root: a directory or s3://bucket/prefix (env SAELAKE_LAKE).",
+    )(f)
 
 
 def split_list(value: str) -> list[str]:
@@ -34,50 +40,118 @@ def cli():
 
 @cli.command()
 @lake_option
-@click.option("--model", default="smollm2-135m", show_default=True,
-              help="Local HF folder, bundled smollm2-135m, or a hub name; several (a=PATH,b=PATH) run the same tokens "
-                   "through each (one tokenizer), their hooks stored as a:HOOK, b:HOOK.")
-@click.option("--dataset", default="builtin", show_default=True,
-              help="Local file/folder (txt, jsonl, json, parquet, csv), builtin[:pydoc|stdlib|fortunes], or hub name.")
+@click.option(
+    "--model",
+    default="smollm2-135m",
+    show_default=True,
+    help="Local HF folder, bundled smollm2-135m, or a hub name; several (a=PATH,b=PATH) run the same tokens "
+    "through each (one tokenizer), their hooks stored as a:HOOK, b:HOOK.",
+)
+@click.option(
+    "--dataset",
+    default="builtin",
+    show_default=True,
+    help="Local file/folder (txt, jsonl, json, parquet, csv), builtin[:pydoc|stdlib|fortunes], or hub name.",
+)
 @click.option("--text-column", default="text", show_default=True)
-@click.option("--hooks", required=True, help="Comma-separated TransformerLens hook names; blocks.{0-5}.ln2.hook_out "
-              "is a range; with several models a hook applies to each (or name one: a:HOOK).")
+@click.option(
+    "--hooks",
+    required=True,
+    help="Comma-separated TransformerLens hook names; blocks.{0-5}.ln2.hook_out "
+    "is a range; with several models a hook applies to each (or name one: a:HOOK).",
+)
 @click.option("--tokens", type=int, required=True, help="Tokens to ingest (rounded up to whole contexts).")
 @click.option("--context-size", type=int, default=128, show_default=True)
 @click.option("--layout", default="1d,2d", show_default=True, help="1d (shuffled tokens), 2d (contexts), or both.")
-@click.option("--dtype", default="float16", show_default=True,
-              help="Storage codec: float16, bfloat16, float32, int8 (a float16 scale per token and 64 channels: "
-                   "0.52x float16's bytes) or float8 (e4m3, a scale per token); readers always decode.")
-@click.option("--run", "--run-name", "run", default=None,
-              help="Run name (default: run-<timestamp>); spell it --run-name under torchrun.")
+@click.option(
+    "--dtype",
+    default="float16",
+    show_default=True,
+    help="Storage codec: float16, bfloat16, float32, int8 (a float16 scale per token and 64 channels: "
+    "0.52x float16's bytes) or float8 (e4m3, a scale per token); readers always decode.",
+)
+@click.option(
+    "--run",
+    "--run-name",
+    "run",
+    default=None,
+    help="Run name (default: run-<timestamp>); spell it --run-name under torchrun.",
+)
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Contexts per forward pass.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--shuffle-buffer", type=int, default=16384, show_default=True,
-              help="Tokens per chunk: the 1d shuffle window and the commit unit.")
+@click.option(
+    "--shuffle-buffer",
+    type=int,
+    default=16384,
+    show_default=True,
+    help="Tokens per chunk: the 1d shuffle window and the commit unit.",
+)
 @click.option("--keep-bos", is_flag=True, help="Keep BOS positions in the 1d table.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted run (same settings).")
 @click.option("--append", is_flag=True, help="Extend a complete run by --tokens as a new snapshot version.")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--nproc", type=int, default=1, show_default=True,
-              help="Processes on this machine (launches torchrun; each takes a share of the chunks).")
+@click.option(
+    "--nproc",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Processes on this machine (launches torchrun; each takes a share of the chunks).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def ingest(lake_uri, model, dataset, text_column, hooks, tokens, context_size, layout, dtype, run, batch_size,
-           seed, shuffle_buffer, keep_bos, resume, append, device, nproc, quiet):
+def ingest(
+    lake_uri,
+    model,
+    dataset,
+    text_column,
+    hooks,
+    tokens,
+    context_size,
+    layout,
+    dtype,
+    run,
+    batch_size,
+    seed,
+    shuffle_buffer,
+    keep_bos,
+    resume,
+    append,
+    device,
+    nproc,
+    quiet,
+):
     """Run a model over a corpus; write 1d/2d activations to the lake."""
-    from .ingest import IngestConfig, ingest as run_ingest
+    from .ingest import IngestConfig
+    from .ingest import ingest as run_ingest
 
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
     if nproc > 1:
         relaunch_under_torchrun(nproc)
 
-    cfg = IngestConfig(lake=lake_uri, model=model, dataset=dataset, text_column=text_column, hooks=split_list(hooks),
-                       tokens=tokens, context_size=context_size, layouts=split_list(layout), dtype=dtype, run=run,
-                       batch_size=batch_size, seed=seed, shuffle_buffer=shuffle_buffer, keep_bos=keep_bos,
-                       resume=resume, append=append, device=device)
+    cfg = IngestConfig(
+        lake=lake_uri,
+        model=model,
+        dataset=dataset,
+        text_column=text_column,
+        hooks=split_list(hooks),
+        tokens=tokens,
+        context_size=context_size,
+        layouts=split_list(layout),
+        dtype=dtype,
+        run=run,
+        batch_size=batch_size,
+        seed=seed,
+        shuffle_buffer=shuffle_buffer,
+        keep_bos=keep_bos,
+        resume=resume,
+        append=append,
+        device=device,
+    )
     m = run_ingest(cfg, progress=not quiet)
-    click.echo(f"run {m['name']}: {m['status']}, {m['tokens']} tokens in {m['contexts']} contexts "
-               f"({m['rows_1d']} 1d rows), tables {', '.join(m['tables'])}, snapshot version {len(m['versions'])}")
+    click.echo(
+        f"run {m['name']}: {m['status']}, {m['tokens']} tokens in {m['contexts']} contexts "
+        f"({m['rows_1d']} 1d rows), tables {', '.join(m['tables'])}, snapshot version {len(m['versions'])}"
+    )
 
 
 def relaunch_under_torchrun(nproc: int) -> None:
@@ -88,15 +162,26 @@ def relaunch_under_torchrun(nproc: int) -> None:
     args = sys.argv[1:]
     if "--nproc" in args:
         i = args.index("--nproc")
-        args = args[:i] + args[i + 2:]
+        args = args[:i] + args[i + 2 :]
     else:
         args = [a for a in args if not a.startswith("--nproc=")]
     # torchrun's own parser would take `--run` for an abbreviation of its --run-path
     args = ["--run-name" if a == "--run" else "--run-name=" + a[6:] if a.startswith("--run=") else a for a in args]
     threads = max(1, (os.cpu_count() or 1) // nproc)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    code = subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            f"--nproc-per-node={nproc}", "-m", "saelake.lake", *args], env=env)
+    code = subprocess.call(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "saelake.lake",
+            *args,
+        ],
+        env=env,
+    )
     sys.exit(code)
 
 
@@ -122,14 +207,18 @@ def ls_cmd(lake_uri, as_json):
     for table, rows in out.items():
         if rows or table == "runs":
             click.echo(f"{table}:")
-            click.echo(_table(list(rows[0]) if rows else LS_TABLES[table].split(", "),
-                              [tuple(r.values()) for r in rows]) + "\n")
+            click.echo(
+                _table(list(rows[0]) if rows else LS_TABLES[table].split(", "), [tuple(r.values()) for r in rows])
+                + "\n"
+            )
 
 
-LS_TABLES = {"runs": "name, status, model, dataset, tokens, context_size, dtype, layouts, n_versions, hooks",
-             "saes": "name, arch, hook, d_sae, k, run, version, tokens_trained, heldout_fvu, heldout_l0, "
-                     "fvu as train_fvu_in_sample, config",
-             "analyses": "name, sae, run, store, n_features, tokens"}
+LS_TABLES = {
+    "runs": "name, status, model, dataset, tokens, context_size, dtype, layouts, n_versions, hooks",
+    "saes": "name, arch, hook, d_sae, k, run, version, tokens_trained, heldout_fvu, heldout_l0, "
+    "fvu as train_fvu_in_sample, config",
+    "analyses": "name, sae, run, store, n_features, tokens",
+}
 
 
 @cli.command()
@@ -151,8 +240,19 @@ def show(lake_uri, name, as_json):
         click.echo(json.dumps(m.to_json(), indent=2, default=str))
         return
     click.echo(f"run {m.name}  [{m.status}]" + (f"  error: {m.error}" if m.error else ""))
-    for key in ("model", "dataset", "context_size", "dtype", "tables", "tokens", "contexts", "rows_1d", "seed",
-                "created", "updated"):
+    for key in (
+        "model",
+        "dataset",
+        "context_size",
+        "dtype",
+        "tables",
+        "tokens",
+        "contexts",
+        "rows_1d",
+        "seed",
+        "created",
+        "updated",
+    ):
         click.echo(f"  {key:13s} {getattr(m, key)}")
     for i, v in enumerate(m.versions, 1):
         click.echo(f"  version {i}: {v.tokens} tokens, lance versions {v.tables}, tag {v.tag}")
@@ -160,8 +260,10 @@ def show(lake_uri, name, as_json):
         s = m.stats.get(h)
         line = f"  hook {h} (d_model {m.d_model[h]}, column {m.columns[h]})"
         if s:
-            line += (f": norm mean {s.mean_norm:.3g}, median {s.median_norm:.3g}, p99 {s.p99_norm:.3g}, "
-                     f"max {s.max_norm:.3g}, {100 * s.frac_over_10x_median:.2f}% over 10x median")
+            line += (
+                f": norm mean {s.mean_norm:.3g}, median {s.median_norm:.3g}, p99 {s.p99_norm:.3g}, "
+                f"max {s.max_norm:.3g}, {100 * s.frac_over_10x_median:.2f}% over 10x median"
+            )
         click.echo(line)
 
 
@@ -199,8 +301,9 @@ def catalog_sync(lake_uri):
 @cli.command()
 @lake_option
 @click.argument("names", nargs=-1)
-@click.option("--quick", is_flag=True,
-              help="Check sizes and counts only; do not hash the data files or decode every fragment.")
+@click.option(
+    "--quick", is_flag=True, help="Check sizes and counts only; do not hash the data files or decode every fragment."
+)
 def verify(lake_uri, names, quick):
     """Check runs, SAEs, analyses and latent indexes against their records, content checksums, Lance and
     the catalog. Exit 1 on any problem; each damaged file is named with what it belongs to."""
@@ -208,8 +311,12 @@ def verify(lake_uri, names, quick):
     from .maintenance import Report, verify_analysis, verify_index, verify_run, verify_sae
 
     lake = Lake(lake_uri)
-    kinds = {verify_run: lake.run_names(), verify_sae: lake.storage.listdir("saes"),
-             verify_analysis: lake.analysis_names(), verify_index: lake.index_names()}
+    kinds = {
+        verify_run: lake.run_names(),
+        verify_sae: lake.storage.listdir("saes"),
+        verify_analysis: lake.analysis_names(),
+        verify_index: lake.index_names(),
+    }
     names = list(names) or [n for listed in kinds.values() for n in listed]
     report, items = Report(), 0
     for name in dict.fromkeys(names):
@@ -269,8 +376,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
-        click.echo("interrupted: what was committed is kept; an ingest or training resumes with --resume",
-                   err=True)
+        click.echo("interrupted: what was committed is kept; an ingest or training resumes with --resume", err=True)
         sys.exit(130)
     except click.ClickException as e:
         e.show()

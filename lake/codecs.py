@@ -16,6 +16,7 @@ step of every other channel of that token coarse. A scale per block of 64 channe
 that to the outlier's block, for 2 bytes per 64 values (d = 576: 594 bytes vs 1,152 for float16).
 e4m3's floating point keeps relative precision over a wide range, so one scale per token suffices.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,6 +32,7 @@ E4M3_MAX = 448.0  # largest finite float8 e4m3fn value
 @dataclass(frozen=True)
 class Codec:
     """One storage format: ``storage`` is the torch dtype of the stored elements, ``arrow`` their Arrow type."""
+
     name: str
     storage: torch.dtype
     arrow: pa.DataType

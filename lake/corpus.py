@@ -3,6 +3,7 @@
 A corpus is local files or a directory (txt, jsonl/json, parquet, csv), ``builtin``
 (English text shipped with saelake, the same everywhere, no download), or a hub dataset name.
 """
+
 from __future__ import annotations
 
 import glob
@@ -18,8 +19,15 @@ import numpy as np
 
 from .errors import UserError
 
-BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
-            ".parquet": "parquet", ".csv": "csv"}
+BUILDERS = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+}
 FORTUNES = "/usr/share/games/fortunes"
 
 
@@ -35,8 +43,7 @@ def _shipped(parts: tuple[str, ...]) -> Iterator[str]:
     try:
         raw = gzip.decompress(BUILTIN_FILE.read_bytes())
     except (OSError, EOFError) as e:
-        raise UserError(f"the builtin corpus {BUILTIN_FILE} is missing or damaged ({e}): reinstall saelake") \
-            from None
+        raise UserError(f"the builtin corpus {BUILTIN_FILE} is missing or damaged ({e}): reinstall saelake") from None
     if hashlib.sha256(raw).hexdigest() != BUILTIN_SHA256:
         raise UserError(f"the builtin corpus {BUILTIN_FILE} is not the one this saelake ships: reinstall saelake")
     for line in raw.decode().splitlines():
@@ -63,8 +70,10 @@ def _builtin(name: str) -> Iterator[str]:
     if part == "fortunes":
         return _fortunes()
     if part and part not in BUILTIN_PARTS:
-        raise UserError(f"unknown built-in corpus {name!r}: use builtin, " +
-                        ", ".join(f"builtin:{k}" for k in (*BUILTIN_PARTS, "fortunes")))
+        raise UserError(
+            f"unknown built-in corpus {name!r}: use builtin, "
+            + ", ".join(f"builtin:{k}" for k in (*BUILTIN_PARTS, "fortunes"))
+        )
     return _shipped((part,) if part else BUILTIN_PARTS)
 
 
@@ -97,19 +106,20 @@ def _rows(spec: str, text_column: str) -> Iterator[str]:
     elif spec.startswith((".", "/", "~")) or spec.endswith(tuple(BUILDERS)):
         raise UserError(f"dataset path {spec} does not exist: give a file, a folder, 'builtin', or a hub name")
     elif os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise UserError(f"dataset {spec!r} is neither a local path nor 'builtin', and hub access is off "
-                        "(HF_DATASETS_OFFLINE=1)")
+        raise UserError(
+            f"dataset {spec!r} is neither a local path nor 'builtin', and hub access is off (HF_DATASETS_OFFLINE=1)"
+        )
     else:
         try:
             ds = datasets.load_dataset(spec, split="train", streaming=True)
         except Exception as e:
-            raise UserError(f"cannot open hub dataset {spec!r} ({type(e).__name__}): check the name and "
-                            "network") from None
+            raise UserError(
+                f"cannot open hub dataset {spec!r} ({type(e).__name__}): check the name and network"
+            ) from None
     first = True
     for row in _parsed(ds, spec, builder):
         if first and text_column not in row:
-            raise UserError(f"text column {text_column!r} not in {spec}: columns are {sorted(row)}; "
-                            "pass --text-column")
+            raise UserError(f"text column {text_column!r} not in {spec}: columns are {sorted(row)}; pass --text-column")
         first = False
         text = row[text_column]
         if isinstance(text, str) and text.strip():
@@ -126,8 +136,9 @@ def _parsed(ds, spec: str, builder: str | None) -> Iterator[dict]:
             return
         except Exception as e:  # the datasets/pyarrow parsers raise many types; name the file instead
             what = f"a {builder} file" if builder else "a dataset"
-            raise UserError(f"cannot read {spec} as {what} ({type(e).__name__}: "
-                            f"{(str(e).splitlines() or [''])[0][:120]})") from None
+            raise UserError(
+                f"cannot read {spec} as {what} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})"
+            ) from None
         yield row
 
 
@@ -203,7 +214,7 @@ def pack_contexts(docs: Iterable[str], tokenizer, context_size: int, bos: int) -
                 break
             tokens = np.empty(context_size, np.int32)
             tokens[0] = bos
-            tokens[1:] = t[i:i + need]
+            tokens[1:] = t[i : i + need]
             yield Context(context_id, int(d[i]), int(o[i]), tokens)
             context_id += 1
             i += need

@@ -7,6 +7,7 @@ whose status is still "training" is stalled when its heartbeat is older than ``s
 seconds overrides it), or at once when its process is visibly gone (same host and PID namespace,
 no such PID). Records written before heartbeats existed fall back to their ``updated`` time.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,12 @@ def _pid_namespace() -> str | None:
 
 def beat(every_s: float) -> dict:
     """The fields a writer puts in its record at each heartbeat."""
-    return {"heartbeat": datetime.now(UTC).isoformat(timespec="seconds"),
-            "heartbeat_every_s": round(every_s, 3), "pid": os.getpid(), "pid_namespace": _pid_namespace()}
+    return {
+        "heartbeat": datetime.now(UTC).isoformat(timespec="seconds"),
+        "heartbeat_every_s": round(every_s, 3),
+        "pid": os.getpid(),
+        "pid_namespace": _pid_namespace(),
+    }
 
 
 def stale_after(record: dict) -> float:
@@ -92,6 +97,8 @@ def shown_status(record: dict) -> str:
         return why
     p = record.get("progress") or {}
     if record.get("status") in RUNNING and p.get("tokens_total"):
-        return f"{record['status']} {100 * p['tokens'] / p['tokens_total']:.0f}% " \
-               f"({p['tokens']:,} / {p['tokens_total']:,} tokens)"
+        return (
+            f"{record['status']} {100 * p['tokens'] / p['tokens_total']:.0f}% "
+            f"({p['tokens']:,} / {p['tokens_total']:,} tokens)"
+        )
     return str(record.get("status"))

@@ -5,6 +5,7 @@ A run of several models (``--model a=PATH,b=PATH``, or paths whose folder names 
 names) stores every hook once per model, as ``a:blocks.3.hook_resid_post``; a hook given without a
 model applies to each model.
 """
+
 from __future__ import annotations
 
 import re
@@ -37,13 +38,17 @@ def parse_models(spec: str) -> list[tuple[str, str]]:
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         name, _, path = part.partition("=") if "=" in part else (Path(part.rstrip("/")).name, "", part)
         if not MODEL_NAME.match(name):
-            raise UserError(f"model name {name!r} (of {part!r}): use letters, digits, - and _; name models with "
-                            "--model a=PATH,b=PATH")
+            raise UserError(
+                f"model name {name!r} (of {part!r}): use letters, digits, - and _; name models with "
+                "--model a=PATH,b=PATH"
+            )
         out.append((name, path))
     names = [n for n, _ in out]
     if len(set(names)) != len(names):
-        raise UserError(f"two models are both called {next(n for n in names if names.count(n) > 1)!r}: name them "
-                        "with --model a=PATH,b=PATH")
+        raise UserError(
+            f"two models are both called {next(n for n in names if names.count(n) > 1)!r}: name them "
+            "with --model a=PATH,b=PATH"
+        )
     return out
 
 

@@ -8,6 +8,7 @@ many contexts are done. A crash loses at most the two chunks in flight (one bein
 one in the forward), and ``--resume`` recomputes exactly those, so the final table equals an
 uninterrupted run's.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -22,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import checksums
+from .codecs import CODECS
 from .corpus import check_corpus, documents, pack_contexts
 from .errors import UserError
 from .hooknames import qualify
@@ -29,7 +31,6 @@ from .lake import TABLES, Lake
 from .models import LoadedModel, load_model
 from .records import HookStats, ModelInfo, RunManifest, Snapshot
 from .storage import check_name
-from .codecs import CODECS
 from .tables import column_name
 from .writer import (
     Chunk,
@@ -43,8 +44,18 @@ from .writer import (
 )
 
 # Settings that define a run: --resume and --append must repeat them exactly.
-IDENTITY = ("model", "dataset", "text_column", "hooks", "context_size", "dtype", "layouts", "seed",
-            "shuffle_buffer", "keep_bos")
+IDENTITY = (
+    "model",
+    "dataset",
+    "text_column",
+    "hooks",
+    "context_size",
+    "dtype",
+    "layouts",
+    "seed",
+    "shuffle_buffer",
+    "keep_bos",
+)
 
 
 @dataclass
@@ -98,32 +109,55 @@ def _now() -> str:
 def _new_manifest(cfg: IngestConfig, model: LoadedModel, contexts_target: int) -> RunManifest:
     return RunManifest(
         **{k: getattr(cfg, k) for k in IDENTITY},
-        name=cfg.run, status="running", created=_now(), updated=_now(), error=None,
-        model_info=ModelInfo(n_layers=model.n_layers, d_model=model.d_model, n_ctx=model.n_ctx,
-                             d_vocab=model.d_vocab, bos_token_id=model.bos_token_id),
-        columns={h: column_name(h) for h in cfg.hooks}, d_model=model.hook_dims(cfg.hooks),
-        tables=[TABLES[x] for x in cfg.layouts], contexts=0, tokens=0, rows_1d=0,
-        contexts_target=contexts_target, segment_start=0, versions=[], stats={}, checksums_from=0,
-        codecs={h: cfg.dtype for h in cfg.hooks})
+        name=cfg.run,
+        status="running",
+        created=_now(),
+        updated=_now(),
+        error=None,
+        model_info=ModelInfo(
+            n_layers=model.n_layers,
+            d_model=model.d_model,
+            n_ctx=model.n_ctx,
+            d_vocab=model.d_vocab,
+            bos_token_id=model.bos_token_id,
+        ),
+        columns={h: column_name(h) for h in cfg.hooks},
+        d_model=model.hook_dims(cfg.hooks),
+        tables=[TABLES[x] for x in cfg.layouts],
+        contexts=0,
+        tokens=0,
+        rows_1d=0,
+        contexts_target=contexts_target,
+        segment_start=0,
+        versions=[],
+        stats={},
+        checksums_from=0,
+        codecs={h: cfg.dtype for h in cfg.hooks},
+    )
 
 
 def _prepare(cfg: IngestConfig, lake: Lake) -> RunManifest | None:
     """Check run-name rules before loading anything; returns the existing manifest if any."""
     exists = lake.storage.exists("runs", cfg.run, "manifest.json")
     if exists and not (cfg.resume or cfg.append):
-        raise UserError(f"run {cfg.run!r} already exists in {lake.root}: pass --resume to finish it, "
-                        "--append to extend it, or choose another --run")
+        raise UserError(
+            f"run {cfg.run!r} already exists in {lake.root}: pass --resume to finish it, "
+            "--append to extend it, or choose another --run"
+        )
     if not exists and (cfg.resume or cfg.append):
-        raise UserError(f"cannot {'resume' if cfg.resume else 'append to'} run {cfg.run!r}: it does not "
-                        f"exist in {lake.root}")
+        raise UserError(
+            f"cannot {'resume' if cfg.resume else 'append to'} run {cfg.run!r}: it does not exist in {lake.root}"
+        )
     if not exists:
         return None
     m = lake.manifest(cfg.run)
     diff = [k for k in IDENTITY if getattr(m, k) != getattr(cfg, k)]
     if diff:
         k = diff[0]
-        raise UserError(f"run {cfg.run!r} was made with {k}={getattr(m, k)!r}, not {getattr(cfg, k)!r}: repeat "
-                        "the original settings (see `lake show`)")
+        raise UserError(
+            f"run {cfg.run!r} was made with {k}={getattr(m, k)!r}, not {getattr(cfg, k)!r}: repeat "
+            "the original settings (see `lake show`)"
+        )
     if cfg.append and m.status != "complete":
         raise UserError(f"run {cfg.run!r} is {m.status}, not complete: finish it with --resume first")
     return m
@@ -144,11 +178,19 @@ def _stats(lake: Lake, m: RunManifest) -> dict[str, HookStats]:
                 norms = norms[t.column("tokens").combine_chunks().flatten().to_numpy() != bos]
         norms = norms.astype(np.float64)
         q = np.quantile(norms, [0.01, 0.05, 0.5, 0.95, 0.99, 0.999]) if len(norms) else [0.0] * 6
-        stats[h] = HookStats(n=int(len(norms)), mean_norm=float(norms.mean()),
-                             rms_norm=float(np.sqrt((norms ** 2).mean())), p01_norm=float(q[0]), p05_norm=float(q[1]),
-                             median_norm=float(q[2]), p95_norm=float(q[3]), p99_norm=float(q[4]),
-                             p999_norm=float(q[5]), max_norm=float(norms.max()),
-                             frac_over_10x_median=float((norms > 10 * q[2]).mean()))
+        stats[h] = HookStats(
+            n=int(len(norms)),
+            mean_norm=float(norms.mean()),
+            rms_norm=float(np.sqrt((norms**2).mean())),
+            p01_norm=float(q[0]),
+            p05_norm=float(q[1]),
+            median_norm=float(q[2]),
+            p95_norm=float(q[3]),
+            p99_norm=float(q[4]),
+            p999_norm=float(q[5]),
+            max_norm=float(norms.max()),
+            frac_over_10x_median=float((norms > 10 * q[2]).mean()),
+        )
     return stats
 
 
@@ -205,8 +247,9 @@ def ingest(cfg: IngestConfig, progress: bool = True) -> dict:
     model = load_model(cfg.model, cfg.device)
     model.check_hooks(cfg.hooks)
     if cfg.context_size > model.n_ctx:
-        raise UserError(f"--context-size {cfg.context_size} is larger than {cfg.model}'s context of "
-                        f"{model.n_ctx} tokens")
+        raise UserError(
+            f"--context-size {cfg.context_size} is larger than {cfg.model}'s context of {model.n_ctx} tokens"
+        )
     lease = Lease(lake, cfg.run)
     m = _agree(lambda: _start(cfg, lake, model, existing, lease), world, rank)
     try:
@@ -253,14 +296,16 @@ def _is_store_failure(e: BaseException) -> bool:
     return isinstance(e, OSError) or mod.startswith(("botocore", "aiobotocore", "s3fs", "fsspec", "aiohttp"))
 
 
-def _start(cfg: IngestConfig, lake: Lake, model: LoadedModel, existing: RunManifest | None,
-           lease: Lease) -> RunManifest:
+def _start(
+    cfg: IngestConfig, lake: Lake, model: LoadedModel, existing: RunManifest | None, lease: Lease
+) -> RunManifest:
     """Create or reopen the run's manifest and take its lease (rank 0)."""
     new_contexts = math.ceil(cfg.tokens / cfg.context_size)
     if existing is None:
         m = _new_manifest(cfg, model, new_contexts)
-        if not lake.storage.create_exclusive(json.dumps(m.to_json(), indent=2).encode(), "runs", cfg.run,
-                                             "manifest.json"):
+        if not lake.storage.create_exclusive(
+            json.dumps(m.to_json(), indent=2).encode(), "runs", cfg.run, "manifest.json"
+        ):
             raise UserError(f"run {cfg.run!r} was just created by another ingest: choose another --run")
         lease.acquire()
         return m
@@ -272,15 +317,25 @@ def _start(cfg: IngestConfig, lake: Lake, model: LoadedModel, existing: RunManif
         m.segment_start = m.contexts
         m.contexts_target = m.contexts + new_contexts
     elif m.contexts_target != m.segment_start + new_contexts:
-        raise UserError(f"run {cfg.run!r} was started with --tokens for {m.contexts_target - m.segment_start} "
-                        f"contexts, not {new_contexts}: repeat the original --tokens")
+        raise UserError(
+            f"run {cfg.run!r} was started with --tokens for {m.contexts_target - m.segment_start} "
+            f"contexts, not {new_contexts}: repeat the original --tokens"
+        )
     m.status, m.error, m.updated = "running", None, _now()
     lake.write_manifest(m)
     return m
 
 
-def _write_chunks(cfg: IngestConfig, lake: Lake, model: LoadedModel, m: RunManifest, lease: Lease,
-                  progress: bool, rank: int, world: int) -> None:
+def _write_chunks(
+    cfg: IngestConfig,
+    lake: Lake,
+    model: LoadedModel,
+    m: RunManifest,
+    lease: Lease,
+    progress: bool,
+    rank: int,
+    world: int,
+) -> None:
     """Process chunks in rounds of ``world`` (chunk i of a round on rank i); commit each round."""
     tables = m.tables
     done = {t: committed_contexts(lake, cfg.run, t) for t in tables}
@@ -290,12 +345,21 @@ def _write_chunks(cfg: IngestConfig, lake: Lake, model: LoadedModel, m: RunManif
     # chunk boundaries are fixed by the segment start, so a resumed run cuts the same chunks
     bounds = [(a, min(a + per_chunk, target)) for a in range(base, target, per_chunk) if a + per_chunk > start]
     if bounds and bounds[0][0] != start:
-        raise UserError(f"run {cfg.run!r} has {start} contexts committed, not at a chunk boundary: was "
-                        "--shuffle-buffer changed? repeat the original settings")
+        raise UserError(
+            f"run {cfg.run!r} has {start} contexts committed, not at a chunk boundary: was "
+            "--shuffle-buffer changed? repeat the original settings"
+        )
     contexts = pack_contexts(documents(cfg.dataset, cfg.text_column), model.tokenizer, T, model.bos_token_id)
     contexts = itertools.islice(contexts, start, target)  # skip what is committed everywhere
-    bar = tqdm(total=(target - base) * T, initial=(start - base) * T, unit="tok", unit_scale=True,
-               desc=f"ingest {cfg.run}", disable=not progress, smoothing=0.1)
+    bar = tqdm(
+        total=(target - base) * T,
+        initial=(start - base) * T,
+        unit="tok",
+        unit_scale=True,
+        desc=f"ingest {cfg.run}",
+        disable=not progress,
+        smoothing=0.1,
+    )
     schemas: dict = {}
 
     def write(chunk: Chunk) -> dict:
@@ -323,14 +387,14 @@ def _write_chunks(cfg: IngestConfig, lake: Lake, model: LoadedModel, m: RunManif
                 if frags:  # checksums first: no committed data file lacks one
                     sums = {k: v for _, _, bt in results if table in bt for k, v in bt[table][2].items()}
                     checksums.record_commit(lake.storage, cfg.run, table, round_end, sums)
-                    done[table] = commit_fragments(lake, cfg.run, table, frags, schemas[table], done[table],
-                                                   round_end)
+                    done[table] = commit_fragments(lake, cfg.run, table, frags, schemas[table], done[table], round_end)
             lease.renew()
         bar.update(sum(n for r, (_, n, _) in enumerate(results) if r != rank) * T)  # this rank's: per batch
         if round_end < (round_bounds[-1][1] if round_bounds else 0):
             if rank == 0:
-                tqdm.write(f"corpus {cfg.dataset} ran out after {round_end} contexts ({round_end * T} tokens); "
-                           "stopping there")
+                tqdm.write(
+                    f"corpus {cfg.dataset} ran out after {round_end} contexts ({round_end * T} tokens); stopping there"
+                )
             m.contexts_target = round_end
             return False
         return True
@@ -341,7 +405,7 @@ def _write_chunks(cfg: IngestConfig, lake: Lake, model: LoadedModel, m: RunManif
     pending = None
     try:
         for r in range(0, len(bounds), world):
-            round_bounds = bounds[r:r + world]
+            round_bounds = bounds[r : r + world]
             mine = None
             for i, (a, b) in enumerate(round_bounds):  # every rank reads the stream; each keeps its chunk
                 part = list(itertools.islice(contexts, b - a))
@@ -351,8 +415,12 @@ def _write_chunks(cfg: IngestConfig, lake: Lake, model: LoadedModel, m: RunManif
             if pending and not commit(pending):
                 pending = None
                 break
-            pending = (writer.submit(write, chunk) if chunk else None, chunk.end if chunk else 0,
-                       len(mine or []), round_bounds)
+            pending = (
+                writer.submit(write, chunk) if chunk else None,
+                chunk.end if chunk else 0,
+                len(mine or []),
+                round_bounds,
+            )
             del chunk
         if pending:
             commit(pending)
@@ -373,8 +441,9 @@ def _finish(lake: Lake, m: RunManifest) -> RunManifest:
     m.contexts = m.contexts_target
     m.tokens = m.contexts * m.context_size
     m.rows_1d = rows.get("tokens", 0)
-    m.versions.append(Snapshot(tables=versions, rows=rows, contexts=m.contexts, tokens=m.tokens, tag=tag,
-                               created=_now()))
+    m.versions.append(
+        Snapshot(tables=versions, rows=rows, contexts=m.contexts, tokens=m.tokens, tag=tag, created=_now())
+    )
     m.stats = _stats(lake, m)
     m.status, m.updated = "complete", _now()
     lake.write_manifest(m)

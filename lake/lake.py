@@ -1,4 +1,5 @@
 """A lake: a root URI holding runs (activation tables + manifests), SAEs and analyses."""
+
 from __future__ import annotations
 
 import itertools
@@ -35,8 +36,10 @@ class Lake:
         m = self.storage.read_json("runs", run, "manifest.json")
         if m is None:
             known = self.run_names()
-            raise UserError(f"no run {run!r} in {self.root}" + (f": runs are {', '.join(known)}" if known
-                                                                  else ": the lake has no runs yet (lake ingest)"))
+            raise UserError(
+                f"no run {run!r} in {self.root}"
+                + (f": runs are {', '.join(known)}" if known else ": the lake has no runs yet (lake ingest)")
+            )
         return RunManifest.from_json(m, self.storage.uri("runs", run, "manifest.json"))
 
     def write_manifest(self, manifest: RunManifest) -> None:
@@ -48,8 +51,9 @@ class Lake:
     def analysis_record(self, name: str) -> AnalysisRecord | None:
         """``analyses/<name>/analysis.json`` (None if absent); analyze.stores writes it."""
         rec = self.storage.read_json("analyses", name, "analysis.json")
-        return None if rec is None else AnalysisRecord.from_json(rec, self.storage.uri("analyses", name,
-                                                                                          "analysis.json"))
+        return (
+            None if rec is None else AnalysisRecord.from_json(rec, self.storage.uri("analyses", name, "analysis.json"))
+        )
 
     def index_names(self) -> list[str]:
         return [n for n in self.storage.listdir("indexes") if self.storage.exists("indexes", n, "index.json")]
@@ -57,8 +61,9 @@ class Lake:
     def index_record(self, name: str) -> LatentIndexRecord | None:
         """``indexes/<name>/index.json`` (None if absent); ``lake encode`` writes it."""
         rec = self.storage.read_json("indexes", name, "index.json")
-        return None if rec is None else LatentIndexRecord.from_json(rec, self.storage.uri("indexes", name,
-                                                                                             "index.json"))
+        return (
+            None if rec is None else LatentIndexRecord.from_json(rec, self.storage.uri("indexes", name, "index.json"))
+        )
 
     def table_uri(self, run: str, table: str) -> str:
         return self.storage.uri("runs", run, f"{table}.lance")
@@ -68,8 +73,9 @@ class Lake:
         try:
             return lance.dataset(uri, version=version, storage_options=self.storage.storage_options)
         except Exception as e:
-            raise UserError(f"cannot open {table} table of run {run!r} at version {version} ({uri}): "
-                            f"{str(e).splitlines()[0][:200]}") from None
+            raise UserError(
+                f"cannot open {table} table of run {run!r} at version {version} ({uri}): {str(e).splitlines()[0][:200]}"
+            ) from None
 
     # -- catalog ---------------------------------------------------------------------------
     @cached_property
@@ -88,12 +94,16 @@ class Lake:
         """Rebuild the catalog from the manifests (the source of truth); returns counts.
 
         Runs: ``runs/<run>/manifest.json``. SAEs: ``saes/<sae>/config.json`` (+ ``metrics.json``,
-        a list of {step, tokens, name, value}). Analyses: ``analyses/<name>/analysis.json``. Latent indexes: ``indexes/<name>/index.json``.
+        a list of {step, tokens, name, value}). Analyses: ``analyses/<name>/analysis.json``. Latent
+        indexes: ``indexes/<name>/index.json``.
         """
         st = self.storage
         runs = [(self.manifest(n).to_json(), st.uri("runs", n)) for n in self.run_names()]
-        saes = [(st.read_json("saes", n, "config.json"), st.uri("saes", n), st.read_json("saes", n, "metrics.json") or [])
-                for n in st.listdir("saes") if st.exists("saes", n, "config.json")]
+        saes = [
+            (st.read_json("saes", n, "config.json"), st.uri("saes", n), st.read_json("saes", n, "metrics.json") or [])
+            for n in st.listdir("saes")
+            if st.exists("saes", n, "config.json")
+        ]
         analyses = [(self.analysis_record(n).to_json(), st.uri("analyses", n)) for n in self.analysis_names()]
         indexes = [(self.index_record(n).to_json(), st.uri("indexes", n)) for n in self.index_names()]
         self.catalog.rebuild(runs, saes, analyses, indexes)
@@ -143,8 +153,9 @@ class Lake:
                     yield as_float32_for_sql(b, acts)
             except (OSError, pa.ArrowException) as e:  # a damaged data file: name the table, not Lance's internals
                 why = re.sub(r",? */rustc/\S*", "", str(e).splitlines()[0])[:160]
-                damaged.append(UserError(f"cannot read the {table} table of run {run!r} ({why}): "
-                                         f"run `lake verify {run}`"))
+                damaged.append(
+                    UserError(f"cannot read the {table} table of run {run!r} ({why}): run `lake verify {run}`")
+                )
                 raise damaged[-1] from None
 
         batches = batches()

@@ -1,8 +1,9 @@
 """``LiveSource``: the reader interface served by running the model (no cache)."""
+
 from __future__ import annotations
 
 import itertools
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,9 +22,19 @@ class LiveSource:
     re-tokenizes but only runs the model from the chunk that holds ``start``.
     """
 
-    def __init__(self, model: str | LoadedModel, corpus: str = "builtin", hooks: Sequence[str] = (),
-                 context_size: int = 128, *, text_column: str = "text", batch_size: int = 16,
-                 shuffle_buffer: int = 32768, dtype: str = "float32", device: str = "cpu"):
+    def __init__(
+        self,
+        model: str | LoadedModel,
+        corpus: str = "builtin",
+        hooks: Sequence[str] = (),
+        context_size: int = 128,
+        *,
+        text_column: str = "text",
+        batch_size: int = 16,
+        shuffle_buffer: int = 32768,
+        dtype: str = "float32",
+        device: str = "cpu",
+    ):
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device)
         self.hooks = list(hooks)
         if not self.hooks:
@@ -38,18 +49,28 @@ class LiveSource:
         self._pos: dict = {}
 
     def _contexts(self, start: int = 0):
-        ctxs = pack_contexts(documents(self.corpus, self.text_column), self.model.tokenizer,
-                             self.context_size, self.model.bos_token_id)
+        ctxs = pack_contexts(
+            documents(self.corpus, self.text_column), self.model.tokenizer, self.context_size, self.model.bos_token_id
+        )
         return itertools.islice(ctxs, start, None)
 
     def _forward(self, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
-        outs = [self.model.activations(tokens[i:i + self.forward_batch].to(self.device), hooks)
-                for i in range(0, len(tokens), self.forward_batch)]
+        outs = [
+            self.model.activations(tokens[i : i + self.forward_batch].to(self.device), hooks)
+            for i in range(0, len(tokens), self.forward_batch)
+        ]
         return {h: torch.cat([o[h] for o in outs]).to("cpu", self.dtype) for h in hooks}
 
-    def token_batches(self, batch_size: int, hooks: Sequence[str] | None = None, *, seed: int = 0,
-                      start: int = 0, repeat: bool = False,
-                      shard: tuple[int, int] = (0, 1)) -> Iterator[TokenBatch]:
+    def token_batches(
+        self,
+        batch_size: int,
+        hooks: Sequence[str] | None = None,
+        *,
+        seed: int = 0,
+        start: int = 0,
+        repeat: bool = False,
+        shard: tuple[int, int] = (0, 1),
+    ) -> Iterator[TokenBatch]:
         """``shard=(rank, world)``: this rank's micro-batch of each global batch, as SnapshotSource.
         Live, every rank runs the model over the whole stream (it has no cache to split)."""
         rank, world = shard
@@ -57,8 +78,9 @@ class LiveSource:
             if i % world == rank:
                 yield batch
 
-    def _token_stream(self, batch_size: int, hooks: Sequence[str] | None, seed: int,
-                      start: int) -> Iterator[TokenBatch]:
+    def _token_stream(
+        self, batch_size: int, hooks: Sequence[str] | None, seed: int, start: int
+    ) -> Iterator[TokenBatch]:
         hooks = list(hooks or self.hooks)
         self._pos = {"kind": "tokens", "rows": start, "seed": seed}
         per_chunk = max(1, self.shuffle_buffer // self.context_size)
@@ -79,10 +101,12 @@ class LiveSource:
             skip, seen = max(0, start - seen), seen + len(rows)
             rows = rows[skip:]
             acts = self._forward(tokens, hooks)
-            part = TokenBatch(acts={h: acts[h].reshape(-1, acts[h].shape[-1])[rows] for h in hooks},
-                              token_id=tokens.reshape(-1)[rows],
-                              context_id=torch.tensor([c.context_id for c in chunk])[rows // T],
-                              position=(rows % T).to(torch.int32))
+            part = TokenBatch(
+                acts={h: acts[h].reshape(-1, acts[h].shape[-1])[rows] for h in hooks},
+                token_id=tokens.reshape(-1)[rows],
+                context_id=torch.tensor([c.context_id for c in chunk])[rows // T],
+                position=(rows % T).to(torch.int32),
+            )
             if carry is not None:
                 part = _cat(carry, part)
             i = 0
@@ -98,8 +122,9 @@ class LiveSource:
         self._pos[key] += len(b)
         return b
 
-    def context_batches(self, batch_size: int, hooks: Sequence[str] | None = None, *,
-                        start: int = 0) -> Iterator[ContextBatch]:
+    def context_batches(
+        self, batch_size: int, hooks: Sequence[str] | None = None, *, start: int = 0
+    ) -> Iterator[ContextBatch]:
         hooks = list(hooks or self.hooks)
         self._pos = {"kind": "contexts", "contexts": start}
         contexts = self._contexts(start)
@@ -108,9 +133,14 @@ class LiveSource:
             if not chunk:
                 return
             tokens = torch.from_numpy(np.stack([c.tokens for c in chunk]))
-            yield self._count(ContextBatch(acts=self._forward(tokens, hooks), tokens=tokens,
-                                           context_id=torch.tensor([c.context_id for c in chunk]),
-                                           doc_id=torch.tensor([c.doc_id for c in chunk])))
+            yield self._count(
+                ContextBatch(
+                    acts=self._forward(tokens, hooks),
+                    tokens=tokens,
+                    context_id=torch.tensor([c.context_id for c in chunk]),
+                    doc_id=torch.tensor([c.doc_id for c in chunk]),
+                )
+            )
 
     def state(self) -> dict:
         return dict(self._pos)
@@ -121,5 +151,9 @@ def _slice(b: TokenBatch, i: int, j: int) -> TokenBatch:
 
 
 def _cat(a: TokenBatch, b: TokenBatch) -> TokenBatch:
-    return TokenBatch({h: torch.cat([a.acts[h], b.acts[h]]) for h in a.acts}, torch.cat([a.token_id, b.token_id]),
-                      torch.cat([a.context_id, b.context_id]), torch.cat([a.position, b.position]))
+    return TokenBatch(
+        {h: torch.cat([a.acts[h], b.acts[h]]) for h in a.acts},
+        torch.cat([a.token_id, b.token_id]),
+        torch.cat([a.context_id, b.context_id]),
+        torch.cat([a.position, b.position]),
+    )

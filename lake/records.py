@@ -9,6 +9,7 @@ Schema versions: 1 is what saelake wrote before records carried a version (commi
 and earlier: no ``schema_version`` key); such records read as version 1 with the later keys'
 defaults. A record from a newer saelake (a higher version) is refused with a message, not guessed at.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,8 +20,12 @@ from typing import Any, ClassVar, Self
 
 from .errors import UserError
 
-_KINDS = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
-          bool: ("true/false", "true/false values")}
+_KINDS = {
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    str: ("a string", "strings"),
+    bool: ("true/false", "true/false values"),
+}
 
 
 def _kind(typ, plural: bool = False) -> str:
@@ -72,15 +77,18 @@ def _convert(value, typ, where: str, key: str):
         value = float(value) if ok and typ is float else value
     if not ok:
         shown = repr(value)
-        raise UserError(f"{where}: key {key!r} must be {_kind(typ)}, not {shown[:40]}"
-                        + ("..." if len(shown) > 40 else ""))
+        raise UserError(
+            f"{where}: key {key!r} must be {_kind(typ)}, not {shown[:40]}" + ("..." if len(shown) > 40 else "")
+        )
     return value
 
 
 def _build(cls, data, where: str, prefix: str = ""):
     if not isinstance(data, dict):
-        raise UserError(f"{where}: {('key ' + repr(prefix.rstrip('.'))) if prefix else 'the record'} must be a "
-                        f"JSON object, not {type(data).__name__}")
+        raise UserError(
+            f"{where}: {('key ' + repr(prefix.rstrip('.'))) if prefix else 'the record'} must be a "
+            f"JSON object, not {type(data).__name__}"
+        )
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -98,6 +106,7 @@ def _build(cls, data, where: str, prefix: str = ""):
 @dataclass
 class Record:
     """Base of the versioned records: ``SCHEMA_VERSION`` is what this code writes."""
+
     SCHEMA_VERSION: ClassVar[int]
 
     @classmethod
@@ -106,8 +115,10 @@ class Record:
             data = {"schema_version": 1, **data}  # records from before versions were recorded
             version = data["schema_version"]
             if isinstance(version, int) and version > cls.SCHEMA_VERSION:
-                raise UserError(f"{where}: schema_version {version} was written by a newer saelake (this one "
-                                f"reads up to {cls.SCHEMA_VERSION}): upgrade saelake")
+                raise UserError(
+                    f"{where}: schema_version {version} was written by a newer saelake (this one "
+                    f"reads up to {cls.SCHEMA_VERSION}): upgrade saelake"
+                )
         return _build(cls, data, where)
 
     def to_json(self) -> dict:
@@ -122,6 +133,7 @@ class Record:
 class Snapshot:
     """A complete state of a run (what ``SnapshotSource(run, version)`` pins): per table its
     Lance version (tagged ``tag``) and row count."""
+
     tables: dict[str, int]
     rows: dict[str, int]
     contexts: int
@@ -142,6 +154,7 @@ class ModelInfo:
 @dataclass
 class HookStats:
     """Norm statistics of one hook over a whole run (non-BOS tokens unless keep_bos)."""
+
     n: int
     mean_norm: float
     rms_norm: float
@@ -163,6 +176,7 @@ class RunManifest(Record):
     every data file has one, None for a run written before saelake recorded them (see
     lake/checksums.py). ``codecs`` (schema 3): each hook's storage codec, so int8/float8 runs are
     refused by older readers instead of misread."""
+
     SCHEMA_VERSION: ClassVar[int] = 3
     # identity: --resume and --append must repeat these (IDENTITY in ingest.py)
     model: str
@@ -203,8 +217,10 @@ class RunManifest(Record):
     def snapshot(self, version: int) -> Snapshot:
         """Snapshot ``version`` (1-based), or a UserError that says which exist."""
         if not self.versions:
-            raise UserError(f"run {self.name!r} has no complete snapshot yet (status {self.status}): "
-                            f"finish it with `lake ingest --run {self.name} --resume ...`")
+            raise UserError(
+                f"run {self.name!r} has no complete snapshot yet (status {self.status}): "
+                f"finish it with `lake ingest --run {self.name} --resume ...`"
+            )
         if not 1 <= version <= len(self.versions):
             raise UserError(f"run {self.name!r} has snapshot versions 1..{len(self.versions)}, not {version}")
         return self.versions[version - 1]
@@ -214,6 +230,7 @@ class RunManifest(Record):
 @dataclass
 class FileChecksum:
     """A data file's content checksum, and its size (what ``lake verify --quick`` compares)."""
+
     sha256: str
     bytes: int
 
@@ -225,6 +242,7 @@ class AnalysisRecord(Record):
     ``features_table``: the embedded store's table (a folder next to the record); None for
     MongoDB. ``checksums``: its data files (paths relative to the analysis folder); None in
     records written before saelake recorded them."""
+
     SCHEMA_VERSION: ClassVar[int] = 2
     name: str
     sae: str
@@ -264,6 +282,7 @@ class LatentIndexRecord(Record):
     table, in context order. ``contexts_done`` contexts are committed in Lance version
     ``lance_version``; a resumed encode drops anything a crash committed after it. ``checksums``:
     every data file of that version (keys ``latents.lance/data/<file>``)."""
+
     SCHEMA_VERSION: ClassVar[int] = 1
     name: str
     sae: str

@@ -4,6 +4,7 @@ Small JSON files (manifests, configs) go through fsspec and are written atomical
 (temp file + rename locally, a single PUT on S3). Lance datasets get ``uri()`` plus
 ``storage_options`` so Lance talks to the same store directly.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -62,8 +63,10 @@ def s3_timeout() -> float:
     except ValueError:
         value = -1.0
     if not value > 0 or value == float("inf"):
-        raise UserError(f"{S3_TIMEOUT_ENV}={raw!r}: give the S3 time limit in seconds, a positive number "
-                        f"(default {S3_TIMEOUT_DEFAULT:g})")
+        raise UserError(
+            f"{S3_TIMEOUT_ENV}={raw!r}: give the S3 time limit in seconds, a positive number "
+            f"(default {S3_TIMEOUT_DEFAULT:g})"
+        )
     return value
 
 
@@ -95,16 +98,28 @@ class LakeStorage:
             session = aiobotocore.session.AioSession()
             session.register("before-call.s3", _no_expect_continue)
             self.fs = fsspec.filesystem(
-                "s3", key=s["key"], secret=s["secret"], token=s["token"], client_kwargs=client_kwargs, session=session,
-                config_kwargs={"connect_timeout": limit / 4, "read_timeout": limit / 4,
-                               "retries": {"total_max_attempts": 2, "mode": "standard"}},
+                "s3",
+                key=s["key"],
+                secret=s["secret"],
+                token=s["token"],
+                client_kwargs=client_kwargs,
+                session=session,
+                config_kwargs={
+                    "connect_timeout": limit / 4,
+                    "read_timeout": limit / 4,
+                    "retries": {"total_max_attempts": 2, "mode": "standard"},
+                },
                 skip_instance_cache=True,
             )
             self.fs.retries = 1  # s3fs's own retry loop (5 by default) would multiply botocore's
             half_ms = max(1, int(limit * 500))
-            self.storage_options = {"region": s["region"], "connect_timeout": f"{half_ms // 2}ms",
-                                    "timeout": f"{half_ms}ms", "client_max_retries": "3",
-                                    "client_retry_timeout": f"{max(1, round(limit / 2))}"}
+            self.storage_options = {
+                "region": s["region"],
+                "connect_timeout": f"{half_ms // 2}ms",
+                "timeout": f"{half_ms}ms",
+                "client_max_retries": "3",
+                "client_retry_timeout": f"{max(1, round(limit / 2))}",
+            }
             if s["key"]:
                 self.storage_options |= {"access_key_id": s["key"], "secret_access_key": s["secret"]}
             if s["token"]:
@@ -130,15 +145,19 @@ class LakeStorage:
         except FileNotFoundError:
             raise UserError(f"S3 bucket {bucket!r} does not exist at {where}: create it first") from None
         except PermissionError:
-            raise UserError(f"S3 at {where} refused access to bucket {bucket!r}: check AWS_ACCESS_KEY_ID/"
-                            "AWS_SECRET_ACCESS_KEY") from None
+            raise UserError(
+                f"S3 at {where} refused access to bucket {bucket!r}: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+            ) from None
         except Exception as e:  # botocore raises many types; the class name says enough
             name = type(e).__name__
             if "Credential" in name or "Auth" in str(e) or "InvalidAccessKeyId" in str(e) or "Forbidden" in str(e):
-                raise UserError(f"S3 at {where} refused the credentials for bucket {bucket!r}: check "
-                                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY") from None
-            raise UserError(f"cannot reach S3 endpoint {where} ({name}): check AWS_ENDPOINT_URL and "
-                            "that the server is up") from None
+                raise UserError(
+                    f"S3 at {where} refused the credentials for bucket {bucket!r}: check "
+                    "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+                ) from None
+            raise UserError(
+                f"cannot reach S3 endpoint {where} ({name}): check AWS_ENDPOINT_URL and that the server is up"
+            ) from None
 
     # paths -------------------------------------------------------------------------------
     def uri(self, *parts: str) -> str:
@@ -150,8 +169,11 @@ class LakeStorage:
     def listdir(self, *parts: str) -> list[str]:
         """Names of the entries directly under a folder ([] if missing)."""
         try:
-            entries = self.fs.ls(self.uri(*parts), detail=False, refresh=True) if self.is_s3 else \
-                self.fs.ls(self.uri(*parts), detail=False)
+            entries = (
+                self.fs.ls(self.uri(*parts), detail=False, refresh=True)
+                if self.is_s3
+                else self.fs.ls(self.uri(*parts), detail=False)
+            )
         except FileNotFoundError:
             return []
         return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries})
@@ -204,8 +226,10 @@ class LakeStorage:
                 return self._read_bytes(target) == data
             except OSError as e:
                 if "NotImplemented" in str(e) or "501" in str(e):
-                    raise UserError(f"the S3 endpoint {self.endpoint or 'AWS'} refuses conditional writes "
-                                    "(If-None-Match), which saelake needs to claim names atomically") from None
+                    raise UserError(
+                        f"the S3 endpoint {self.endpoint or 'AWS'} refuses conditional writes "
+                        "(If-None-Match), which saelake needs to claim names atomically"
+                    ) from None
                 raise
             return True
         os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -238,13 +262,20 @@ class LakeStorage:
         under (it failed first) is given back at exit (:func:`release_unused_claims`).
         """
         token = uuid.uuid4().hex
-        record = {"owner": owner, "host": socket.gethostname(), "pid": os.getpid(),
-                  "at": datetime.now(UTC).isoformat(timespec="seconds"), "token": token}
+        record = {
+            "owner": owner,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "token": token,
+        }
         if not self.create_exclusive(json.dumps(record, indent=2).encode(), *parts, CLAIM):
             held = self.read_json(*parts, CLAIM) or {}
             what = {"saes": "SAE name", "analyses": "analysis name", "runs": "run name"}.get(parts[0], "name")
-            raise UserError(f"{what} {parts[-1]!r} is taken in {self.root} (claimed by `{held.get('owner')}` on "
-                            f"{held.get('host')}, pid {held.get('pid')}, at {held.get('at')}): pick another --name")
+            raise UserError(
+                f"{what} {parts[-1]!r} is taken in {self.root} (claimed by `{held.get('owner')}` on "
+                f"{held.get('host')}, pid {held.get('pid')}, at {held.get('at')}): pick another --name"
+            )
         if not _CLAIMED:
             atexit.register(release_unused_claims)
         _CLAIMED.append((self, parts, token))

@@ -13,6 +13,7 @@ int8/float8 as codes followed by their scales in the same cell (width > d). The 
 ``saelake.dtype`` (the codec) and ``saelake.d_model`` so nobody reads stored elements as values:
 ``arrow_to_acts`` decodes, and it is the only way out.
 """
+
 from __future__ import annotations
 
 import warnings

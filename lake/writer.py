@@ -5,6 +5,7 @@ chunks into Lance fragments (data files that nothing references yet); rank 0 the
 one round's fragments in a single Lance transaction that records ``contexts_done``. Until
 that commit nothing is visible; after it, everything up to ``contexts_done`` is.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,6 +34,7 @@ LEASE_SECONDS = 120  # a writer that has not renewed its lease for this long is 
 class Chunk:
     """A forwarded chunk: its contexts, tokens [n, T], and per hook the activations as stored
     (``Codec.encode``'d: [n, T, width]) and their float32 norms [n, T] (of the unencoded values)."""
+
     ctxs: list
     tokens: torch.Tensor
     acts: dict[str, torch.Tensor]
@@ -55,15 +57,15 @@ def forward_chunk(cfg, model, ctxs, on_batch: Callable[[int], None] | None = Non
     norms: dict[str, torch.Tensor] = {}
     dims: dict[str, int] = {}
     for i in range(0, n, cfg.batch_size):
-        out = model.activations(tokens[i:i + cfg.batch_size].to(cfg.device), cfg.hooks)
+        out = model.activations(tokens[i : i + cfg.batch_size].to(cfg.device), cfg.hooks)
         for h in cfg.hooks:
             x = out[h].float().cpu()
             if h not in acts:
                 dims[h] = x.shape[-1]
                 acts[h] = torch.empty(n, T, codec.width(dims[h]), dtype=codec.storage)
                 norms[h] = torch.empty(n, T, dtype=torch.float32)
-            acts[h][i:i + len(x)] = codec.encode(x)
-            norms[h][i:i + len(x)] = x.norm(dim=-1)
+            acts[h][i : i + len(x)] = codec.encode(x)
+            norms[h][i : i + len(x)] = x.norm(dim=-1)
         del out
         if on_batch:
             on_batch(min(cfg.batch_size, n - i))
@@ -76,10 +78,12 @@ WRITE_ROWS = 8192  # rows per record batch handed to Lance: bounds the memory a 
 def contexts_table(cfg, chunk: Chunk) -> pa.RecordBatchReader:
     """The 2d table of a chunk: one row per context, in corpus order (zero-copy from the buffers)."""
     ctxs, T = chunk.ctxs, chunk.tokens.shape[1]
-    cols = {"context_id": pa.array([c.context_id for c in ctxs], pa.int64()),
-            "doc_id": pa.array([c.doc_id for c in ctxs], pa.int64()),
-            "doc_offset": pa.array([c.offset for c in ctxs], pa.int32()),
-            "tokens": pa.FixedSizeListArray.from_arrays(pa.array(chunk.tokens.numpy().ravel()), T)}
+    cols = {
+        "context_id": pa.array([c.context_id for c in ctxs], pa.int64()),
+        "doc_id": pa.array([c.doc_id for c in ctxs], pa.int64()),
+        "doc_offset": pa.array([c.offset for c in ctxs], pa.int32()),
+        "tokens": pa.FixedSizeListArray.from_arrays(pa.array(chunk.tokens.numpy().ravel()), T),
+    }
     fields = [pa.field(k, v.type) for k, v in cols.items()]
     for h in cfg.hooks:
         col, d = column_name(h), chunk.dims[h]
@@ -103,8 +107,11 @@ def tokens_table(cfg, chunk: Chunk, bos: int) -> pa.RecordBatchReader:
     # produces the same rows in the same order
     rng = np.random.default_rng([cfg.seed, int(ctx_ids[0])])
     rows = keep.nonzero().squeeze(1)[torch.from_numpy(rng.permutation(int(keep.sum())))]
-    fields = [pa.field("token_id", pa.from_numpy_dtype(flat_tokens.numpy().dtype)), pa.field("context_id", pa.int64()),
-              pa.field("position", pa.int32())]
+    fields = [
+        pa.field("token_id", pa.from_numpy_dtype(flat_tokens.numpy().dtype)),
+        pa.field("context_id", pa.int64()),
+        pa.field("position", pa.int32()),
+    ]
     for h in cfg.hooks:
         col = column_name(h)
         fields += [acts_field(col, cfg.dtype, (chunk.dims[h],)), pa.field(col + "_norm", pa.float32())]
@@ -112,13 +119,19 @@ def tokens_table(cfg, chunk: Chunk, bos: int) -> pa.RecordBatchReader:
 
     def batches():
         for i in range(0, len(rows), WRITE_ROWS):
-            r = rows[i:i + WRITE_ROWS]
-            cols = [pa.array(flat_tokens[r].numpy()), pa.array(ctx_ids[(r // T).numpy()]),
-                    pa.array((r % T).to(torch.int32).numpy())]
+            r = rows[i : i + WRITE_ROWS]
+            cols = [
+                pa.array(flat_tokens[r].numpy()),
+                pa.array(ctx_ids[(r // T).numpy()]),
+                pa.array((r % T).to(torch.int32).numpy()),
+            ]
             for h in cfg.hooks:
-                cols += [acts_to_arrow(chunk.acts[h].reshape(n * T, -1)[r]),
-                         pa.array(chunk.norms[h].reshape(-1)[r].numpy())]
+                cols += [
+                    acts_to_arrow(chunk.acts[h].reshape(n * T, -1)[r]),
+                    pa.array(chunk.norms[h].reshape(-1)[r].numpy()),
+                ]
             yield pa.RecordBatch.from_arrays(cols, schema=schema)
+
     return pa.RecordBatchReader.from_batches(schema, batches())
 
 
@@ -129,8 +142,10 @@ def chunk_table(table: str, cfg, chunk: Chunk, bos: int) -> pa.RecordBatchReader
 def store_error(lake: Lake, run: str, e: Exception) -> UserError:
     where = lake.storage.endpoint or lake.root
     first = (str(e).splitlines() or [""])[0][:160]
-    return UserError(f"writing run {run!r} to {where} failed ({type(e).__name__}: {first}); what was committed is "
-                     "kept: rerun with --resume once the store is reachable")
+    return UserError(
+        f"writing run {run!r} to {where} failed ({type(e).__name__}: {first}); what was committed is "
+        "kept: rerun with --resume once the store is reachable"
+    )
 
 
 def committed_contexts(lake: Lake, run: str, table: str) -> tuple[int, int]:
@@ -148,15 +163,27 @@ def committed_contexts(lake: Lake, run: str, table: str) -> tuple[int, int]:
 def write_chunk_fragments(lake: Lake, run: str, table: str, data: pa.Table | pa.RecordBatchReader) -> list[str]:
     """Write a chunk as uncommitted Lance fragments; returns their metadata as JSON strings."""
     try:
-        frags = write_fragments(data, lake.table_uri(run, table), schema=data.schema, max_rows_per_file=1 << 24,
-                                storage_options=lake.storage.storage_options)
+        frags = write_fragments(
+            data,
+            lake.table_uri(run, table),
+            schema=data.schema,
+            max_rows_per_file=1 << 24,
+            storage_options=lake.storage.storage_options,
+        )
     except Exception as e:
         raise store_error(lake, run, e) from None
     return [json.dumps(f.to_json()) for f in frags]
 
 
-def commit_fragments(lake: Lake, run: str, table: str, fragments: list[str], schema: pa.Schema,
-                     expected: tuple[int, int], contexts_done: int) -> tuple[int, int]:
+def commit_fragments(
+    lake: Lake,
+    run: str,
+    table: str,
+    fragments: list[str],
+    schema: pa.Schema,
+    expected: tuple[int, int],
+    contexts_done: int,
+) -> tuple[int, int]:
     """Make fragments visible in one commit, if nobody else committed since ``expected``.
 
     ``expected`` is (contexts_done, version) as this writer last saw it; a different value
@@ -166,12 +193,15 @@ def commit_fragments(lake: Lake, run: str, table: str, fragments: list[str], sch
     try:
         now = committed_contexts(lake, run, table)
         if now[0] != expected[0]:
-            raise UserError(f"run {run!r} was extended by another writer ({table}: {now[0]} contexts committed, "
-                            f"expected {expected[0]}): stop the other ingest, then --resume")
+            raise UserError(
+                f"run {run!r} was extended by another writer ({table}: {now[0]} contexts committed, "
+                f"expected {expected[0]}): stop the other ingest, then --resume"
+            )
         frags = [FragmentMetadata.from_json(f) for f in fragments]
         op = lance.LanceOperation.Append(frags) if now[1] else lance.LanceOperation.Overwrite(schema, frags)
-        txn = lance.Transaction(read_version=now[1], operation=op,
-                                transaction_properties={"contexts_done": str(contexts_done)})
+        txn = lance.Transaction(
+            read_version=now[1], operation=op, transaction_properties={"contexts_done": str(contexts_done)}
+        )
         ds = lance.LanceDataset.commit(uri, txn, storage_options=lake.storage.storage_options)
     except UserError:
         raise
@@ -212,8 +242,10 @@ class Lease:
     def acquire(self) -> None:
         held = self._holder()
         if held:
-            raise UserError(f"run {self.run!r} is being written by pid {held['pid']} on {held['host']}: wait for it "
-                            "to finish (or stop it) before --resume/--append")
+            raise UserError(
+                f"run {self.run!r} is being written by pid {held['pid']} on {held['host']}: wait for it "
+                "to finish (or stop it) before --resume/--append"
+            )
         self.renew()
 
     def renew(self) -> None:

@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny real model, a tiny corpus, an S3 server, a Mongo server."""
+
 from __future__ import annotations
 
 import os
@@ -19,7 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-TEXT = (Path(__file__).parent / "data" / "corpus.txt")
+TEXT = Path(__file__).parent / "data" / "corpus.txt"
 
 
 def free_port() -> int:
@@ -38,14 +39,23 @@ def make_tiny_model(path: Path, n_layers: int = 2, d_model: int = 32, n_ctx: int
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<unk>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(TEXT.read_text().split("\n\n"), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<unk>"
+    )
     bos = fast.convert_tokens_to_ids("<|endoftext|>")
-    cfg = GPT2Config(vocab_size=len(fast), n_positions=n_ctx, n_embd=d_model, n_layer=n_layers, n_head=4,
-                     bos_token_id=bos, eos_token_id=bos)
+    cfg = GPT2Config(
+        vocab_size=len(fast),
+        n_positions=n_ctx,
+        n_embd=d_model,
+        n_layer=n_layers,
+        n_head=4,
+        bos_token_id=bos,
+        eos_token_id=bos,
+    )
     torch.manual_seed(seed)
     GPT2LMHeadModel(cfg).save_pretrained(path)
     fast.save_pretrained(path)
@@ -72,8 +82,14 @@ def _saelake_home(tmp_path_factory, monkeypatch):
 def run_cli(*args: str, env: dict | None = None, check: bool = False, timeout: int = 300):
     """Run the real `lake` CLI in a subprocess (as users do)."""
     full_env = {**os.environ, **(env or {})}
-    p = subprocess.run([sys.executable, "-m", "saelake.lake", *args], capture_output=True, text=True, env=full_env,
-                       timeout=timeout, cwd=REPO)
+    p = subprocess.run(
+        [sys.executable, "-m", "saelake.lake", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=REPO,
+    )
     if check and p.returncode != 0:
         raise AssertionError(f"lake {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
@@ -87,8 +103,12 @@ def s3_server():
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_REGION": "us-east-1"}
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_REGION": "us-east-1",
+    }
     yield env
     server.stop()
 
@@ -103,8 +123,13 @@ def s3_env(s3_server, monkeypatch):
     for k, v in s3_server.items():
         monkeypatch.setenv(k, v)
     bucket = f"lake-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
-                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=bucket)
+    boto3.client(
+        "s3",
+        endpoint_url=s3_server["AWS_ENDPOINT_URL"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    ).create_bucket(Bucket=bucket)
     return {**s3_server, "bucket": bucket}
 
 
@@ -114,9 +139,21 @@ def mongo_server(tmp_path_factory):
     port = free_port()
     exe = Path(sys.executable).parent / "nx-27017"
     state = tmp_path_factory.mktemp("nx")  # its own pid file: the default one is shared machine-wide
-    proc = subprocess.Popen([str(exe), "--db", "memory", "-p", str(port), "--pid-file", str(state / "nx.pid"),
-                             "--log-file", str(state / "nx.log")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            str(exe),
+            "--db",
+            "memory",
+            "-p",
+            str(port),
+            "--pid-file",
+            str(state / "nx.pid"),
+            "--log-file",
+            str(state / "nx.log"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 10
     while True:
         try:
@@ -124,7 +161,7 @@ def mongo_server(tmp_path_factory):
             break
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"nx-27017 did not start on port {port}: see {state / 'nx.log'}")
+                raise RuntimeError(f"nx-27017 did not start on port {port}: see {state / 'nx.log'}") from None
             time.sleep(0.05)
     yield f"mongodb://127.0.0.1:{port}/"
     proc.terminate()
@@ -137,9 +174,17 @@ HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
 def ingest_tiny(lake: str, model: str, corpus: str, run: str = "r1", tokens: int = 4000, **kw) -> dict:
     from saelake.lake import IngestConfig, ingest
 
-    cfg = IngestConfig(lake=lake, model=model, dataset=corpus, hooks=kw.pop("hooks", HOOKS), tokens=tokens,
-                       context_size=kw.pop("context_size", 32), run=run, shuffle_buffer=kw.pop("shuffle_buffer", 1024),
-                       **kw)
+    cfg = IngestConfig(
+        lake=lake,
+        model=model,
+        dataset=corpus,
+        hooks=kw.pop("hooks", HOOKS),
+        tokens=tokens,
+        context_size=kw.pop("context_size", 32),
+        run=run,
+        shuffle_buffer=kw.pop("shuffle_buffer", 1024),
+        **kw,
+    )
     return ingest(cfg, progress=False)
 
 

@@ -1,5 +1,6 @@
 """bench/gpu.sh's CPU dry run: the one-shot GPU readiness script works end to end (ingest, reader,
 fp32 and bf16-autocast training, the matmul bound) before anyone spends GPU time on it."""
+
 import json
 import os
 import subprocess
@@ -9,8 +10,14 @@ from tests.conftest import REPO
 
 
 def test_gpu_bench_dry_run_on_cpu():
-    p = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), "--device", "cpu", "--tiny", "--json"],
-                       capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "PY": sys.executable})
+    p = subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu.sh"), "--device", "cpu", "--tiny", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        env={**os.environ, "PY": sys.executable},
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["device"] == "cpu" and out["d_sae"] == 8 * out["d_in"]

@@ -1,4 +1,5 @@
 """The catalog is an index: delete it, `lake catalog sync` restores every run, SAE and analysis."""
+
 import shutil
 
 from tests.conftest import HOOKS, cli
@@ -11,9 +12,17 @@ def test_catalog_sync_restores_runs_saes_and_analyses(tmp_path, tiny_lake):
     lake = tmp_path / "lake"
     shutil.copytree(tiny_lake, lake)
     assert cli("catalog", "sync", "--lake", str(lake))[0] == 0  # the copy's catalog still names the old path
-    train(str(lake), [SAEConfig(hooks=[HOOKS[0]], arch="topk", k=4, expansion=2, name="s1"),
-                      SAEConfig(hooks=[HOOKS[0]], arch="relu", expansion=2, name="s2")],
-          progress=False, run="r1", tokens=3000, batch_size=256)
+    train(
+        str(lake),
+        [
+            SAEConfig(hooks=[HOOKS[0]], arch="topk", k=4, expansion=2, name="s1"),
+            SAEConfig(hooks=[HOOKS[0]], arch="relu", expansion=2, name="s2"),
+        ],
+        progress=False,
+        run="r1",
+        tokens=3000,
+        batch_size=256,
+    )
     analyze(AnalyzeConfig(lake=str(lake), sae="s1", tokens=640), progress=False)
     tables = ("runs", "snapshots", "hooks", "saes", "metrics", "analyses")
 

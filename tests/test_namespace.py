@@ -1,6 +1,7 @@
 """The library installs under ``saelake``: a researcher's own ``train.py`` / ``analyze.py`` (the most
 common script names in this field) never shadows it, and no top-level ``lake``/``train``/``analyze``/
 ``catalog`` module is installed to collide with other projects."""
+
 import subprocess
 import sys
 import textwrap
@@ -11,8 +12,10 @@ def _python(cwd, *args):
 
 
 def test_no_top_level_modules_are_installed(tmp_path):
-    code = ("import importlib.util\n"
-            "print([m for m in ('lake', 'train', 'analyze', 'catalog') if importlib.util.find_spec(m)])")
+    code = (
+        "import importlib.util\n"
+        "print([m for m in ('lake', 'train', 'analyze', 'catalog') if importlib.util.find_spec(m)])"
+    )
     p = _python(tmp_path, "-c", code)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "[]"
@@ -21,7 +24,8 @@ def test_no_top_level_modules_are_installed(tmp_path):
 def test_a_script_named_train_py_next_to_analyze_py_uses_the_library(tmp_path, tiny_lake):
     # the researcher's own helper module, named like the library's package
     (tmp_path / "analyze.py").write_text("def summary(batch):\n    return f'{len(batch.token_id)} rows'\n")
-    (tmp_path / "train.py").write_text(textwrap.dedent(f"""
+    (tmp_path / "train.py").write_text(
+        textwrap.dedent(f"""
         import analyze                      # ./analyze.py, not the library
         from saelake.analyze import AnalyzeConfig
         from saelake.lake import SnapshotSource
@@ -30,7 +34,8 @@ def test_a_script_named_train_py_next_to_analyze_py_uses_the_library(tmp_path, t
         src = SnapshotSource({tiny_lake!r}, "r1")
         batch = next(src.token_batches(64, seed=0))
         print(analyze.summary(batch), SAEStore.__module__, SAEConfig.__module__, AnalyzeConfig.__module__)
-    """))
+    """)
+    )
     p = _python(tmp_path, "train.py")
     assert p.returncode == 0, p.stderr[-2000:]
     words = p.stdout.split()

@@ -1,5 +1,6 @@
 """SAE training: dictionary kinds from a registry (``dictionaries``: ReLU, TopK, BatchTopK, JumpReLU;
 SAEs, transcoders, crosscoders), fused sweeps, checkpoints with exact resume, eval, SAELens interop."""
+
 from . import dictionaries
 from .config import SAEConfig, SourceConfig, load_sweep
 from .dictionaries import Dictionary
@@ -18,5 +19,15 @@ def load_sae(lake: str, name: str, device: str = "cpu"):
     return SAEStore(lake).load(name, device)
 
 
-__all__ = ["METRIC_DEFINITIONS", "Dictionary", "SAEConfig", "SAEStore", "SourceConfig", "Trainer", "dictionaries",
-           "load_sae", "load_sweep", "train"]
+__all__ = [
+    "METRIC_DEFINITIONS",
+    "Dictionary",
+    "SAEConfig",
+    "SAEStore",
+    "SourceConfig",
+    "Trainer",
+    "dictionaries",
+    "load_sae",
+    "load_sweep",
+    "train",
+]

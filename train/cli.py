@@ -2,6 +2,7 @@
 
 Registered through the ``saelake.commands`` / ``saelake.show`` entry points (pyproject.toml).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,14 +59,32 @@ def _kind_options(command):
 
 class IntList(click.ParamType):
     """P1,P2,... on the command line (a kind's ``list[int]`` key)."""
+
     name = "P1,P2,..."
 
     def convert(self, value, param, ctx):
         return value if isinstance(value, list) else int_list(value, f"--{param.name.replace('_', '-')}")
 
 
-SOURCE_FLAGS = ("run", "version", "live", "model", "dataset", "text_column", "context_size", "tokens", "batch_size",
-                "repeat", "data_seed", "holdout", "device", "autocast", "checkpoint_every", "log_every", "parallel")
+SOURCE_FLAGS = (
+    "run",
+    "version",
+    "live",
+    "model",
+    "dataset",
+    "text_column",
+    "context_size",
+    "tokens",
+    "batch_size",
+    "repeat",
+    "data_seed",
+    "holdout",
+    "device",
+    "autocast",
+    "checkpoint_every",
+    "log_every",
+    "parallel",
+)
 
 
 @click.command("train")
@@ -73,18 +92,21 @@ SOURCE_FLAGS = ("run", "version", "live", "model", "dataset", "text_column", "co
 @click.option("--config", "config_path", default=None, help="Sweep TOML: top-level defaults + one [[sae]] per SAE.")
 @click.option("--run", "--run-name", "run", default=None, help="Snapshot source: run name.")
 @click.option("--version", type=int, default=None, help="Snapshot version (default: the latest).")
-@click.option("--live", is_flag=True, default=None,
-              help="Run the model instead of reading a snapshot (needs --model/--dataset).")
+@click.option(
+    "--live", is_flag=True, default=None, help="Run the model instead of reading a snapshot (needs --model/--dataset)."
+)
 @click.option("--model", default=None, help="Live: model (local folder or smollm2-135m).")
 @click.option("--dataset", default=None, help="Live: corpus (file, folder, builtin).")
 @click.option("--text-column", default=None, help=_source_help("Live: the corpus' text column", "text_column"))
-@click.option("--context-size", type=int, default=None,
-              help=_source_help("Live: tokens per context", "context_size"))
-@click.option("--hook", default=None, help="Input hook(s); several (comma-separated) make a crosscoder; "
-              "blocks.{0-5}.ln2.hook_out is a range; a:HOOK names a model of a run of several.")
+@click.option("--context-size", type=int, default=None, help=_source_help("Live: tokens per context", "context_size"))
+@click.option(
+    "--hook",
+    default=None,
+    help="Input hook(s); several (comma-separated) make a crosscoder; "
+    "blocks.{0-5}.ln2.hook_out is a range; a:HOOK names a model of a run of several.",
+)
 @click.option("--out-hook", default=None, help="Output hook(s) if different: a transcoder (a CLT: one per input hook).")
-@click.option("--arch", type=click.Choice(dictionaries.names()), default=None,
-              help=_sae_help("arch"))
+@click.option("--arch", type=click.Choice(dictionaries.names()), default=None, help=_sae_help("arch"))
 @click.option("--expansion", type=float, default=None, help=_sae_help("expansion"))
 @click.option("--d-sae", type=int, default=None, help=_sae_help("d_sae"))
 @click.option("--lr", type=float, default=None, help=_sae_help("lr"))
@@ -107,11 +129,20 @@ SOURCE_FLAGS = ("run", "version", "live", "model", "dataset", "text_column", "co
 @click.option("--checkpoint-every", type=int, default=None, help="Steps between checkpoints (default: 5 per run).")
 @click.option("--log-every", type=int, default=None, help="Steps between metric rows (default: about 100 per run).")
 @click.option("--stop-after", type=int, default=None, hidden=True, help="Stop at the first checkpoint >= this step.")
-@click.option("--nproc", type=int, default=1, show_default=True,
-              help="Relaunch under torchrun with N CPU processes (gloo); see --parallel.")
-@click.option("--parallel", type=click.Choice(["data", "sweep"]), default=None,
-              help="Under torchrun: data-parallel replicas (grads all-reduced) or a sweep's SAEs split across ranks "
-                   "(default: sweep when there are at least as many SAEs as ranks).")
+@click.option(
+    "--nproc",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Relaunch under torchrun with N CPU processes (gloo); see --parallel.",
+)
+@click.option(
+    "--parallel",
+    type=click.Choice(["data", "sweep"]),
+    default=None,
+    help="Under torchrun: data-parallel replicas (grads all-reduced) or a sweep's SAEs split across ranks "
+    "(default: sweep when there are at least as many SAEs as ranks).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_cmd(lake_uri, config_path, hook, out_hook, name, resume, stop_after, nproc, quiet, **keys):
     """Train one SAE, or a sweep of many (--config), from a snapshot or a live model."""
@@ -130,8 +161,10 @@ def train_cmd(lake_uri, config_path, hook, out_hook, name, resume, stop_after, n
     sae_keys = {k: v for k, v in keys.items() if v is not None}  # the rest: SAE keys (None: not given)
     if config_path:
         if sae_keys:
-            raise UserError(f"with --config, SAE settings go in the sweep file, not on the command line: "
-                            f"{', '.join('--' + k.replace('_', '-') for k in sae_keys)}")
+            raise UserError(
+                f"with --config, SAE settings go in the sweep file, not on the command line: "
+                f"{', '.join('--' + k.replace('_', '-') for k in sae_keys)}"
+            )
         src, saes = load_sweep(config_path, lake_uri, {**source, "name": name})
     else:
         if not hook:
@@ -145,13 +178,21 @@ def train_cmd(lake_uri, config_path, hook, out_hook, name, resume, stop_after, n
         own = {f.name for f in dataclasses.fields(dictionaries.get(arch).Options)}
         foreign = [k for k in sae_keys if k in KIND_KEYS and k not in own]
         if foreign:
-            raise UserError(f"{', '.join('--' + k.replace('_', '-') for k in foreign)}: not an option of --arch "
-                            f"{arch} (its options: {', '.join('--' + k.replace('_', '-') for k in sorted(own))})")
+            raise UserError(
+                f"{', '.join('--' + k.replace('_', '-') for k in foreign)}: not an option of --arch "
+                f"{arch} (its options: {', '.join('--' + k.replace('_', '-') for k in sorted(own))})"
+            )
         if name is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UserError("--name is required under torchrun (every rank must use the same name)")
         src = SourceConfig(lake=lake_uri, **{k_: v for k_, v in source.items() if v is not None})
-        saes = [SAEConfig(hooks=split_list(hook), out_hooks=split_list(out_hook) if out_hook else None,
-                          name=name or f"{arch}-{datetime.now().strftime('%Y%m%d-%H%M%S')}", **sae_keys)]
+        saes = [
+            SAEConfig(
+                hooks=split_list(hook),
+                out_hooks=split_list(out_hook) if out_hook else None,
+                name=name or f"{arch}-{datetime.now().strftime('%Y%m%d-%H%M%S')}",
+                **sae_keys,
+            )
+        ]
     trainer = Trainer(src, saes, resume=resume, progress=not quiet, stop_after=stop_after)
     results = trainer.run()
     trainer.comm.close()
@@ -159,21 +200,28 @@ def train_cmd(lake_uri, config_path, hook, out_hook, name, resume, stop_after, n
         return  # the replicas are identical: rank 0 reports
     for cfg in results:
         if cfg["status"] != "complete":
-            click.echo(f"sae {cfg['name']}: {cfg['status']} at step {cfg.get('step')} (checkpoint saved; "
-                       "continue with --resume)")
+            click.echo(
+                f"sae {cfg['name']}: {cfg['status']} at step {cfg.get('step')} (checkpoint saved; "
+                "continue with --resume)"
+            )
             continue
-        click.echo(f"sae {cfg['name']}: {cfg['arch']} d_sae {cfg['d_sae']}" + (f" k {cfg['k']}" if cfg['k'] else "")
-                   + f", {cfg['tokens_trained']} tokens, {_heldout_summary(cfg)}; train FVU (in-sample) "
-                   f"{_fmt(cfg['fvu'], '.4f')}, L0 {_fmt(cfg['l0'], '.1f')}, dead {_fmt(cfg['dead_fraction'], '.3f')}; "
-                   f"{cfg['tokens_per_second']:.0f} tok/s")
+        click.echo(
+            f"sae {cfg['name']}: {cfg['arch']} d_sae {cfg['d_sae']}"
+            + (f" k {cfg['k']}" if cfg["k"] else "")
+            + f", {cfg['tokens_trained']} tokens, {_heldout_summary(cfg)}; train FVU (in-sample) "
+            f"{_fmt(cfg['fvu'], '.4f')}, L0 {_fmt(cfg['l0'], '.1f')}, dead {_fmt(cfg['dead_fraction'], '.3f')}; "
+            f"{cfg['tokens_per_second']:.0f} tok/s"
+        )
 
 
 def _heldout_summary(cfg: dict) -> str:
     h = cfg.get("holdout") or {}
     if not h.get("tokens_evaluated"):
         return "no held-out tokens (--holdout 0)" if "holdout" in cfg else "no held-out metrics (older SAE)"
-    return (f"held-out ({h['tokens_evaluated']} tokens) FVU {_fmt(h.get('fvu'), '.4f')}, "
-            f"L0 {_fmt(h.get('l0'), '.1f')}, dead {_fmt(h.get('dead_fraction'), '.3f')}")
+    return (
+        f"held-out ({h['tokens_evaluated']} tokens) FVU {_fmt(h.get('fvu'), '.4f')}, "
+        f"L0 {_fmt(h.get('l0'), '.1f')}, dead {_fmt(h.get('dead_fraction'), '.3f')}"
+    )
 
 
 @click.command("eval")
@@ -190,14 +238,32 @@ def eval_cmd(lake_uri, name, model, dataset, tokens, batch_size, context_size, d
     """Reconstruction and downstream metrics with the SAE spliced into the model."""
     from .evaluate import evaluate
 
-    res = evaluate(lake_uri, name, model=model, dataset=dataset, tokens=tokens, batch_size=batch_size,
-                   context_size=context_size, device=device)
+    res = evaluate(
+        lake_uri,
+        name,
+        model=model,
+        dataset=dataset,
+        tokens=tokens,
+        batch_size=batch_size,
+        context_size=context_size,
+        device=device,
+    )
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
     click.echo(f"sae {name} on {res['tokens']} tokens ({res['source']}; BOS positions excluded):")
-    for key in ("fvu", "explained_variance", "l0", "dead_fraction", "ce_loss_recovered", "delta_lm_loss", "kl",
-                "ce_clean", "ce_sae", "ce_zero_ablation"):
+    for key in (
+        "fvu",
+        "explained_variance",
+        "l0",
+        "dead_fraction",
+        "ce_loss_recovered",
+        "delta_lm_loss",
+        "kl",
+        "ce_clean",
+        "ce_sae",
+        "ce_zero_ablation",
+    ):
         if key in res:
             click.echo(f"  {key:20s} {_fmt(res[key])}")
 
@@ -219,25 +285,38 @@ def export_cmd(lake_uri, name, fmt, out, force):
 @click.command("import")
 @lake_option
 @click.argument("source")
-@click.option("--format", "fmt", type=click.Choice(["auto", "saelens", "sparsify", "llamascopium"]), default="auto",
-              show_default=True, help="The source's format (auto: from the files in the folder).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["auto", "saelens", "sparsify", "llamascopium"]),
+    default="auto",
+    show_default=True,
+    help="The source's format (auto: from the files in the folder).",
+)
 @click.option("--name", required=True, help="Name of the SAE in the lake.")
 @click.option("--hook", default=None, help="Input hook (TransformerLens name) when the source's own name is not one.")
 @click.option("--out-hook", default=None, help="Output hook of a transcoder, when the source does not say.")
 @click.option("--model", default=None, help="Model the dictionary belongs to (default: what the source says).")
-@click.option("--norm-scaling-factor", type=float, default=None,
-              help="SAELens expected_average_only_in: the factor its inputs were scaled by (folded in).")
+@click.option(
+    "--norm-scaling-factor",
+    type=float,
+    default=None,
+    help="SAELens expected_average_only_in: the factor its inputs were scaled by (folded in).",
+)
 def import_cmd(lake_uri, source, fmt, name, hook, out_hook, model, norm_scaling_factor):
     """Read a dictionary into the lake: a SAELens, sparsify or Llamascopium folder, or one on the Hugging
     Face hub as hf://ORG/REPO[/SUBFOLDER][@REVISION] (HF_HUB_OFFLINE: from the cache only)."""
     from .interop import import_dictionary
 
-    cfg = import_dictionary(lake_uri, source, name, fmt, norm_scaling_factor=norm_scaling_factor, hook=hook,
-                            out_hook=out_hook, model=model)
+    cfg = import_dictionary(
+        lake_uri, source, name, fmt, norm_scaling_factor=norm_scaling_factor, hook=hook, out_hook=out_hook, model=model
+    )
     hooks = cfg["hook"] + (f" -> {cfg['out_hook']}" if cfg["out_hook"] != cfg["hook"] else "")
     folded = (cfg.get("normalization") or {}).get("method", "none")
-    click.echo(f"imported {source} ({cfg['import_format']}) as {name}: {cfg['arch']} d_in {cfg['d_in']} d_sae "
-               f"{cfg['d_sae']} at {hooks}" + (f"; folded {folded}" if folded != "none" else ""))
+    click.echo(
+        f"imported {source} ({cfg['import_format']}) as {name}: {cfg['arch']} d_in {cfg['d_in']} d_sae "
+        f"{cfg['d_sae']} at {hooks}" + (f"; folded {folded}" if folded != "none" else "")
+    )
 
 
 @click.command("plot")
@@ -254,6 +333,7 @@ def plot_cmd(lake_uri, names, pareto, out):
     else:
         if len(names) != 1:
             from saelake.lake import UserError
+
             raise UserError("lake plot draws the curves of one SAE; for several use --pareto")
         plot_curves(lake_uri, names[0], out)
     click.echo(f"wrote {out}")
@@ -274,22 +354,48 @@ def show_sae(lake, name: str, as_json: bool) -> bool:
         click.echo(json.dumps(cfg, indent=2, default=str))
         return True
     click.echo(f"sae {cfg['name']}  [{shown_status(cfg)}]  {cfg['arch']}")
-    for key in ("hook", "out_hook", "d_in", "d_sae", "k", "run", "version", "model", "tokens_trained",
-                "tokens_per_second", "bos_excluded", "outlier_factor", "created", "imported_from", "import_format"):
+    for key in (
+        "hook",
+        "out_hook",
+        "d_in",
+        "d_sae",
+        "k",
+        "run",
+        "version",
+        "model",
+        "tokens_trained",
+        "tokens_per_second",
+        "bos_excluded",
+        "outlier_factor",
+        "created",
+        "imported_from",
+        "import_format",
+    ):
         if cfg.get(key) is not None:
             click.echo(f"  {key:18s} {cfg[key]}")
     hp = cfg.get("hyperparameters") or {}
-    click.echo("  hyperparameters    " + ", ".join(f"{k}={hp[k]}" for k in ("lr", "l1", "k_start", "k_anneal", "aux_k",
-                                                                           "dead_window", "seed") if k in hp))
+    click.echo(
+        "  hyperparameters    "
+        + ", ".join(
+            f"{k}={hp[k]}" for k in ("lr", "l1", "k_start", "k_anneal", "aux_k", "dead_window", "seed") if k in hp
+        )
+    )
     fm = cfg.get("final_metrics") or {}
     if cfg.get("status") == "complete":
         click.echo(f"  {_heldout_summary(cfg)} ({(cfg.get('holdout') or {}).get('rule', '-')})")
-    click.echo(f"  train (in-sample)  FVU {_fmt(cfg.get('fvu'))}, L0 {_fmt(cfg.get('l0'))}, dead fraction "
-               f"{_fmt(cfg.get('dead_fraction'))} (window: {fm.get('window', '-')}; dead window "
-               f"{fm.get('dead_window_tokens', '-')} tokens)")
+    click.echo(
+        f"  train (in-sample)  FVU {_fmt(cfg.get('fvu'))}, L0 {_fmt(cfg.get('l0'))}, dead fraction "
+        f"{_fmt(cfg.get('dead_fraction'))} (window: {fm.get('window', '-')}; dead window "
+        f"{fm.get('dead_window_tokens', '-')} tokens)"
+    )
     ev = cfg.get("eval")
     if ev:
-        click.echo(f"  eval ({ev['tokens']} tokens, {ev['source']}): " + ", ".join(
-            f"{k} {_fmt(ev.get(k))}" for k in ("fvu", "l0", "dead_fraction", "ce_loss_recovered", "delta_lm_loss", "kl")
-            if k in ev))
+        click.echo(
+            f"  eval ({ev['tokens']} tokens, {ev['source']}): "
+            + ", ".join(
+                f"{k} {_fmt(ev.get(k))}"
+                for k in ("fvu", "l0", "dead_fraction", "ce_loss_recovered", "delta_lm_loss", "kl")
+                if k in ev
+            )
+        )
     return True

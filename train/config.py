@@ -9,6 +9,7 @@ fills it from the kind's defaults, and stays None in SAEs of kinds that do not h
 default lives in one place: here for the common keys, in the kind's ``Options`` for its keys; the
 CLI's help reads them from there.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,7 +28,7 @@ from .dictionaries.base import fraction, option, option_help
 NORMALIZE = ("dataset", "none")  # the values of ``normalize``
 B_DEC_INIT = ("mean", "median", "zeros")  # the values of ``b_dec_init``
 DEFAULT_EXPANSION = 8  # d_sae = expansion x d_in when neither is given
-LR_BASE, LR_D_SAE = 2e-4, 2 ** 14  # default lr: LR_BASE at d_sae = LR_D_SAE, ~1/sqrt(d_sae) (sparsify's rule)
+LR_BASE, LR_D_SAE = 2e-4, 2**14  # default lr: LR_BASE at d_sae = LR_D_SAE, ~1/sqrt(d_sae) (sparsify's rule)
 DEAD_WINDOW_MAX, DEAD_WINDOW_FRACTION = 1_000_000, 4  # default dead window: min(max, tokens / fraction)
 
 
@@ -43,6 +44,7 @@ def default_dead_window(tokens: int, batch_size: int) -> int:
 class BaseSAEConfig:
     """The keys of every SAE. ``hooks``/``out_hooks``: several hooks = a crosscoder; out_hooks ≠ hooks = a
     transcoder."""
+
     hooks: list[str]
     arch: str = option("topk", "Dictionary kind")
     name: str | None = None
@@ -52,12 +54,16 @@ class BaseSAEConfig:
     lr: float | None = option(None, "Adam learning rate", f"{LR_BASE:g}/sqrt(d_sae/{LR_D_SAE})")
     lr_warmup: float = option(0.02, "Fraction of the steps with a linear learning-rate warm-up")
     lr_decay: float = option(0.2, "Final fraction of the steps with a linear learning-rate decay to 0")
-    dead_window: int | None = option(None, "Tokens without activation after which a latent is dead",
-                                     f"min({DEAD_WINDOW_MAX:,}, tokens/{DEAD_WINDOW_FRACTION})")
+    dead_window: int | None = option(
+        None,
+        "Tokens without activation after which a latent is dead",
+        f"min({DEAD_WINDOW_MAX:,}, tokens/{DEAD_WINDOW_FRACTION})",
+    )
     normalize_decoder: bool | None = option(None, "Unit-norm decoder rows after each step", "the kind's")
     normalize: str = option("dataset", "'dataset': scale each hook so E|x| = sqrt(d) (ingest stats); 'none'")
-    outlier_factor: float | None = option(10.0, "Drop tokens with norm above this x the hook's median norm; "
-                                                "0 keeps all")
+    outlier_factor: float | None = option(
+        10.0, "Drop tokens with norm above this x the hook's median norm; 0 keeps all"
+    )
     b_dec_init: str = option("mean", "Decoder bias init: mean, median (per dim, of the first batch) or zeros")
     seed: int = option(0, "Weight initialisation seed")
 
@@ -73,8 +79,9 @@ class BaseSAEConfig:
         try:
             return self.kind
         except UserError:
-            raise UserError(f"SAE {self.name}: unknown arch {self.arch!r}: use one of "
-                            f"{', '.join(dictionaries.names())}") from None
+            raise UserError(
+                f"SAE {self.name}: unknown arch {self.arch!r}: use one of {', '.join(dictionaries.names())}"
+            ) from None
 
     def __post_init__(self):
         self.hooks = expand_hooks(self.hooks)
@@ -161,8 +168,10 @@ def _kind_keys() -> dict[str, str]:
 
 KIND_KEYS = _kind_keys()
 SAEConfig = dataclasses.make_dataclass(
-    "SAEConfig", [(k, f"{t} | None", dataclasses.field(default=None)) for k, t in KIND_KEYS.items()],
-    bases=(BaseSAEConfig,))
+    "SAEConfig",
+    [(k, f"{t} | None", dataclasses.field(default=None)) for k, t in KIND_KEYS.items()],
+    bases=(BaseSAEConfig,),
+)
 SAEConfig.__module__ = __name__
 SAEConfig.__doc__ = BaseSAEConfig.__doc__ + " Kind keys: " + ", ".join(KIND_KEYS) + "."
 
@@ -184,6 +193,7 @@ def common_key_help(key: str, cls=BaseSAEConfig) -> str:
 @dataclass
 class SourceConfig:
     """Where activations come from and how long to train: shared by every SAE of a sweep."""
+
     lake: str
     run: str | None = None  # snapshot source: run (+ version)
     version: int | None = None
@@ -219,8 +229,9 @@ def check_device(device: str) -> None:
     try:
         torch.ones(1, device=dev).add(1).cpu()  # compute there, and read the result back
     except (RuntimeError, AssertionError, NotImplementedError) as e:
-        raise UserError(f"--device {device}: torch cannot use it here ({str(e).splitlines()[0][:120]}); "
-                        "use --device cpu") from None
+        raise UserError(
+            f"--device {device}: torch cannot use it here ({str(e).splitlines()[0][:120]}); use --device cpu"
+        ) from None
 
 
 SAE_KEYS = {f.name: f.type for f in fields(SAEConfig)}
@@ -285,8 +296,9 @@ def load_sweep(path: str | Path, lake: str, overrides: dict | None = None) -> tu
         elif key in SAE_KEYS:
             defaults[key] = _check_type(f"{path} (top level)", key, value, SAE_KEYS[key])
         else:
-            raise UserError(f"{path} (top level): unknown key {key!r}; known: "
-                            f"{', '.join(sorted(set(SOURCE_KEYS) | set(SAE_KEYS)))}")
+            raise UserError(
+                f"{path} (top level): unknown key {key!r}; known: {', '.join(sorted(set(SOURCE_KEYS) | set(SAE_KEYS)))}"
+            )
     source.update({k: v for k, v in (overrides or {}).items() if v is not None})
     saes = []
     for i, entry in enumerate(entries, 1):
@@ -305,12 +317,14 @@ def load_sweep(path: str | Path, lake: str, overrides: dict | None = None) -> tu
         own = {f.name for f in fields(dictionaries.get(arch).Options)}
         for key in values:
             if key in KIND_KEYS and key not in own:
-                raise UserError(f"{where}: key {key!r} does not apply to arch {arch!r} (its keys: "
-                                f"{', '.join(sorted(own)) or 'none'})")
+                raise UserError(
+                    f"{where}: key {key!r} does not apply to arch {arch!r} (its keys: "
+                    f"{', '.join(sorted(own)) or 'none'})"
+                )
         # top-level defaults of kind keys apply to the entries whose kind has them
         values = {k: v for k, v in defaults.items() if k not in KIND_KEYS or k in own} | values
         if "hooks" not in values:
-            raise UserError(f"{where}: no hook: set `hook = \"...\"` at the top level or in the entry")
+            raise UserError(f'{where}: no hook: set `hook = "..."` at the top level or in the entry')
         if "name" not in values or values["name"] == defaults.get("name"):
             values["name"] = f"{source.get('name') or path.stem}-{i}"
         saes.append(SAEConfig(**values))

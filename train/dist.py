@@ -7,6 +7,7 @@ gradients (and the few batch-wide sums the loss needs: kept tokens, AuxK varianc
 so the replicas take the single-process steps and stay identical; rank 0 writes checkpoints and SAEs.
 Sweep-parallel: rank ``r`` trains SAEs ``r, r + world, ...`` over the whole stream on its own.
 """
+
 from __future__ import annotations
 
 import os
@@ -52,7 +53,7 @@ class Comm:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         i = 0
         for g in grads:
-            g.copy_(flat[i:i + g.numel()].view_as(g))
+            g.copy_(flat[i : i + g.numel()].view_as(g))
             i += g.numel()
 
     def gather_rows(self, t: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ Positions: BOS positions are excluded from every metric and never spliced; token
 exceeds the SAE's ``outlier_factor`` x the hook's median norm (massive activations) are kept
 clean too (not spliced, not counted in FVU/L0), as in training. Both are stated in the result.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -44,6 +45,7 @@ def _contexts(lake: Lake, cfg: dict, dataset: str | None, context_size: int | No
             if not chunk:
                 return
             yield torch.stack([torch.from_numpy(c.tokens).long() for c in chunk])
+
     return f"corpus {dataset}", gen()
 
 
@@ -52,9 +54,18 @@ EVAL_BATCH = 8  # default contexts per forward pass
 
 
 @torch.no_grad()
-def evaluate(lake: Lake | str, name: str, *, model: str | None = None, dataset: str | None = None,
-             tokens: int = EVAL_TOKENS, batch_size: int = EVAL_BATCH, context_size: int | None = None,
-             device: str = "cpu", save: bool = True) -> dict:
+def evaluate(
+    lake: Lake | str,
+    name: str,
+    *,
+    model: str | None = None,
+    dataset: str | None = None,
+    tokens: int = EVAL_TOKENS,
+    batch_size: int = EVAL_BATCH,
+    context_size: int | None = None,
+    device: str = "cpu",
+    save: bool = True,
+) -> dict:
     check_device(device)
     lake = lake if isinstance(lake, Lake) else Lake(lake)
     store = SAEStore(lake)
@@ -87,8 +98,10 @@ def evaluate(lake: Lake | str, name: str, *, model: str | None = None, dataset: 
         toks = toks.to(device)
         keep = toks != bos  # [b, T]
         acts: dict[str, torch.Tensor] = {}
-        capture = [(h, lambda t, hook, h=h, acts=acts: acts.__setitem__(h, t.detach().clone()))
-                   for h in dict.fromkeys(hooks + out_hooks)]
+        capture = [
+            (h, lambda t, hook, h=h, acts=acts: acts.__setitem__(h, t.detach().clone()))
+            for h in dict.fromkeys(hooks + out_hooks)
+        ]
         logits = lm.bridge.run_with_hooks(toks, fwd_hooks=capture, return_type="logits").float()
         for h in dict.fromkeys(hooks + out_hooks):
             if factor and h in norm:
@@ -115,14 +128,17 @@ def evaluate(lake: Lake | str, name: str, *, model: str | None = None, dataset: 
             t = t.clone()
             t[keep] = 0
             return t
-        zero_logits = lm.bridge.run_with_hooks(toks, fwd_hooks=[(h, zero) for h in out_hooks],
-                                               return_type="logits").float()
-        mask = (toks[:, :-1] != bos)  # losses at non-BOS positions only
+
+        zero_logits = lm.bridge.run_with_hooks(
+            toks, fwd_hooks=[(h, zero) for h in out_hooks], return_type="logits"
+        ).float()
+        mask = toks[:, :-1] != bos  # losses at non-BOS positions only
         target = toks[:, 1:]
 
         def ce(lg, target=target, mask=mask):
             lp = F.log_softmax(lg[:, :-1], -1)
             return -(lp.gather(-1, target.unsqueeze(-1)).squeeze(-1))[mask].sum(), lp
+
         c_clean, lp_clean = ce(logits)
         c_sae, lp_sae = ce(sae_logits)
         c_zero, _ = ce(zero_logits)
@@ -134,19 +150,35 @@ def evaluate(lake: Lake | str, name: str, *, model: str | None = None, dataset: 
     if acc["n"] == 0:
         raise UserError(f"no evaluation tokens for SAE {name!r}: the source is empty")
     n = acc["n"]
-    var = acc["ysq"] - float((ysum ** 2).sum()) / n
-    res = {"sae": name, "tokens": int(n), "source": desc, "model": spec, "created": now(),
-           "fvu": acc["sq"] / var, "l0": acc["l0"] / n, "dead_fraction": float((~fired).float().mean()),
-           "dead_window_tokens": int(n), "bos_excluded": True, "outlier_factor": factor,
-           "positions": "non-BOS tokens, norm <= outlier_factor x median norm (others are neither spliced nor "
-                        "counted in FVU/L0)"}
+    var = acc["ysq"] - float((ysum**2).sum()) / n
+    res = {
+        "sae": name,
+        "tokens": int(n),
+        "source": desc,
+        "model": spec,
+        "created": now(),
+        "fvu": acc["sq"] / var,
+        "l0": acc["l0"] / n,
+        "dead_fraction": float((~fired).float().mean()),
+        "dead_window_tokens": int(n),
+        "bos_excluded": True,
+        "outlier_factor": factor,
+        "positions": "non-BOS tokens, norm <= outlier_factor x median norm (others are neither spliced nor "
+        "counted in FVU/L0)",
+    }
     res["explained_variance"] = 1 - res["fvu"]
     if splice is not None and acc["npos"]:
         p = acc["npos"]
         clean, sae_ce, zero = acc["ce_clean"] / p, acc["ce_sae"] / p, acc["ce_zero"] / p
-        res |= {"ce_clean": clean, "ce_sae": sae_ce, "ce_zero_ablation": zero, "delta_lm_loss": sae_ce - clean,
-                "kl": acc["kl"] / p, "ce_loss_recovered": (zero - sae_ce) / (zero - clean) if zero != clean else None,
-                "ce_positions": p}
+        res |= {
+            "ce_clean": clean,
+            "ce_sae": sae_ce,
+            "ce_zero_ablation": zero,
+            "delta_lm_loss": sae_ce - clean,
+            "kl": acc["kl"] / p,
+            "ce_loss_recovered": (zero - sae_ce) / (zero - clean) if zero != clean else None,
+            "ce_positions": p,
+        }
     else:
         res["note"] = f"not spliced (reconstruction metrics only): {unspliced}"
     res["definitions"] = {k: METRIC_DEFINITIONS[k] for k in METRIC_DEFINITIONS if k in res}
@@ -154,8 +186,10 @@ def evaluate(lake: Lake | str, name: str, *, model: str | None = None, dataset: 
         cfg["eval"] = res
         metrics = [r for r in store.metrics(name) if not r["name"].startswith("eval_")]
         step = max([r["step"] for r in metrics], default=0)
-        metrics += [{"step": step, "tokens": cfg.get("tokens_trained") or 0, "name": f"eval_{k}", "value": float(v)}
-                    for k, v in res.items() if k in ("fvu", "l0", "dead_fraction", "ce_loss_recovered",
-                                                     "delta_lm_loss", "kl") and v is not None]
+        metrics += [
+            {"step": step, "tokens": cfg.get("tokens_trained") or 0, "name": f"eval_{k}", "value": float(v)}
+            for k, v in res.items()
+            if k in ("fvu", "l0", "dead_fraction", "ce_loss_recovered", "delta_lm_loss", "kl") and v is not None
+        ]
         store.save(cfg, None, metrics)
     return res

@@ -6,6 +6,7 @@ its own Adam state. What differs between kinds (activation, losses, estimates) i
 (``train/dictionaries/``); the group owns the optimizer, the learning-rate schedule and the
 dead-latent counters.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -27,6 +28,7 @@ class StepOutput:
     ``var`` (the batch's summed variance of the target: FVU = sq / var) and, for dictionaries with
     several out hooks, ``hook_sq`` and ``hook_var`` [n, out hooks] (FVU per out hook: a CLT's per
     output layer). With ``stats``: the rest."""
+
     SCHEMA_VERSION: ClassVar[int] = 1
     members: int
     tokens: int
@@ -48,8 +50,10 @@ class StepOutput:
         for f in fields(self):
             v, per_hook = getattr(self, f.name), f.name.startswith("hook")
             if isinstance(v, torch.Tensor) and (v.shape[:1] != (self.members,) or v.ndim != 1 + per_hook):
-                raise ValueError(f"step output {f.name!r}: shape {tuple(v.shape)}, expected ({self.members},"
-                                 f"{' out hooks' if per_hook else ''})")
+                raise ValueError(
+                    f"step output {f.name!r}: shape {tuple(v.shape)}, expected ({self.members},"
+                    f"{' out hooks' if per_hook else ''})"
+                )
 
     def fvu(self, i: int) -> float:
         return float(self.sq[i] / self.var[i].clamp_min(1e-12))
@@ -63,13 +67,20 @@ class Group:
         self.cfgs, self.n = cfgs, len(cfgs)
         self.d_in = sum(d_model[h] for h in c.hooks)
         self.d_out = sum(d_model[h] for h in c.all_out_hooks)
-        self.model = c.kind(self.d_in, c.d_sae, self.d_out, [x.options() for x in cfgs],
-                            apply_b_dec_to_input=c.all_out_hooks == c.hooks, hooks=c.hooks,
-                            out_hooks=c.all_out_hooks, device=device)
+        self.model = c.kind(
+            self.d_in,
+            c.d_sae,
+            self.d_out,
+            [x.options() for x in cfgs],
+            apply_b_dec_to_input=c.all_out_hooks == c.hooks,
+            hooks=c.hooks,
+            out_hooks=c.all_out_hooks,
+            device=device,
+        )
         self.model.initialize([torch.Generator().manual_seed(x.seed) for x in cfgs])
         # column ranges of the output per out hook, for FVU per out hook (several out hooks only)
         edges = [0] + [d_model[h] for h in c.all_out_hooks]
-        edges = [sum(edges[:i + 1]) for i in range(len(edges))]
+        edges = [sum(edges[: i + 1]) for i in range(len(edges))]
         self.out_parts = list(zip(edges[:-1], edges[1:])) if len(c.all_out_hooks) > 1 else []
         self.lr = [x.lr for x in cfgs]
         self.params = dict(self.model.named_parameters())
@@ -80,8 +91,7 @@ class Group:
         self.thr_steps = 0  # steps seen by the kind's running estimates (``after_step``)
         # groups with equal keys get the same (x, y): same way of reading hooks, same hooks and input rules
         kind = type(self.model)
-        self.input_key = (kind.read, kind.target, tuple(c.hooks), tuple(c.all_out_hooks), c.outlier_factor,
-                          c.normalize)
+        self.input_key = (kind.read, kind.target, tuple(c.hooks), tuple(c.all_out_hooks), c.outlier_factor, c.normalize)
 
     def learning_rates(self, step: int, total: int) -> list[float]:
         """Per member at ``step``: linear warm-up over lr_warmup, linear decay to 0 over lr_decay of the steps."""
@@ -100,20 +110,42 @@ class Group:
         step = torch.tensor(float(self.adam_t), device=self.since_fired.device)
         with torch.no_grad():
             for i in range(self.n):
+
                 def sl(t, i=i):
                     return t if self.n == 1 else t[i]
-                torch._fused_adam_([sl(self.params[k].detach()) for k in names],
-                                   [sl(self.params[k].grad) for k in names], [sl(self.m[k]) for k in names],
-                                   [sl(self.v[k]) for k in names], [], [step] * len(names), lr=lr[i],
-                                   beta1=betas[0], beta2=betas[1], weight_decay=0.0, eps=eps, amsgrad=False,
-                                   maximize=False)
+
+                torch._fused_adam_(
+                    [sl(self.params[k].detach()) for k in names],
+                    [sl(self.params[k].grad) for k in names],
+                    [sl(self.m[k]) for k in names],
+                    [sl(self.v[k]) for k in names],
+                    [],
+                    [step] * len(names),
+                    lr=lr[i],
+                    beta1=betas[0],
+                    beta2=betas[1],
+                    weight_decay=0.0,
+                    eps=eps,
+                    amsgrad=False,
+                    maximize=False,
+                )
         for k in names:
             self.params[k].grad = None
 
     # -- one step ----------------------------------------------------------------------------
-    def step(self, x: torch.Tensor, y: torch.Tensor, step: int, total: int, dead_window: int,
-             autocast, stats: bool = True, comm: Comm | None = None, window: bool = False,
-             rows: torch.Tensor | None = None) -> StepOutput:
+    def step(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        step: int,
+        total: int,
+        dead_window: int,
+        autocast,
+        stats: bool = True,
+        comm: Comm | None = None,
+        window: bool = False,
+        rows: torch.Tensor | None = None,
+    ) -> StepOutput:
         """One optimizer step of every member on ``x`` -> ``y``. ``stats``: also the metrics
         (FVU parts, L0...), else only what the loop needs every step. ``rows``: which rows of the
         output the loss counts (``y`` holds those only): kinds that read whole contexts see every
@@ -179,9 +211,15 @@ class Group:
                 penalty = zeros if penalty is None else penalty.detach()
                 aux = zeros if aux is None else aux.detach()
                 extra = zeros if extra is None else extra.detach()
-                out |= {"loss": mse.detach() + coef * penalty + model.aux_coef * aux + extra, "mse": mse.detach(),
-                        "aux_loss": aux, "lr": torch.tensor(lr), "l1": coef,
-                        "k": torch.tensor(k or [0] * n, dtype=torch.float32), "dead_fraction": dead.float().mean(-1)}
+                out |= {
+                    "loss": mse.detach() + coef * penalty + model.aux_coef * aux + extra,
+                    "mse": mse.detach(),
+                    "aux_loss": aux,
+                    "lr": torch.tensor(lr),
+                    "l1": coef,
+                    "k": torch.tensor(k or [0] * n, dtype=torch.float32),
+                    "dead_fraction": dead.float().mean(-1),
+                }
             return StepOutput(n, N, sq_sum, l0, **out)
 
     def _hook_fvu_parts(self, y, y_hat, comm, N) -> dict[str, torch.Tensor]:

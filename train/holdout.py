@@ -12,6 +12,7 @@ Default (one place): ``HOLDOUT_TOKENS`` tokens, but at most ``HOLDOUT_MAX_FRACTI
 (live: of the training tokens); 0 disables the holdout. Metrics on the held-out rows are computed
 like the in-sample ones (same normalised units, same outlier rule) with the final, saved weights.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
@@ -25,8 +26,10 @@ from .store import sae_from_weights
 
 HOLDOUT_TOKENS = 16384
 HOLDOUT_MAX_FRACTION = 0.1
-HOLDOUT_HELP = (f"Tokens held out of training and used for the final metrics (default {HOLDOUT_TOKENS}, at most "
-                f"{HOLDOUT_MAX_FRACTION:.0%} of the snapshot / of --tokens live; 0: none, in-sample numbers only).")
+HOLDOUT_HELP = (
+    f"Tokens held out of training and used for the final metrics (default {HOLDOUT_TOKENS}, at most "
+    f"{HOLDOUT_MAX_FRACTION:.0%} of the snapshot / of --tokens live; 0: none, in-sample numbers only)."
+)
 
 
 @dataclass(frozen=True)
@@ -46,16 +49,28 @@ class Holdout:
             return {"tokens": 0, "rule": "none: every metric is in-sample"}
         if self.context_size:
             T, n = self.context_size, self.tokens
-            where = (f"the last {n} contexts of the snapshot's 2d table (rows {self.rows[0]}..{self.rows[1] - 1})"
-                     if self.rows else f"live: the first {n} contexts of the stream (training starts after them)")
-            return {"tokens": n * T, "contexts": n, **({"rows": list(self.rows)} if self.rows else {}),
-                    "rule": f"{where}; training never reads them"}
+            where = (
+                f"the last {n} contexts of the snapshot's 2d table (rows {self.rows[0]}..{self.rows[1] - 1})"
+                if self.rows
+                else f"live: the first {n} contexts of the stream (training starts after them)"
+            )
+            return {
+                "tokens": n * T,
+                "contexts": n,
+                **({"rows": list(self.rows)} if self.rows else {}),
+                "rule": f"{where}; training never reads them",
+            }
         if self.rows is None:
-            return {"tokens": self.tokens, "rule": f"live: the first {self.tokens} tokens of the stream (training "
-                                                   "starts after them)"}
-        return {"tokens": self.tokens, "rows": list(self.rows),
-                "rule": f"the last {self.tokens} rows of the snapshot's 1d table in storage order (rows "
-                        f"{self.rows[0]}..{self.rows[1] - 1}); training never reads them"}
+            return {
+                "tokens": self.tokens,
+                "rule": f"live: the first {self.tokens} tokens of the stream (training starts after them)",
+            }
+        return {
+            "tokens": self.tokens,
+            "rows": list(self.rows),
+            "rule": f"the last {self.tokens} rows of the snapshot's 1d table in storage order (rows "
+            f"{self.rows[0]}..{self.rows[1] - 1}); training never reads them",
+        }
 
 
 def plan(requested: int | None, *, n_rows: int | None, train_tokens: int, context_size: int | None = None) -> Holdout:
@@ -71,20 +86,30 @@ def plan(requested: int | None, *, n_rows: int | None, train_tokens: int, contex
     if n_rows is None:
         return Holdout(requested, None, None, context_size)
     if requested and requested >= n_rows:
-        raise UserError(f"--holdout {requested * T} leaves nothing to train on: the snapshot has {n_rows * T} "
-                        "tokens" + (f" ({n_rows} contexts)" if context_size else ""))
+        raise UserError(
+            f"--holdout {requested * T} leaves nothing to train on: the snapshot has {n_rows * T} "
+            "tokens" + (f" ({n_rows} contexts)" if context_size else "")
+        )
     return Holdout(requested, (n_rows - requested, n_rows) if requested else None, n_rows, context_size)
 
 
-def training_batches(source, h: Holdout, batch_size: int, hooks: list[str], *, seed: int, start: int,
-                     repeat: bool, shard: tuple[int, int]) -> Iterator:
+def training_batches(
+    source,
+    h: Holdout,
+    batch_size: int,
+    hooks: list[str],
+    *,
+    seed: int,
+    start: int,
+    repeat: bool,
+    shard: tuple[int, int],
+) -> Iterator:
     """The training stream without the held-out rows; ``start`` counts training rows (resume). For
     contexts: ``batch_size`` contexts per batch, in order, ``start`` counts contexts (one rank)."""
     if h.context_size:
         return _contexts(source, h, batch_size, hooks, start, repeat)
     if h.n_rows is None:  # live: the held-out rows are the stream's first
-        return source.token_batches(batch_size, hooks, seed=seed, start=h.tokens + start, repeat=repeat,
-                                    shard=shard)
+        return source.token_batches(batch_size, hooks, seed=seed, start=h.tokens + start, repeat=repeat, shard=shard)
     extra = {"rows": (0, h.train_rows)} if h.tokens else {}
     return source.token_batches(batch_size, hooks, seed=seed, start=start, repeat=repeat, shard=shard, **extra)
 
@@ -138,6 +163,7 @@ def _first_rows(batches: Iterable, n: int) -> Iterator:
 @dataclass
 class Member:
     """One trained SAE as the held-out pass needs it: its saved (folded) model, hooks and scales."""
+
     name: str
     model: object  # SparseCoder taking raw activations
     hooks: list[str]
@@ -146,16 +172,24 @@ class Member:
     outlier_limits: dict[str, float]  # hook -> max norm kept (empty: keep all)
 
 
-def member(s, apply_b_dec_to_input: bool, weights: dict, scale_out: torch.Tensor, norm: dict,
-           device: str) -> Member:
+def member(s, apply_b_dec_to_input: bool, weights: dict, scale_out: torch.Tensor, norm: dict, device: str) -> Member:
     """An SAE of the sweep (its ``SAEConfig`` ``s`` and folded ``weights``) for the held-out pass,
     with the training's outlier rule (``norm``: per hook median norm)."""
-    cfg = {"arch": s.arch, "hooks": s.hooks, "out_hooks": s.all_out_hooks, "hyperparameters": asdict(s),
-           "apply_b_dec_to_input": apply_b_dec_to_input}
-    limits = {h: s.outlier_factor * norm[h]["median_norm"] for h in dict.fromkeys(s.hooks + s.all_out_hooks)} \
-        if s.outlier_factor is not None else {}
-    return Member(s.name, sae_from_weights(cfg, weights, device), s.hooks, s.all_out_hooks, scale_out.to(device),
-                  limits)
+    cfg = {
+        "arch": s.arch,
+        "hooks": s.hooks,
+        "out_hooks": s.all_out_hooks,
+        "hyperparameters": asdict(s),
+        "apply_b_dec_to_input": apply_b_dec_to_input,
+    }
+    limits = (
+        {h: s.outlier_factor * norm[h]["median_norm"] for h in dict.fromkeys(s.hooks + s.all_out_hooks)}
+        if s.outlier_factor is not None
+        else {}
+    )
+    return Member(
+        s.name, sae_from_weights(cfg, weights, device), s.hooks, s.all_out_hooks, scale_out.to(device), limits
+    )
 
 
 @torch.no_grad()
@@ -163,14 +197,29 @@ def evaluate(members: list[Member], batches: Iterable, device: str, bos: int | N
     """Per member: FVU (normalised units; per out hook too when it has several), L0 and dead
     fraction on the held-out rows, and the tokens they cover (after the outlier rule). Whole
     contexts (kinds that read them) are encoded whole; their ``bos`` positions are not counted."""
-    acc = {m.name: {"sq": 0.0, "ysq": 0.0, "ysum": None, "n": 0, "l0": 0.0, "fired": None, "sq_col": 0.0,
-                    "ysq_col": 0.0, "widths": None} for m in members}
+    acc = {
+        m.name: {
+            "sq": 0.0,
+            "ysq": 0.0,
+            "ysum": None,
+            "n": 0,
+            "l0": 0.0,
+            "fired": None,
+            "sq_col": 0.0,
+            "ysq_col": 0.0,
+            "widths": None,
+        }
+        for m in members
+    }
     for batch in batches:
         raw = {h: a.to(device, torch.float32) for h, a in batch.acts.items()}
         tokens = getattr(batch, "tokens", None)  # a ContextBatch: whole contexts [b, T, d]
         for m in members:
-            keep = (tokens.to(device) != bos) if tokens is not None else torch.ones(len(batch), dtype=torch.bool,
-                                                                                     device=device)
+            keep = (
+                (tokens.to(device) != bos)
+                if tokens is not None
+                else torch.ones(len(batch), dtype=torch.bool, device=device)
+            )
             for h, limit in m.outlier_limits.items():
                 keep &= torch.linalg.vector_norm(raw[h], dim=-1) <= limit
             y = torch.cat([raw[h] for h in m.out_hooks], -1)[keep]
@@ -201,11 +250,16 @@ def evaluate(members: list[Member], batches: Iterable, device: str, bos: int | N
         a = acc[m.name]
         n = a["n"]
         var = a["ysq"] - float((a["ysum"] ** 2).sum()) / n if n else 0.0
-        out[m.name] = {"tokens": n, "fvu": a["sq"] / var if var > 0 else None, "l0": a["l0"] / n if n else None,
-                       "dead_fraction": float((~a["fired"]).float().mean()) if n else None}
+        out[m.name] = {
+            "tokens": n,
+            "fvu": a["sq"] / var if var > 0 else None,
+            "l0": a["l0"] / n if n else None,
+            "dead_fraction": float((~a["fired"]).float().mean()) if n else None,
+        }
         if a["widths"] and n:
             sq = a["sq_col"].split(a["widths"])
             var_col = (a["ysq_col"] - a["ysum"] ** 2 / n).split(a["widths"])
-            out[m.name]["fvu_per_hook"] = {h: float(e.sum() / v.sum()) if float(v.sum()) > 0 else None
-                                           for h, e, v in zip(m.out_hooks, sq, var_col)}
+            out[m.name]["fvu_per_hook"] = {
+                h: float(e.sum() / v.sum()) if float(v.sum()) > 0 else None for h, e, v in zip(m.out_hooks, sq, var_col)
+            }
     return out

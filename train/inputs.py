@@ -2,6 +2,7 @@
 normalised once per batch (dataset-wise: E|x| = sqrt(d) per hook), the outlier rule applied once per
 input setting, and, for kinds that read whole contexts, which positions the loss counts (not BOS).
 """
+
 from __future__ import annotations
 
 import math
@@ -21,14 +22,19 @@ def norm_stats(batch, stats: dict | None, d_model: dict[str, int], bos: int | No
             if bos is not None:
                 norms = norms[batch.tokens != bos]
             stats[h] = {"mean_norm": float(norms.mean()), "median_norm": float(norms.median())}
-    return {h: {"mean_norm": stats[h]["mean_norm"], "median_norm": stats[h]["median_norm"],
-                "scale": math.sqrt(d_model[h]) / stats[h]["mean_norm"], "origin": origin}
-            for h in d_model}
+    return {
+        h: {
+            "mean_norm": stats[h]["mean_norm"],
+            "median_norm": stats[h]["median_norm"],
+            "scale": math.sqrt(d_model[h]) / stats[h]["mean_norm"],
+            "origin": origin,
+        }
+        for h in d_model
+    }
 
 
 @torch.no_grad()
-def group_inputs(batch, n_take: int, norm: dict, groups: list, hooks: list[str], device: str,
-                 bos: int | None) -> dict:
+def group_inputs(batch, n_take: int, norm: dict, groups: list, hooks: list[str], device: str, bos: int | None) -> dict:
     """Per distinct input setting of the groups: (x, y, rows). Each hook is converted to fp32 and
     normalised once per batch, whatever the number of SAEs; outliers are dropped once per setting.
     Token batches: ``x``, ``y`` hold the kept tokens (``rows`` None). Whole contexts (``bos`` given):
@@ -72,6 +78,10 @@ def init_from_data(groups: list, batch, norm: dict, device: str) -> None:
     first batch's targets."""
     for g in groups:
         c = g.cfg
-        y = g.model.target({h: batch.acts[h].to(device, torch.float32)
-                            * (norm[h]["scale"] if c.normalize != "none" else 1.0) for h in c.all_out_hooks})
+        y = g.model.target(
+            {
+                h: batch.acts[h].to(device, torch.float32) * (norm[h]["scale"] if c.normalize != "none" else 1.0)
+                for h in c.all_out_hooks
+            }
+        )
         g.model.init_from_data(y, c.b_dec_init)

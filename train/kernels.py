@@ -5,6 +5,7 @@ pairs, and autograd functions that encode, decode and take gradients on those pa
 (embedding_bag) and both weight gradients (CSR sparse x dense). The small ops here run on one
 thread (``sparse_section``): on few busy cores OpenMP hand-offs cost more than the work.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,6 +26,7 @@ class Codes:
     with value ``vals[i]`` (may be 0); ``bag`` is sorted. ``pat`` holds the index structure and
     ``pre`` the pre-activations [n, B, d_sae] (no grad; training reuses them for AuxK).
     """
+
     n: int
     B: int
     d_sae: int
@@ -140,25 +142,31 @@ class Pattern:
         perm, crow_t = self.by_latent()
         with _one_thread():
             col, val = cols[perm], values[perm]
-        At = torch.sparse_csr_tensor(crow_t, col, val.to(dense.dtype), (self.n * self.S, n_cols),
-                                     check_invariants=False)
+        At = torch.sparse_csr_tensor(
+            crow_t, col, val.to(dense.dtype), (self.n * self.S, n_cols), check_invariants=False
+        )
         return torch.sparse.mm(At, dense)
 
     def sampled(self, g: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         """``g[bag[i]] · W[flat[i]]`` for every entry (a sampled dense-dense product)."""
-        pattern = torch.sparse_csr_tensor(self.crow, self.flat, torch.zeros_like(self.flat, dtype=g.dtype),
-                                          (self.n * self.B, self.n * self.S), check_invariants=False)
+        pattern = torch.sparse_csr_tensor(
+            self.crow,
+            self.flat,
+            torch.zeros_like(self.flat, dtype=g.dtype),
+            (self.n * self.B, self.n * self.S),
+            check_invariants=False,
+        )
         return torch.sparse.sampled_addmm(pattern, g.contiguous(), W.t(), beta=0).values()
 
     def member_sums(self, v: torch.Tensor) -> torch.Tensor:
         """[n]: sum of per-entry ``v`` over each member's entries."""
         cs = torch.zeros(len(v) + 1, dtype=v.dtype, device=v.device)
         torch.cumsum(v, 0, out=cs[1:])
-        ends = cs[self.crow[::self.B]]
+        ends = cs[self.crow[:: self.B]]
         return ends[1:] - ends[:-1]
 
     def member_slices(self) -> list[slice]:
-        b = self.crow[::self.B].tolist()
+        b = self.crow[:: self.B].tolist()
         return [slice(b[m], b[m + 1]) for m in range(self.n)]
 
 
@@ -197,8 +205,9 @@ class _SparseDecode(torch.autograd.Function):
         n, S, d = W_dec.shape
         ctx.save_for_backward(vals, W_dec)
         ctx.pat, ctx.has_bias = pat, b_dec is not None
-        out = F.embedding_bag(pat.flat, W_dec.reshape(n * S, d), pat.crow[:-1], mode="sum",
-                              per_sample_weights=vals.to(W_dec.dtype)).view(n, pat.B, d)
+        out = F.embedding_bag(
+            pat.flat, W_dec.reshape(n * S, d), pat.crow[:-1], mode="sum", per_sample_weights=vals.to(W_dec.dtype)
+        ).view(n, pat.B, d)
         if b_dec is not None:
             out += b_dec.unsqueeze(1)
         return out

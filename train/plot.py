@@ -1,4 +1,5 @@
 """``lake plot``: training curves of one SAE; the FVU (and CE loss recovered) vs L0 Pareto plot."""
+
 from __future__ import annotations
 
 import matplotlib
@@ -46,7 +47,7 @@ def plot_pareto(lake, names: list[str], out: str) -> None:
         pts.append((n, cfg["arch"], l0, fvu, ev.get("ce_loss_recovered")))
     has_ce = any(p[4] is not None for p in pts)
     fig, axes = plt.subplots(1, 2 if has_ce else 1, figsize=(10 if has_ce else 5.5, 4), squeeze=False)
-    for j, (label, idx) in enumerate([("FVU (lower is better)", 3), ("CE loss recovered", 4)][:1 + has_ce]):
+    for j, (label, idx) in enumerate([("FVU (lower is better)", 3), ("CE loss recovered", 4)][: 1 + has_ce]):
         ax = axes[0][j]
         for arch in sorted({p[1] for p in pts}):
             sel = sorted((p for p in pts if p[1] == arch and p[idx] is not None), key=lambda p: p[2])

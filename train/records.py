@@ -9,6 +9,7 @@ Writers give the keys they know; keys they leave out are left out of the file to
 a missing key as None), so a config says what its writer knew: an imported SAE has no training
 keys, a training one no ``imported_from``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from saelake.lake.records import Record
 @dataclass
 class SAERecord(Record):
     """One SAE: what it is (kind, shape, hooks), where it came from, how it was trained, its numbers."""
+
     SCHEMA_VERSION: ClassVar[int] = 2
     name: str
     arch: str  # the dictionary kind (train/dictionaries/)

@@ -3,6 +3,7 @@ metrics.json and checkpoints/. Weights are safetensors (never pickles); the conf
 written after the normalization is folded into the weights, so a reloaded SAE works on raw
 activations as stored in the lake.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,17 +24,34 @@ from .records import SAERecord, read_sae_config, sae_config_json
 # Names of the metric definitions (DESIGN §6); every stored number names its definition.
 METRIC_DEFINITIONS = {
     "fvu": "sum ||y - y_hat||^2 / sum ||y - mean(y)||^2 over the evaluation tokens (mean over those "
-           "tokens, per dimension); explained_variance = 1 - fvu",
+    "tokens, per dimension); explained_variance = 1 - fvu",
     "l0": "mean over tokens of the number of non-zero latents",
     "dead_fraction": "fraction of latents with no activation in the last N tokens (N = dead_window)",
     "ce_loss_recovered": "(CE_zero_ablation - CE_sae) / (CE_zero_ablation - CE_clean), SAE reconstruction "
-                         "spliced into the out hook at non-BOS positions; BOS positions excluded from the losses",
+    "spliced into the out hook at non-BOS positions; BOS positions excluded from the losses",
     "delta_lm_loss": "CE_sae - CE_clean (nats per token, BOS positions excluded)",
     "kl": "mean over non-BOS positions of KL(p_clean || p_sae) (nats)",
 }
-CATALOG_COLUMNS = ("name", "arch", "hook", "out_hook", "d_in", "d_sae", "k", "run", "version", "tokens_trained",
-                   "fvu", "l0", "dead_fraction", "status", "created", "heldout_fvu", "heldout_l0",
-                   "heldout_dead_fraction")
+CATALOG_COLUMNS = (
+    "name",
+    "arch",
+    "hook",
+    "out_hook",
+    "d_in",
+    "d_sae",
+    "k",
+    "run",
+    "version",
+    "tokens_trained",
+    "fvu",
+    "l0",
+    "dead_fraction",
+    "status",
+    "created",
+    "heldout_fvu",
+    "heldout_l0",
+    "heldout_dead_fraction",
+)
 
 
 def now() -> str:
@@ -41,8 +59,10 @@ def now() -> str:
 
 
 def to_bytes(tensors: dict[str, torch.Tensor], meta: dict | None = None) -> bytes:
-    return st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                   metadata={k: str(v) for k, v in (meta or {}).items()})
+    return st_save(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+        metadata={k: str(v) for k, v in (meta or {}).items()},
+    )
 
 
 def from_bytes(data: bytes) -> dict[str, torch.Tensor]:
@@ -54,13 +74,16 @@ def read_weights(data: bytes, cfg: dict, where: str) -> dict[str, torch.Tensor]:
     its config recorded; safetensors only, never a pickle."""
     want = cfg.get("weights_sha256")
     if want and hashlib.sha256(data).hexdigest() != want:
-        raise UserError(f"SAE {cfg.get('name')!r}: {where} is damaged (its content does not match the "
-                        "weights_sha256 recorded in config.json): restore it from a copy or train the SAE again")
+        raise UserError(
+            f"SAE {cfg.get('name')!r}: {where} is damaged (its content does not match the "
+            "weights_sha256 recorded in config.json): restore it from a copy or train the SAE again"
+        )
     try:
         return from_bytes(data)
     except Exception as e:  # safetensors' own error types vary with the damage
-        raise UserError(f"SAE {cfg.get('name')!r}: {where} is not a readable safetensors file "
-                        f"({str(e).splitlines()[0][:120]})") from None
+        raise UserError(
+            f"SAE {cfg.get('name')!r}: {where} is not a readable safetensors file ({str(e).splitlines()[0][:120]})"
+        ) from None
 
 
 class SAEStore:
@@ -81,8 +104,10 @@ class SAEStore:
         cfg = self.st.read_json("saes", check_name(name, "SAE name"), "config.json")
         if cfg is None:
             known = self.names()
-            raise UserError(f"no SAE {name!r} in {self.lake.root}" +
-                            (f": SAEs are {', '.join(known[:20])}" if known else ": train one with `lake train`"))
+            raise UserError(
+                f"no SAE {name!r} in {self.lake.root}"
+                + (f": SAEs are {', '.join(known[:20])}" if known else ": train one with `lake train`")
+            )
         read_sae_config(cfg, self.st.uri("saes", name, "config.json"))
         return cfg
 
@@ -101,11 +126,17 @@ class SAEStore:
         cfg = self.config(name)
         if not self.st.exists("saes", name, "weights.safetensors"):
             raise UserError(f"SAE {name!r} has no weights yet (status {cfg.get('status')})")
-        return read_weights(self.read_bytes("saes", name, "weights.safetensors"), cfg,
-                            self.st.uri("saes", name, "weights.safetensors"))
+        return read_weights(
+            self.read_bytes("saes", name, "weights.safetensors"), cfg, self.st.uri("saes", name, "weights.safetensors")
+        )
 
-    def save(self, config: dict, weights: dict[str, torch.Tensor] | None = None,
-             metrics: list[dict] | None = None, register: bool = True) -> None:
+    def save(
+        self,
+        config: dict,
+        weights: dict[str, torch.Tensor] | None = None,
+        metrics: list[dict] | None = None,
+        register: bool = True,
+    ) -> None:
         """Weights first, then metrics, then the config (its status says the rest is there)."""
         name = check_name(config["name"], "SAE name")
         sae_config_json(config, self.st.uri("saes", name, "config.json"))  # nothing written for a bad config
@@ -156,9 +187,16 @@ def sae_from_weights(cfg: dict, w: dict[str, torch.Tensor], device: str = "cpu")
     d_in, d_sae, d_out = kind.dims(w)
     hooks = cfg.get("hooks") or (cfg["hook"].split(",") if cfg.get("hook") else None)
     out_hooks = cfg.get("out_hooks") or (cfg["out_hook"].split(",") if cfg.get("out_hook") else hooks)
-    sae = kind.build(d_in, d_sae, d_out, device=device, hooks=hooks, out_hooks=out_hooks,
-                     apply_b_dec_to_input=cfg.get("apply_b_dec_to_input"),
-                     **config_options(cfg))
+    sae = kind.build(
+        d_in,
+        d_sae,
+        d_out,
+        device=device,
+        hooks=hooks,
+        out_hooks=out_hooks,
+        apply_b_dec_to_input=cfg.get("apply_b_dec_to_input"),
+        **config_options(cfg),
+    )
     sae.load_member(0, {k: v.to(device, torch.float32) for k, v in w.items()})
     return sae.inference()
 
@@ -171,12 +209,12 @@ def config_options(cfg: dict) -> dict:
     return {f.name: hp.get(f.name, cfg.get(f.name)) for f in dataclasses.fields(dictionaries.get(cfg["arch"]).Options)}
 
 
-def fold_normalization(state: dict[str, torch.Tensor], s_in: torch.Tensor, s_out: torch.Tensor,
-                       arch: str) -> dict[str, torch.Tensor]:
+def fold_normalization(
+    state: dict[str, torch.Tensor], s_in: torch.Tensor, s_out: torch.Tensor, arch: str
+) -> dict[str, torch.Tensor]:
     """Weights trained on ``x·s_in`` (target ``y·s_out``) -> weights for raw ``x`` and ``y`` (the kind's ``fold``)."""
     return dictionaries.get(arch).fold(state, s_in, s_out)
 
 
 def scale_vector(hooks: list[str], scales: dict[str, float], d_model: dict[str, int]) -> torch.Tensor:
     return torch.cat([torch.full((d_model[h],), float(scales[h])) for h in hooks])
-

@@ -6,6 +6,7 @@ JavaScript: no Node build, no CDN, nothing fetched at run time.
     from saelake.analyze.web import WebApp, start_in_thread
     server, _ = start_in_thread(WebApp("./lake"), port=0)   # http://127.0.0.1:<server.server_address[1]>/
 """
+
 from saelake.analyze.selection import parse_features
 
 from .export import export_dashboard

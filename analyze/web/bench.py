@@ -5,6 +5,7 @@ Starts the app in a thread on a free port and times, for random features, the HT
 The first request of an analysis pays for opening the Lance table / MongoDB connection and
 loading the scalars; it is reported separately ("cold").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     cold, size = _get(f"{base}/sae/{a.sae}/feature/{feats[0]}{q}")
     print(f"feature page, cold (opens the table): {1000 * cold:.0f} ms, {size / 1024:.0f} KB")
     times = [_get(f"{base}/sae/{a.sae}/feature/{f}{q}")[0] for f in feats]
-    print(f"feature page, HTTP: median {1000 * statistics.median(times):.0f} ms, max {1000 * max(times):.0f} ms "
-          f"over {len(times)} random features")
+    print(
+        f"feature page, HTTP: median {1000 * statistics.median(times):.0f} ms, max {1000 * max(times):.0f} ms "
+        f"over {len(times)} random features"
+    )
     t, size = _get(f"{base}/sae/{a.sae}{q}")
     print(f"SAE page, first (loads {n} scalars): {1000 * t:.0f} ms, {size / 1024:.0f} KB")
     t, _ = _get(f"{base}/sae/{a.sae}{q}&sort=density&desc=1&page=7&dmin=1e-4")
@@ -62,9 +65,17 @@ def main(argv: list[str] | None = None) -> None:
         from playwright.sync_api import sync_playwright
 
         with sync_playwright() as pw:
-            b = pw.chromium.launch(executable_path="/usr/bin/chromium", args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run"])
+            b = pw.chromium.launch(
+                executable_path="/usr/bin/chromium",
+                args=[
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--no-first-run",
+                ],
+            )
             page = b.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"{base}/sae/{a.sae}/feature/{feats[0]}{q}")  # warm the browser
             loads = []
@@ -72,8 +83,10 @@ def main(argv: list[str] | None = None) -> None:
                 t0 = time.perf_counter()
                 page.goto(f"{base}/sae/{a.sae}/feature/{f}{q}", wait_until="load")
                 loads.append(time.perf_counter() - t0)
-            print(f"feature page in Chromium (navigation to load event): median "
-                  f"{1000 * statistics.median(loads):.0f} ms, max {1000 * max(loads):.0f} ms")
+            print(
+                f"feature page in Chromium (navigation to load event): median "
+                f"{1000 * statistics.median(loads):.0f} ms, max {1000 * max(loads):.0f} ms"
+            )
             b.close()
     srv.shutdown()
 

@@ -1,4 +1,5 @@
 """``lake serve`` and ``lake export-dashboard`` (registered through the saelake.commands entry points)."""
+
 from __future__ import annotations
 
 import click
@@ -10,10 +11,18 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 @click.command("serve")
 @click.option("--lake", "lake_uri", envvar="SAELAKE_LAKE", required=True, help="Lake root (env SAELAKE_LAKE).")
-@click.option("--store", default=None, help="mongodb://HOST:PORT/DB: also show that store's analyses "
-                                           "(default: each analysis from the store its record names).")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Interface to bind (0.0.0.0 exposes the lake to the network).")
+@click.option(
+    "--store",
+    default=None,
+    help="mongodb://HOST:PORT/DB: also show that store's analyses "
+    "(default: each analysis from the store its record names).",
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface to bind (0.0.0.0 exposes the lake to the network).",
+)
 @click.option("--port", type=int, default=8765, show_default=True, help="Port (0: any free port).")
 @click.option("--model", default=None, help="Model for live inference (default: the one each SAE names).")
 @click.option("--no-live", is_flag=True, help="No live inference (never load a model).")
@@ -35,6 +44,7 @@ def serve_cmd(lake_uri, store, host, port, model, no_live, quiet):
         click.echo(f"warning: listening on {host}: anyone who can reach this machine can read the lake", err=True)
     if app.data.store_uri:
         from .data import StoreDown
+
         try:
             app.data.store(app.data.store_uri)
         except StoreDown as e:

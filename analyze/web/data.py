@@ -7,6 +7,7 @@ seconds); per-feature scalars of an analysis (density, max, mean) are loaded onc
 arrays so that the feature list pages and filters server-side without touching the store
 again; one feature row is read with a point lookup (Lance ``take`` by row, MongoDB index).
 """
+
 from __future__ import annotations
 
 import threading
@@ -51,6 +52,7 @@ def valid_name(name: str, what: str) -> str:
 @dataclass
 class Scalars:
     """Per-feature scalars of one analysis, as arrays indexed by position (sorted by feature)."""
+
     feature: np.ndarray
     count: np.ndarray
     density: np.ndarray
@@ -111,8 +113,14 @@ class Scalars:
 class LakeData:
     """The lake, its feature stores, and caches; shared by all request threads."""
 
-    def __init__(self, lake_uri: str, store: str | None = None, model: str | None = None, ttl: float = 3.0,
-                 store_timeout_s: float = 2.0):
+    def __init__(
+        self,
+        lake_uri: str,
+        store: str | None = None,
+        model: str | None = None,
+        ttl: float = 3.0,
+        store_timeout_s: float = 2.0,
+    ):
         self.lake = Lake(lake_uri)
         self.store_uri = store if store and store != "embedded" else None
         if self.store_uri and not self.store_uri.startswith(("mongodb://", "mongodb+srv://")):
@@ -151,6 +159,7 @@ class LakeData:
                 except UserError:
                     continue
             return out
+
         return self.cached("runs", load)
 
     def run(self, name: str) -> dict:
@@ -166,6 +175,7 @@ class LakeData:
                 return int(self.lake.storage.fs.du(self.lake.storage.uri(*parts), total=True))
             except Exception:
                 return None
+
         return self.cached(("du",) + parts, load, ttl=60)
 
     # -- SAEs ----------------------------------------------------------------------------------
@@ -181,6 +191,7 @@ class LakeData:
                 if cfg:
                     out.append({**cfg, "name": cfg.get("name") or n})
             return out
+
         return self.cached("saes", load)
 
     def sae(self, name: str) -> dict:
@@ -192,14 +203,17 @@ class LakeData:
 
     def metrics(self, name: str) -> list[dict]:
         valid_name(name, "SAE")
+
         def load():
             m = self.lake.storage.read_json("saes", name, "metrics.json")
             return m if isinstance(m, list) else (m or {}).get("rows", [])
+
         return self.cached(("metrics", name), load)
 
     # -- analyses ------------------------------------------------------------------------------
     def analyses(self) -> list[dict]:
         """Analyses the lake knows (``analyses/<name>/analysis.json``), plus those of ``--store``."""
+
         def load():
             st = self.lake.storage
             out = {}
@@ -220,6 +234,7 @@ class LakeData:
                 except Exception:
                     self._forget_store(self.store_uri, "listing analyses failed")
             return sorted(out.values(), key=lambda r: (r.get("created") or "", r["name"]), reverse=True)
+
         return self.cached("analyses", load)
 
     def analyses_of(self, sae: str) -> list[dict]:
@@ -299,13 +314,15 @@ class LakeData:
             ds = self._datasets.get(key)
         if ds is None:
             from saelake.analyze.stores import EmbeddedStore
+
             try:
                 ds = EmbeddedStore(self.lake).dataset(rec["name"])
             except UserError as e:
                 raise NotFound(str(e)) from None
             except Exception as e:
-                raise StoreDown(f"cannot open the feature table of analysis {rec['name']!r}: "
-                                f"{str(e).splitlines()[0][:200]}") from None
+                raise StoreDown(
+                    f"cannot open the feature table of analysis {rec['name']!r}: {str(e).splitlines()[0][:200]}"
+                ) from None
             with self._lock:
                 self._datasets[key] = ds
         return ds
@@ -313,8 +330,9 @@ class LakeData:
     def feature(self, rec: dict, index: int) -> dict:
         n = int(rec.get("n_features") or 0)
         if not 0 <= index < n:
-            raise NotFound(f"no feature {index} in analysis {rec['name']!r} of SAE {rec['sae']!r} "
-                           f"(features 0..{n - 1})")
+            raise NotFound(
+                f"no feature {index} in analysis {rec['name']!r} of SAE {rec['sae']!r} (features 0..{n - 1})"
+            )
         if self._store_uri_of(rec) is None:
             ds = self._dataset(rec)
             row = None
@@ -337,11 +355,13 @@ class LakeData:
                 return self._values[key]
             fut = self._loading.get(key)
             if fut is None:
+
                 def run():
                     value = load()
                     with self._lock:
                         self._values[key] = value
                     return value
+
                 fut = self._pool.submit(run)
                 self._loading[key] = fut
         try:
@@ -375,9 +395,12 @@ class LakeData:
             return Scalars.from_columns({k: np.array([r[k] for r in rows]) for k in SCALAR_COLUMNS})
 
         return self._background(
-            key, load, self.scalars_wait_s if wait_s is None else wait_s,
+            key,
+            load,
+            self.scalars_wait_s if wait_s is None else wait_s,
             f"loading the density, max and mean of {int(rec.get('n_features') or 0):,} features "
-            f"of analysis {rec['name']!r} from {rec.get('store')}: this page refreshes by itself")
+            f"of analysis {rec['name']!r} from {rec.get('store')}: this page refreshes by itself",
+        )
 
     # -- labels: explanations, scores, notes, token summaries ------------------------------------
     def explanation_store(self, rec: dict):
@@ -409,6 +432,7 @@ class LakeData:
             with self._lock:
                 self._values[key] = (version, rows)
             return rows
+
         return load()  # the version check is one small read: a page never shows rows older than a search
 
     def _mongo_or_call(self, rec: dict, fn):
@@ -425,10 +449,17 @@ class LakeData:
         mongo = self._store_uri_of(rec)
         if mongo is None:
             self._dataset(rec)  # a missing / damaged table is a NotFound / StoreDown now, not in the thread
-        load = (lambda: token_summaries(self.lake, rec)) if mongo is None else \
-            (lambda: self._mongo(rec, lambda st: token_summaries(self.lake, rec, mongo=st)))
-        return self._background(key, load, wait_s, f"reading the tokens of {int(rec.get('n_features') or 0):,} "
-                                                    f"features of analysis {rec['name']!r}")
+        load = (
+            (lambda: token_summaries(self.lake, rec))
+            if mongo is None
+            else (lambda: self._mongo(rec, lambda st: token_summaries(self.lake, rec, mongo=st)))
+        )
+        return self._background(
+            key,
+            load,
+            wait_s,
+            f"reading the tokens of {int(rec.get('n_features') or 0):,} features of analysis {rec['name']!r}",
+        )
 
     def labels(self, rec: dict, features, wait_s: float = 2.0) -> dict[int, dict]:
         """{feature: {"label", "source", "detection", "fuzzing"}} for the given features. While the
@@ -446,8 +477,13 @@ class LakeData:
             text, source = label(e, sums.get(int(f)))
             s = sums.get(int(f))
             words = [(e or {}).get("explanation"), (e or {}).get("note"), *(s.act + s.promoted if s else ())]
-            out[int(f)] = {"label": text, "source": source, "detection": (e or {}).get("detection"),
-                           "fuzzing": (e or {}).get("fuzzing"), "search": "\n".join(w for w in words if w).lower()}
+            out[int(f)] = {
+                "label": text,
+                "source": source,
+                "detection": (e or {}).get("detection"),
+                "fuzzing": (e or {}).get("fuzzing"),
+                "search": "\n".join(w for w in words if w).lower(),
+            }
         return out
 
     def search(self, rec: dict, text: str, wait_s: float | None = None) -> set[int]:
@@ -494,12 +530,16 @@ class LakeData:
                     self._datasets[key] = ds
             ids = sorted({int(c) for c in context_ids})
             n = ds.count_rows()
-            rows = ds.take([c for c in ids if c < n], columns=["context_id", f"{col}_norm"]).to_pylist() \
-                if all(c < n for c in ids) else []
+            rows = (
+                ds.take([c for c in ids if c < n], columns=["context_id", f"{col}_norm"]).to_pylist()
+                if all(c < n for c in ids)
+                else []
+            )
             got = {r["context_id"]: r[f"{col}_norm"] for r in rows}
             if set(got) != set(ids):  # context ids are not row numbers here: filter instead
-                rows = ds.to_table(columns=["context_id", f"{col}_norm"],
-                                   filter=f"context_id IN ({','.join(map(str, ids))})").to_pylist()
+                rows = ds.to_table(
+                    columns=["context_id", f"{col}_norm"], filter=f"context_id IN ({','.join(map(str, ids))})"
+                ).to_pylist()
                 got = {r["context_id"]: r[f"{col}_norm"] for r in rows}
         except (UserError, OSError, ValueError):
             return {}, None

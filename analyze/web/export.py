@@ -4,6 +4,7 @@ Each page inlines its CSS, JavaScript and SVG charts: no server, no network, ope
 put on any static host. ``index.html`` is the SAE page (curves, density histogram, the exported
 features); ``feature-<i>.html`` one per feature; links between exported pages are relative.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,9 @@ from .data import LakeData, NotFound, StoreDown
 from .pages import Renderer, StaticLinks
 
 
-def export_dashboard(lake_uri: str, sae: str, features: str, out_dir: str, analysis: str | None = None,
-                     store: str | None = None) -> list[Path]:
+def export_dashboard(
+    lake_uri: str, sae: str, features: str, out_dir: str, analysis: str | None = None, store: str | None = None
+) -> list[Path]:
     data = LakeData(lake_uri, store=store)
     try:
         data.sae(sae)

@@ -5,6 +5,7 @@
 - a kind whose latents attend (Lorsa's heads): on each top example, where the head attends from the
   peak position: the head's attention pattern computed on the context's stored input (2d snapshot).
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,9 @@ def decoder_norm_rows(rec: dict, feat: dict) -> list[tuple[str, float, float]]:
 
 
 @torch.no_grad()
-def attention_rows(lake: Lake, cfg: dict, rec: dict, feature: int, samples: list[dict],
-                   n: int = 6) -> dict[int, tuple[int, list[tuple[int, float]]]]:
+def attention_rows(
+    lake: Lake, cfg: dict, rec: dict, feature: int, samples: list[dict], n: int = 6
+) -> dict[int, tuple[int, list[tuple[int, float]]]]:
     """Per top sample (context id): (peak position, the ``n`` positions the head attends to most from
     there, with their weights). Empty when the kind does not attend or the contexts are not stored."""
     from saelake.train import SAEStore, dictionaries

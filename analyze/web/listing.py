@@ -1,5 +1,6 @@
 """The SAE page's feature list: filtered, searched, sorted and paged on the server (the browser
 never gets all features), with each row's short label and scores."""
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,13 @@ def _float(query: dict, key: str, errors: list[str]) -> float | None:
         return None
 
 
-def feature_listing(sc: Scalars, query: dict, max_per: int | None = 500, matches: set[int] | None = None,
-                    scores: dict[str, np.ndarray] | None = None) -> dict:
+def feature_listing(
+    sc: Scalars,
+    query: dict,
+    max_per: int | None = 500,
+    matches: set[int] | None = None,
+    scores: dict[str, np.ndarray] | None = None,
+) -> dict:
     """One page of the feature list. ``matches``: the features a search found (None: no search);
     ``scores``: ``score_arrays`` (to sort by a score; unscored features go last either way)."""
     errors: list[str] = []
@@ -71,9 +77,21 @@ def feature_listing(sc: Scalars, query: dict, max_per: int | None = 500, matches
         page = max(1, min(pages, int(query.get("page") or 1)))
     except ValueError:
         page = 1
-    rows = [sc.row(int(p)) for p in idx[(page - 1) * per: page * per]]
+    rows = [sc.row(int(p)) for p in idx[(page - 1) * per : page * per]]
     keep = {k: query.get(k) for k in ("q", "dmin", "dmax", "amin", "amax", "sort", "desc", "per") if query.get(k)}
-    return {"rows": rows, "total": len(idx), "all": len(sc), "page": page, "pages": pages, "per": per,
-            "first": (page - 1) * per + 1 if rows else 0, "last": (page - 1) * per + len(rows), "errors": errors,
-            "query": keep, "sort": sort, "desc": desc, "q": query.get("q") or "",
-            **{k: query.get(k) or "" for k in ("dmin", "dmax", "amin", "amax")}}
+    return {
+        "rows": rows,
+        "total": len(idx),
+        "all": len(sc),
+        "page": page,
+        "pages": pages,
+        "per": per,
+        "first": (page - 1) * per + 1 if rows else 0,
+        "last": (page - 1) * per + len(rows),
+        "errors": errors,
+        "query": keep,
+        "sort": sort,
+        "desc": desc,
+        "q": query.get("q") or "",
+        **{k: query.get(k) or "" for k in ("dmin", "dmax", "amin", "amax")},
+    }

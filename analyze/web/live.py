@@ -4,6 +4,7 @@ The model is ``--model`` when given, else the one the SAE's config (or its run) 
 loaded on the first request and kept. One lock serialises forward passes (CPU, 2 cores).
 BOS is prepended as at ingest and left out of the answer (the analysis excludes it too).
 """
+
 from __future__ import annotations
 
 import threading
@@ -88,8 +89,17 @@ class LiveEncoder:
             model = self._model(spec)
             sae = self._sae(sae_name, cfg)
             try:
-                return steer(self.data.lake, sae_name, prompt, feature, float(value), mode=str(mode),
-                             tokens=min(tokens, MAX_TOKENS), model=model, sae=(sae, cfg))
+                return steer(
+                    self.data.lake,
+                    sae_name,
+                    prompt,
+                    feature,
+                    float(value),
+                    mode=str(mode),
+                    tokens=min(tokens, MAX_TOKENS),
+                    model=model,
+                    sae=(sae, cfg),
+                )
             except UserError as e:
                 raise LiveError(str(e)) from None
 
@@ -119,8 +129,11 @@ class LiveEncoder:
                 raise LiveError(str(e), 503) from None
             x = sae.read({h: acts[h][0].float() for h in hooks})
             if x.shape[-1] != sae.d_in:
-                raise LiveError(f"SAE {sae_name!r} takes inputs of size {sae.d_in}, model {spec} gives "
-                                f"{x.shape[-1]} at {','.join(hooks)}", 503)
+                raise LiveError(
+                    f"SAE {sae_name!r} takes inputs of size {sae.d_in}, model {spec} gives "
+                    f"{x.shape[-1]} at {','.join(hooks)}",
+                    503,
+                )
             f = sae.encode(x).dense()[0][1:]  # [T-1, d_sae], BOS left out
             strs = token_strings(model.tokenizer, ids[1:])
         out = {"sae": sae_name, "model": spec, "tokens": strs, "token_ids": ids[1:]}
@@ -129,6 +142,8 @@ class LiveEncoder:
             out["acts"] = [round(float(v), 6) for v in f[:, feature]]
         else:
             vals, idx = f.topk(min(top, f.shape[1]), dim=1)
-            out["top"] = [[[int(i), round(float(v), 6)] for i, v in zip(ii, vv) if v > 0]
-                          for ii, vv in zip(idx.tolist(), vals.tolist())]
+            out["top"] = [
+                [[int(i), round(float(v), 6)] for i, v in zip(ii, vv) if v > 0]
+                for ii, vv in zip(idx.tolist(), vals.tolist())
+            ]
         return out

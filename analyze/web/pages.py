@@ -3,6 +3,7 @@
 ``Links`` builds every URL a page shows: the server's routes, or file names of an exported
 dashboard (``StaticLinks``: only pages that exist are linked; the rest is plain text).
 """
+
 from __future__ import annotations
 
 import math
@@ -45,7 +46,8 @@ class Links:
 
     def feature(self, sae: str, index: int, analysis: str | None = None) -> str | None:
         return f"/sae/{quote(sae, safe='')}/feature/{int(index)}" + (
-            f"?{urlencode({'analysis': analysis})}" if analysis else "")
+            f"?{urlencode({'analysis': analysis})}" if analysis else ""
+        )
 
     def random(self, sae: str, analysis: str | None = None) -> str | None:
         return f"/sae/{quote(sae, safe='')}/random" + (f"?{urlencode({'analysis': analysis})}" if analysis else "")
@@ -56,6 +58,7 @@ class Links:
 
 class StaticLinks(Links):
     """Links inside an exported dashboard: index.html and feature-<i>.html files only."""
+
     static = True
 
     def __init__(self, features: set[int]):
@@ -114,15 +117,17 @@ def human_bytes(n) -> str:
 class Renderer:
     def __init__(self, data: LakeData | None, links: Links | None = None, live: bool = False):
         self.data, self.links, self.live = data, links or Links(), live
-        self.env = jinja2.Environment(loader=jinja2.PackageLoader(__package__, "templates"),
-                                      autoescape=True, trim_blocks=True, lstrip_blocks=True)
+        self.env = jinja2.Environment(
+            loader=jinja2.PackageLoader(__package__, "templates"), autoescape=True, trim_blocks=True, lstrip_blocks=True
+        )
         self.env.filters.update(num=fnum, pct=pct, bytes=human_bytes, tok=lambda s: shown(s)[0], wbr=break_after_dots)
         self.css, self.js = _asset("style.css"), _asset("app.js")
 
     def render(self, template: str, **ctx) -> str:
         t0 = time.perf_counter()
-        html = self.env.get_template(template).render(links=self.links, css=Markup(self.css), js=Markup(self.js),
-                                                      static=self.links.static, **ctx)
+        html = self.env.get_template(template).render(
+            links=self.links, css=Markup(self.css), js=Markup(self.js), static=self.links.static, **ctx
+        )
         return html.replace("@RENDER_MS@", f"{1000 * (time.perf_counter() - t0):.0f}")
 
     # -- pages -----------------------------------------------------------------------------------
@@ -135,14 +140,32 @@ class Renderer:
         sweeps = []
         for g in sweep_groups(configs):
             pts = [{**p, "href": self.links.sae(p["name"])} for p in g.points]
-            charts_ = [Markup(charts.sweep_chart([{**p, "y": p["fvu"]} for p in pts], "FVU", "FVU vs L0",
-                                                 cls="sweep-fvu"))]
+            charts_ = [
+                Markup(charts.sweep_chart([{**p, "y": p["fvu"]} for p in pts], "FVU", "FVU vs L0", cls="sweep-fvu"))
+            ]
             if g.has_ce:
-                charts_.append(Markup(charts.sweep_chart([{**p, "y": p["ce"]} for p in pts], "CE loss recovered",
-                                                         "CE loss recovered vs L0", cls="sweep-ce")))
+                charts_.append(
+                    Markup(
+                        charts.sweep_chart(
+                            [{**p, "y": p["ce"]} for p in pts],
+                            "CE loss recovered",
+                            "CE loss recovered vs L0",
+                            cls="sweep-ce",
+                        )
+                    )
+                )
             sweeps.append({"run": g.run, "hook": g.hook, "n": len(g.points), "charts": charts_})
-        return self.render("lake.html", title="lake", root=d.lake.root, runs=runs, snapshots=snapshots, saes=saes,
-                           analyses=d.analyses(), store=d.store_uri, sweeps=sweeps)
+        return self.render(
+            "lake.html",
+            title="lake",
+            root=d.lake.root,
+            runs=runs,
+            snapshots=snapshots,
+            saes=saes,
+            analyses=d.analyses(),
+            store=d.store_uri,
+            sweeps=sweeps,
+        )
 
     def _counts(self, sae: str) -> dict:
         """Dead and dense feature counts from the SAE's default analysis (None: no analysis / not loaded)."""
@@ -162,8 +185,7 @@ class Renderer:
         saes = [c for c in self.data.saes() if c.get("run") == name]
         return self.render("run.html", title=f"run {name}", m=m, size=self.data.size_on_disk("runs", name), saes=saes)
 
-    def sae_page(self, name: str, query: dict, analysis_name: str | None = None,
-                 only: list[int] | None = None) -> str:
+    def sae_page(self, name: str, query: dict, analysis_name: str | None = None, only: list[int] | None = None) -> str:
         """``only``: list just these features, all on one page (a static export)."""
         d = self.data
         cfg = d.sae(name)
@@ -174,9 +196,21 @@ class Renderer:
             pts = [(r["tokens"], r["value"]) for r in metrics if r.get("name") == metric]
             if pts:
                 curves.append(Markup(charts.line_chart(pts, metric, logy=logy, cls=f"curve-{metric}")))
-        ctx = dict(title=f"SAE {name}", cfg=sae_row(cfg), rec=rec, curves=curves, analyses=d.analyses_of(name),
-                   hyper=_hyper(sae_row(cfg)), run=None, store_error=None, listing=None, density_svg=None,
-                   loading=None, labels={}, search_note=None)
+        ctx = dict(
+            title=f"SAE {name}",
+            cfg=sae_row(cfg),
+            rec=rec,
+            curves=curves,
+            analyses=d.analyses_of(name),
+            hyper=_hyper(sae_row(cfg)),
+            run=None,
+            store_error=None,
+            listing=None,
+            density_svg=None,
+            loading=None,
+            labels={},
+            search_note=None,
+        )
         if cfg.get("run"):
             try:
                 ctx["run"] = d.run(cfg["run"])
@@ -199,11 +233,13 @@ class Renderer:
                 if only is not None:
                     sc = sc.subset(only)
                     query = {**query, "per": str(max(len(only), 1))}
-                listing = feature_listing(sc, query, max_per=None if only is not None else 500, matches=matches,
-                                          scores=score_arrays(sc, expl))
+                listing = feature_listing(
+                    sc, query, max_per=None if only is not None else 500, matches=matches, scores=score_arrays(sc, expl)
+                )
                 ctx["listing"] = listing
-                ctx["labels"] = d.labels(rec, [r["feature"] for r in listing["rows"]],
-                                         wait_s=0.5 if not self.links.static else 3600)
+                ctx["labels"] = d.labels(
+                    rec, [r["feature"] for r in listing["rows"]], wait_s=0.5 if not self.links.static else 3600
+                )
                 ctx["explained"] = sum(1 for e in expl.values() if e.get("explanation"))
                 ctx["scored"] = sum(1 for e in expl.values() if e.get("detection") is not None)
         return self.render("sae.html", **ctx)
@@ -227,10 +263,17 @@ class Renderer:
         intervals = list((rec.get("config") or {}).get("intervals") or [])
         for j, p in enumerate(intervals):
             hi = 1.0 if j == 0 else intervals[j - 1]
-            sel = [s for s in samples if s["kind"] == "interval" and s["interval"] == j
-                   and s["context_id"] not in top_ids]  # the top group shows those already
-            groups.append((f"interval-{j}", f"activations {fnum(p * fmax, 3)}–{fnum(hi * fmax, 3)}",
-                           f"{p:g}–{hi:g} × max, not in the top group", sel))
+            sel = [
+                s for s in samples if s["kind"] == "interval" and s["interval"] == j and s["context_id"] not in top_ids
+            ]  # the top group shows those already
+            groups.append(
+                (
+                    f"interval-{j}",
+                    f"activations {fnum(p * fmax, 3)}–{fnum(hi * fmax, 3)}",
+                    f"{p:g}–{hi:g} × max, not in the top group",
+                    sel,
+                )
+            )
         zero = [s for s in samples if s["kind"] == "zero"]
         groups.append(("zero", "non-activating", "", zero))
         mode = "all" if self.links.static else "window"
@@ -252,15 +295,30 @@ class Renderer:
             expl = dict.fromkeys(EXPLANATION_FIELDS)
         attention = kinds.attention_rows(d.lake, cfg, rec, index, top)  # kinds whose latents attend (Lorsa)
         return self.render(
-            "feature.html", title=f"feature {index} · {sae}", cfg=cfg, rec=rec, f=feat, index=index, n=n,
-            dec_norms=kinds.decoder_norm_rows(rec, feat), attention=attention,
-            groups=rendered, n_flagged=n_flagged, hist_svg=Markup(hist), neighbours=nbrs, analyses=d.analyses_of(sae),
+            "feature.html",
+            title=f"feature {index} · {sae}",
+            cfg=cfg,
+            rec=rec,
+            f=feat,
+            index=index,
+            n=n,
+            dec_norms=kinds.decoder_norm_rows(rec, feat),
+            attention=attention,
+            groups=rendered,
+            n_flagged=n_flagged,
+            hist_svg=Markup(hist),
+            neighbours=nbrs,
+            analyses=d.analyses_of(sae),
             labels=d.labels(rec, [j for j, _ in nbrs] + [index], wait_s=0.5 if not self.links.static else 3600),
-            expl=expl, pos=list(zip(feat.get("pos_strs") or [], feat.get("pos_logits") or [])),
+            expl=expl,
+            pos=list(zip(feat.get("pos_strs") or [], feat.get("pos_logits") or [])),
             neg=list(zip(feat.get("neg_strs") or [], feat.get("neg_logits") or [])),
-            prev=index - 1 if index > 0 else None, next=index + 1 if index + 1 < n else None,
-            live=live_ok, exported=sorted(self.links.features) if self.links.static else None,
-            norm_limit=limit)
+            prev=index - 1 if index > 0 else None,
+            next=index + 1 if index + 1 < n else None,
+            live=live_ok,
+            exported=sorted(self.links.features) if self.links.static else None,
+            norm_limit=limit,
+        )
 
     def context_html(self, sae: str, analysis_name: str | None, index: int, context_id: int) -> str:
         """The whole context ``context_id`` of a feature's samples, rendered (the "…" of a sample)."""
@@ -299,20 +357,38 @@ def sae_row(cfg: dict) -> dict:
     """An SAE's config plus what the pages show of it: its status as it stands now (training with
     progress, stalled, complete) and its held-out numbers (None: not there, shown as "–")."""
     held = cfg.get("holdout") or {}
-    return {**cfg, "shown_status": shown_status(cfg), "stalled": stalled(cfg) is not None,
-            "heldout_tokens": held.get("tokens_evaluated"), "heldout_fvu": held.get("fvu"),
-            "heldout_l0": held.get("l0"), "heldout_dead_fraction": held.get("dead_fraction")}
+    return {
+        **cfg,
+        "shown_status": shown_status(cfg),
+        "stalled": stalled(cfg) is not None,
+        "heldout_tokens": held.get("tokens_evaluated"),
+        "heldout_fvu": held.get("fvu"),
+        "heldout_l0": held.get("l0"),
+        "heldout_dead_fraction": held.get("dead_fraction"),
+    }
 
 
 def _hyper(cfg: dict) -> tuple[list[tuple[str, object]], list[tuple[str, object]]]:
     """(summary rows, all other hyper-parameters). Metrics say where they were measured."""
     held = f"held-out ({fnum(cfg.get('heldout_tokens'))} tokens)"
-    keys = [("arch", "arch"), ("hook", "hook"), ("out_hook", "out_hook"), ("d_in", "d_in"), ("d_sae", "d_sae"),
-            ("k", "k"), ("tokens_trained", "tokens_trained"), (f"{held} FVU", "heldout_fvu"),
-            (f"{held} L0", "heldout_l0"), (f"{held} dead fraction", "heldout_dead_fraction"),
-            ("train FVU (in-sample)", "fvu"), ("train L0 (in-sample)", "l0"),
-            ("train dead fraction (in-sample)", "dead_fraction"), ("status", "shown_status"), ("model", "model"),
-            ("created", "created")]
+    keys = [
+        ("arch", "arch"),
+        ("hook", "hook"),
+        ("out_hook", "out_hook"),
+        ("d_in", "d_in"),
+        ("d_sae", "d_sae"),
+        ("k", "k"),
+        ("tokens_trained", "tokens_trained"),
+        (f"{held} FVU", "heldout_fvu"),
+        (f"{held} L0", "heldout_l0"),
+        (f"{held} dead fraction", "heldout_dead_fraction"),
+        ("train FVU (in-sample)", "fvu"),
+        ("train L0 (in-sample)", "l0"),
+        ("train dead fraction (in-sample)", "dead_fraction"),
+        ("status", "shown_status"),
+        ("model", "model"),
+        ("created", "created"),
+    ]
     always = {"heldout_fvu", "heldout_l0", "heldout_dead_fraction", "fvu", "l0", "dead_fraction"}  # "–" if missing
     main = [(label, cfg.get(k)) for label, k in keys if cfg.get(k) is not None or k in always]
     rest = []

@@ -21,6 +21,7 @@ returns ``(status, content_type, body_bytes, headers)``; the server only moves b
 
 No route serves files: names in URLs are looked up in the lake's listings after ``check_name``.
 """
+
 from __future__ import annotations
 
 import errno
@@ -52,8 +53,9 @@ class WebApp:
         self.pages = Renderer(self.data, live=live)
 
     # -- dispatch --------------------------------------------------------------------------------
-    def handle(self, method: str, raw_path: str, body: bytes = b"",
-               headers: dict | None = None) -> tuple[int, str, bytes, dict]:
+    def handle(
+        self, method: str, raw_path: str, body: bytes = b"", headers: dict | None = None
+    ) -> tuple[int, str, bytes, dict]:
         path, _, qs = raw_path.partition("#")[0].partition("?")  # (not urlsplit: "//x" is no host here)
         query = {k: v[-1] for k, v in parse_qs(qs, keep_blank_values=True).items()}
         segs = [unquote(s) for s in path.split("/") if s]
@@ -158,7 +160,7 @@ class WebApp:
             if not isinstance(req, dict):
                 raise ValueError
         except ValueError:
-            return self._json(400, {"error": "send a JSON object: {\"sae\", \"feature\", \"note\"}"})
+            return self._json(400, {"error": 'send a JSON object: {"sae", "feature", "note"}'})
         feature = req.get("feature")
         if isinstance(feature, bool) or not isinstance(feature, int):
             return self._json(400, {"error": "feature must be an integer"})
@@ -180,7 +182,7 @@ class WebApp:
             if not isinstance(req, dict):
                 raise ValueError
         except ValueError:
-            return self._json(400, {"error": "send a JSON object: {\"sae\": ..., \"text\": ...}"})
+            return self._json(400, {"error": 'send a JSON object: {"sae": ..., "text": ...}'})
         feature = req.get("feature")
         if feature is not None and (isinstance(feature, bool) or not isinstance(feature, int)):
             return self._json(400, {"error": "feature must be an integer"})
@@ -206,7 +208,7 @@ class WebApp:
             if not isinstance(req, dict):
                 raise ValueError
         except ValueError:
-            return self._json(400, {"error": "send a JSON object: {\"sae\", \"prompt\", \"feature\", \"value\"}"})
+            return self._json(400, {"error": 'send a JSON object: {"sae", "prompt", "feature", "value"}'})
         try:
             return self._json(200, self.live.steer(str(req.get("sae") or ""), req))
         except NotFound as e:
@@ -291,8 +293,9 @@ def make_server(app: WebApp, host: str = "127.0.0.1", port: int = 8765, quiet: b
         return Server((host, port), handler)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
-            raise UserError(f"port {port} on {host} is already in use: stop the other server or pass --port N") \
-                from None
+            raise UserError(
+                f"port {port} on {host} is already in use: stop the other server or pass --port N"
+            ) from None
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
 
 

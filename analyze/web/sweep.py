@@ -4,6 +4,7 @@ the SAEs of each run and hook, and each SAE's dead and dense feature counts.
 Numbers are the held-out ones (rows training never read) when an SAE has them, else those of
 `lake eval`, else the in-sample training numbers (drawn hollow and said so on hover).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -35,8 +36,14 @@ def sae_point(cfg: dict) -> dict | None:
         l0, fvu, source = cfg["l0"], cfg["fvu"], "in-sample"
     else:
         return None
-    return {"name": cfg["name"], "arch": cfg.get("arch"), "l0": float(l0), "fvu": float(fvu),
-            "ce": ev.get("ce_loss_recovered"), "source": source}
+    return {
+        "name": cfg["name"],
+        "arch": cfg.get("arch"),
+        "l0": float(l0),
+        "fvu": float(fvu),
+        "ce": ev.get("ce_loss_recovered"),
+        "source": source,
+    }
 
 
 def sweep_groups(saes: list[dict]) -> list[SweepGroup]:

@@ -12,6 +12,7 @@
 - ``peak_flags``: a peak at positions 1-5 after a BOS / document separator, or on a token whose
   residual norm is far above the hook's median (attention-sink-like tokens), is flagged.
 """
+
 from __future__ import annotations
 
 import re
@@ -88,7 +89,7 @@ def sample_html(sample: dict, feature_max: float, skip_ids: set[int], mode: str 
     ctx = sample.get("context_id")
     more = f'<span class="more" data-context="{ctx}" title="show the whole context" role="button">…</span>'
     out = [more] if lo > 0 else []
-    for i in (range(T) if mode == "all" else range(lo, hi)):
+    for i in range(T) if mode == "all" else range(lo, hi):
         s = strs[i]
         text, extra = shown(s)
         cls = "t" + extra + ("" if lo <= i < hi else " far") + (" bos" if toks[i] in skip_ids else "")
@@ -100,9 +101,11 @@ def sample_html(sample: dict, feature_max: float, skip_ids: set[int], mode: str 
         alpha = min(1.0, a / feature_max) if feature_max > 0 else 1.0
         if i == peak:
             cls += " peak"
-        out.append(f'<span class="{cls} on" data-i="{i}" data-act="{a:.6g}" '
-                   f'style="background-color:rgba(255,102,0,{alpha:.3f})" title="{hover} · {a:.4g}">'
-                   f'{escape(text)}</span>')
+        out.append(
+            f'<span class="{cls} on" data-i="{i}" data-act="{a:.6g}" '
+            f'style="background-color:rgba(255,102,0,{alpha:.3f})" title="{hover} · {a:.4g}">'
+            f"{escape(text)}</span>"
+        )
     if hi < T:
         out.append(more)
     return Markup("".join(out))

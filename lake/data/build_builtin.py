@@ -9,6 +9,7 @@ PSF license. Rebuilding changes the corpus: update BUILTIN_SHA256 in lake/corpus
 
     python lake/data/build_builtin.py   # writes lake/data/builtin.jsonl.gz, prints its sha256
 """
+
 import ast
 import glob
 import gzip

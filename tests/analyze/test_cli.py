@@ -1,19 +1,32 @@
 """`lake analyze` / `lake feature` through the real CLI: bad input, display, live, a trained SAE."""
+
 from __future__ import annotations
 
 import pytest
 
 from saelake.analyze.sql import relations
 from saelake.analyze.stores import EmbeddedStore
-from tests.analyze.conftest import H0, cli, make_sae
 from saelake.lake import Lake
+from tests.analyze.conftest import H0, cli, make_sae
 
 
 def _ingest_1d_only(lake: str, model: str, corpus: str) -> None:
     from saelake.lake import IngestConfig, ingest
 
-    ingest(IngestConfig(lake=lake, model=model, dataset=corpus, hooks=[H0], tokens=300, context_size=32,
-                        layouts=["1d"], run="only1d", shuffle_buffer=256), progress=False)
+    ingest(
+        IngestConfig(
+            lake=lake,
+            model=model,
+            dataset=corpus,
+            hooks=[H0],
+            tokens=300,
+            context_size=32,
+            layouts=["1d"],
+            run="only1d",
+            shuffle_buffer=256,
+        ),
+        progress=False,
+    )
 
 
 def test_bad_input_one_line_exit_2_nothing_written(lake_copy, tiny_model, tiny_corpus):
@@ -49,8 +62,11 @@ def test_bad_input_one_line_exit_2_nothing_written(lake_copy, tiny_model, tiny_c
     assert code == 0, err
     code, _, err = cli("analyze", *L, "topk", "--tokens", "300")
     assert code == 2 and "already exists" in err and "--name" in err and "--overwrite" in err
-    for args, needle in ((["topk", "999"], "out of range"), (["relu", "0"], "no analysis of SAE 'relu'"),
-                         (["topk", "0", "--analysis", "zzz"], "no analysis 'zzz'")):
+    for args, needle in (
+        (["topk", "999"], "out of range"),
+        (["relu", "0"], "no analysis of SAE 'relu'"),
+        (["topk", "0", "--analysis", "zzz"], "no analysis 'zzz'"),
+    ):
         code, _, err = cli("feature", "--lake", lake_copy, *args)
         assert code == 2 and needle in err and err.count("\n") == 1, (args, err)
 
@@ -75,8 +91,24 @@ def test_feature_view_highlights_activating_tokens(lake_copy):
 def test_live_analysis_matches_snapshot(lake_copy, tiny_model, tiny_corpus):
     code, out, err = cli("analyze", "--lake", lake_copy, "topk", "--quiet", "--tokens", "640", "--name", "snap")
     assert code == 0, err
-    code, out, err = cli("analyze", "--lake", lake_copy, "topk", "--quiet", "--live", "--model", tiny_model,
-                         "--dataset", tiny_corpus, "--context-size", "32", "--tokens", "640", "--name", "live")
+    code, out, err = cli(
+        "analyze",
+        "--lake",
+        lake_copy,
+        "topk",
+        "--quiet",
+        "--live",
+        "--model",
+        tiny_model,
+        "--dataset",
+        tiny_corpus,
+        "--context-size",
+        "32",
+        "--tokens",
+        "640",
+        "--name",
+        "live",
+    )
     assert code == 0, err
     st = EmbeddedStore(Lake(lake_copy))
     live, snap = st.record("live"), st.record("snap")
@@ -88,8 +120,28 @@ def test_live_analysis_matches_snapshot(lake_copy, tiny_model, tiny_corpus):
 
 
 def test_trained_sae_end_to_end(lake_copy):
-    code, out, err = cli("train", "--lake", lake_copy, "--run", "r1", "--hook", H0, "--arch", "topk", "--k", "4",
-                         "--expansion", "2", "--tokens", "2048", "--batch-size", "256", "--name", "trained", "--quiet")
+    code, out, err = cli(
+        "train",
+        "--lake",
+        lake_copy,
+        "--run",
+        "r1",
+        "--hook",
+        H0,
+        "--arch",
+        "topk",
+        "--k",
+        "4",
+        "--expansion",
+        "2",
+        "--tokens",
+        "2048",
+        "--batch-size",
+        "256",
+        "--name",
+        "trained",
+        "--quiet",
+    )
     assert code == 0, err
     code, out, err = cli("analyze", "--lake", lake_copy, "trained", "--quiet")
     assert code == 0, err

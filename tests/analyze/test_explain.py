@@ -2,6 +2,7 @@
 explainer on the tiny model, `lake explain --import`, `lake score` against OpenAI-compatible
 servers on 127.0.0.1 (an oracle and a yes-sayer: the numbers must come out as they should),
 `lake features --search`, and bad input."""
+
 from __future__ import annotations
 
 import json
@@ -85,8 +86,21 @@ def test_local_explainer_on_the_tiny_model(xlake, chat_tiny, tmp_path):
     root = str(tmp_path / "lake")
     shutil.copytree(xlake["lake"], root)
     feats = alive(root, "ex", 3)
-    code, out, err = cli("explain", "--lake", root, "topk", "--analysis", "ex", "--features",
-                         ",".join(map(str, feats)), "--model", tiny_model, "--max-tokens", "8", "--quiet")
+    code, out, err = cli(
+        "explain",
+        "--lake",
+        root,
+        "topk",
+        "--analysis",
+        "ex",
+        "--features",
+        ",".join(map(str, feats)),
+        "--model",
+        tiny_model,
+        "--max-tokens",
+        "8",
+        "--quiet",
+    )
     assert code == 0, err
     assert f"explained {len(feats)} features of analysis ex with local" in out and "s per feature" in out
     rows = EmbeddedExplanations(Lake(root)).rows("ex")
@@ -100,8 +114,21 @@ def test_local_explainer_on_the_tiny_model(xlake, chat_tiny, tmp_path):
         assert len(set(r["examples"])) == len(r["examples"])  # an interval sample that is a top one is not repeated
         assert r["promoted"] == row["pos_strs"][:10]
     # already explained: skipped; --overwrite redoes them
-    code, out, _ = cli("explain", "--lake", root, "topk", "--analysis", "ex", "--features", str(feats[0]),
-                       "--model", tiny_model, "--max-tokens", "4", "--quiet")
+    code, out, _ = cli(
+        "explain",
+        "--lake",
+        root,
+        "topk",
+        "--analysis",
+        "ex",
+        "--features",
+        str(feats[0]),
+        "--model",
+        tiny_model,
+        "--max-tokens",
+        "4",
+        "--quiet",
+    )
     assert "explained 0 features" in out and "1 already explained" in out
 
 
@@ -142,6 +169,7 @@ def chat_server():
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         servers.append(srv)
         return srv, f"http://127.0.0.1:{srv.server_address[1]}/v1"
+
     yield start
     for s in servers:
         s.shutdown()
@@ -174,8 +202,21 @@ def test_scores_from_an_oracle_and_a_yes_sayer_server(xlake, tmp_path, chat_serv
 
     monkeypatch.setenv("TEST_SCORER_KEY", "s3cret")
     srv, url = chat_server(oracle, key="s3cret")
-    code, out, err = cli("score", "--lake", root, "topk", "--analysis", "ex", "--scorer", url, "--model", "judge",
-                         "--api-key-env", "TEST_SCORER_KEY", "--quiet")
+    code, out, err = cli(
+        "score",
+        "--lake",
+        root,
+        "topk",
+        "--analysis",
+        "ex",
+        "--scorer",
+        url,
+        "--model",
+        "judge",
+        "--api-key-env",
+        "TEST_SCORER_KEY",
+        "--quiet",
+    )
     assert code == 0, err
     assert "mean detection 1.000, mean fuzzing 1.000" in out
     path, auth, body = srv.seen[0]
@@ -186,12 +227,25 @@ def test_scores_from_an_oracle_and_a_yes_sayer_server(xlake, tmp_path, chat_serv
     assert "s3cret" not in "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*.json"))
     # a server that always says yes scores 0.5 (balanced accuracy); --overwrite rescores
     _, url2 = chat_server(lambda p: "Yes.")
-    code, out, err = cli("score", "--lake", root, "topk", "--analysis", "ex", "--scorer", url2, "--overwrite",
-                         "--quiet")
+    code, out, err = cli(
+        "score", "--lake", root, "topk", "--analysis", "ex", "--scorer", url2, "--overwrite", "--quiet"
+    )
     assert code == 0 and "mean detection 0.500, mean fuzzing 0.500" in out, err
     # the list sorts by score; the feature page shows it
-    code, out, _ = cli("features", "--lake", root, "topk", "--analysis", "ex", "--sort", "detection", "--desc",
-                       "--limit", "2", "--json")
+    code, out, _ = cli(
+        "features",
+        "--lake",
+        root,
+        "topk",
+        "--analysis",
+        "ex",
+        "--sort",
+        "detection",
+        "--desc",
+        "--limit",
+        "2",
+        "--json",
+    )
     got = [json.loads(ln) for ln in out.splitlines()]
     assert [g["feature"] for g in got] == feats and all(g["detection"] == 0.5 for g in got)
     assert got[0]["label"] == f"feature {feats[0]} things" and got[0]["source"] == "explanation"
@@ -203,13 +257,18 @@ def test_server_yes_no_from_logprobs_or_the_answer(chat_server):
     msg = [{"role": "user", "content": "q"}]
     tops = [{"token": " No", "logprob": -0.2}, {"token": "Yes", "logprob": -1.5}, {"token": "The", "logprob": -3.0}]
     srv, url = chat_server(None)
-    srv.respond = lambda body: (200, {"choices": [{"message": {"content": "Yes, it does"},
-                                                   "logprobs": {"content": [{"top_logprobs": tops}]}}]})
+    srv.respond = lambda body: (
+        200,
+        {"choices": [{"message": {"content": "Yes, it does"}, "logprobs": {"content": [{"top_logprobs": tops}]}}]},
+    )
     assert OpenAIChat(url, None, None, 10).yes_no(msg) is False  # the first token's log-probabilities decide
     assert srv.seen[0][2]["logprobs"] is True and srv.seen[0][2]["top_logprobs"] == 20
     # a server that refuses logprobs: asked once, then never again; the answer's first yes/no counts
-    srv.respond = lambda body: (400, {"error": "no logprobs"}) if "logprobs" in body else \
-        (200, {"choices": [{"message": {"content": "I think no."}}]})
+    srv.respond = lambda body: (
+        (400, {"error": "no logprobs"})
+        if "logprobs" in body
+        else (200, {"choices": [{"message": {"content": "I think no."}}]})
+    )
     chat, n = OpenAIChat(url, None, None, 10), len(srv.seen)
     assert chat.yes_no(msg) is False and chat.yes_no(msg) is False
     assert [("logprobs" in b) for _, _, b in srv.seen[n:]] == [True, False, False]
@@ -232,25 +291,29 @@ def test_features_search_cli(xlake, tmp_path, analysis):
     lake = Lake(root)
     (tmp_path / "e.json").write_text(json.dumps([{"feature": 5, "explanation": "Quokka detector", "note": "ok"}]))
     store = ["--store", xlake["uri"]] if analysis == "exm" else []
-    code, out, err = cli("explain", "--lake", root, *store, "topk", "--analysis", analysis, "--import",
-                         str(tmp_path / "e.json"))
+    code, out, err = cli(
+        "explain", "--lake", root, *store, "topk", "--analysis", analysis, "--import", str(tmp_path / "e.json")
+    )
     assert code == 0, err
-    code, out, err = cli("features", "--lake", root, *store, "topk", "--analysis", analysis, "--search", "quokka",
-                         "--json")
+    code, out, err = cli(
+        "features", "--lake", root, *store, "topk", "--analysis", analysis, "--search", "quokka", "--json"
+    )
     assert code == 0, err
     assert [json.loads(ln)["feature"] for ln in out.splitlines()] == [5]
     code, out, err = cli("feature", "--lake", root, *store, "topk", "5", "--analysis", analysis)
     assert code == 0 and "explanation  Quokka detector" in out and "note         ok" in out, err
     assert "  neighbours\n" in out  # one per line, each with its label
-    sums = token_summaries(lake, lake.analysis_record(analysis) if analysis == "ex" else
-                           MongoStore(xlake["uri"]).record(analysis), mongo=MongoStore(xlake["uri"])
-                           if analysis == "exm" else None)
+    sums = token_summaries(
+        lake,
+        lake.analysis_record(analysis) if analysis == "ex" else MongoStore(xlake["uri"]).record(analysis),
+        mongo=MongoStore(xlake["uri"]) if analysis == "exm" else None,
+    )
     token = next(s.act[0].strip() for s in sums.values() if s.act and len(s.act[0].strip()) >= 2)
-    code, out, _ = cli("features", "--lake", root, *store, "topk", "--analysis", analysis, "--search", token,
-                       "--json")
+    code, out, _ = cli("features", "--lake", root, *store, "topk", "--analysis", analysis, "--search", token, "--json")
     got = {json.loads(ln)["feature"] for ln in out.splitlines()}
-    assert got and got == {f for f, s in sums.items() if s.matches(token)} | ({5} if token.lower() in
-                                                                                "quokka detector ok" else set())
+    assert got and got == {f for f, s in sums.items() if s.matches(token)} | (
+        {5} if token.lower() in "quokka detector ok" else set()
+    )
 
 
 def test_bad_input_one_line_exit_2_nothing_written(xlake, tmp_path, monkeypatch):
@@ -261,11 +324,15 @@ def test_bad_input_one_line_exit_2_nothing_written(xlake, tmp_path, monkeypatch)
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
     cases = [
         (["explain", *L, "--explainer", "gpt"], ["--explainer", "local", "URL"]),
-        (["explain", *L, "--explainer", f"http://127.0.0.1:{free_port()}/v1", "--timeout", "2"],
-         ["cannot reach", "127.0.0.1"]),
+        (
+            ["explain", *L, "--explainer", f"http://127.0.0.1:{free_port()}/v1", "--timeout", "2"],
+            ["cannot reach", "127.0.0.1"],
+        ),
         (["explain", *L, "--explainer", "http://user:pw@127.0.0.1:1/v1"], ["--api-key-env"]),
-        (["explain", *L, "--explainer", "http://127.0.0.1:1/v1", "--api-key-env", "NO_SUCH_KEY_VAR"],
-         ["NO_SUCH_KEY_VAR", "not set"]),
+        (
+            ["explain", *L, "--explainer", "http://127.0.0.1:1/v1", "--api-key-env", "NO_SUCH_KEY_VAR"],
+            ["NO_SUCH_KEY_VAR", "not set"],
+        ),
         (["explain", *L, "--features", "0-999"], ["out of range"]),
         (["explain", *L, "--model", str(tmp_path / "nomodel")], ["does not exist"]),
         (["explain", "--lake", root, "nope", "--quiet"], ["no analysis of SAE 'nope'"]),
@@ -278,12 +345,13 @@ def test_bad_input_one_line_exit_2_nothing_written(xlake, tmp_path, monkeypatch)
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, err)
         assert all(w in lines[0] for w in words), (args, lines)
-    for content, words in (("[1, 2]", ["item 0", "not an object"]), ('[{"feature": 99, "explanation": "x"}]',
-                                                                     ["out of range"]),
-                           ('[{"feature": 1, "explanation": "x", "colour": 1}]', ["unknown key 'colour'"]),
-                           ("{not json", ["not JSON"]),
-                           ('[{"feature": 1, "explanation": "ok"}, {"feature": 2, "explanation": 7}]',
-                            ["item 1", "must be a string"])):
+    for content, words in (
+        ("[1, 2]", ["item 0", "not an object"]),
+        ('[{"feature": 99, "explanation": "x"}]', ["out of range"]),
+        ('[{"feature": 1, "explanation": "x", "colour": 1}]', ["unknown key 'colour'"]),
+        ("{not json", ["not JSON"]),
+        ('[{"feature": 1, "explanation": "ok"}, {"feature": 2, "explanation": 7}]', ["item 1", "must be a string"]),
+    ):
         bad.write_text(content)
         code, _, err = cli("explain", *L, "--import", str(bad))
         assert code == 2 and all(w in err for w in words), (content, err)
@@ -297,11 +365,39 @@ def test_explain_example(tmp_path, chat_tiny, tiny_corpus):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[2]
-    p = subprocess.run([sys.executable, str(repo / "examples" / "explain.py"), "--lake", str(tmp_path / "lake"),
-                        "--model", chat_tiny, "--explainer-model", chat_tiny, "--dataset", tiny_corpus, "--hook",
-                        "blocks.0.hook_resid_post", "--context-size", "32", "--tokens", "640", "--train-tokens", "2048",
-                        "--train-batch-size", "256", "--expansion", "2", "--k", "4"],
-                       capture_output=True, text=True, timeout=300, cwd=repo, env=dict(os.environ))
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(repo / "examples" / "explain.py"),
+            "--lake",
+            str(tmp_path / "lake"),
+            "--model",
+            chat_tiny,
+            "--explainer-model",
+            chat_tiny,
+            "--dataset",
+            tiny_corpus,
+            "--hook",
+            "blocks.0.hook_resid_post",
+            "--context-size",
+            "32",
+            "--tokens",
+            "640",
+            "--train-tokens",
+            "2048",
+            "--train-batch-size",
+            "256",
+            "--expansion",
+            "2",
+            "--k",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=repo,
+        env=dict(os.environ),
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "trained and analysed topk-explain-" in p.stdout and "explained 5 features in" in p.stdout
     assert "scored" in p.stdout and p.stdout.count("  feature ") == 5 and "next: lake features" in p.stdout
@@ -347,14 +443,44 @@ def test_explain_and_score_into_mongo(xlake, tmp_path, chat_server):
     root = str(tmp_path / "lake")
     shutil.copytree(xlake["lake"], root)
     feats = alive(root, "ex", 2)
-    srv, url = chat_server(lambda p: "Yes" if "Does the neuron" in p or "marked tokens" in p else
-                           "Explanation: «Commas» in lists\nmore text")
-    code, out, err = cli("explain", "--store", xlake["uri"], "topk", "--analysis", "exm", "--features",
-                         ",".join(map(str, feats)), "--explainer", url, "--overwrite", "--top-examples", "2",
-                         "--interval-examples", "0", "--quiet")  # leave examples for the scorer (6 top, 2 per interval)
+    srv, url = chat_server(
+        lambda p: (
+            "Yes" if "Does the neuron" in p or "marked tokens" in p else "Explanation: «Commas» in lists\nmore text"
+        )
+    )
+    code, out, err = cli(
+        "explain",
+        "--store",
+        xlake["uri"],
+        "topk",
+        "--analysis",
+        "exm",
+        "--features",
+        ",".join(map(str, feats)),
+        "--explainer",
+        url,
+        "--overwrite",
+        "--top-examples",
+        "2",
+        "--interval-examples",
+        "0",
+        "--quiet",
+    )  # leave examples for the scorer (6 top, 2 per interval)
     assert code == 0 and f"explained {len(feats)} features" in out, err
-    code, out, err = cli("score", "--store", xlake["uri"], "topk", "--analysis", "exm", "--features",
-                         ",".join(map(str, feats)), "--scorer", url, "--overwrite", "--quiet")
+    code, out, err = cli(
+        "score",
+        "--store",
+        xlake["uri"],
+        "topk",
+        "--analysis",
+        "exm",
+        "--features",
+        ",".join(map(str, feats)),
+        "--scorer",
+        url,
+        "--overwrite",
+        "--quiet",
+    )
     assert code == 0 and "mean detection 0.500" in out, err
     rows = MongoExplanations(MongoStore(xlake["uri"])).rows("exm", feats)
     assert [rows[f]["explanation"] for f in feats] == ["Commas in lists"] * len(feats)  # label, marks, rest cut

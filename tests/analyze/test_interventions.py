@@ -1,6 +1,7 @@
 """Interventions on the real tiny model with SAEs trained here: splicing with the error term kept
 leaves the logits alone, clamp/ablate/add do what they say on re-encoding and on the logits,
 generation is deterministic, a dictionary that reads a later layer than it writes is refused."""
+
 from __future__ import annotations
 
 import shutil
@@ -22,13 +23,28 @@ def trained(tmp_path_factory, tiny_lake, tiny_model):
     lake = str(tmp_path_factory.mktemp("steer") / "lake")
     shutil.copytree(tiny_lake, lake, ignore=shutil.ignore_patterns("catalog.duckdb*"))
     torch.set_num_threads(1)
-    train(lake, [SAEConfig(hooks=[H0], name="sae", arch="topk", expansion=4, k=8, lr=3e-3),
-                 SAEConfig(hooks=[H0], out_hooks=[H1], name="tc", arch="topk", expansion=4, k=8, lr=1e-2)],
-          run="r1", tokens=8000, batch_size=256, repeat=True, progress=False)
+    train(
+        lake,
+        [
+            SAEConfig(hooks=[H0], name="sae", arch="topk", expansion=4, k=8, lr=3e-3),
+            SAEConfig(hooks=[H0], out_hooks=[H1], name="tc", arch="topk", expansion=4, k=8, lr=1e-2),
+        ],
+        run="r1",
+        tokens=8000,
+        batch_size=256,
+        repeat=True,
+        progress=False,
+    )
     make_sae(lake, "cc", "topk", H0, d_in=64, model=tiny_model)
     from saelake.train.store import SAEStore
-    cfg = SAEStore(lake).config("cc") | {"hooks": [H0, H1], "out_hooks": [H0, H1], "hook": f"{H0},{H1}",
-                                         "out_hook": f"{H0},{H1}", "d_out": 64}
+
+    cfg = SAEStore(lake).config("cc") | {
+        "hooks": [H0, H1],
+        "out_hooks": [H0, H1],
+        "hook": f"{H0},{H1}",
+        "out_hook": f"{H0},{H1}",
+        "d_out": 64,
+    }
     SAEStore(lake).save(cfg, SAEStore(lake).weights("cc"))
     return {"lake": lake, "model": load_model(tiny_model)}
 
@@ -99,8 +115,11 @@ def test_greedy_generation_is_deterministic_and_steers(trained):
 def test_bad_interventions_are_one_line_errors(trained):
     lm = trained["model"]
     sae, _ = load_sae(trained["lake"], "sae")
-    for edit, msg in ((Edit(10_000, "add", 1.0), "no feature 10000"), (Edit(1, "add", float("nan")), "finite"),
-                      (Edit(1, "scale", 1.0), "unknown edit mode")):
+    for edit, msg in (
+        (Edit(10_000, "add", 1.0), "no feature 10000"),
+        (Edit(1, "add", float("nan")), "finite"),
+        (Edit(1, "scale", 1.0), "unknown edit mode"),
+    ):
         with pytest.raises(UserError, match=msg):
             Splice(lm, sae, [edit])
     cc, _ = load_sae(trained["lake"], "cc")
@@ -122,18 +141,26 @@ def test_eval_splices_through_the_same_api(trained):
 def _kind(name: str, d_in: int, d_sae: int, hooks: list[str], out_hooks: list[str], **options):
     from saelake.train import dictionaries
 
-    sae = dictionaries.get(name).build(d_in, d_sae, sum(32 for _ in out_hooks), hooks=hooks, out_hooks=out_hooks,
-                                       **options)
+    sae = dictionaries.get(name).build(
+        d_in, d_sae, sum(32 for _ in out_hooks), hooks=hooks, out_hooks=out_hooks, **options
+    )
     sae.initialize([torch.Generator().manual_seed(0)])
     return sae.inference()
 
 
-@pytest.mark.parametrize("name,hooks,out_hooks,options", [
-    ("clt", ["blocks.0.mlp.hook_in", "blocks.1.mlp.hook_in"], ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"],
-     {"k": 4}),
-    ("lorsa", ["blocks.1.ln1.hook_out"], ["blocks.1.hook_attn_out"], {"k": 4, "d_qk": 8, "rotary_base": 0}),
-    ("topk", [H0], [H0], {"k": 4}),
-])
+@pytest.mark.parametrize(
+    "name,hooks,out_hooks,options",
+    [
+        (
+            "clt",
+            ["blocks.0.mlp.hook_in", "blocks.1.mlp.hook_in"],
+            ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"],
+            {"k": 4},
+        ),
+        ("lorsa", ["blocks.1.ln1.hook_out"], ["blocks.1.hook_attn_out"], {"k": 4, "d_qk": 8, "rotary_base": 0}),
+        ("topk", [H0], [H0], {"k": 4}),
+    ],
+)
 def test_other_kinds_splice_through_their_own_read_and_written(trained, name, hooks, out_hooks, options):
     """A cross-layer transcoder (one encoder per layer, decoders into every later layer) and Lorsa
     (attention over whole contexts) splice like an SAE: with the error term kept and no edit the logits

@@ -1,5 +1,6 @@
 """Analysis of the bigger dictionaries: a CLT's features carry their decoder norm per output layer, a
 Lorsa's are encoded over whole contexts (snapshot and live), and live inference encodes both."""
+
 from __future__ import annotations
 
 import shutil
@@ -23,14 +24,54 @@ def kinds_lake(tiny_model, tiny_corpus, tmp_path_factory):
     from saelake.lake import IngestConfig, ingest
 
     root = str(tmp_path_factory.mktemp("kindslake") / "lake")
-    ingest(IngestConfig(lake=root, model=tiny_model, dataset=tiny_corpus, tokens=2000, context_size=32, run="r",
-                        hooks=expand_hooks([CLT_IN, CLT_OUT]) + [L_IN, L_OUT], layouts=["1d", "2d"]), progress=False)
-    common = ["--lake", root, "--run", "r", "--tokens", "2048", "--batch-size", "256", "--holdout", "0", "--quiet",
-              "--repeat"]
-    for args in (["--name", "clt", "--arch", "clt", "--hook", CLT_IN, "--out-hook", CLT_OUT, "--expansion", "2",
-                  "--k", "4"],
-                 ["--name", "lorsa", "--arch", "lorsa", "--hook", L_IN, "--out-hook", L_OUT, "--heads", "32",
-                  "--qk-heads", "4", "--d-qk", "8", "--k", "4"]):
+    ingest(
+        IngestConfig(
+            lake=root,
+            model=tiny_model,
+            dataset=tiny_corpus,
+            tokens=2000,
+            context_size=32,
+            run="r",
+            hooks=expand_hooks([CLT_IN, CLT_OUT]) + [L_IN, L_OUT],
+            layouts=["1d", "2d"],
+        ),
+        progress=False,
+    )
+    common = [
+        "--lake",
+        root,
+        "--run",
+        "r",
+        "--tokens",
+        "2048",
+        "--batch-size",
+        "256",
+        "--holdout",
+        "0",
+        "--quiet",
+        "--repeat",
+    ]
+    for args in (
+        ["--name", "clt", "--arch", "clt", "--hook", CLT_IN, "--out-hook", CLT_OUT, "--expansion", "2", "--k", "4"],
+        [
+            "--name",
+            "lorsa",
+            "--arch",
+            "lorsa",
+            "--hook",
+            L_IN,
+            "--out-hook",
+            L_OUT,
+            "--heads",
+            "32",
+            "--qk-heads",
+            "4",
+            "--d-qk",
+            "8",
+            "--k",
+            "4",
+        ],
+    ):
         code, _, err = cli("train", *common, *args)
         assert code == 0, err
     return root
@@ -55,8 +96,7 @@ def test_clt_features_have_decoder_norms_per_layer(lake):
     early, late = store.feature("clt", 3), store.feature("clt", s + 3)
     assert len(early["decoder_norms"]) == 2 and all(v > 0 for v in early["decoder_norms"])
     assert late["decoder_norms"][0] == 0 and late["decoder_norms"][1] > 0  # layer 1 writes no earlier layer
-    torch.testing.assert_close(torch.tensor(late["decoder_norms"][1]),
-                               sae.layer("W_dec", 1)[0, 3].norm())
+    torch.testing.assert_close(torch.tensor(late["decoder_norms"][1]), sae.layer("W_dec", 1)[0, 3].norm())
     code, out, err = cli("feature", "--lake", lake, "clt", str(s + 3))
     assert code == 0 and "decoder norm" in out and outs[1] in out, out + err
 
@@ -85,8 +125,24 @@ def test_lorsa_features_are_encoded_over_whole_contexts(lake, tiny_model, tiny_c
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
         checked += 1
     assert checked > 5
-    code, out, err = cli("analyze", "--lake", lake, "lorsa", "--live", "--model", tiny_model, "--dataset", tiny_corpus,
-                         "--context-size", "32", "--tokens", "320", "--name", "lorsa-live", "--quiet")
+    code, out, err = cli(
+        "analyze",
+        "--lake",
+        lake,
+        "lorsa",
+        "--live",
+        "--model",
+        tiny_model,
+        "--dataset",
+        tiny_corpus,
+        "--context-size",
+        "32",
+        "--tokens",
+        "320",
+        "--name",
+        "lorsa-live",
+        "--quiet",
+    )
     assert code == 0, err
     assert store.record("lorsa-live").source == "live"
 
@@ -105,7 +161,7 @@ def test_live_inference_encodes_clts_and_lorsa(lake):
     b = live.run("lorsa", "The cat sat on the mat and then the dog came", feature=None, top=3)
     n = len(a["tokens"])
     assert b["tokens"][:n] == a["tokens"]
-    for ta, tb in zip(a["top"][:n - 1], b["top"][:n - 1]):
+    for ta, tb in zip(a["top"][: n - 1], b["top"][: n - 1]):
         assert [i for i, _ in ta] == [i for i, _ in tb] and [v for _, v in ta] == pytest.approx([v for _, v in tb])
 
 

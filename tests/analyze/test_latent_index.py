@@ -1,6 +1,7 @@
 """`lake encode`: the latent index answers the README's questions exactly as a brute-force
 re-encode of the snapshot does, resumes after a crash without losing or repeating a context, and
 its data files are checksummed like the rest of the lake."""
+
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -44,6 +45,7 @@ def query(lake, sql):
 @pytest.fixture(scope="module")
 def indexed(alake, tmp_path_factory):
     import shutil
+
     dst = str(tmp_path_factory.mktemp("index") / "lake")
     shutil.copytree(alake, dst)
     assert cli("catalog", "sync", "--lake", dst)[0] == 0  # the copy has no catalog yet
@@ -71,9 +73,12 @@ def test_readme_queries_match_brute_force(indexed):
     counts = Counter(f for feats in want.values() for f in feats)
     F = counts.most_common(3)[-1][0]
     # 1. the top contexts of feature F
-    top = query(indexed, f"""select context_id, max(a) as act from (
+    top = query(
+        indexed,
+        f"""select context_id, max(a) as act from (
         select context_id, unnest(features) as f, unnest(acts) as a from latents__topk) where f = {F}
-        group by context_id order by act desc, context_id limit 5""")
+        group by context_id order by act desc, context_id limit 5""",
+    )
     per_ctx = defaultdict(float)
     for (c, _), feats in want.items():
         if F in feats:
@@ -82,24 +87,32 @@ def test_readme_queries_match_brute_force(indexed):
     assert [r["context_id"] for r in top] == [c for c, _ in ref]
     assert all(abs(r["act"] - a) <= 1e-3 * max(1.0, a) for r, (_, a) in zip(top, ref))
     # 2. the features that co-fire most with F (same token)
-    co = query(indexed, f"""select g, count(*) as n from (select unnest(features) as g, features from latents__topk
-        where list_contains(features, {F})) where g != {F} group by g order by n desc, g limit 5""")
+    co = query(
+        indexed,
+        f"""select g, count(*) as n from (select unnest(features) as g, features from latents__topk
+        where list_contains(features, {F})) where g != {F} group by g order by n desc, g limit 5""",
+    )
     ref_co = Counter(g for feats in want.values() if F in feats for g in feats if g != F)
     assert [(r["g"], r["n"]) for r in co] == sorted(ref_co.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
     # 3. the features active in one document
     doc = docs[next(iter(want))[0]]
-    active = query(indexed, f"""select distinct unnest(features) as f from latents__topk where doc_id = {doc}
-        order by f""")
+    active = query(
+        indexed,
+        f"""select distinct unnest(features) as f from latents__topk where doc_id = {doc}
+        order by f""",
+    )
     ref_doc = sorted({f for (c, _), feats in want.items() if docs[c] == doc for f in feats})
     assert [r["f"] for r in active] == ref_doc
 
 
 def test_index_is_in_the_catalog_and_verified(indexed, tmp_path):
     assert query(indexed, "select name, sae, run, status from latent_indexes") == [
-        {"name": "topk", "sae": "topk", "run": "r1", "status": "complete"}]
+        {"name": "topk", "sae": "topk", "run": "r1", "status": "complete"}
+    ]
     code, out, err = cli("verify", "--lake", indexed)
     assert code == 0, out + err
     import shutil
+
     damaged = str(tmp_path / "lake")
     shutil.copytree(indexed, damaged)
     data = sorted((Path(damaged) / "indexes" / "topk" / "latents.lance" / "data").iterdir())[0]
@@ -122,6 +135,7 @@ def test_encode_resumes_after_a_crash_without_loss_or_duplicates(lake_copy, inde
             lance.write_dataset(__import__("pyarrow").Table.from_batches(batches), uri, mode="append")
             raise KeyboardInterrupt
         return real(lake, uri, rec, batches, n, seconds)
+
     monkeypatch.setattr(latent_index, "_commit", crash_after_the_lance_commit)
     with pytest.raises(KeyboardInterrupt):
         encode(lake_copy, "topk", commit_contexts=40, progress=False)

@@ -1,4 +1,5 @@
 """Analysis correctness against brute force over the same tokens (real snapshot, real SAEs)."""
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,12 @@ def analysed(alake, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("stats") / "lake")
     shutil.copytree(alake, root)
     for sae in ("topk", "relu"):
-        analyze(AnalyzeConfig(lake=root, sae=sae, batch_size=BATCH, top_k=TOP_K, intervals=INTERVALS,
-                              per_interval=PER, n_zero=ZERO), progress=False)
+        analyze(
+            AnalyzeConfig(
+                lake=root, sae=sae, batch_size=BATCH, top_k=TOP_K, intervals=INTERVALS, per_interval=PER, n_zero=ZERO
+            ),
+            progress=False,
+        )
     return root
 
 
@@ -32,8 +37,9 @@ def brute(root: str, name: str):
     sae, cfg = SAEStore(root).load(name)
     src = SnapshotSource(root, "r1")
     model = load_model(src.manifest.model)
-    skip = torch.tensor([model.bos_token_id] + ([model.tokenizer.pad_token_id]
-                                                if model.tokenizer.pad_token_id is not None else []))
+    skip = torch.tensor(
+        [model.bos_token_id] + ([model.tokenizer.pad_token_id] if model.tokenizer.pad_token_id is not None else [])
+    )
     fs, toks, ids, batches = [], [], [], []
     with torch.no_grad():
         for b in src.context_batches(BATCH, [cfg["hook"]]):
@@ -76,7 +82,7 @@ def test_scalars_histogram_topk_match_brute_force(analysed, name):
         assert sum(feat["hist_counts"]) == len(nz)
         if len(nz):
             lo = int(hist.nonzero().min())
-            assert feat["hist_counts"] == hist[lo:lo + len(feat["hist_counts"])].tolist()
+            assert feat["hist_counts"] == hist[lo : lo + len(feat["hist_counts"])].tolist()
             assert len(feat["hist_edges"]) == len(feat["hist_counts"]) + 1
             assert feat["hist_edges"][0] <= float(nz.min()) and float(nz.max()) <= feat["hist_edges"][-1] * (1 + 1e-6)
         # top contexts: the true top-k by context max, with exact per-token activations
@@ -87,8 +93,9 @@ def test_scalars_histogram_topk_match_brute_force(analysed, name):
             c = int((ids == s["context_id"]).nonzero())
             assert s["tokens"] == tokens[c].tolist()
             # decoded text, except parts of a UTF-8 character: their bytes spelled <0xNN> (directions.token_strings)
-            assert all(st == vocab[t] if "\ufffd" not in vocab[t] else "<0x" in st
-                       for st, t in zip(s["strs"], s["tokens"]))
+            assert all(
+                st == vocab[t] if "\ufffd" not in vocab[t] else "<0x" in st for st, t in zip(s["strs"], s["tokens"])
+            )
             assert s["max_act"] == pytest.approx(float(cmax[c, j]), rel=1e-5, abs=1e-7)
             pos = (f[c, :, j] > 0).nonzero().squeeze(1)
             assert s["positions"] == pos.tolist()
@@ -102,13 +109,14 @@ def reference_intervals(cmax: torch.Tensor, ids: torch.Tensor, batches: list[int
     u = priority(ids, torch.tensor([j]), seed)[0]
     bounds = lambda v: next((k for k, p in enumerate(INTERVALS) if v > 0 and v >= p * M), -1)  # noqa: E731
     for n in batches:
-        vals = cmax[i:i + n, j]
+        vals = cmax[i : i + n, j]
         M = max(M, float(vals.max()))
         cands = held + [(float(vals[c]), int(ids[i + c]), float(u[i + c])) for c in range(n)]
         held = []
         for k in range(len(INTERVALS)):
-            mine = sorted((x for x in cands if bounds(torch.tensor(x[0], dtype=torch.float32)) == k),
-                          key=lambda x: x[2])
+            mine = sorted(
+                (x for x in cands if bounds(torch.tensor(x[0], dtype=torch.float32)) == k), key=lambda x: x[2]
+            )
             held += mine[:PER]
         i += n
     return {(bounds(torch.tensor(v)), c) for v, c, _ in held}, M
@@ -149,14 +157,16 @@ def test_streaming_state_is_bounded():
         f = torch.relu(torch.randn(n * T, S, generator=g) - 1.0)
         rows, lat = f.nonzero(as_tuple=True)
         ids = torch.arange(b * n, (b + 1) * n)
-        st.update(rows, lat, f[rows, lat], torch.zeros(n, T, dtype=torch.int32), torch.ones(n, T, dtype=torch.bool),
-                  ids, ids)
+        st.update(
+            rows, lat, f[rows, lat], torch.zeros(n, T, dtype=torch.int32), torch.ones(n, T, dtype=torch.bool), ids, ids
+        )
         assert len(st.contexts) <= S * (3 + 3 * 2 + 2) + 16 * n
     st.finish()
     held = torch.cat([s.ctx[s.used] for s in (st.top, st.inter, st.zero)]).unique()
     assert set(st.contexts) == set(held.tolist())
-    assert st.n_tokens == 200 * n * T and math.isclose(float(st.scalars()["density"].sum()),
-                                                       float(st.count.sum()) / (200 * n * T))
+    assert st.n_tokens == 200 * n * T and math.isclose(
+        float(st.scalars()["density"].sum()), float(st.count.sum()) / (200 * n * T)
+    )
 
 
 def test_latents_match_dense_encode(alake):

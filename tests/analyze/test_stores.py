@@ -1,4 +1,5 @@
 """Embedded (Lance) and MongoDB (real nx-27017 over TCP) stores hold the same analysis."""
+
 from __future__ import annotations
 
 import time
@@ -21,8 +22,9 @@ def test_embedded_and_mongo_read_back_identical(lake_copy, mongo_server):
     mon = analyze(AnalyzeConfig(**kw, name="rel-mongo", store=uri), progress=False)
     e, m = EmbeddedStore(Lake(lake_copy)), MongoStore(uri)
     skip = {"name", "store", "created", "seconds", "tokens_per_second", "config", "features_table", "checksums"}
-    assert {k: v for k, v in e.record("rel-emb").to_json().items() if k not in skip} == \
-        {k: v for k, v in m.record("rel-mongo").to_json().items() if k not in skip}
+    assert {k: v for k, v in e.record("rel-emb").to_json().items() if k not in skip} == {
+        k: v for k, v in m.record("rel-mongo").to_json().items() if k not in skip
+    }
     assert mon.store == uri and emb.store == "embedded"
     for j in range(mon.n_features):
         a, b = e.feature("rel-emb", j), m.feature("rel-mongo", j)
@@ -32,14 +34,34 @@ def test_embedded_and_mongo_read_back_identical(lake_copy, mongo_server):
     db = m.db
     assert db.features.count_documents({"sae": "relu", "analysis": "rel-mongo"}) == 48
     doc = db.features.find_one({"analysis": "rel-mongo", "feature": 0})
-    assert {"sae", "analysis", "feature", "count", "density", "max_act", "mean_act", "hist_edges", "hist_counts",
-            "pos_tokens", "pos_strs", "neg_logits", "neighbours", "samples"} <= set(doc)
+    assert {
+        "sae",
+        "analysis",
+        "feature",
+        "count",
+        "density",
+        "max_act",
+        "mean_act",
+        "hist_edges",
+        "hist_counts",
+        "pos_tokens",
+        "pos_strs",
+        "neg_logits",
+        "neighbours",
+        "samples",
+    } <= set(doc)
     assert {"tokens", "strs", "positions", "acts", "context_id", "kind"} <= set(doc["samples"][0])
     with pytest.raises(pymongo.errors.DuplicateKeyError):
         db.features.insert_one({"sae": "relu", "analysis": "rel-mongo", "feature": 0})
     assert db.saes.find_one({"name": "relu"})["arch"] == "relu"
-    agg = list(db.features.aggregate([{"$match": {"analysis": "rel-mongo"}},
-                                      {"$group": {"_id": "$analysis", "n": {"$sum": 1}, "tok": {"$sum": "$count"}}}]))
+    agg = list(
+        db.features.aggregate(
+            [
+                {"$match": {"analysis": "rel-mongo"}},
+                {"$group": {"_id": "$analysis", "n": {"$sum": 1}, "tok": {"$sum": "$count"}}},
+            ]
+        )
+    )
     assert agg[0]["n"] == 48 and agg[0]["tok"] == sum(r["count"] for r in e.scalars("rel-emb"))
     # the lake knows both analyses (catalog + analysis.json pointers), and lake feature reads either store
     names, rows = Lake(lake_copy).query("select name, store, n_features from analyses order by name")
@@ -65,8 +87,7 @@ def test_overwrite_replaces_atomically(lake_copy, mongo_server):
     assert left == {"analysis.json", rec.features_table}  # the old table is gone
     uri = mongo_server + "ow"
     analyze(AnalyzeConfig(lake=lake_copy, sae="topk", tokens=500, store=uri, name="m"), progress=False)
-    analyze(AnalyzeConfig(lake=lake_copy, sae="topk", tokens=1000, store=uri, name="m", overwrite=True),
-            progress=False)
+    analyze(AnalyzeConfig(lake=lake_copy, sae="topk", tokens=1000, store=uri, name="m", overwrite=True), progress=False)
     m = MongoStore(uri)
     assert m.record("m").contexts == 32 and m.db.features.count_documents({"analysis": "m"}) == 64
 

@@ -11,6 +11,7 @@ One run (2 contexts of 16 tokens, one hook, 1d + 2d, then --append of 2 more: sn
 1 and 2), one TopK SAE trained a few steps on it, one embedded analysis of that SAE. The
 catalog is dropped (it is an index, rebuilt by `lake catalog sync`).
 """
+
 from __future__ import annotations
 
 import os
@@ -38,14 +39,67 @@ def main(out: str) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         model = str(make_tiny_model(Path(tmp) / "tiny-gpt2"))
         root = f"{tmp}/lake"
-        common = ["--lake", root, "--model", model, "--dataset", str(TEXT), "--hooks", HOOK, "--tokens", "32",
-                  "--context-size", "16", "--run", "r1", "--shuffle-buffer", "64", "--quiet"]
+        common = [
+            "--lake",
+            root,
+            "--model",
+            model,
+            "--dataset",
+            str(TEXT),
+            "--hooks",
+            HOOK,
+            "--tokens",
+            "32",
+            "--context-size",
+            "16",
+            "--run",
+            "r1",
+            "--shuffle-buffer",
+            "64",
+            "--quiet",
+        ]
         lake("ingest", *common)
         lake("ingest", *common, "--append")
-        lake("train", "--lake", root, "--run", "r1", "--hook", HOOK, "--arch", "topk", "--d-sae", "16", "--k", "4",
-             "--tokens", "128", "--batch-size", "16", "--repeat", "--name", "s1", "--quiet")
-        lake("analyze", "s1", "--lake", root, "--top-k", "2", "--per-interval", "1", "--non-activating", "1",
-             "--logits", "3", "--neighbours", "2", "--quiet")
+        lake(
+            "train",
+            "--lake",
+            root,
+            "--run",
+            "r1",
+            "--hook",
+            HOOK,
+            "--arch",
+            "topk",
+            "--d-sae",
+            "16",
+            "--k",
+            "4",
+            "--tokens",
+            "128",
+            "--batch-size",
+            "16",
+            "--repeat",
+            "--name",
+            "s1",
+            "--quiet",
+        )
+        lake(
+            "analyze",
+            "s1",
+            "--lake",
+            root,
+            "--top-k",
+            "2",
+            "--per-interval",
+            "1",
+            "--non-activating",
+            "1",
+            "--logits",
+            "3",
+            "--neighbours",
+            "2",
+            "--quiet",
+        )
         for p in Path(root).glob("catalog.duckdb*"):
             p.unlink()
         shutil.copytree(root, out_path)

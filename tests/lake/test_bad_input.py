@@ -1,4 +1,5 @@
 """Bad input: one clear line on stderr, exit status 2, no traceback, the lake as it was."""
+
 from pathlib import Path
 
 import pytest
@@ -48,11 +49,30 @@ def test_bad_ingest_input(case, lake, tiny_model, tiny_corpus, tmp_path):
     (tmp_path / "c.jsonl").write_text('{"body": "hello there"}\n')
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "binary.jsonl").write_bytes(bytes(range(256)) * 8)
-    args = dict(model=tiny_model, dataset=tiny_corpus, hooks=",".join(HOOKS), tokens="600", context_size="32",
-                run="new", text_column="text", dtype="float16", layout="1d,2d", seed="0")
+    args = dict(
+        model=tiny_model,
+        dataset=tiny_corpus,
+        hooks=",".join(HOOKS),
+        tokens="600",
+        context_size="32",
+        run="new",
+        text_column="text",
+        dtype="float16",
+        layout="1d,2d",
+        seed="0",
+    )
     extra = over.pop("extra", [])
-    args.update({k: v.format(tmp=tmp_path, jsonl=tmp_path / "c.jsonl", empty=tmp_path / "empty.jsonl",
-                             binary=tmp_path / "binary.jsonl") for k, v in over.items()})
+    args.update(
+        {
+            k: v.format(
+                tmp=tmp_path,
+                jsonl=tmp_path / "c.jsonl",
+                empty=tmp_path / "empty.jsonl",
+                binary=tmp_path / "binary.jsonl",
+            )
+            for k, v in over.items()
+        }
+    )
     before = _listing(lake)
     argv = ["ingest", "--lake", str(lake), "--quiet", *extra]
     for k, v in args.items():

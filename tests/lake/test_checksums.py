@@ -1,4 +1,5 @@
 """Content checksums: every committed data file has one, recorded in the lake; `lake verify` recomputes them."""
+
 import json
 import shutil
 from pathlib import Path
@@ -21,7 +22,7 @@ def flip(path: Path, at: float = 0.5) -> None:
     """Invert 8 bytes in the middle of a file: same size, same footer, different content."""
     data = bytearray(path.read_bytes())
     i = int(len(data) * at)
-    data[i:i + 8] = bytes(b ^ 0xFF for b in data[i:i + 8])
+    data[i : i + 8] = bytes(b ^ 0xFF for b in data[i : i + 8])
     path.write_bytes(bytes(data))
 
 

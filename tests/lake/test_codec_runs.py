@@ -1,6 +1,7 @@
 """Runs stored with each codec: readers decode inside (callers only ever see floats of d_model
 width), values stay within the codec's error of a float32 run of the same tokens, 2d tables,
 --append, --resume after a SIGKILL and `lake query` all work with every codec."""
+
 import json
 import signal
 import subprocess
@@ -59,6 +60,7 @@ def test_int8_and_float8_take_about_half_and_a_quarter_of_float32(runs):
         ds = lance.dataset(f"{runs}/runs/{run}/tokens.lance")
         col = ds.schema.field(HOOKS[0].replace(".", "_")).type
         return col.list_size * col.value_type.bit_width // 8
+
     d = Lake(runs).manifest("int8").d_model[HOOKS[0]]
     assert column_bytes("float16") == 2 * d
     assert column_bytes("int8") == d + 2 * -(-d // 64)  # codes + a float16 scale per 64 channels
@@ -88,22 +90,65 @@ def test_append_keeps_the_codec_and_the_old_snapshot(tmp_path, tiny_model, tiny_
     assert torch.equal(v1.acts[HOOKS[0]], before.acts[HOOKS[0]])
     v2 = SnapshotSource(lake, "q", version=2)
     assert v2.n_tokens > v1.acts[HOOKS[0]].shape[0] and v2.codecs == {h: "int8" for h in HOOKS}
-    refused = cli("ingest", "--lake", lake, "--model", tiny_model, "--dataset", tiny_corpus, "--hooks", ",".join(HOOKS),
-                  "--tokens", "1000", "--context-size", "32", "--run", "q", "--append", "--dtype", "float16", "--quiet")
+    refused = cli(
+        "ingest",
+        "--lake",
+        lake,
+        "--model",
+        tiny_model,
+        "--dataset",
+        tiny_corpus,
+        "--hooks",
+        ",".join(HOOKS),
+        "--tokens",
+        "1000",
+        "--context-size",
+        "32",
+        "--run",
+        "q",
+        "--append",
+        "--dtype",
+        "float16",
+        "--quiet",
+    )
     assert refused[0] == 2 and "dtype" in refused[2]
 
 
 def _ingest_cmd(lake, model, corpus, *extra):
-    return [sys.executable, "-m", "saelake.lake", "ingest", "--lake", lake, "--model", model, "--dataset", corpus,
-            "--hooks", ",".join(HOOKS), "--tokens", "8000", "--context-size", "32", "--run", "r1",
-            "--shuffle-buffer", "256", "--dtype", "int8", "--quiet", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "saelake.lake",
+        "ingest",
+        "--lake",
+        lake,
+        "--model",
+        model,
+        "--dataset",
+        corpus,
+        "--hooks",
+        ",".join(HOOKS),
+        "--tokens",
+        "8000",
+        "--context-size",
+        "32",
+        "--run",
+        "r1",
+        "--shuffle-buffer",
+        "256",
+        "--dtype",
+        "int8",
+        "--quiet",
+        *extra,
+    ]
 
 
 def test_resume_after_sigkill_gives_the_same_codes(tmp_path, tiny_model, tiny_corpus):
     ref, lake = str(tmp_path / "ref"), str(tmp_path / "lake")
     subprocess.run(_ingest_cmd(ref, tiny_model, tiny_corpus), cwd=REPO, check=True, capture_output=True)
-    proc = subprocess.Popen(_ingest_cmd(lake, tiny_model, tiny_corpus), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _ingest_cmd(lake, tiny_model, tiny_corpus), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     versions = Path(lake) / "runs" / "r1" / "tokens.lance" / "_versions"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:

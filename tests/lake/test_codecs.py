@@ -1,5 +1,6 @@
 """Each storage codec round-trips within its stated error bound, on activations with massive
 channels and tokens (as SmolLM2's residual stream has)."""
+
 import math
 
 import pytest
@@ -52,7 +53,7 @@ def test_float8_is_within_e4m3_rounding_of_a_per_token_scale():
     y = c.decode(stored, 96)
     scale = (x.abs().amax(1, keepdim=True) / E4M3_MAX).clamp_min(1e-30)
     # 3 mantissa bits: relative error <= 2^-4 for normal values; absolute <= 2^-10 * scale below 2^-6
-    bound = torch.maximum(x.abs() * 2 ** -4, scale * 2 ** -10)
+    bound = torch.maximum(x.abs() * 2**-4, scale * 2**-10)
     assert ((y - x).abs() <= bound * (1 + 1e-5)).all()
     assert torch.equal(y[7], torch.zeros(96))
 

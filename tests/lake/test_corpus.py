@@ -35,7 +35,7 @@ def test_contexts_start_with_bos_and_record_their_source(model, docs):
     for c in ctxs:
         if stream[p] == bos:  # a separator at a context start is skipped
             p += 1
-        assert (c.tokens[1:] == stream[p:p + T - 1]).all()
+        assert (c.tokens[1:] == stream[p : p + T - 1]).all()
         p += T - 1
     assert len(stream) - p < T  # only the final partial context is dropped
 
@@ -51,6 +51,7 @@ def test_local_formats_give_the_same_documents(tmp_path, docs):
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"body": d}) for d in docs))
     pq.write_table(pa.table({"body": docs}), tmp_path / "c.parquet")
     import csv
+
     with open(tmp_path / "c.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["body"])
@@ -87,14 +88,17 @@ def test_builtin_corpus_is_the_same_on_every_machine(tmp_path, monkeypatch):
     before = digest("builtin")
     fortunes = tmp_path / "fortunes"
     fortunes.mkdir()
-    (fortunes / "art").write_text("A quotation that is long enough to count as a fortune entry.\n%\nAnother one, "
-                                  "also long enough to count as a fortune entry here.\n")
+    (fortunes / "art").write_text(
+        "A quotation that is long enough to count as a fortune entry.\n%\nAnother one, "
+        "also long enough to count as a fortune entry here.\n"
+    )
     monkeypatch.setattr(corpus, "FORTUNES", str(fortunes))
     monkeypatch.setattr("sysconfig.get_paths", lambda: {"stdlib": str(tmp_path)})  # another Python
     assert digest("builtin") == before
     assert list(documents("builtin:fortunes")) == [
         "A quotation that is long enough to count as a fortune entry.",
-        "Another one, also long enough to count as a fortune entry here."]
+        "Another one, also long enough to count as a fortune entry here.",
+    ]
     monkeypatch.setattr(corpus, "FORTUNES", str(tmp_path / "none"))
     with pytest.raises(UserError, match="apt-get install fortunes"):
         list(documents("builtin:fortunes"))
@@ -110,16 +114,20 @@ def test_damaged_builtin_corpus_is_named(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="missing or damaged"):
         list(documents("builtin"))
     import gzip
+
     damaged.write_bytes(gzip.compress(b'{"source": "pydoc", "text": "other"}\n'))
     with pytest.raises(UserError, match="not the one this saelake ships"):
         list(documents("builtin"))
 
 
-@pytest.mark.parametrize("spec,column,match", [
-    ("/no/such/file.jsonl", "text", "does not exist"),
-    ("builtin:nope", "text", "unknown built-in corpus"),
-    ("JSONL", "missing_col", "not in"),
-])
+@pytest.mark.parametrize(
+    "spec,column,match",
+    [
+        ("/no/such/file.jsonl", "text", "does not exist"),
+        ("builtin:nope", "text", "unknown built-in corpus"),
+        ("JSONL", "missing_col", "not in"),
+    ],
+)
 def test_bad_corpus_is_a_clear_error(tmp_path, spec, column, match):
     if spec == "JSONL":
         (tmp_path / "c.jsonl").write_text(json.dumps({"body": "hello"}))

@@ -1,4 +1,5 @@
 """Crash safety: SIGKILL or Ctrl-C mid-ingest, then --resume, equals an uninterrupted run."""
+
 import signal
 import subprocess
 import sys
@@ -9,14 +10,35 @@ import lance
 import numpy as np
 import pytest
 
-from tests.conftest import HOOKS, REPO, cli
 from saelake.lake import Lake
+from tests.conftest import HOOKS, REPO, cli
 
 
 def _ingest_args(lake, model, corpus, *extra):
-    return [sys.executable, "-m", "saelake.lake", "ingest", "--lake", lake, "--model", model, "--dataset", corpus,
-            "--hooks", ",".join(HOOKS), "--tokens", "12000", "--context-size", "32", "--run", "r1",
-            "--shuffle-buffer", "256", "--quiet", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "saelake.lake",
+        "ingest",
+        "--lake",
+        lake,
+        "--model",
+        model,
+        "--dataset",
+        corpus,
+        "--hooks",
+        ",".join(HOOKS),
+        "--tokens",
+        "12000",
+        "--context-size",
+        "32",
+        "--run",
+        "r1",
+        "--shuffle-buffer",
+        "256",
+        "--quiet",
+        *extra,
+    ]
 
 
 def _rows(lake):
@@ -31,8 +53,9 @@ def _rows(lake):
 
 def _interrupt(lake, model, corpus, sig, min_commits: int):
     """Start a real ingest, wait for some commits, then deliver `sig`."""
-    proc = subprocess.Popen(_ingest_args(lake, model, corpus), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _ingest_args(lake, model, corpus), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     versions = Path(lake) / "runs" / "r1" / "tokens.lance" / "_versions"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -62,8 +85,9 @@ def test_interrupted_ingest_resumes_to_the_same_rows(tmp_path, tiny_model, tiny_
         assert code == 130 and m.status == "failed" and "resum" in err
     else:
         assert code == -signal.SIGKILL
-    p = subprocess.run(_ingest_args(lake, tiny_model, tiny_corpus, "--resume"), cwd=REPO, capture_output=True,
-                       text=True)
+    p = subprocess.run(
+        _ingest_args(lake, tiny_model, tiny_corpus, "--resume"), cwd=REPO, capture_output=True, text=True
+    )
     assert p.returncode == 0, p.stderr
     assert Lake(lake).manifest("r1").status == "complete"
     (t, c), (rt, rc) = _rows(lake), reference
@@ -95,8 +119,13 @@ def test_five_kills_in_a_row(tmp_path, tiny_model, tiny_corpus, reference):
     versions = Path(lake) / "runs" / "r1" / "tokens.lance" / "_versions"
     for i in range(5):
         extra = ["--resume"] if i else []
-        proc = subprocess.Popen(_ingest_args(lake, tiny_model, tiny_corpus, *extra), cwd=REPO,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            _ingest_args(lake, tiny_model, tiny_corpus, *extra),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         seen = len(list(versions.glob("*.manifest"))) if versions.exists() else 0
         want = seen + rng.randint(1, 3)  # a random number of further commits, then a random extra delay
         deadline = time.time() + 120
@@ -108,8 +137,9 @@ def test_five_kills_in_a_row(tmp_path, tiny_model, tiny_corpus, reference):
         proc.kill()
         proc.communicate(timeout=60)
         assert Lake(lake).manifest("r1").status != "complete", "finished before the kill: shrink the delay"
-    p = subprocess.run(_ingest_args(lake, tiny_model, tiny_corpus, "--resume"), cwd=REPO, capture_output=True,
-                       text=True)
+    p = subprocess.run(
+        _ingest_args(lake, tiny_model, tiny_corpus, "--resume"), cwd=REPO, capture_output=True, text=True
+    )
     assert p.returncode == 0, p.stderr
     (t, c), (rt, rc) = _rows(lake), reference
     assert t.equals(rt) and c.equals(rc)

@@ -20,8 +20,14 @@ def test_ingest_writes_one_row_per_token_with_every_hook(tiny_lake):
     tokens, contexts = _tables(tiny_lake)
     m = Lake(tiny_lake).manifest("r1")
     assert m.status == "complete" and m.tokens >= 4000
-    assert set(tokens.column_names) >= {"token_id", "context_id", "position", "blocks_0_hook_resid_post",
-                                        "blocks_1_hook_mlp_out", "blocks_0_hook_resid_post_norm"}
+    assert set(tokens.column_names) >= {
+        "token_id",
+        "context_id",
+        "position",
+        "blocks_0_hook_resid_post",
+        "blocks_1_hook_mlp_out",
+        "blocks_0_hook_resid_post_norm",
+    }
     T = m.context_size
     assert contexts.num_rows == m.contexts and m.contexts * T == m.tokens
     ctx_tokens = np.stack(contexts.column("tokens").to_numpy(zero_copy_only=False))
@@ -54,8 +60,9 @@ def test_activations_equal_a_direct_transformerlens_run(tiny_lake, tiny_model):
         # and the 1d rows of those contexts hold the same numbers
         t1 = tokens.filter(tokens.column("context_id").to_numpy() < 8)
         vals = np.stack(t1.column(col).to_numpy(zero_copy_only=False)).astype(np.float32).reshape(-1, d)
-        np.testing.assert_allclose(vals, ref[t1.column("context_id").to_numpy(), t1.column("position").to_numpy()],
-                                   rtol=2e-3, atol=1e-3)
+        np.testing.assert_allclose(
+            vals, ref[t1.column("context_id").to_numpy(), t1.column("position").to_numpy()], rtol=2e-3, atol=1e-3
+        )
         norms = t1.column(col + "_norm").to_numpy()
         np.testing.assert_allclose(norms, np.linalg.norm(vals, axis=1), rtol=3e-3, atol=1e-4)
     s = m.stats[HOOKS[0]]
@@ -69,16 +76,25 @@ def test_catalog_lists_the_run_and_reads_activation_tables(tiny_lake):
     assert code == 0, err
     rows = json.loads(out)
     assert rows[0]["name"] == "r1" and rows[0]["tokens"] >= 4000 and rows[0]["hooks"] == HOOKS
-    code, out, err = cli("query", "--lake", tiny_lake, "--json",
-                         "select count(*) n, avg(blocks_0_hook_resid_post_norm) m from tokens__r1")
+    code, out, err = cli(
+        "query",
+        "--lake",
+        tiny_lake,
+        "--json",
+        "select count(*) n, avg(blocks_0_hook_resid_post_norm) m from tokens__r1",
+    )
     assert code == 0, err
     m = Lake(tiny_lake).manifest("r1")
     assert json.loads(out)[0]["n"] == m.rows_1d
     assert json.loads(out)[0]["m"] == pytest.approx(m.stats[HOOKS[0]].mean_norm, rel=1e-4)
     # activation columns are served as float32 lists
-    code, out, err = cli("query", "--lake", tiny_lake, "--json",
-                         "select len(blocks_1_hook_mlp_out) t, len(blocks_1_hook_mlp_out[1]) d "
-                         "from contexts__r1 limit 1")
+    code, out, err = cli(
+        "query",
+        "--lake",
+        tiny_lake,
+        "--json",
+        "select len(blocks_1_hook_mlp_out) t, len(blocks_1_hook_mlp_out[1]) d from contexts__r1 limit 1",
+    )
     assert code == 0, err
     assert json.loads(out)[0] == {"t": 32, "d": 32}
     code, out, err = cli("query", "--lake", tiny_lake, "select hook, mean_norm from hooks")
@@ -86,8 +102,13 @@ def test_catalog_lists_the_run_and_reads_activation_tables(tiny_lake):
 
 
 def test_query_is_read_only(tiny_lake):
-    for sql in ("delete from runs", "drop table runs", "insert into runs (name) values ('x')",
-                "attach 'x.db' as x", "with x as (select 1) delete from runs"):
+    for sql in (
+        "delete from runs",
+        "drop table runs",
+        "insert into runs (name) values ('x')",
+        "attach 'x.db' as x",
+        "with x as (select 1) delete from runs",
+    ):
         code, out, err = cli("query", "--lake", tiny_lake, sql)
         assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, (sql, err)
     assert cli("query", "--lake", tiny_lake, "select count(*) from runs")[1].strip().endswith("1")
@@ -115,9 +136,14 @@ def test_other_dtypes_round_trip(tmp_path, tiny_model, tiny_corpus, dtype):
     _, cache = load_model(tiny_model).bridge.run_with_cache(batch.tokens, names_filter=HOOKS[:1])
     tol = 1e-2 if dtype == "bfloat16" else 1e-6
     torch.testing.assert_close(batch.acts[HOOKS[0]].float(), cache[HOOKS[0]], rtol=tol, atol=tol)
-    code, out, err = cli("query", "--lake", lake, "--json",
-                         "select list_sum(list_transform(blocks_0_hook_resid_post, lambda r: list_sum(r))) s "
-                         "from contexts__r1 where context_id = 0")
+    code, out, err = cli(
+        "query",
+        "--lake",
+        lake,
+        "--json",
+        "select list_sum(list_transform(blocks_0_hook_resid_post, lambda r: list_sum(r))) s "
+        "from contexts__r1 where context_id = 0",
+    )
     assert code == 0, err
     ctx0 = next(src.context_batches(1)).acts[HOOKS[0]].float().sum().item()
     assert json.loads(out)[0]["s"] == pytest.approx(ctx0, rel=1e-3, abs=1e-3)
@@ -140,7 +166,7 @@ def test_append_makes_a_new_version_and_keeps_the_old(tmp_path, tiny_model, tiny
     # the appended contexts are new text, not a repeat
     toks = torch.cat([b.tokens for b in v2.context_batches(64)])
     n = m1["contexts"]
-    assert not torch.equal(toks[:n], toks[n:2 * n])
+    assert not torch.equal(toks[:n], toks[n : 2 * n])
 
 
 def test_contexts_record_their_document_and_offset(tiny_lake, tiny_corpus, tiny_model):
@@ -148,11 +174,16 @@ def test_contexts_record_their_document_and_offset(tiny_lake, tiny_corpus, tiny_
 
     tok = load_model(tiny_model).tokenizer
     doc = tok(next(documents(tiny_corpus)), add_special_tokens=False)["input_ids"]  # one .txt = one document
-    code, out, err = cli("query", "--lake", tiny_lake, "--json",
-                         "select context_id, doc_id, doc_offset, tokens from contexts__r1 order by 1 limit 3")
+    code, out, err = cli(
+        "query",
+        "--lake",
+        tiny_lake,
+        "--json",
+        "select context_id, doc_id, doc_offset, tokens from contexts__r1 order by 1 limit 3",
+    )
     assert code == 0, err
     for row in json.loads(out):
-        assert row["doc_id"] == 0 and row["tokens"][1:] == doc[row["doc_offset"]:row["doc_offset"] + 31]
+        assert row["doc_id"] == 0 and row["tokens"][1:] == doc[row["doc_offset"] : row["doc_offset"] + 31]
 
 
 def test_hooks_of_other_widths_and_switched_hooks(tmp_path, tiny_model, tiny_corpus):
@@ -163,17 +194,36 @@ def test_hooks_of_other_widths_and_switched_hooks(tmp_path, tiny_model, tiny_cor
     assert m["d_model"] == {"blocks.0.mlp.hook_post": 128, "blocks.1.hook_mlp_in": 32}
     b = next(SnapshotSource(lake, "r1").context_batches(2))
     _, cache = load_model(tiny_model).bridge.run_with_cache(b.tokens, names_filter=["blocks.0.mlp.hook_post"])
-    torch.testing.assert_close(b.acts["blocks.0.mlp.hook_post"].float(), cache["blocks.0.mlp.hook_post"],
-                               rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(
+        b.acts["blocks.0.mlp.hook_post"].float(), cache["blocks.0.mlp.hook_post"], rtol=2e-3, atol=2e-3
+    )
     assert b.acts["blocks.1.hook_mlp_in"].shape == (2, 32, 32)
 
 
 def test_progress_moves_per_forward_batch_not_per_commit(tmp_path, tiny_model, tiny_corpus):
     """One chunk (one commit) of 20 contexts in batches of 2: the bar moves ten times, not once at the end."""
-    p = run_cli("ingest", "--lake", str(tmp_path / "lake"), "--model", tiny_model, "--dataset", tiny_corpus,
-                "--hooks", HOOKS[0], "--tokens", "640", "--context-size", "32", "--batch-size", "2",
-                "--shuffle-buffer", "4096", "--run", "r1",
-                env={"TQDM_MININTERVAL": "0", "TQDM_MINITERS": "1"})  # tqdm's own settings: draw every update
+    p = run_cli(
+        "ingest",
+        "--lake",
+        str(tmp_path / "lake"),
+        "--model",
+        tiny_model,
+        "--dataset",
+        tiny_corpus,
+        "--hooks",
+        HOOKS[0],
+        "--tokens",
+        "640",
+        "--context-size",
+        "32",
+        "--batch-size",
+        "2",
+        "--shuffle-buffer",
+        "4096",
+        "--run",
+        "r1",
+        env={"TQDM_MININTERVAL": "0", "TQDM_MINITERS": "1"},
+    )  # tqdm's own settings: draw every update
     assert p.returncode == 0, p.stderr
     shown = [float(x) for x in re.findall(r"\| *([\d.]+)/640 ", p.stderr)]
     assert shown[-1] == 640 and sorted(set(shown)) == [64 * i for i in range(11)], p.stderr

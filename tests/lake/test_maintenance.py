@@ -1,4 +1,5 @@
 """lake verify and lake gc."""
+
 import dataclasses
 import json
 import shutil
@@ -32,7 +33,7 @@ def test_damaged_data_file_is_named_by_verify_and_readers(lake, damage):
         victim.write_bytes(data[: len(data) // 2])
     else:  # same size, garbage in the middle (metadata at the end intact)
         mid = len(data) // 3
-        victim.write_bytes(data[:mid] + bytes(4096) + data[mid + 4096:])
+        victim.write_bytes(data[:mid] + bytes(4096) + data[mid + 4096 :])
     code, out, err = cli("verify", "--lake", str(lake))
     if damage == "corrupt" and code == 0:
         pytest.skip("this corruption landed in bytes Lance does not decode (page padding)")
@@ -58,11 +59,17 @@ def test_gc_keeps_snapshots_and_removes_the_rest(tmp_path, tiny_model, tiny_corp
     n_versions = len(lance.dataset(str(root / "runs/r1/tokens.lance")).versions())
     # a chunk a crashed ingest wrote and recorded the checksum of, but never committed
     from lance.fragment import write_fragments
+
     t = lance.dataset(str(root / "runs/r1/tokens.lance")).to_table(limit=10)
     lk = Lake(str(root))
     orphan = [json.dumps(f.to_json()) for f in write_fragments(t, str(root / "runs/r1/tokens.lance"), schema=t.schema)]
-    checksums.record_commit(lk.storage, "r1", "tokens", 10**6,
-                            checksums.fragment_checksums(lk.storage, lk.table_uri("r1", "tokens"), orphan))
+    checksums.record_commit(
+        lk.storage,
+        "r1",
+        "tokens",
+        10**6,
+        checksums.fragment_checksums(lk.storage, lk.table_uri("r1", "tokens"), orphan),
+    )
     n_files = len(list((root / "runs/r1/tokens.lance/data").iterdir()))
     # a failed run that nothing pins
     (root / "runs/dead").mkdir()
@@ -88,8 +95,14 @@ def test_gc_keeps_snapshots_and_removes_the_rest(tmp_path, tiny_model, tiny_corp
 def test_verify_checks_sae_weights(lake):
     from saelake.train import SAEConfig, train
 
-    train(str(lake), [SAEConfig(hooks=["blocks.0.hook_resid_post"], arch="topk", k=4, expansion=2, name="s1")],
-          progress=False, run="r1", tokens=1024, batch_size=256)
+    train(
+        str(lake),
+        [SAEConfig(hooks=["blocks.0.hook_resid_post"], arch="topk", k=4, expansion=2, name="s1")],
+        progress=False,
+        run="r1",
+        tokens=1024,
+        batch_size=256,
+    )
     assert cli("verify", "--lake", str(lake), "s1")[0] == 0
     w = lake / "saes/s1/weights.safetensors"
     data = bytearray(w.read_bytes())

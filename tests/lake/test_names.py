@@ -1,5 +1,6 @@
 """Names are claimed atomically: of several processes taking one name at once exactly one goes on,
 on local disk and on S3; the others exit 2 with one line. `lake train/analyze/import --name`."""
+
 import json
 import os
 import shutil
@@ -48,12 +49,21 @@ def _at_once(code: str, args: list[list[str]], gate: Path, env: dict | None = No
     """One process per argument list, running ``code`` at the same moment once all have started."""
     gate.mkdir()
     before = LAKE_IMPORTS if code == LAKE else ""
-    procs = [subprocess.Popen([sys.executable, "-c", before + GATE + code, str(gate), *a], cwd=REPO, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for a in args]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", before + GATE + code, str(gate), *a],
+            cwd=REPO,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for a in args
+    ]
     deadline = time.time() + 120
-    while len(list(gate.glob("ready-*"))) < len(procs) and time.time() < deadline and \
-            all(p.poll() is None for p in procs):
+    while (
+        len(list(gate.glob("ready-*"))) < len(procs) and time.time() < deadline and all(p.poll() is None for p in procs)
+    ):
         time.sleep(0.01)
     (gate / "go").touch()
     outs = [p.communicate(timeout=300) for p in procs]
@@ -98,8 +108,26 @@ def test_a_name_taken_by_a_failed_command_is_given_back(root, monkeypatch):
     release_unused_claims()
 
 
-TRAIN = ("--run", "r1", "--hook", H0, "--arch", "topk", "--k", "4", "--expansion", "2", "--tokens", "4096",
-         "--batch-size", "256", "--repeat", "--checkpoint-every", "4", "--quiet")
+TRAIN = (
+    "--run",
+    "r1",
+    "--hook",
+    H0,
+    "--arch",
+    "topk",
+    "--k",
+    "4",
+    "--expansion",
+    "2",
+    "--tokens",
+    "4096",
+    "--batch-size",
+    "256",
+    "--repeat",
+    "--checkpoint-every",
+    "4",
+    "--quiet",
+)
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +159,9 @@ def test_two_trainings_with_one_name_then_resume(lake, tmp_path):
 
 
 def test_two_analyses_with_one_name(lake, tmp_path):
-    res = _at_once(LAKE, [["analyze", "--lake", lake, "sae", "--quiet", "--tokens", "320", "--name", "a"]] * 2,
-                   tmp_path / "g")
+    res = _at_once(
+        LAKE, [["analyze", "--lake", lake, "sae", "--quiet", "--tokens", "320", "--name", "a"]] * 2, tmp_path / "g"
+    )
     _one_winner(res, "a")
     assert json.loads(Path(lake, "analyses", "a", "analysis.json").read_text())["name"] == "a"
 

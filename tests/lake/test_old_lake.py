@@ -1,4 +1,5 @@
 """A lake written by an older saelake (tests/data/old-lake, commit 0097db9) keeps opening."""
+
 import json
 import shutil
 from pathlib import Path

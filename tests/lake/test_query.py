@@ -1,5 +1,6 @@
 """`lake query` is read-only and sees only the lake: each attack gets one line and exit 2, and
 changes nothing; the lake's own relations (catalog, tokens__/contexts__/features__) keep working."""
+
 import json
 import shutil
 from pathlib import Path
@@ -12,8 +13,11 @@ from tests.conftest import cli
 
 
 def _listing(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and "catalog.duckdb" not in p.name}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "catalog.duckdb" not in p.name
+    }
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +89,10 @@ def test_the_lake_relations_keep_working(lake):
     code, out, err = cli("query", "--lake", str(lake), "--json", "select name, status from runs")
     assert code == 0, err
     assert json.loads(out) == [{"name": "r1", "status": "complete"}]
-    sql = ("with t as (select count(*) n, avg(list_sum(blocks_0_hook_resid_post)) s from tokens__r1), "
-           "c as (select count(*) n from contexts__r1) select t.n tokens, t.s is not null acts, c.n contexts from t, c")
+    sql = (
+        "with t as (select count(*) n, avg(list_sum(blocks_0_hook_resid_post)) s from tokens__r1), "
+        "c as (select count(*) n from contexts__r1) select t.n tokens, t.s is not null acts, c.n contexts from t, c"
+    )
     code, out, err = cli("query", "--lake", str(lake), "--json", sql)
     assert code == 0, err
     row = list(json.loads(out)[0].values())
@@ -103,8 +109,9 @@ def test_feature_tables_keep_working(lake, tmp_path, tiny_model):
     make_sae(str(root), "s1", "topk", H0, model=tiny_model)
     code, _, err = cli("analyze", "--lake", str(root), "s1", "--quiet", "--tokens", "320", "--name", "a-1")
     assert code == 0, err
-    code, out, err = cli("query", "--lake", str(root), "--json",
-                         "select count(*) n, max(density) <= 1 ok from features__a_1")
+    code, out, err = cli(
+        "query", "--lake", str(root), "--json", "select count(*) n, max(density) <= 1 ok from features__a_1"
+    )
     assert code == 0, err
     assert json.loads(out) == [{"n": 64, "ok": True}]
 

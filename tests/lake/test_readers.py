@@ -1,4 +1,5 @@
 """The shared reader interface: SnapshotSource and LiveSource."""
+
 import subprocess
 import sys
 
@@ -7,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import HOOKS
 from saelake.lake import LiveSource, SnapshotSource, UserError, load_model
+from tests.conftest import HOOKS
 
 
 def _keys(batches):
@@ -70,8 +71,15 @@ def test_sharded_token_batches_split_the_stream_disjointly(tiny_lake):
     # data-parallel: rank r reads only its micro-batch of each global batch; interleaved, the
     # ranks' batches are the single-process stream, also when resumed mid-stream and across epochs
     B, W, steps, start = 40, 3, 20, 7 * 120
-    single = _keys([b for _, b in zip(range(steps), SnapshotSource(tiny_lake, "r1", block_rows=500).token_batches(
-        B * W, seed=5, start=start, repeat=True))])
+    single = _keys(
+        [
+            b
+            for _, b in zip(
+                range(steps),
+                SnapshotSource(tiny_lake, "r1", block_rows=500).token_batches(B * W, seed=5, start=start, repeat=True),
+            )
+        ]
+    )
     per_rank = []
     for r in range(W):
         src = SnapshotSource(tiny_lake, "r1", block_rows=500)
@@ -82,8 +90,10 @@ def test_sharded_token_batches_split_the_stream_disjointly(tiny_lake):
     assert all(len(b) == B for b in merged)
     assert torch.equal(_keys(merged), single)
     v = SnapshotSource(tiny_lake, "r1", block_rows=500).token_batches(B * W, seed=5, start=start)
-    assert torch.equal(torch.cat([b.acts[HOOKS[0]] for b in per_rank[1][:2]]),
-                       torch.cat([b.acts[HOOKS[0]][B:2 * B] for _, b in zip(range(2), v)]))
+    assert torch.equal(
+        torch.cat([b.acts[HOOKS[0]] for b in per_rank[1][:2]]),
+        torch.cat([b.acts[HOOKS[0]][B : 2 * B] for _, b in zip(range(2), v)]),
+    )
 
 
 def test_context_batches_are_in_order_and_resume(tiny_lake):
@@ -109,8 +119,11 @@ def test_live_source_serves_the_same_activations(tiny_lake, tiny_model, tiny_cor
     assert all((x.token_id != model.bos_token_id).all() for x in live_batches)
     state = live.state()
     assert state["rows"] == 2000
-    resumed = next(LiveSource(model, tiny_corpus, HOOKS, context_size=32, shuffle_buffer=1024,
-                              dtype="float16").token_batches(500, seed=0, start=1500))
+    resumed = next(
+        LiveSource(model, tiny_corpus, HOOKS, context_size=32, shuffle_buffer=1024, dtype="float16").token_batches(
+            500, seed=0, start=1500
+        )
+    )
     assert torch.equal(resumed.context_id * 1000 + resumed.position, _keys(live_batches[3:4]))
 
 
@@ -126,8 +139,10 @@ def test_reader_errors(tiny_lake):
 def test_abandoned_readers_exit_cleanly(tiny_lake):
     # A script that takes one batch and exits leaves the prefetch thread mid-read; the
     # interpreter must not tear down under it (that aborted with SIGABRT, exit -6).
-    script = (f"import lake; s = lake.SnapshotSource({tiny_lake!r}, 'r1'); "
-              "t = s.token_batches(64); next(t); c = s.context_batches(2); next(c); print('ok')")
+    script = (
+        f"import lake; s = lake.SnapshotSource({tiny_lake!r}, 'r1'); "
+        "t = s.token_batches(64); next(t); c = s.context_batches(2); next(c); print('ok')"
+    )
     for _ in range(3):
         p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
         assert p.returncode == 0 and p.stdout.strip() == "ok", (p.returncode, p.stderr[-1000:])

@@ -1,4 +1,5 @@
 """Typed records: malformed manifests and analysis records are one line naming the file and the key."""
+
 import json
 import shutil
 from pathlib import Path
@@ -25,14 +26,22 @@ def _edit(path: Path, change) -> None:
     path.write_text(json.dumps(data))
 
 
-@pytest.mark.parametrize("change,message", [
-    (lambda m: m["versions"][1]["rows"].update(tokens="many"),
-     "key 'versions[1].rows.tokens' must be an integer, not 'many'"),
-    (lambda m: m.pop("hooks"), "key 'hooks' is missing"),
-    (lambda m: m["model_info"].update(bos_token_id=[0]), "key 'model_info.bos_token_id' must be an integer or null"),
-    (lambda m: m.update(hookz=[]), "unknown key 'hookz' (not a key of RunManifest)"),
-    (lambda m: m.update(schema_version=99), "schema_version 99 was written by a newer saelake"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (
+            lambda m: m["versions"][1]["rows"].update(tokens="many"),
+            "key 'versions[1].rows.tokens' must be an integer, not 'many'",
+        ),
+        (lambda m: m.pop("hooks"), "key 'hooks' is missing"),
+        (
+            lambda m: m["model_info"].update(bos_token_id=[0]),
+            "key 'model_info.bos_token_id' must be an integer or null",
+        ),
+        (lambda m: m.update(hookz=[]), "unknown key 'hookz' (not a key of RunManifest)"),
+        (lambda m: m.update(schema_version=99), "schema_version 99 was written by a newer saelake"),
+    ],
+)
 def test_a_malformed_manifest_is_one_line_naming_the_file_and_the_key(lake, change, message):
     manifest = lake / "runs" / "r1" / "manifest.json"
     _edit(manifest, change)

@@ -1,4 +1,5 @@
 """The same ingest/query/read path against a real S3 HTTP server (moto) on 127.0.0.1."""
+
 import json
 import os
 import signal
@@ -43,8 +44,11 @@ def test_ingest_query_and_read_on_s3(s3_env, tiny_model, tiny_corpus, tiny_lake)
 
 def _moto_server(port: int) -> subprocess.Popen:
     """A moto S3 server in its own process (so SIGSTOP stalls it without stalling the test)."""
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 30
     while True:
         try:
@@ -71,17 +75,52 @@ def test_stalled_endpoint_fails_within_the_limit_then_resume_is_exact(tmp_path, 
     limit = 4
     port = free_port()
     server = _moto_server(port)
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_REGION": "us-east-1", "SAELAKE_S3_TIMEOUT": str(limit)}
-    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
-                      aws_secret_access_key="testing", region_name="us-east-1")
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_REGION": "us-east-1",
+        "SAELAKE_S3_TIMEOUT": str(limit),
+    }
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
     s3.create_bucket(Bucket="stalls")
-    args = [sys.executable, "-m", "saelake.lake", "ingest", "--model", tiny_model, "--dataset", tiny_corpus,
-            "--hooks", ",".join(HOOKS), "--tokens", "3000", "--context-size", "32", "--run", "r1",
-            "--shuffle-buffer", "256", "--quiet"]
+    args = [
+        sys.executable,
+        "-m",
+        "saelake.lake",
+        "ingest",
+        "--model",
+        tiny_model,
+        "--dataset",
+        tiny_corpus,
+        "--hooks",
+        ",".join(HOOKS),
+        "--tokens",
+        "3000",
+        "--context-size",
+        "32",
+        "--run",
+        "r1",
+        "--shuffle-buffer",
+        "256",
+        "--quiet",
+    ]
     try:
-        ing = subprocess.Popen(args + ["--lake", "s3://stalls/lake"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+        ing = subprocess.Popen(
+            args + ["--lake", "s3://stalls/lake"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.time() + 120
         while time.time() < deadline and ing.poll() is None:  # a few commits, then the store stalls
             if s3.list_objects_v2(Bucket="stalls", Prefix="lake/runs/r1/tokens.lance/_versions/")["KeyCount"] >= 3:
@@ -100,14 +139,25 @@ def test_stalled_endpoint_fails_within_the_limit_then_resume_is_exact(tmp_path, 
         assert waited < 10 * limit + 10, waited
         assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
         assert f"127.0.0.1:{port}" in err and "--resume" in err and "testing" not in err
-        p = subprocess.run(args + ["--lake", "s3://stalls/lake", "--resume"], cwd=REPO, env=env, capture_output=True,
-                           text=True, timeout=300)
+        p = subprocess.run(
+            args + ["--lake", "s3://stalls/lake", "--resume"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert p.returncode == 0, p.stderr[-2000:]
         local = str(tmp_path / "lake")
         ingest_tiny(local, tiny_model, tiny_corpus, tokens=3000, shuffle_buffer=256)  # uninterrupted
-        options = {"access_key_id": "testing", "secret_access_key": "testing", "region": "us-east-1",
-                   "endpoint": env["AWS_ENDPOINT_URL"], "allow_http": "true",
-                   "aws_virtual_hosted_style_request": "false"}
+        options = {
+            "access_key_id": "testing",
+            "secret_access_key": "testing",
+            "region": "us-east-1",
+            "endpoint": env["AWS_ENDPOINT_URL"],
+            "allow_http": "true",
+            "aws_virtual_hosted_style_request": "false",
+        }
         (t1, c1), (t2, c2) = _sorted_rows("s3://stalls/lake", options), _sorted_rows(local, None)
         assert t1.equals(t2) and c1.equals(c2)  # nothing lost, nothing duplicated, the same values
     finally:

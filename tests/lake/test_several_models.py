@@ -1,6 +1,7 @@
 """Several models in one lake: the same tokens through each (one tokenizer), aligned columns per
 (model, hook); a crosscoder spans the models (snapshot, sweep, live) and its analysis shows each
 feature's decoder norm per model. Two tiny models of different seeds stand in for two checkpoints."""
+
 from __future__ import annotations
 
 import shutil
@@ -26,11 +27,43 @@ def two_models(tiny_model, tmp_path_factory):
 def two_model_lake(two_models, tiny_corpus, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("twolake") / "lake")
     a, b = two_models
-    code, out, err = cli("ingest", "--lake", root, "--model", f"a={a},b={b}", "--dataset", tiny_corpus, "--hooks", H,
-                         "--tokens", "2000", "--context-size", "32", "--run", "ab", "--quiet")
+    code, out, err = cli(
+        "ingest",
+        "--lake",
+        root,
+        "--model",
+        f"a={a},b={b}",
+        "--dataset",
+        tiny_corpus,
+        "--hooks",
+        H,
+        "--tokens",
+        "2000",
+        "--context-size",
+        "32",
+        "--run",
+        "ab",
+        "--quiet",
+    )
     assert code == 0, err
-    code, out, err = cli("ingest", "--lake", root, "--model", a, "--dataset", tiny_corpus, "--hooks", H,
-                         "--tokens", "2000", "--context-size", "32", "--run", "a-only", "--quiet")
+    code, out, err = cli(
+        "ingest",
+        "--lake",
+        root,
+        "--model",
+        a,
+        "--dataset",
+        tiny_corpus,
+        "--hooks",
+        H,
+        "--tokens",
+        "2000",
+        "--context-size",
+        "32",
+        "--run",
+        "a-only",
+        "--quiet",
+    )
     assert code == 0, err
     return root
 
@@ -80,18 +113,41 @@ def test_a_crosscoder_across_models_and_its_decoder_norm_per_model(lake, two_mod
     """--hook a:H,b:H trains one dictionary on both models (a snapshot, a sweep, live); the analysis stores,
     per feature, its decoder norm in each model, and lake feature shows them with their shares."""
     common = ["--tokens", "4096", "--batch-size", "256", "--holdout", "0", "--quiet", "--expansion", "2", "--k", "4"]
-    code, out, err = cli("train", "--lake", lake, "--run", "ab", "--hook", f"{A},{B}", "--name", "x", "--repeat",
-                         *common)
+    code, out, err = cli(
+        "train", "--lake", lake, "--run", "ab", "--hook", f"{A},{B}", "--name", "x", "--repeat", *common
+    )
     assert code == 0, err
     sweep = tmp_path / "s.toml"
-    sweep.write_text(f'run = "ab"\ntokens = 1024\nbatch_size = 256\nholdout = 0\nhook = "{A},{B}"\nk = 4\n'
-                     '[[sae]]\nname = "s1"\n[[sae]]\nname = "s2"\nseed = 1\n')
+    sweep.write_text(
+        f'run = "ab"\ntokens = 1024\nbatch_size = 256\nholdout = 0\nhook = "{A},{B}"\nk = 4\n'
+        '[[sae]]\nname = "s1"\n[[sae]]\nname = "s2"\nseed = 1\n'
+    )
     code, out, err = cli("train", "--lake", lake, "--config", str(sweep), "--quiet")
     assert code == 0, err
     a, b = two_models
-    code, out, err = cli("train", "--lake", lake, "--live", "--model", f"a={a},b={b}", "--dataset", tiny_corpus,
-                         "--context-size", "32", "--hook", f"{A},{B}", "--name", "live", "--tokens", "1024",
-                         "--batch-size", "256", "--holdout", "256", "--quiet")
+    code, out, err = cli(
+        "train",
+        "--lake",
+        lake,
+        "--live",
+        "--model",
+        f"a={a},b={b}",
+        "--dataset",
+        tiny_corpus,
+        "--context-size",
+        "32",
+        "--hook",
+        f"{A},{B}",
+        "--name",
+        "live",
+        "--tokens",
+        "1024",
+        "--batch-size",
+        "256",
+        "--holdout",
+        "256",
+        "--quiet",
+    )
     assert code == 0, err
     from saelake.train import SAEStore
 
@@ -115,8 +171,24 @@ def test_eval_of_a_crosscoder_across_models_is_reconstruction_only(lake, two_mod
     """One forward pass cannot splice two models: lake eval reports the reconstruction metrics and says so."""
     import json
 
-    code, _, err = cli("train", "--lake", lake, "--run", "ab", "--hook", f"{A},{B}", "--name", "e", "--tokens", "1024",
-                       "--batch-size", "256", "--holdout", "0", "--quiet")
+    code, _, err = cli(
+        "train",
+        "--lake",
+        lake,
+        "--run",
+        "ab",
+        "--hook",
+        f"{A},{B}",
+        "--name",
+        "e",
+        "--tokens",
+        "1024",
+        "--batch-size",
+        "256",
+        "--holdout",
+        "0",
+        "--quiet",
+    )
     assert code == 0, err
     code, out, err = cli("eval", "--lake", lake, "e", "--tokens", "256", "--json")
     assert code == 0, err

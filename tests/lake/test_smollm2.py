@@ -1,4 +1,5 @@
 """The acceptance run on the real bundled model (slow: `make test-slow`)."""
+
 import json
 
 import lance
@@ -6,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import cli
 from saelake.lake import Lake, load_model
+from tests.conftest import cli
 
 pytestmark = pytest.mark.slow
 HOOKS = ["blocks.3.hook_resid_post", "blocks.3.hook_mlp_out"]
@@ -15,9 +16,26 @@ HOOKS = ["blocks.3.hook_resid_post", "blocks.3.hook_mlp_out"]
 
 def test_smollm2_ingest_matches_transformerlens(tmp_path):
     lake = str(tmp_path / "lake")
-    code, out, err = cli("ingest", "--lake", lake, "--model", "smollm2-135m", "--dataset", "builtin", "--hooks",
-                         ",".join(HOOKS), "--tokens", "20000", "--context-size", "128", "--layout", "1d,2d",
-                         "--run", "r1", "--quiet")
+    code, out, err = cli(
+        "ingest",
+        "--lake",
+        lake,
+        "--model",
+        "smollm2-135m",
+        "--dataset",
+        "builtin",
+        "--hooks",
+        ",".join(HOOKS),
+        "--tokens",
+        "20000",
+        "--context-size",
+        "128",
+        "--layout",
+        "1d,2d",
+        "--run",
+        "r1",
+        "--quiet",
+    )
     assert code == 0, err
     code, out, _ = cli("query", "--lake", lake, "--json", "select * from runs")
     assert json.loads(out)[0]["tokens"] >= 20000

@@ -1,10 +1,12 @@
 """Fixtures for the trainer tests: one real tiny-model snapshot shared by the session."""
+
 from __future__ import annotations
 
 import os
 
 import pytest
 import torch
+
 from tests.conftest import cli as lake_main  # noqa: F401  (the in-process CLI, as train tests call it)
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out"]
@@ -28,8 +30,19 @@ def snapshot(tmp_path_factory, tiny_model, tiny_corpus):
 
     root = str(tmp_path_factory.mktemp("trainlake") / "lake")
     os.environ.setdefault("SAELAKE_HOME", str(tmp_path_factory.getbasetemp() / "saelake-home"))
-    ingest(IngestConfig(lake=root, model=tiny_model, dataset=tiny_corpus, hooks=HOOKS, tokens=4000, context_size=32,
-                        layouts=["1d", "2d"], run="r1"), progress=False)
+    ingest(
+        IngestConfig(
+            lake=root,
+            model=tiny_model,
+            dataset=tiny_corpus,
+            hooks=HOOKS,
+            tokens=4000,
+            context_size=32,
+            layouts=["1d", "2d"],
+            run="r1",
+        ),
+        progress=False,
+    )
     return {"lake": root, "model": tiny_model, "corpus": tiny_corpus, "run": "r1"}
 
 

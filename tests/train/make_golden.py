@@ -17,6 +17,7 @@ the new code instead, which defeats the purpose.
 
 Both use one torch thread, so the numbers do not depend on the machine's core count.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,19 @@ def tiny_lake(tmp: Path) -> str:
     os.environ.setdefault("SAELAKE_HOME", str(tmp / "home"))
     model = make_tiny_model(tmp / "tiny-gpt2")
     root = str(tmp / "lake")
-    ingest(IngestConfig(lake=root, model=str(model), dataset=str(TEXT), hooks=HOOKS, tokens=4000, context_size=32,
-                        layouts=["1d", "2d"], run="r1"), progress=False)
+    ingest(
+        IngestConfig(
+            lake=root,
+            model=str(model),
+            dataset=str(TEXT),
+            hooks=HOOKS,
+            tokens=4000,
+            context_size=32,
+            layouts=["1d", "2d"],
+            run="r1",
+        ),
+        progress=False,
+    )
     return root
 
 
@@ -69,7 +81,7 @@ def golden(lake: str) -> None:
         scale = math.sqrt(D_MODEL[h]) / stats[h].mean_norm  # the trainer's dataset normalisation
         rows = raw_rows(lake, h, STEPS * BATCH) * scale
         for s in range(STEPS):
-            acts[f"input.{h}.{s}"] = rows[s * BATCH:(s + 1) * BATCH].contiguous()
+            acts[f"input.{h}.{s}"] = rows[s * BATCH : (s + 1) * BATCH].contiguous()
     out = dict(acts)
     for case in CASES:
         out |= replay(case, acts)

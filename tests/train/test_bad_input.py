@@ -1,4 +1,5 @@
 """What bad input gets: one clear line, exit status 2, nothing registered."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,23 @@ from saelake.lake import Lake, UserError
 from saelake.train import SAEStore, load_sae
 from tests.train.conftest import H1, lake_main
 
-BASE = ["--run", "r1", "--hook", H1, "--arch", "topk", "--k", "4", "--expansion", "2", "--tokens", "512",
-        "--batch-size", "256", "--quiet"]
+BASE = [
+    "--run",
+    "r1",
+    "--hook",
+    H1,
+    "--arch",
+    "topk",
+    "--k",
+    "4",
+    "--expansion",
+    "2",
+    "--tokens",
+    "512",
+    "--batch-size",
+    "256",
+    "--quiet",
+]
 
 TOP = f'run = "r1"\nhook = "{H1}"\n'
 SWEEPS = {
@@ -24,8 +40,10 @@ SWEEPS = {
     "no_sae": (TOP + "tokens = 512\n", "no [[sae]] entries"),
     "source_in_entry": (TOP + "[[sae]]\ntokens = 5\n", "entry 1: key 'tokens' is shared"),
     "top_unknown": (TOP + "tokenz = 5\n[[sae]]\n", "(top level): unknown key 'tokenz'"),
-    "key_of_another_kind": (TOP + 'tokens = 512\n[[sae]]\narch = "relu"\nk = 4\n',
-                            "entry 1: key 'k' does not apply to arch 'relu' (its keys: l1, sparsity_warmup)"),
+    "key_of_another_kind": (
+        TOP + 'tokens = 512\n[[sae]]\narch = "relu"\nk = 4\n',
+        "entry 1: key 'k' does not apply to arch 'relu' (its keys: l1, sparsity_warmup)",
+    ),
 }
 
 CASES = {
@@ -48,7 +66,8 @@ def _nothing_registered(lake, before=()):
     assert sorted(SAEStore(lake).names()) == sorted(before)
     if Lake(lake).catalog.path.exists():
         assert [r[0] for r in Lake(lake).query("select name from saes")[1]] == [
-            n for n in sorted(before) if SAEStore(lake).config(n).get("status") == "complete"]
+            n for n in sorted(before) if SAEStore(lake).config(n).get("status") == "complete"
+        ]
 
 
 def _one_line_error(code, err, expected):
@@ -87,11 +106,24 @@ def test_name_taken_and_resume_with_other_config(lake_dir):
     _one_line_error(code, err, "SAE 's1' is already complete")
     assert SAEStore(lake_dir).config("s1") == before
     # an interrupted run resumed with another k
-    code, out, err = lake_main("train", "--lake", lake_dir, *BASE, "--tokens", "2048", "--name", "s2",
-                               "--checkpoint-every", "2", "--stop-after", "2")
+    code, out, err = lake_main(
+        "train",
+        "--lake",
+        lake_dir,
+        *BASE,
+        "--tokens",
+        "2048",
+        "--name",
+        "s2",
+        "--checkpoint-every",
+        "2",
+        "--stop-after",
+        "2",
+    )
     assert code == 0 and "interrupted" in out, err
-    code, _, err = lake_main("train", "--lake", lake_dir, *BASE, "--tokens", "2048", "--name", "s2", "--k", "5",
-                             "--resume")
+    code, _, err = lake_main(
+        "train", "--lake", lake_dir, *BASE, "--tokens", "2048", "--name", "s2", "--k", "5", "--resume"
+    )
     _one_line_error(code, err, "--resume with a different config: SAE s2 key 'k' was 4, now 5")
     _nothing_registered(lake_dir, ["s1", "s2"])
 
@@ -106,8 +138,10 @@ def test_eval_export_bad_input(lake_dir, tmp_path):
     assert not os.path.exists(tmp_path / "x")
 
 
-@pytest.mark.parametrize("device,expected", [("tpu", "--device 'tpu' is not a device torch knows"),
-                                             ("meta", "--device meta: torch cannot use it here")])
+@pytest.mark.parametrize(
+    "device,expected",
+    [("tpu", "--device 'tpu' is not a device torch knows"), ("meta", "--device meta: torch cannot use it here")],
+)
 def test_device_torch_cannot_use(lake_dir, device, expected):
     code, _, err = lake_main("train", "--lake", lake_dir, *BASE, "--name", "bad", "--device", device)
     _one_line_error(code, err, expected)
@@ -170,10 +204,16 @@ def test_import_refuses_corrupt_pickled_and_bad_files(trained, tmp_path):
     assert code == 0, err
     marker = tmp_path / "unpickled"
     cases = {
-        "corrupt weights": ("sae_weights.safetensors", b"\x07" * 64 + good.joinpath("sae_weights.safetensors")
-                            .read_bytes()[64:], "sae_weights.safetensors is not a readable safetensors file"),
-        "pickled weights": ("sae_weights.safetensors", pickle.dumps({"W_enc": _Boom(str(marker))}),
-                            "sae_weights.safetensors is not a readable safetensors file"),
+        "corrupt weights": (
+            "sae_weights.safetensors",
+            b"\x07" * 64 + good.joinpath("sae_weights.safetensors").read_bytes()[64:],
+            "sae_weights.safetensors is not a readable safetensors file",
+        ),
+        "pickled weights": (
+            "sae_weights.safetensors",
+            pickle.dumps({"W_enc": _Boom(str(marker))}),
+            "sae_weights.safetensors is not a readable safetensors file",
+        ),
         "cfg not json": ("cfg.json", b"{architecture: topk", "cfg.json is not valid JSON"),
         "cfg not an object": ("cfg.json", b"[1, 2]", "cfg.json must hold a JSON object, not list"),
         "cfg binary": ("cfg.json", bytes(range(256)), "cfg.json is not valid JSON"),
@@ -193,7 +233,7 @@ def test_damaged_weights_and_config_are_named(trained):
     weights = Path(trained) / "saes" / "s1" / "weights.safetensors"
     data = bytearray(weights.read_bytes())
     mid = len(data) // 2
-    data[mid:mid + 8] = bytes(b ^ 0xFF for b in data[mid:mid + 8])  # flip bytes inside a tensor
+    data[mid : mid + 8] = bytes(b ^ 0xFF for b in data[mid : mid + 8])  # flip bytes inside a tensor
     weights.write_bytes(bytes(data))
     with pytest.raises(UserError, match=r"SAE 's1': .*weights.safetensors is damaged .*weights_sha256"):
         load_sae(trained, "s1")

@@ -1,4 +1,5 @@
 """`lake train`'s options: defaults shown in --help come from the config classes; the schedule options work."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,9 +40,36 @@ def test_help_shows_the_config_classes_defaults():
 
 @pytest.mark.parametrize("warmup,decay", [(0.5, 0.0), (0.0, 0.5)])
 def test_lr_warmup_and_decay_options(lake_dir, warmup, decay):
-    code, _, err = lake_main("train", "--lake", lake_dir, "--run", "r1", "--hook", H1, "--k", "4", "--expansion", "2",
-                             "--tokens", "2560", "--batch-size", "256", "--lr", "0.01", "--lr-warmup", str(warmup),
-                             "--lr-decay", str(decay), "--log-every", "1", "--holdout", "0", "--name", "s", "--quiet")
+    code, _, err = lake_main(
+        "train",
+        "--lake",
+        lake_dir,
+        "--run",
+        "r1",
+        "--hook",
+        H1,
+        "--k",
+        "4",
+        "--expansion",
+        "2",
+        "--tokens",
+        "2560",
+        "--batch-size",
+        "256",
+        "--lr",
+        "0.01",
+        "--lr-warmup",
+        str(warmup),
+        "--lr-decay",
+        str(decay),
+        "--log-every",
+        "1",
+        "--holdout",
+        "0",
+        "--name",
+        "s",
+        "--quiet",
+    )
     assert code == 0, err
     hp = SAEStore(lake_dir).config("s")["hyperparameters"]
     assert (hp["lr_warmup"], hp["lr_decay"]) == (warmup, decay)
@@ -55,6 +83,20 @@ def test_lr_warmup_and_decay_options(lake_dir, warmup, decay):
 
 
 def test_schedule_options_are_checked(lake_dir):
-    code, _, err = lake_main("train", "--lake", lake_dir, "--run", "r1", "--hook", H1, "--tokens", "512",
-                             "--lr-warmup", "1.5", "--name", "s", "--quiet")
+    code, _, err = lake_main(
+        "train",
+        "--lake",
+        lake_dir,
+        "--run",
+        "r1",
+        "--hook",
+        H1,
+        "--tokens",
+        "512",
+        "--lr-warmup",
+        "1.5",
+        "--name",
+        "s",
+        "--quiet",
+    )
     assert code == 2 and err.startswith("error: SAE s: lr_warmup is a fraction of the steps (0..1), got 1.5"), err

@@ -1,5 +1,6 @@
 """Cross-layer transcoders: the math is the definition, training from one snapshot or live, FVU per output
 layer, save/load, resume, sweeps, analysis."""
+
 from __future__ import annotations
 
 import shutil
@@ -23,8 +24,19 @@ def clt_lake(tiny_model, tiny_corpus, tmp_path_factory):
     from saelake.lake import IngestConfig, ingest
 
     root = str(tmp_path_factory.mktemp("cltlake") / "lake")
-    ingest(IngestConfig(lake=root, model=tiny_model, dataset=tiny_corpus, hooks=INS + OUTS, tokens=3000,
-                        context_size=32, layouts=["1d", "2d"], run="r"), progress=False)
+    ingest(
+        IngestConfig(
+            lake=root,
+            model=tiny_model,
+            dataset=tiny_corpus,
+            hooks=INS + OUTS,
+            tokens=3000,
+            context_size=32,
+            layouts=["1d", "2d"],
+            run="r",
+        ),
+        progress=False,
+    )
     return root
 
 
@@ -37,8 +49,9 @@ def lake(clt_lake, tmp_path):
 
 def _clt(arch="clt", n=1, L=3, d=8, s=16, **opts):
     torch.manual_seed(0)
-    m = dictionaries.get(arch).build(L * d, L * s, L * d, n, hooks=[f"i{i}" for i in range(L)],
-                                     out_hooks=[f"o{i}" for i in range(L)], **opts)
+    m = dictionaries.get(arch).build(
+        L * d, L * s, L * d, n, hooks=[f"i{i}" for i in range(L)], out_hooks=[f"o{i}" for i in range(L)], **opts
+    )
     m.initialize([torch.Generator().manual_seed(i) for i in range(n)])
     with torch.no_grad():
         m.b_dec.normal_()
@@ -52,16 +65,16 @@ def _reference(m, x, mask=None):
     L, d, s = m.L, m.d, m.s
     fs = []
     for i in range(L):
-        pre = x[:, i * d:(i + 1) * d] @ m.layer("W_enc", i) + m.layer("b_enc", i).unsqueeze(1)
+        pre = x[:, i * d : (i + 1) * d] @ m.layer("W_enc", i) + m.layer("b_enc", i).unsqueeze(1)
         if mask is not None:  # TopK: the selection the kind made
-            fs.append(torch.relu(pre) * mask[..., i * s:(i + 1) * s])
+            fs.append(torch.relu(pre) * mask[..., i * s : (i + 1) * s])
         else:
             fs.append(pre * (pre > m.theta(i).unsqueeze(1)))
     ys = []
     for j in range(L):
-        y = m.b_dec[:, None, j * d:(j + 1) * d]
+        y = m.b_dec[:, None, j * d : (j + 1) * d]
         for i in range(j + 1):
-            y = y + fs[i] @ m.layer("W_dec", i)[..., (j - i) * d:(j - i + 1) * d]
+            y = y + fs[i] @ m.layer("W_dec", i)[..., (j - i) * d : (j - i + 1) * d]
         ys.append(y)
     return torch.cat(ys, -1), torch.cat(fs, -1)
 
@@ -132,9 +145,34 @@ def test_train_from_one_snapshot_fvu_per_layer_resume_and_analysis(lake, tmp_pat
     """`lake train --arch clt` with {a-b} hook ranges, from one snapshot: FVU per output layer in the
     metrics and the held-out numbers, save -> load gives the same outputs, an interrupted run resumed
     is bitwise the uninterrupted one, and `lake analyze` / `lake feature` show decoder norms per layer."""
-    args = ["--lake", lake, "--run", "r", "--arch", "clt", "--hook", IN, "--out-hook", OUT, "--expansion", "4",
-            "--k", "4", "--tokens", "12800", "--batch-size", "256", "--repeat", "--lr", "0.01", "--holdout", "500",
-            "--checkpoint-every", "10", "--quiet"]
+    args = [
+        "--lake",
+        lake,
+        "--run",
+        "r",
+        "--arch",
+        "clt",
+        "--hook",
+        IN,
+        "--out-hook",
+        OUT,
+        "--expansion",
+        "4",
+        "--k",
+        "4",
+        "--tokens",
+        "12800",
+        "--batch-size",
+        "256",
+        "--repeat",
+        "--lr",
+        "0.01",
+        "--holdout",
+        "500",
+        "--checkpoint-every",
+        "10",
+        "--quiet",
+    ]
     code, out, err = lake_main("train", *args, "--name", "c")
     assert code == 0, err
     store = SAEStore(lake)
@@ -169,17 +207,42 @@ def test_train_from_one_snapshot_fvu_per_layer_resume_and_analysis(lake, tmp_pat
 def test_a_sweep_stacks_clts_and_trains_live(lake, snapshot, tmp_path):
     """Two CLTs (different lr and seed) step together in one sweep; a CLT trains live as well."""
     sweep = tmp_path / "s.toml"
-    sweep.write_text(f'run = "r"\ntokens = 1024\nbatch_size = 256\nholdout = 0\narch = "clt"\nhook = "{IN}"\n'
-                     f'out_hook = "{OUT}"\nexpansion = 2\nk = 4\n[[sae]]\nname = "a"\n[[sae]]\nname = "b"\nlr = 0.01\n'
-                     'seed = 3\n')
+    sweep.write_text(
+        f'run = "r"\ntokens = 1024\nbatch_size = 256\nholdout = 0\narch = "clt"\nhook = "{IN}"\n'
+        f'out_hook = "{OUT}"\nexpansion = 2\nk = 4\n[[sae]]\nname = "a"\n[[sae]]\nname = "b"\nlr = 0.01\n'
+        "seed = 3\n"
+    )
     code, out, err = lake_main("train", "--lake", lake, "--config", str(sweep), "--quiet")
     assert code == 0, err
     store = SAEStore(lake)
     assert store.config("a")["training"]["stacked_with"] == ["a", "b"]
-    code, out, err = lake_main("train", "--lake", lake, "--live", "--model", snapshot["model"], "--dataset",
-                               snapshot["corpus"], "--context-size", "32", "--arch", "clt-jumprelu", "--hook", IN,
-                               "--out-hook", OUT, "--expansion", "2", "--tokens", "512", "--batch-size", "128",
-                               "--name", "live", "--quiet")
+    code, out, err = lake_main(
+        "train",
+        "--lake",
+        lake,
+        "--live",
+        "--model",
+        snapshot["model"],
+        "--dataset",
+        snapshot["corpus"],
+        "--context-size",
+        "32",
+        "--arch",
+        "clt-jumprelu",
+        "--hook",
+        IN,
+        "--out-hook",
+        OUT,
+        "--expansion",
+        "2",
+        "--tokens",
+        "512",
+        "--batch-size",
+        "128",
+        "--name",
+        "live",
+        "--quiet",
+    )
     assert code == 0, err
     cfg = store.config("live")
     assert cfg["source"] == "live" and cfg["arch"] == "clt-jumprelu"
@@ -199,9 +262,35 @@ def test_bad_clt_shapes_are_one_line(lake):
 def test_eval_replaces_every_layer_and_export_refuses(lake, tmp_path):
     """lake eval splices the CLT into every covered MLP output (the later layers read the spliced
     stream) and reports CE loss recovered and KL; SAELens has no CLT format: one line."""
-    code, _, err = lake_main("train", "--lake", lake, "--run", "r", "--arch", "clt", "--hook", IN, "--out-hook", OUT,
-                             "--expansion", "4", "--k", "8", "--tokens", "12800", "--batch-size", "256", "--repeat",
-                             "--lr", "0.01", "--holdout", "0", "--name", "e", "--quiet")
+    code, _, err = lake_main(
+        "train",
+        "--lake",
+        lake,
+        "--run",
+        "r",
+        "--arch",
+        "clt",
+        "--hook",
+        IN,
+        "--out-hook",
+        OUT,
+        "--expansion",
+        "4",
+        "--k",
+        "8",
+        "--tokens",
+        "12800",
+        "--batch-size",
+        "256",
+        "--repeat",
+        "--lr",
+        "0.01",
+        "--holdout",
+        "0",
+        "--name",
+        "e",
+        "--quiet",
+    )
     assert code == 0, err
     code, out, err = lake_main("eval", "--lake", lake, "e", "--tokens", "512", "--json")
     assert code == 0, err

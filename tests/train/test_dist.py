@@ -1,6 +1,7 @@
 """Distributed training with 2 CPU processes (gloo) under torchrun: data-parallel replicas equal
 single-process training with the global batch; sweep-parallel registers every SAE; checkpoints
 and --resume work under torchrun."""
+
 from __future__ import annotations
 
 import os
@@ -11,25 +12,58 @@ from pathlib import Path
 import torch
 
 from saelake.lake import Lake
-from tests.train.conftest import H1
 from saelake.train import SAEConfig, SAEStore, train
+from tests.train.conftest import H1
 
 REPO = Path(__file__).resolve().parents[2]
-COMMON = ["--hook", H1, "--arch", "topk", "--k", "8", "--expansion", "4", "--tokens", "2048", "--batch-size", "256",
-          "--repeat", "--lr", "0.003", "--checkpoint-every", "4", "--quiet"]
+COMMON = [
+    "--hook",
+    H1,
+    "--arch",
+    "topk",
+    "--k",
+    "8",
+    "--expansion",
+    "4",
+    "--tokens",
+    "2048",
+    "--batch-size",
+    "256",
+    "--repeat",
+    "--lr",
+    "0.003",
+    "--checkpoint-every",
+    "4",
+    "--quiet",
+]
 
 
 def _lake(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "saelake.lake", "train", *args, "--nproc", str(nproc)]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, check=False,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def test_data_parallel_resumed_equals_single_process(lake_dir):
     """Killed at a checkpoint (--stop-after) and resumed under torchrun: the single-process weights."""
     # dead_window (default tokens / 4) is 2 steps: AuxK runs too, with its batch-wide variance all-reduced
-    train(lake_dir, [SAEConfig(hooks=[H1], name="single", k=8, expansion=4, lr=3e-3)], run="r1", tokens=2048,
-          batch_size=256, repeat=True, progress=False, checkpoint_every=4)
+    train(
+        lake_dir,
+        [SAEConfig(hooks=[H1], name="single", k=8, expansion=4, lr=3e-3)],
+        run="r1",
+        tokens=2048,
+        batch_size=256,
+        repeat=True,
+        progress=False,
+        checkpoint_every=4,
+    )
     cut = _lake("--lake", lake_dir, "--run", "r1", *COMMON, "--name", "dp", "--parallel", "data", "--stop-after", "4")
     assert cut.returncode == 0 and "interrupted at step 4" in cut.stdout, cut.stdout + cut.stderr[-3000:]
     res = _lake("--lake", lake_dir, "--run", "r1", *COMMON, "--name", "dp", "--parallel", "data", "--resume")
@@ -49,8 +83,15 @@ def test_data_parallel_resumed_equals_single_process(lake_dir):
 def test_data_parallel_batchtopk_selects_over_the_global_batch(lake_dir):
     """BatchTopK's k·B largest scores are taken over both ranks' rows, as one process would."""
     args = [a if a != "topk" else "batchtopk" for a in COMMON]
-    train(lake_dir, [SAEConfig(hooks=[H1], name="single-b", arch="batchtopk", k=8, expansion=4, lr=3e-3)], run="r1",
-          tokens=2048, batch_size=256, repeat=True, progress=False)
+    train(
+        lake_dir,
+        [SAEConfig(hooks=[H1], name="single-b", arch="batchtopk", k=8, expansion=4, lr=3e-3)],
+        run="r1",
+        tokens=2048,
+        batch_size=256,
+        repeat=True,
+        progress=False,
+    )
     res = _lake("--lake", lake_dir, "--run", "r1", *args, "--name", "dp-b", "--parallel", "data")
     assert res.returncode == 0, res.stderr[-3000:]
     store = SAEStore(lake_dir)

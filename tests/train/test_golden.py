@@ -9,6 +9,7 @@ through the trainer's own step (``Group``: init from the seed, b_dec from the fi
 be equal, bit for bit. The fixture is written by ``tests/train/make_golden.py`` (see there); never
 regenerate it to make this test pass: a difference means the numbers changed.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -22,8 +23,12 @@ from saelake.train.config import SAEConfig
 from saelake.train.group import Group
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden" / "steps.safetensors"
-H0, H1, MLP_IN, MLP_OUT = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.1.hook_resid_mid",
-                           "blocks.1.hook_mlp_out")
+H0, H1, MLP_IN, MLP_OUT = (
+    "blocks.0.hook_resid_post",
+    "blocks.1.hook_resid_post",
+    "blocks.1.hook_resid_mid",
+    "blocks.1.hook_mlp_out",
+)
 D_MODEL = {H0: 32, H1: 32, MLP_IN: 32, MLP_OUT: 32}
 STEPS, BATCH = 5, 64
 # schedules short enough to move within STEPS (warm-up, decay, sparsity ramp), AuxK on from step 1
@@ -36,8 +41,10 @@ CASES = {
     "transcoder": [dict(arch="topk", hooks=[MLP_IN], out_hooks=[MLP_OUT], k=8, decoder_norm_topk=True)],
     "crosscoder": [dict(arch="topk", hooks=[H0, H1], k=8)],
     # members with different k, lr and seed, k annealed from 16
-    "stacked": [dict(arch="topk", hooks=[H1], k=4, seed=1, k_start=16, k_anneal=0.6),
-                dict(arch="topk", hooks=[H1], k=12, seed=2, lr=5e-3, k_start=16, k_anneal=0.6)],
+    "stacked": [
+        dict(arch="topk", hooks=[H1], k=4, seed=1, k_start=16, k_anneal=0.6),
+        dict(arch="topk", hooks=[H1], k=12, seed=2, lr=5e-3, k_start=16, k_anneal=0.6),
+    ],
 }
 
 
@@ -45,8 +52,10 @@ def replay(case: str, acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Train the case's members for STEPS steps on ``acts`` (``input.<hook>.<step>`` -> [BATCH, d]);
     -> ``<case>.<member>.<tensor>`` -> value, every tensor of each member's checkpoint."""
     torch.set_num_threads(1)
-    cfgs = [SAEConfig(name=f"{case}-{i}", **(COMMON | c)).resolve(D_MODEL, STEPS * BATCH, BATCH)
-            for i, c in enumerate(CASES[case])]
+    cfgs = [
+        SAEConfig(name=f"{case}-{i}", **(COMMON | c)).resolve(D_MODEL, STEPS * BATCH, BATCH)
+        for i, c in enumerate(CASES[case])
+    ]
     g = Group(cfgs, D_MODEL, "cpu")
     c = cfgs[0]
 
@@ -59,8 +68,9 @@ def replay(case: str, acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         x = cat(c.hooks, step)
         y = x if c.all_out_hooks == c.hooks else cat(c.all_out_hooks, step)
         g.step(x, y, step, STEPS, c.dead_window, nullcontext(), stats=True)
-    return {f"{case}.{i}.{k}": v.detach().clone().contiguous()
-            for i in range(g.n) for k, v in g.member_tensors(i).items()}
+    return {
+        f"{case}.{i}.{k}": v.detach().clone().contiguous() for i in range(g.n) for k, v in g.member_tensors(i).items()
+    }
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -1,5 +1,6 @@
 """SAELens export/import: the exported files, read by an independent NumPy implementation on raw
 activations from tokens.lance, reproduce the trained SAE (thresholds included)."""
+
 from __future__ import annotations
 
 import json
@@ -42,14 +43,38 @@ def raw_acts(lake: str, hook: str) -> np.ndarray:
     return col.flatten().to_numpy().astype(np.float32).reshape(len(col), -1)
 
 
-@pytest.mark.parametrize("arch,kw", [("topk", {"k": 8}), ("batchtopk", {"k": 8}), ("relu", {"l1": 0.5}),
-                                     ("jumprelu", {"l1": 0.05}), ("transcoder", {"k": 8})])
+@pytest.mark.parametrize(
+    "arch,kw",
+    [
+        ("topk", {"k": 8}),
+        ("batchtopk", {"k": 8}),
+        ("relu", {"l1": 0.5}),
+        ("jumprelu", {"l1": 0.05}),
+        ("transcoder", {"k": 8}),
+    ],
+)
 def test_export_matches_trained_sae_on_raw_activations(lake_dir, tmp_path, arch, kw):
     hooks, out_hooks = ([MLP_IN], [MLP_OUT]) if arch == "transcoder" else ([H1], None)
     kind = "topk" if arch == "transcoder" else arch
-    train(lake_dir, [SAEConfig(hooks=hooks, out_hooks=out_hooks, name="s", arch=kind, expansion=4,
-                               lr=1e-2 if arch == "transcoder" else 3e-3, **kw)],
-          run="r1", tokens=8000, batch_size=256, repeat=True, progress=False)
+    train(
+        lake_dir,
+        [
+            SAEConfig(
+                hooks=hooks,
+                out_hooks=out_hooks,
+                name="s",
+                arch=kind,
+                expansion=4,
+                lr=1e-2 if arch == "transcoder" else 3e-3,
+                **kw,
+            )
+        ],
+        run="r1",
+        tokens=8000,
+        batch_size=256,
+        repeat=True,
+        progress=False,
+    )
     code, _, err = lake_main("export", "--lake", lake_dir, "s", "--format", "saelens", "-o", str(tmp_path / "out"))
     assert code == 0, err
     cfg = json.loads((tmp_path / "out" / "cfg.json").read_text())

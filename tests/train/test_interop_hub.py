@@ -1,5 +1,6 @@
 """``lake import hf://ORG/REPO[/SUBFOLDER][@REVISION]`` offline, against a hub cache laid out as
 huggingface_hub lays it out (models--ORG--REPO/{refs,blobs,snapshots}), with HF_HUB_OFFLINE set."""
+
 from __future__ import annotations
 
 import hashlib
@@ -35,8 +36,9 @@ def fill_cache(cache: Path, repo: str, folders: dict[str, Path], commit: str = C
 @pytest.fixture
 def hub_cache(tmp_path, monkeypatch):
     cache = tmp_path / "hub"
-    fill_cache(cache, "org/saes", {"layers/h.0": PEERS / "sparsify" / "h.0",
-                                   "jumprelu": PEERS / "saelens" / "jumprelu"})
+    fill_cache(
+        cache, "org/saes", {"layers/h.0": PEERS / "sparsify" / "h.0", "jumprelu": PEERS / "saelens" / "jumprelu"}
+    )
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return cache
@@ -59,13 +61,16 @@ def test_import_from_the_hub_cache(tmp_path, hub_cache):
         assert local.encode(rows("blocks.0.hook_resid_post")).l0()[0] > 0
 
 
-@pytest.mark.parametrize("source,msg", [
-    ("hf://org/other/x", "is not in the Hugging Face cache and HF_HUB_OFFLINE is set"),
-    ("hf://org/saes/nothere", "has no folder 'nothere'"),
-    ("hf://org/saes/layers@" + "f" * 40, "is not in the Hugging Face cache"),
-    ("hf://justname", "not a hub address"),
-    ("hf://org/saes/layers", "several hookpoints (h.0)"),
-])
+@pytest.mark.parametrize(
+    "source,msg",
+    [
+        ("hf://org/other/x", "is not in the Hugging Face cache and HF_HUB_OFFLINE is set"),
+        ("hf://org/saes/nothere", "has no folder 'nothere'"),
+        ("hf://org/saes/layers@" + "f" * 40, "is not in the Hugging Face cache"),
+        ("hf://justname", "not a hub address"),
+        ("hf://org/saes/layers", "several hookpoints (h.0)"),
+    ],
+)
 def test_hub_errors_are_one_line(tmp_path, hub_cache, source, msg):
     code, out, err = cli("import", "--lake", str(tmp_path / "lake"), source, "--name", "x")
     assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, err

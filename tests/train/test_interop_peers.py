@@ -2,6 +2,7 @@
 SAELens, sparsify and Llamascopium themselves, with their own forward outputs on the tiny model's
 activations (tests/data/peers/make_fixtures.py). saelake's imported dictionary, fed the same raw
 activations, must give the same latents and outputs (float32 tolerance)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,16 +40,27 @@ def assert_matches(lake: str, name: str, folder: Path, latent_scale: float = 1.0
     latents, output, cfg = forward(lake, name)
     scale = float(ref["output"].abs().max())
     torch.testing.assert_close(output, ref["output"], atol=1e-5 * scale, rtol=1e-4)
-    torch.testing.assert_close(latents, ref["latents"] * latent_scale, atol=1e-5 * float(latents.abs().max()),
-                               rtol=1e-4)
+    torch.testing.assert_close(
+        latents, ref["latents"] * latent_scale, atol=1e-5 * float(latents.abs().max()), rtol=1e-4
+    )
     assert fired(latents) == fired(ref["latents"] * latent_scale) > 0  # the same latents fire
     return cfg
 
 
-@pytest.mark.parametrize("case,arch", [("standard", "relu"), ("jumprelu", "jumprelu"), ("topk", "topk"),
-                                       ("topk_rescaled", "topk"), ("transcoder", "relu"),
-                                       ("jumprelu_transcoder", "jumprelu"), ("batchtopk", "jumprelu"),
-                                       ("expected_average_only_in", "relu"), ("covariance_whitening", "topk")])
+@pytest.mark.parametrize(
+    "case,arch",
+    [
+        ("standard", "relu"),
+        ("jumprelu", "jumprelu"),
+        ("topk", "topk"),
+        ("topk_rescaled", "topk"),
+        ("transcoder", "relu"),
+        ("jumprelu_transcoder", "jumprelu"),
+        ("batchtopk", "jumprelu"),
+        ("expected_average_only_in", "relu"),
+        ("covariance_whitening", "topk"),
+    ],
+)
 def test_saelens_folders_match_saelens_forward(tmp_path, case, arch):
     lake = str(tmp_path / "lake")
     import_dictionary(lake, PEERS / "saelens" / case, "imp")
@@ -79,8 +91,10 @@ def test_saelens_loads_what_saelake_exports(tmp_path):
         assert (again / "sae_weights.safetensors").read_bytes() == (folder / "sae_weights.safetensors").read_bytes()
 
 
-@pytest.mark.parametrize("hookpoint,hooks", [("h.0", ["blocks.0.hook_resid_post"] * 2),
-                                             ("h.1.mlp", ["blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"])])
+@pytest.mark.parametrize(
+    "hookpoint,hooks",
+    [("h.0", ["blocks.0.hook_resid_post"] * 2), ("h.1.mlp", ["blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"])],
+)
 def test_sparsify_checkpoints_match_sparsify_forward(tmp_path, hookpoint, hooks):
     """sparsify computed its forward on the activations its trainer hooks (HF modules): saelake reads
     the mapped TransformerLens hooks, so equal outputs also check the hookpoint mapping."""
@@ -99,8 +113,16 @@ def test_sparsify_run_folder_asks_for_one_hookpoint(tmp_path):
         import_dictionary(str(tmp_path / "lake"), PEERS / "sparsify", "imp")
 
 
-@pytest.mark.parametrize("case,arch", [("sae_topk", "topk"), ("sae_relu", "relu"), ("sae_jumprelu", "jumprelu"),
-                                       ("transcoder_jumprelu", "jumprelu"), ("sae_topk_inference", "topk")])
+@pytest.mark.parametrize(
+    "case,arch",
+    [
+        ("sae_topk", "topk"),
+        ("sae_relu", "relu"),
+        ("sae_jumprelu", "jumprelu"),
+        ("transcoder_jumprelu", "jumprelu"),
+        ("sae_topk_inference", "topk"),
+    ],
+)
 def test_llamascopium_dictionaries_match_its_forward(tmp_path, case, arch):
     """Its forward on raw activations (normalise, encode, decode, denormalise): the same output; the
     latents divided by s_in, as Llamascopium's own folding means them (``latents_folded``, where that
@@ -143,18 +165,21 @@ def _edited(tmp_path: Path, src: str, name: str, **keys) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("src,keys,msg", [
-    ("saelens/expected_average_only_in", {}, "pass --norm-scaling-factor F"),
-    ("saelens/standard", {"architecture": "gated"}, "SAELens architecture 'gated' is not supported"),
-    ("saelens/standard", {"normalize_activations": "batch_norm"}, "unknown normalize_activations 'batch_norm'"),
-    ("saelens/transcoder", {"metadata": {"hook_name": "blocks.1.mlp.hook_in"}}, "pass --out-hook"),
-    ("sparsify/h.0", {"activation": "groupmax"}, "no saelake kind computes groupmax"),
-    ("sparsify/h.0", {"skip_connection": True}, "skip connection"),
-    ("llamascopium/sae_topk", {"sae_type": "lorsa"}, "sae_type 'lorsa' is not supported"),
-    ("llamascopium/clt_jumprelu", {"act_fn": "batchlayertopk"}, "saelake imports Llamascopium's JumpReLU CLTs"),
-    ("llamascopium/sae_topk", {"act_fn": "batchtopk"}, "topk_to_jumprelu_conversion"),
-    ("llamascopium/sae_topk", {"use_glu_encoder": True}, "GLU encoder"),
-])
+@pytest.mark.parametrize(
+    "src,keys,msg",
+    [
+        ("saelens/expected_average_only_in", {}, "pass --norm-scaling-factor F"),
+        ("saelens/standard", {"architecture": "gated"}, "SAELens architecture 'gated' is not supported"),
+        ("saelens/standard", {"normalize_activations": "batch_norm"}, "unknown normalize_activations 'batch_norm'"),
+        ("saelens/transcoder", {"metadata": {"hook_name": "blocks.1.mlp.hook_in"}}, "pass --out-hook"),
+        ("sparsify/h.0", {"activation": "groupmax"}, "no saelake kind computes groupmax"),
+        ("sparsify/h.0", {"skip_connection": True}, "skip connection"),
+        ("llamascopium/sae_topk", {"sae_type": "lorsa"}, "sae_type 'lorsa' is not supported"),
+        ("llamascopium/clt_jumprelu", {"act_fn": "batchlayertopk"}, "saelake imports Llamascopium's JumpReLU CLTs"),
+        ("llamascopium/sae_topk", {"act_fn": "batchtopk"}, "topk_to_jumprelu_conversion"),
+        ("llamascopium/sae_topk", {"use_glu_encoder": True}, "GLU encoder"),
+    ],
+)
 def test_imports_refuse_what_they_cannot_express(tmp_path, src, keys, msg):
     folder = _edited(tmp_path, src, src.split("/")[-1], **keys)
     if src == "saelens/expected_average_only_in":

@@ -1,6 +1,7 @@
 """SAEs written by older code (tests/data/legacy-0097db9: configs and weights saved by commit 0097db9,
 before the dictionary registry and typed records) still load, as records and as dictionaries, and
 give bit-identical outputs to what that code computed (``expected.safetensors``)."""
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """Lorsa: causal (no future leakage), the model's rotary embedding, save/load and folding exact, trains
 on whole contexts from the 2d table or live (FVU falls), resumes bitwise."""
+
 from __future__ import annotations
 
 import shutil
@@ -22,9 +23,19 @@ def make_tiny_llama(path: Path, tokenizer_from: str) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_from)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rope_theta=500.0,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_theta=500.0,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():
@@ -47,8 +58,19 @@ def lorsa_lake(tiny_model, tiny_corpus, tmp_path_factory):
     from saelake.lake import IngestConfig, ingest
 
     root = str(tmp_path_factory.mktemp("lorsalake") / "lake")
-    ingest(IngestConfig(lake=root, model=tiny_model, dataset=tiny_corpus, hooks=[IN, OUT], tokens=3000,
-                        context_size=32, layouts=["1d", "2d"], run="r"), progress=False)
+    ingest(
+        IngestConfig(
+            lake=root,
+            model=tiny_model,
+            dataset=tiny_corpus,
+            hooks=[IN, OUT],
+            tokens=3000,
+            context_size=32,
+            layouts=["1d", "2d"],
+            run="r",
+        ),
+        progress=False,
+    )
     return root
 
 
@@ -61,8 +83,15 @@ def lake(lorsa_lake, tmp_path):
 
 def _lorsa(n=1, d=16, heads=24, **opts):
     torch.manual_seed(0)
-    m = dictionaries.get("lorsa").build(d, heads, d, n, hooks=["in"], out_hooks=["out"],
-                                        **({"qk_heads": 4, "d_qk": 6, "k": 5, "rotary_base": 100.0} | opts))
+    m = dictionaries.get("lorsa").build(
+        d,
+        heads,
+        d,
+        n,
+        hooks=["in"],
+        out_hooks=["out"],
+        **({"qk_heads": 4, "d_qk": 6, "k": 5, "rotary_base": 100.0} | opts),
+    )
     m.initialize([torch.Generator().manual_seed(i) for i in range(n)])
     with torch.no_grad():
         for p in (m.b_Q, m.b_K, m.b_V, m.b_O):
@@ -93,7 +122,7 @@ def test_the_definition_and_one_context_as_a_batch_of_one():
     with torch.no_grad():
         q = rotary(torch.einsum("btd,gde->bgte", x, m.W_Q[0]) + m.b_Q[0][None, :, None], 100.0, 6)
         k = rotary(torch.einsum("btd,gde->bgte", x, m.W_K[0]) + m.b_K[0][None, :, None], 100.0, 6)
-        scores = (q @ k.transpose(-1, -2)) / 6 ** 0.5 + torch.full((9, 9), float("-inf")).triu(1)
+        scores = (q @ k.transpose(-1, -2)) / 6**0.5 + torch.full((9, 9), float("-inf")).triu(1)
         A = scores.softmax(-1)  # [b, G, T, T]
         v = x @ m.W_V[0].t() + m.b_V[0]  # [b, T, H]
         z = torch.einsum("bhts,bsh->bth", A[:, g_of], v)
@@ -121,8 +150,15 @@ def test_rotary_is_the_models(tiny_llama):
     kind = dictionaries.get("lorsa")
     opts = kind.Options(heads=8, qk_heads=4, k=2)
     opts.resolve(32, 8, "t")
-    kind.resolve_shape(opts, ["blocks.0.ln1.hook_out"], ["blocks.0.hook_attn_out"],
-                       {"blocks.0.ln1.hook_out": 32, "blocks.0.hook_attn_out": 32}, 8, "t", tiny_llama)
+    kind.resolve_shape(
+        opts,
+        ["blocks.0.ln1.hook_out"],
+        ["blocks.0.hook_attn_out"],
+        {"blocks.0.ln1.hook_out": 32, "blocks.0.hook_attn_out": 32},
+        8,
+        "t",
+        tiny_llama,
+    )
     assert (opts.d_qk, opts.rotary_base, opts.rotary_dim) == (8, 500.0, 8)
     m = kind(32, 8, 32, [opts], hooks=["blocks.0.ln1.hook_out"], out_hooks=["blocks.0.hook_attn_out"])
     attn = AutoModelForCausalLM.from_pretrained(tiny_llama).model.layers[0].self_attn
@@ -134,8 +170,12 @@ def test_rotary_is_the_models(tiny_llama):
     tokens = torch.tensor([[lm.bos_token_id, 5, 17, 33, 8, 90, 41, 7, 12, 3]])
     acts = lm.activations(tokens, ["blocks.0.ln1.hook_out", "blocks.0.attn.hook_pattern"])
     for head in range(4):
-        torch.testing.assert_close(m.attention(acts["blocks.0.ln1.hook_out"][0], 2 * head),
-                                   acts["blocks.0.attn.hook_pattern"][0, head], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            m.attention(acts["blocks.0.ln1.hook_out"][0], 2 * head),
+            acts["blocks.0.attn.hook_pattern"][0, head],
+            atol=1e-5,
+            rtol=1e-4,
+        )
 
 
 def test_fold_and_save_load_are_exact(lake):
@@ -144,24 +184,68 @@ def test_fold_and_save_load_are_exact(lake):
     s_in, s_out = torch.rand(16) + 0.5, torch.rand(16) + 0.5
     kind = dictionaries.get("lorsa")
     folded = kind.fold(m.member_state(0), s_in, s_out)
-    m2 = kind.build(16, 24, 16, hooks=["in"], out_hooks=["out"], **{k: getattr(m.options[0], k) for k in (
-        "qk_heads", "d_qk", "k", "rotary_base", "rotary_dim")})
+    m2 = kind.build(
+        16,
+        24,
+        16,
+        hooks=["in"],
+        out_hooks=["out"],
+        **{k: getattr(m.options[0], k) for k in ("qk_heads", "d_qk", "k", "rotary_base", "rotary_dim")},
+    )
     m2.load_member(0, folded)
     x = torch.randn(2, 10, 16)
     torch.testing.assert_close(m2(x)[0], (m(x * s_in)[0]) / s_out, atol=1e-5, rtol=1e-4)
     store = SAEStore(lake)
-    cfg = {"name": "saved", "arch": "lorsa", "hooks": [IN], "out_hooks": [OUT], "d_in": 16, "d_sae": 24,
-           "status": "complete", "hyperparameters": {k: getattr(m.options[0], k) for k in (
-               "heads", "qk_heads", "d_qk", "k", "rotary_base", "rotary_dim")}}
+    cfg = {
+        "name": "saved",
+        "arch": "lorsa",
+        "hooks": [IN],
+        "out_hooks": [OUT],
+        "d_in": 16,
+        "d_sae": 24,
+        "status": "complete",
+        "hyperparameters": {
+            k: getattr(m.options[0], k) for k in ("heads", "qk_heads", "d_qk", "k", "rotary_base", "rotary_dim")
+        },
+    }
     store.save(cfg, m.member_state(0), register=False)
     loaded, _ = store.load("saved")
     assert torch.equal(loaded(x), m.inference()(x))
 
 
 def test_train_on_contexts_fvu_falls_and_resume_is_bitwise(lake):
-    args = ["--lake", lake, "--run", "r", "--arch", "lorsa", "--hook", IN, "--out-hook", OUT, "--heads", "64",
-            "--qk-heads", "4", "--d-qk", "8", "--k", "4", "--tokens", "16384", "--batch-size", "256", "--repeat",
-            "--lr", "0.01", "--holdout", "320", "--checkpoint-every", "16", "--quiet"]
+    args = [
+        "--lake",
+        lake,
+        "--run",
+        "r",
+        "--arch",
+        "lorsa",
+        "--hook",
+        IN,
+        "--out-hook",
+        OUT,
+        "--heads",
+        "64",
+        "--qk-heads",
+        "4",
+        "--d-qk",
+        "8",
+        "--k",
+        "4",
+        "--tokens",
+        "16384",
+        "--batch-size",
+        "256",
+        "--repeat",
+        "--lr",
+        "0.01",
+        "--holdout",
+        "320",
+        "--checkpoint-every",
+        "16",
+        "--quiet",
+    ]
     code, out, err = lake_main("train", *args, "--name", "l")
     assert code == 0, err
     store = SAEStore(lake)
@@ -188,11 +272,39 @@ def test_train_on_contexts_fvu_falls_and_resume_is_bitwise(lake):
 
 def test_train_live_on_a_rotary_model(lake, tiny_llama, snapshot):
     """Live on the Llama-architecture model: contexts straight from the model, its RoPE picked up."""
-    code, out, err = lake_main("train", "--lake", lake, "--live", "--model", tiny_llama, "--dataset",
-                               snapshot["corpus"], "--context-size", "32", "--arch", "lorsa", "--hook",
-                               "blocks.1.ln1.hook_normalized", "--out-hook", "blocks.1.hook_attn_out", "--heads", "32",
-                               "--qk-heads", "4", "--k", "4", "--tokens", "2048", "--batch-size", "256",
-                               "--holdout", "256", "--name", "live", "--quiet")
+    code, out, err = lake_main(
+        "train",
+        "--lake",
+        lake,
+        "--live",
+        "--model",
+        tiny_llama,
+        "--dataset",
+        snapshot["corpus"],
+        "--context-size",
+        "32",
+        "--arch",
+        "lorsa",
+        "--hook",
+        "blocks.1.ln1.hook_normalized",
+        "--out-hook",
+        "blocks.1.hook_attn_out",
+        "--heads",
+        "32",
+        "--qk-heads",
+        "4",
+        "--k",
+        "4",
+        "--tokens",
+        "2048",
+        "--batch-size",
+        "256",
+        "--holdout",
+        "256",
+        "--name",
+        "live",
+        "--quiet",
+    )
     assert code == 0, err
     cfg = SAEStore(lake).config("live")
     hp = cfg["hyperparameters"]
@@ -209,10 +321,39 @@ def test_lorsa_refusals_are_one_line(lake, snapshot):
 
 
 def test_eval_splices_lorsa_over_whole_contexts_and_export_refuses(lake, tmp_path):
-    code, _, err = lake_main("train", "--lake", lake, "--run", "r", "--arch", "lorsa", "--hook", IN, "--out-hook", OUT,
-                             "--heads", "64", "--qk-heads", "4", "--d-qk", "8", "--k", "8", "--tokens", "8192",
-                             "--batch-size", "256", "--repeat", "--lr", "0.01", "--holdout", "0", "--name", "e",
-                             "--quiet")
+    code, _, err = lake_main(
+        "train",
+        "--lake",
+        lake,
+        "--run",
+        "r",
+        "--arch",
+        "lorsa",
+        "--hook",
+        IN,
+        "--out-hook",
+        OUT,
+        "--heads",
+        "64",
+        "--qk-heads",
+        "4",
+        "--d-qk",
+        "8",
+        "--k",
+        "8",
+        "--tokens",
+        "8192",
+        "--batch-size",
+        "256",
+        "--repeat",
+        "--lr",
+        "0.01",
+        "--holdout",
+        "0",
+        "--name",
+        "e",
+        "--quiet",
+    )
     assert code == 0, err
     code, out, err = lake_main("eval", "--lake", lake, "e", "--tokens", "512", "--json")
     assert code == 0, err
@@ -225,17 +366,49 @@ def test_eval_splices_lorsa_over_whole_contexts_and_export_refuses(lake, tmp_pat
 def test_a_sweep_stacks_lorsas(lake, tmp_path):
     """Two Lorsas (lr and seed differ) step together on the same contexts, and match separate runs."""
     sweep = tmp_path / "s.toml"
-    sweep.write_text(f'run = "r"\ntokens = 1024\nbatch_size = 256\nholdout = 0\narch = "lorsa"\nhook = "{IN}"\n'
-                     f'out_hook = "{OUT}"\nheads = 32\nqk_heads = 4\nd_qk = 8\nk = 4\n[[sae]]\nname = "a"\n'
-                     '[[sae]]\nname = "b"\nlr = 0.01\nseed = 3\n')
+    sweep.write_text(
+        f'run = "r"\ntokens = 1024\nbatch_size = 256\nholdout = 0\narch = "lorsa"\nhook = "{IN}"\n'
+        f'out_hook = "{OUT}"\nheads = 32\nqk_heads = 4\nd_qk = 8\nk = 4\n[[sae]]\nname = "a"\n'
+        '[[sae]]\nname = "b"\nlr = 0.01\nseed = 3\n'
+    )
     code, _, err = lake_main("train", "--lake", lake, "--config", str(sweep), "--quiet")
     assert code == 0, err
     store = SAEStore(lake)
     assert store.config("a")["training"]["stacked_with"] == ["a", "b"]
-    code, _, err = lake_main("train", "--lake", lake, "--run", "r", "--arch", "lorsa", "--hook", IN, "--out-hook", OUT,
-                             "--heads", "32", "--qk-heads", "4", "--d-qk", "8", "--k", "4", "--tokens", "1024",
-                             "--batch-size", "256", "--holdout", "0", "--lr", "0.01", "--seed", "3", "--name", "b1",
-                             "--quiet")
+    code, _, err = lake_main(
+        "train",
+        "--lake",
+        lake,
+        "--run",
+        "r",
+        "--arch",
+        "lorsa",
+        "--hook",
+        IN,
+        "--out-hook",
+        OUT,
+        "--heads",
+        "32",
+        "--qk-heads",
+        "4",
+        "--d-qk",
+        "8",
+        "--k",
+        "4",
+        "--tokens",
+        "1024",
+        "--batch-size",
+        "256",
+        "--holdout",
+        "0",
+        "--lr",
+        "0.01",
+        "--seed",
+        "3",
+        "--name",
+        "b1",
+        "--quiet",
+    )
     assert code == 0, err
     wb, w1 = store.weights("b"), store.weights("b1")
     assert all(torch.allclose(wb[k], w1[k], atol=1e-5, rtol=1e-4) for k in wb)

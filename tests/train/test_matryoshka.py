@@ -1,4 +1,5 @@
 """Matryoshka BatchTopK: the loss sums the error of each nested prefix; trained prefixes reconstruct alone."""
+
 from __future__ import annotations
 
 import torch
@@ -30,11 +31,41 @@ def test_prefix_losses_are_the_dense_sums():
 
 
 def test_bad_prefixes_are_one_line(lake_dir):
-    code, _, err = lake_main("train", "--lake", lake_dir, "--run", "r1", "--hook", H1, "--arch", "matryoshka",
-                             "--prefixes", "32,8", "--expansion", "2", "--tokens", "512", "--quiet")
+    code, _, err = lake_main(
+        "train",
+        "--lake",
+        lake_dir,
+        "--run",
+        "r1",
+        "--hook",
+        H1,
+        "--arch",
+        "matryoshka",
+        "--prefixes",
+        "32,8",
+        "--expansion",
+        "2",
+        "--tokens",
+        "512",
+        "--quiet",
+    )
     assert code == 2 and err.startswith("error: SAE ") and "prefixes must increase strictly" in err, err
-    code, _, err = lake_main("train", "--lake", lake_dir, "--run", "r1", "--hook", H1, "--arch", "matryoshka",
-                             "--prefixes", "8,x", "--tokens", "512", "--quiet")
+    code, _, err = lake_main(
+        "train",
+        "--lake",
+        lake_dir,
+        "--run",
+        "r1",
+        "--hook",
+        H1,
+        "--arch",
+        "matryoshka",
+        "--prefixes",
+        "8,x",
+        "--tokens",
+        "512",
+        "--quiet",
+    )
     assert code == 2 and "--prefixes must be integers" in err, err
 
 
@@ -49,8 +80,28 @@ def test_a_trained_prefix_reconstructs_alone(lake_dir):
     """Trained alike, the first 8 and 24 of 64 latents of a Matryoshka SAE reconstruct better on their own
     than the first 8 and 24 of a plain BatchTopK's (measured: 0.77 vs 0.91, 0.52 vs 0.73); the full
     dictionaries are close (0.36 vs 0.33)."""
-    common = ["--lake", lake_dir, "--run", "r1", "--hook", H1, "--d-sae", "64", "--k", "4", "--tokens", "12000",
-              "--batch-size", "256", "--repeat", "--lr", "0.01", "--holdout", "0", "--quiet"]
+    common = [
+        "--lake",
+        lake_dir,
+        "--run",
+        "r1",
+        "--hook",
+        H1,
+        "--d-sae",
+        "64",
+        "--k",
+        "4",
+        "--tokens",
+        "12000",
+        "--batch-size",
+        "256",
+        "--repeat",
+        "--lr",
+        "0.01",
+        "--holdout",
+        "0",
+        "--quiet",
+    ]
     for name, extra in (("m", ["--arch", "matryoshka", "--prefixes", "8,24"]), ("b", ["--arch", "batchtopk"])):
         code, out, err = lake_main("train", *common, "--name", name, *extra)
         assert code == 0, err
@@ -69,9 +120,32 @@ def test_resume_is_bitwise_and_export_is_jumprelu(lake_dir, tmp_path):
     what it is at inference (JumpReLU with its threshold), latents in their nested order."""
     import json
 
-    args = ["--lake", lake_dir, "--run", "r1", "--hook", H1, "--arch", "matryoshka", "--prefixes", "8,24", "--d-sae",
-            "64", "--k", "4", "--tokens", "4096", "--batch-size", "256", "--holdout", "0", "--checkpoint-every", "4",
-            "--repeat", "--quiet"]
+    args = [
+        "--lake",
+        lake_dir,
+        "--run",
+        "r1",
+        "--hook",
+        H1,
+        "--arch",
+        "matryoshka",
+        "--prefixes",
+        "8,24",
+        "--d-sae",
+        "64",
+        "--k",
+        "4",
+        "--tokens",
+        "4096",
+        "--batch-size",
+        "256",
+        "--holdout",
+        "0",
+        "--checkpoint-every",
+        "4",
+        "--repeat",
+        "--quiet",
+    ]
     code, _, err = lake_main("train", *args, "--name", "a")
     assert code == 0, err
     code, out, err = lake_main("train", *args, "--name", "b", "--stop-after", "8")

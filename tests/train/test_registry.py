@@ -1,4 +1,5 @@
 """The dictionary registry: kinds by name, and a new kind is one new module (no other file changes)."""
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,7 @@ class ShiftedReLU(SAE):
 '''
 
 # runs in a fresh interpreter whose saelake.train is a copy of the package with the new module added
-DRIVER = '''
+DRIVER = """
 import importlib.util, json, sys
 import saelake
 
@@ -67,7 +68,7 @@ sae, cfg = SAEStore(lake).load("sh")
 res["loaded"] = [type(sae).__name__, sae.options[0].shift, cfg["hyperparameters"]["shift"], cfg["arch"]]
 res["export"] = cli("export", "--lake", lake, "sh", "-o", out)
 print("RESULT" + json.dumps(res))
-'''
+"""
 
 
 def test_kinds_by_name():
@@ -87,9 +88,14 @@ def test_a_new_kind_is_one_module(lake_dir, tmp_path):
     shutil.copytree(REPO / "train", package, ignore=shutil.ignore_patterns("__pycache__"))
     (package / "dictionaries" / "shifted.py").write_text(textwrap.dedent(NEW_KIND))
     (tmp_path / "driver.py").write_text(DRIVER)
-    p = subprocess.run([sys.executable, str(tmp_path / "driver.py"), str(package), lake_dir, H1, str(tmp_path / "out")],
-                       capture_output=True, text=True, cwd=REPO, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    p = subprocess.run(
+        [sys.executable, str(tmp_path / "driver.py"), str(package), lake_dir, H1, str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+    )
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout.split("RESULT", 1)[1])
     assert "shiftedrelu" in res["names"]

@@ -1,4 +1,5 @@
 """The SAE kinds: sparse paths equal dense math, stacking equals separate SAEs, folding is exact."""
+
 from __future__ import annotations
 
 import pytest

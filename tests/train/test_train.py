@@ -1,5 +1,6 @@
 """Real training on a real tiny-model snapshot: every architecture, transcoders, crosscoders,
 sweeps, the catalog, exact resume, eval with the SAE spliced in, plots."""
+
 from __future__ import annotations
 
 import json
@@ -46,18 +47,32 @@ def test_each_architecture_learns(lake_dir, arch, l1):
 @pytest.mark.parametrize("arch,l1", [("topk", None), ("relu", 0.5)])
 def test_bf16_autocast_learns_with_float32_weights(lake_dir, arch, l1):
     # the encoder matmul under bf16 autocast (what a GPU run would use); parameters and saved weights stay fp32
-    cfg = train(lake_dir, [SAEConfig(name=f"bf16-{arch}", arch=arch, expansion=4, k=8 if arch == "topk" else None,
-                                     l1=l1, lr=3e-3, hooks=[H1])],
-                run="r1", tokens=12000, batch_size=256, repeat=True, progress=False, autocast="bf16")[0]
+    cfg = train(
+        lake_dir,
+        [
+            SAEConfig(
+                name=f"bf16-{arch}", arch=arch, expansion=4, k=8 if arch == "topk" else None, l1=l1, lr=3e-3, hooks=[H1]
+            )
+        ],
+        run="r1",
+        tokens=12000,
+        batch_size=256,
+        repeat=True,
+        progress=False,
+        autocast="bf16",
+    )[0]
     assert cfg["training"]["autocast"] == "bf16" and cfg["fvu"] < 0.6, cfg["fvu"]
-    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in SAEStore(lake_dir).weights(
-        f"bf16-{arch}").values())
+    assert all(
+        w.dtype == torch.float32 and torch.isfinite(w).all()
+        for w in SAEStore(lake_dir).weights(f"bf16-{arch}").values()
+    )
 
 
 def test_topk_catalog_show_ls_and_metrics(lake_dir):
     _train(lake_dir, "s1", k=8)
-    rows = Lake(lake_dir).query("select name, arch, hook, d_sae, k, run, version, tokens_trained, fvu, status "
-                                "from saes")[1]
+    rows = Lake(lake_dir).query(
+        "select name, arch, hook, d_sae, k, run, version, tokens_trained, fvu, status from saes"
+    )[1]
     assert rows == [("s1", "topk", H1, 128, 8, "r1", 1, 12000, rows[0][8], "complete")]
     names = {r[0] for r in Lake(lake_dir).query("select distinct name from metrics where sae = 's1'")[1]}
     assert {"loss", "fvu", "l0", "dead_fraction", "lr", "final_fvu"} <= names
@@ -144,11 +159,45 @@ def test_stacked_sweep_equals_separate_runs(lake_dir):
 
 
 def _cli_train(lake, name, *extra, env=None):
-    args = [sys.executable, "-m", "saelake.lake", "train", "--lake", lake, "--run", "r1", "--hook", H1, "--arch", "topk",
-            "--k", "8", "--expansion", "4", "--tokens", "8192", "--batch-size", "256", "--repeat", "--lr", "0.003",
-            "--checkpoint-every", "4", "--name", name, "--quiet", *extra]
-    return subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    args = [
+        sys.executable,
+        "-m",
+        "saelake.lake",
+        "train",
+        "--lake",
+        lake,
+        "--run",
+        "r1",
+        "--hook",
+        H1,
+        "--arch",
+        "topk",
+        "--k",
+        "8",
+        "--expansion",
+        "4",
+        "--tokens",
+        "8192",
+        "--batch-size",
+        "256",
+        "--repeat",
+        "--lr",
+        "0.003",
+        "--checkpoint-every",
+        "4",
+        "--name",
+        name,
+        "--quiet",
+        *extra,
+    ]
+    return subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
 
 
 def test_resume_is_bitwise_exact(lake_dir):
@@ -170,11 +219,41 @@ def test_resume_after_sigkill(lake_dir):
     """A real kill -9 after a checkpoint, then --resume: same weights as an uninterrupted run."""
     ref = _cli_train(lake_dir, "ref", "--checkpoint-every", "2")
     assert ref.returncode == 0, ref.stderr
-    args = [sys.executable, "-m", "saelake.lake", "train", "--lake", lake_dir, "--run", "r1", "--hook", H1, "--k", "8",
-            "--expansion", "4", "--tokens", "8192", "--batch-size", "256", "--repeat", "--lr", "0.003",
-            "--checkpoint-every", "2", "--name", "killed", "--quiet"]
-    proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "SAELAKE_TRAIN_SLOW": "0.05"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        sys.executable,
+        "-m",
+        "saelake.lake",
+        "train",
+        "--lake",
+        lake_dir,
+        "--run",
+        "r1",
+        "--hook",
+        H1,
+        "--k",
+        "8",
+        "--expansion",
+        "4",
+        "--tokens",
+        "8192",
+        "--batch-size",
+        "256",
+        "--repeat",
+        "--lr",
+        "0.003",
+        "--checkpoint-every",
+        "2",
+        "--name",
+        "killed",
+        "--quiet",
+    ]
+    proc = subprocess.Popen(
+        args,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "SAELAKE_TRAIN_SLOW": "0.05"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     state = Path(lake_dir) / "saes" / "killed" / "checkpoints" / "state.json"
     deadline = time.time() + 120
     while not state.exists() and time.time() < deadline and proc.poll() is None:
@@ -206,9 +285,17 @@ def test_eval_splices_the_sae_into_the_model(lake_dir):
 
 
 def test_live_training(lake_dir, snapshot):
-    cfg = train(lake_dir, [SAEConfig(hooks=[H1], name="live", k=8, expansion=4, lr=3e-3)], live=True,
-                model=snapshot["model"], dataset=snapshot["corpus"], context_size=32, tokens=4096, batch_size=256,
-                progress=False)[0]
+    cfg = train(
+        lake_dir,
+        [SAEConfig(hooks=[H1], name="live", k=8, expansion=4, lr=3e-3)],
+        live=True,
+        model=snapshot["model"],
+        dataset=snapshot["corpus"],
+        context_size=32,
+        tokens=4096,
+        batch_size=256,
+        progress=False,
+    )[0]
     assert cfg["source"] == "live" and cfg["run"] is None and cfg["fvu"] < 0.8
     # live: the first 10% of --tokens (409) of the stream are held out, training starts after them
     assert cfg["holdout"]["tokens"] == 409 and cfg["holdout"]["tokens_evaluated"] > 0
@@ -219,17 +306,44 @@ def test_live_training(lake_dir, snapshot):
 def test_holdout_rows_are_never_trained_on_and_reported(lake_dir):
     """--repeat over ~3.5k training rows for 12k tokens: each training row seen ~3.4 times; the
     held-out rows (the snapshot's last rows) never, and the final numbers on them are reported."""
-    code, out, err = lake_main("train", "--lake", lake_dir, "--run", "r1", "--hook", H1, "--arch", "topk", "--k", "8",
-                               "--expansion", "4", "--tokens", "12000", "--batch-size", "256", "--repeat", "--lr",
-                               "0.003", "--outlier-factor", "0", "--name", "h", "--quiet")
+    code, out, err = lake_main(
+        "train",
+        "--lake",
+        lake_dir,
+        "--run",
+        "r1",
+        "--hook",
+        H1,
+        "--arch",
+        "topk",
+        "--k",
+        "8",
+        "--expansion",
+        "4",
+        "--tokens",
+        "12000",
+        "--batch-size",
+        "256",
+        "--repeat",
+        "--lr",
+        "0.003",
+        "--outlier-factor",
+        "0",
+        "--name",
+        "h",
+        "--quiet",
+    )
     assert code == 0, err
     cfg = SAEStore(lake_dir).config("h")
     src = SnapshotSource(lake_dir, "r1")
     n, held = src.n_tokens, cfg["holdout"]
     assert held["tokens"] == min(HOLDOUT_TOKENS, int(n * HOLDOUT_MAX_FRACTION)) > 0
     assert held["rows"] == [n - held["tokens"], n] and held["tokens_evaluated"] == held["tokens"]
-    m = re.search(r"held-out \((\d+) tokens\) FVU ([\d.]+), L0 ([\d.]+), dead ([\d.]+); "
-                  r"train FVU \(in-sample\) ([\d.]+)", out)
+    m = re.search(
+        r"held-out \((\d+) tokens\) FVU ([\d.]+), L0 ([\d.]+), dead ([\d.]+); "
+        r"train FVU \(in-sample\) ([\d.]+)",
+        out,
+    )
     assert m and int(m[1]) == held["tokens"], out
     # the trainer's stream (same functions, same arguments) never reads a held-out row
     plan = Holdout(held["tokens"], tuple(held["rows"]), n)
@@ -265,8 +379,22 @@ def test_holdout_rows_are_never_trained_on_and_reported(lake_dir):
 
 
 def test_holdout_option(lake_dir):
-    base = ["train", "--lake", lake_dir, "--run", "r1", "--hook", H1, "--k", "4", "--expansion", "2", "--batch-size",
-            "256", "--quiet"]
+    base = [
+        "train",
+        "--lake",
+        lake_dir,
+        "--run",
+        "r1",
+        "--hook",
+        H1,
+        "--k",
+        "4",
+        "--expansion",
+        "2",
+        "--batch-size",
+        "256",
+        "--quiet",
+    ]
     n = SnapshotSource(lake_dir, "r1").n_tokens
     code, out, err = lake_main(*base, "--tokens", "512", "--holdout", "0", "--name", "none")
     assert code == 0, err
@@ -275,8 +403,10 @@ def test_holdout_option(lake_dir):
     code, out, err = lake_main(*base, "--tokens", "512", "--holdout", "100", "--name", "some")
     assert code == 0 and "held-out (100 tokens)" in out, err
     assert SAEStore(lake_dir).config("some")["holdout"]["rows"] == [n - 100, n]
-    for args, message in [(["--holdout", "-1"], "--holdout is a number of tokens"),
-                          (["--holdout", str(n)], "leaves nothing to train on"),
-                          (["--holdout", "1000", "--tokens", str(n - 500)], "1000 held out (--holdout)")]:
+    for args, message in [
+        (["--holdout", "-1"], "--holdout is a number of tokens"),
+        (["--holdout", str(n)], "leaves nothing to train on"),
+        (["--holdout", "1000", "--tokens", str(n - 500)], "1000 held out (--holdout)"),
+    ]:
         code, _, err = lake_main(*base, "--tokens", "512", *args, "--name", "bad")
         assert code == 2 and message in err and err.count("\n") == 1, err

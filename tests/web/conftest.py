@@ -1,5 +1,6 @@
 """Fixtures for the web UI tests: one lake with a trained SAE and two real analyses (embedded and
 MongoDB), a server per store on a free port in a thread, and one headless Chromium."""
+
 from __future__ import annotations
 
 import shutil
@@ -9,8 +10,14 @@ import pytest
 
 H0 = "blocks.0.hook_resid_post"
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 @pytest.fixture(scope="session")
@@ -29,8 +36,15 @@ def web_lake(tmp_path_factory, tiny_lake, tiny_model, mongo_server) -> dict:
     torch.set_num_threads(1)
     try:
         for name in ("web-sae", "bare"):
-            train(root, [SAEConfig(name=name, arch="topk", hooks=[H0], expansion=2, k=4, lr=3e-3)], run="r1",
-                  tokens=4096, batch_size=256, repeat=True, progress=False)
+            train(
+                root,
+                [SAEConfig(name=name, arch="topk", hooks=[H0], expansion=2, k=4, lr=3e-3)],
+                run="r1",
+                tokens=4096,
+                batch_size=256,
+                repeat=True,
+                progress=False,
+            )
         kw = dict(lake=root, sae="web-sae", batch_size=16, top_k=6, per_interval=2, n_zero=2)
         analyze(AnalyzeConfig(**kw), progress=False)
         store = mongo_server + "web"
@@ -73,8 +87,11 @@ def mongo_ui(web_lake):
 def browser():
     """Headless Debian Chromium through Playwright. Missing -> the tests fail (make test installs it)."""
     if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: the web UI tests need Debian's chromium "
-                    "(`make browser` or apt-get install -y chromium)", pytrace=False)
+        pytest.fail(
+            f"{CHROMIUM} is missing: the web UI tests need Debian's chromium "
+            "(`make browser` or apt-get install -y chromium)",
+            pytrace=False,
+        )
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -90,8 +107,14 @@ def page(browser):
     pg.set_default_timeout(15_000)
     errors: list[str] = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
-    pg.on("request", lambda r: errors.append(f"external request {r.url}")
-          if not r.url.startswith(("http://127.0.0.1", "file://", "data:", "about:")) else None)
+    pg.on(
+        "request",
+        lambda r: (
+            errors.append(f"external request {r.url}")
+            if not r.url.startswith(("http://127.0.0.1", "file://", "data:", "about:"))
+            else None
+        ),
+    )
     pg.js_errors = errors
     yield pg
     ctx.close()

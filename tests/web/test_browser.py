@@ -1,5 +1,6 @@
 """The web UI in a real headless Chromium (Playwright) against `lake serve`'s app on a free port,
 over a lake built by the fixtures: tiny model, really trained SAE, real analyses (Lance + MongoDB)."""
+
 from __future__ import annotations
 
 import re
@@ -36,8 +37,10 @@ def test_lake_page_lists_runs_saes_analyses_sortable(page, server):
     assert page.locator("#snapshots tbody tr").count() == 1
     sae = page.locator("#saes tr[data-sae=web-sae]").inner_text()
     assert "topk" in sae and "64" in sae and "4,096" in sae
-    assert set(page.locator("#analyses tr").evaluate_all("rs => rs.map(r => r.dataset.analysis)")) >= \
-        {"web-sae", "web-sae-mongo"}
+    assert set(page.locator("#analyses tr").evaluate_all("rs => rs.map(r => r.dataset.analysis)")) >= {
+        "web-sae",
+        "web-sae-mongo",
+    }
     names = lambda: page.locator("#saes tbody tr").evaluate_all("rs => rs.map(r => r.dataset.sae)")  # noqa: E731
     assert names() == ["bare", "web-sae"]
     page.locator("#saes th", has_text="SAE").click()
@@ -81,8 +84,10 @@ def shown_order(feat):
     """The samples a feature page shows, in order: top, each interval (without the top contexts), zero."""
     top = [s for s in feat["samples"] if s["kind"] == "top"]
     ids = {s["context_id"] for s in top}
-    inter = sorted((s for s in feat["samples"] if s["kind"] == "interval" and s["context_id"] not in ids),
-                   key=lambda s: s["interval"])
+    inter = sorted(
+        (s for s in feat["samples"] if s["kind"] == "interval" and s["context_id"] not in ids),
+        key=lambda s: s["interval"],
+    )
     return top + inter + [s for s in feat["samples"] if s["kind"] == "zero"]
 
 
@@ -94,7 +99,8 @@ def _check_shading(page, feat, skip):
     assert page.locator(".group .sample").count() == len(order)
     spans = page.locator(".group .sample").evaluate_all(
         "ss => ss.map(s => Array.from(s.querySelectorAll('.t')).map(t => [t.dataset.i, t.dataset.act || null, "
-        "getComputedStyle(t).backgroundColor, t.title]))")
+        "getComputedStyle(t).backgroundColor, t.title]))"
+    )
     n_on = 0
     for s, toks in zip(order, spans):
         lo, hi = window(s, skip)
@@ -142,8 +148,10 @@ def test_feature_page_from_list_with_shaded_tokens(page, server, web_lake):
     full = next(s for s in feat["samples"] if s["context_id"] == ctx)
     assert 0 < sample.locator(".t").count() < len(full["strs"])
     sample.locator(".more").first.click()
-    page.wait_for_function(f"document.querySelector('.sample[data-context=\"{ctx}\"]').querySelectorAll('.t')"
-                           f".length === {len(full['strs'])}")
+    page.wait_for_function(
+        f"document.querySelector('.sample[data-context=\"{ctx}\"]').querySelectorAll('.t')"
+        f".length === {len(full['strs'])}"
+    )
     acts = sample.locator(".t.on").evaluate_all("ts => ts.map(t => [parseInt(t.dataset.i), parseFloat(t.dataset.act)])")
     assert dict(acts) == pytest.approx(dict(zip(full["positions"], full["acts"])), rel=1e-5)
     # neighbours, prev/next and the random button navigate to feature pages

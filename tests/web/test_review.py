@@ -1,5 +1,6 @@
 """The researcher's-review fixes in Chromium: labels and search, keyboard navigation, the sweep view,
 token rendering, flagged peaks, notes, the live loading state and a 390 px window."""
+
 from __future__ import annotations
 
 import json
@@ -28,11 +29,13 @@ def test_labels_and_search_on_the_sae_page(page, server, web_lake):
     held = Lake(web_lake["lake"]).storage.read_json("saes", "web-sae", "config.json")["holdout"]
     assert f"held-out ({held['tokens_evaluated']:,} tokens) FVU" in page.locator("#hyper").inner_text()
     shown = page.locator("#features tbody tr").evaluate_all(
-        "rs => rs.map(r => [parseInt(r.dataset.feature), r.querySelector('td.lbl').textContent])")
+        "rs => rs.map(r => [parseInt(r.dataset.feature), r.querySelector('td.lbl').textContent])"
+    )
     assert shown and all(text == sums[f].text() for f, text in shown if sums[f].act)  # tokens when unexplained
     # an explanation replaces the tokens as the label, and search finds it by a word in it
-    EmbeddedExplanations(Lake(web_lake["lake"])).update("web-sae", "web-sae", {
-        7: {"explanation": "Zanzibar-shaped tokens", "explainer": "test"}})
+    EmbeddedExplanations(Lake(web_lake["lake"])).update(
+        "web-sae", "web-sae", {7: {"explanation": "Zanzibar-shaped tokens", "explainer": "test"}}
+    )
     page.fill("#q", "zanzibar")
     page.click("#search button[type=submit]")
     page.wait_for_url(re.compile(r"q=zanzibar"))
@@ -42,8 +45,9 @@ def test_labels_and_search_on_the_sae_page(page, server, web_lake):
     assert "matching “zanzibar”" in page.locator("#list-count").inner_text()
     # a token one feature fires on finds exactly the features whose tokens contain it
     token = next(s.act[0].strip() for s in sums.values() if s.act and len(s.act[0].strip()) >= 3)
-    want = {f for f, s in sums.items() if s.matches(token)} | \
-        EmbeddedExplanations(Lake(web_lake["lake"])).search("web-sae", token)  # explanations and notes
+    want = {f for f, s in sums.items() if s.matches(token)} | EmbeddedExplanations(Lake(web_lake["lake"])).search(
+        "web-sae", token
+    )  # explanations and notes
     page.goto(server + "/sae/web-sae?analysis=web-sae")
     page.fill("#q", token)
     page.press("#q", "Enter")
@@ -54,7 +58,8 @@ def test_labels_and_search_on_the_sae_page(page, server, web_lake):
     page.goto(server + "/sae/web-sae/feature/7?analysis=web-sae")
     assert page.locator("#label").inner_text() == "Zanzibar-shaped tokens"
     nb = page.locator("#neighbours tr").evaluate_all(
-        "rs => rs.map(r => [parseInt(r.dataset.feature), r.querySelector('td.lbl').textContent])")
+        "rs => rs.map(r => [parseInt(r.dataset.feature), r.querySelector('td.lbl').textContent])"
+    )
     assert nb and all(text == sums[j].text() for j, text in nb if j != 7)
 
 
@@ -100,7 +105,8 @@ def test_sweep_view_and_dead_dense_counts(page, eval_lake):
     sweep = page.locator("#sweeps section.sweep[data-run=r1]")
     assert sweep.count() == 1 and "blocks.0.hook_resid_post" in sweep.get_attribute("data-hook")
     pts = sweep.locator("svg.sweep-fvu circle.pt").evaluate_all(
-        "cs => cs.map(c => [c.dataset.sae, parseFloat(c.dataset.l0), parseFloat(c.dataset.y)])")
+        "cs => cs.map(c => [c.dataset.sae, parseFloat(c.dataset.l0), parseFloat(c.dataset.y)])"
+    )
     assert sorted(p[0] for p in pts) == ["bare", "web-sae"]
     for name, l0, fvu in pts:  # the held-out numbers
         assert l0 == pytest.approx(cfgs[name]["holdout"]["l0"], rel=1e-4)
@@ -180,8 +186,9 @@ def test_notes_are_saved_and_shown(page, server, mongo_ui, web_lake):
     # JSON from this server's pages only
     body = json.dumps({"sae": "web-sae", "analysis": "web-sae", "feature": 11, "note": "x"}).encode()
     assert get(server, "/api/note", "POST", body, {"Content-Type": "text/plain"})[0] == 415
-    status, _, _ = get(server, "/api/note", "POST", body, {"Content-Type": "application/json",
-                                                           "Origin": "http://evil.example"})
+    status, _, _ = get(
+        server, "/api/note", "POST", body, {"Content-Type": "application/json", "Origin": "http://evil.example"}
+    )
     assert status == 403
     bad = json.dumps({"sae": "web-sae", "analysis": "web-sae", "feature": 64, "note": "x"}).encode()
     assert get(server, "/api/note", "POST", bad, {"Content-Type": "application/json"})[0] == 404
@@ -240,13 +247,26 @@ def test_pages_fit_a_390px_window(browser, server, web_lake, path):
 def test_export_carries_explanations_scores_and_search(web_lake, tmp_path, browser):
     root = tmp_path / "lake"
     shutil.copytree(web_lake["lake"], root)
-    EmbeddedExplanations(Lake(str(root))).update("web-sae", "web-sae", {
-        2: {"explanation": "walrus mentions", "explainer": "test", "detection": 0.9, "fuzzing": 0.7,
-            "score_examples": [1, 2, 3], "scorer": "test", "note": "checked by hand"},
-        3: {"explanation": "penguin facts", "explainer": "test"}})
+    EmbeddedExplanations(Lake(str(root))).update(
+        "web-sae",
+        "web-sae",
+        {
+            2: {
+                "explanation": "walrus mentions",
+                "explainer": "test",
+                "detection": 0.9,
+                "fuzzing": 0.7,
+                "score_examples": [1, 2, 3],
+                "scorer": "test",
+                "note": "checked by hand",
+            },
+            3: {"explanation": "penguin facts", "explainer": "test"},
+        },
+    )
     out = tmp_path / "dash"
-    code, _, err = cli("export-dashboard", "--lake", str(root), "web-sae", "--features", "0-9", "-o", str(out),
-                       "--analysis", "web-sae")
+    code, _, err = cli(
+        "export-dashboard", "--lake", str(root), "web-sae", "--features", "0-9", "-o", str(out), "--analysis", "web-sae"
+    )
     assert code == 0, err
     ctx = browser.new_context()
     page = ctx.new_page()

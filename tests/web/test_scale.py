@@ -1,4 +1,5 @@
 """The feature list pages, filters and histograms server-side: 200k features never reach the browser."""
+
 from __future__ import annotations
 
 import time
@@ -17,16 +18,24 @@ def synthetic(n: int = 200_000, seed: int = 0) -> Scalars:
     density = count / 1e6
     max_act = np.where(count > 0, rng.gamma(2, 3, n), 0).astype(np.float32)
     perm = rng.permutation(n)  # stores may return rows in any order
-    return Scalars.from_columns({"feature": np.arange(n)[perm], "count": count[perm], "density": density[perm],
-                                 "max_act": max_act[perm], "mean_act": (max_act / 2)[perm]})
+    return Scalars.from_columns(
+        {
+            "feature": np.arange(n)[perm],
+            "count": count[perm],
+            "density": density[perm],
+            "max_act": max_act[perm],
+            "mean_act": (max_act / 2)[perm],
+        }
+    )
 
 
 def test_listing_pages_filters_and_sorts_200k_features_quickly():
     sc = synthetic()
     assert (sc.feature == np.arange(len(sc))).all()
     t0 = time.perf_counter()
-    L = feature_listing(sc, {"dmin": "1e-3", "dmax": "4e-3", "amin": "2", "sort": "max_act", "desc": "1",
-                             "page": "3", "per": "100"})
+    L = feature_listing(
+        sc, {"dmin": "1e-3", "dmax": "4e-3", "amin": "2", "sort": "max_act", "desc": "1", "page": "3", "per": "100"}
+    )
     took = time.perf_counter() - t0
     keep = (sc.density >= 1e-3) & (sc.density <= 4e-3) & (sc.max_act >= 2)
     assert L["total"] == int(keep.sum()) and L["all"] == 200_000 and len(L["rows"]) == 100

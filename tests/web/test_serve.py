@@ -1,4 +1,5 @@
 """`lake serve` and `lake export-dashboard` as commands; raw HTTP bad input; an unreachable store."""
+
 from __future__ import annotations
 
 import json
@@ -16,11 +17,24 @@ from tests.web.web_helpers import cli, free_port, get
 
 REPO = Path(__file__).resolve().parents[2]
 
-RAW_404 = ["/sae/../../etc/passwd", "/sae/%2e%2e/%2e%2e/etc/passwd", "/run/%2E%2E", "/run/r1/..", "/../../etc/passwd",
-           "//etc/passwd", "/sae/web-sae/feature/%2e%2e", "/sae/web-sae/feature/1%2f..", "/run/r1%00",
-           "/sae/web-sae/feature/99999999999999999999", "/sae/web-sae/feature/%D9%A3", "/run/" + "%2e" * 2000,
-           "/sae/web-sae/../../../saes/web-sae/config.json", "/analyses/web-sae/analysis.json",
-           "/runs/r1/manifest.json", "/catalog.duckdb"]
+RAW_404 = [
+    "/sae/../../etc/passwd",
+    "/sae/%2e%2e/%2e%2e/etc/passwd",
+    "/run/%2E%2E",
+    "/run/r1/..",
+    "/../../etc/passwd",
+    "//etc/passwd",
+    "/sae/web-sae/feature/%2e%2e",
+    "/sae/web-sae/feature/1%2f..",
+    "/run/r1%00",
+    "/sae/web-sae/feature/99999999999999999999",
+    "/sae/web-sae/feature/%D9%A3",
+    "/run/" + "%2e" * 2000,
+    "/sae/web-sae/../../../saes/web-sae/config.json",
+    "/analyses/web-sae/analysis.json",
+    "/runs/r1/manifest.json",
+    "/catalog.duckdb",
+]
 
 
 @pytest.mark.parametrize("path", RAW_404)
@@ -32,8 +46,13 @@ def test_raw_path_like_ids_are_404_never_files(server, path):
 
 
 def test_api_live_bad_input(server):
-    post = lambda obj: get(server, "/api/live", "POST", json.dumps(obj).encode(),  # noqa: E731
-                           {"Content-Type": "application/json"})
+    post = lambda obj: get(
+        server,
+        "/api/live",
+        "POST",
+        json.dumps(obj).encode(),  # noqa: E731
+        {"Content-Type": "application/json"},
+    )
     status, _, body = post({"sae": "nope", "text": "hi"})
     assert status == 404 and "no SAE 'nope'" in json.loads(body)["error"]
     status, _, body = post({"sae": "../etc", "text": "hi"})
@@ -46,7 +65,7 @@ def test_api_live_bad_input(server):
     assert status == 400 and "too long" in json.loads(body)["error"]
     status, _, body = get(server, "/api/live", "POST", b"not json")
     assert status == 400
-    status, _, _ = get(server, "/api/live", "POST", b"{}", {"Content-Length": str(10 ** 9)})
+    status, _, _ = get(server, "/api/live", "POST", b"{}", {"Content-Length": str(10**9)})
     assert status == 413
     status, _, body = post({"sae": "web-sae", "text": "hello", "feature": 3})
     assert status == 200 and len(json.loads(body)["acts"]) == len(json.loads(body)["tokens"])
@@ -105,9 +124,25 @@ def test_serve_port_in_use_one_clear_line(web_lake):
 def test_lake_serve_command_binds_loopback(web_lake):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "saelake.lake", "serve", "--lake", web_lake["lake"], "--port",
-                          str(port), "--quiet", "--no-live"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=env, cwd=REPO)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "saelake.lake",
+            "serve",
+            "--lake",
+            web_lake["lake"],
+            "--port",
+            str(port),
+            "--quiet",
+            "--no-live",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     try:
         line = p.stdout.readline()
         assert f"http://127.0.0.1:{port}/" in line, (line, p.stderr.read() if p.poll() is not None else "")
@@ -130,8 +165,18 @@ def test_lake_serve_command_binds_loopback(web_lake):
 
 def test_export_dashboard_static_pages(web_lake, tmp_path, browser):
     out = tmp_path / "dash"
-    code, stdout, err = cli("export-dashboard", "--lake", web_lake["lake"], "web-sae", "--features", "0-9,20",
-                            "-o", str(out), "--analysis", "web-sae")
+    code, stdout, err = cli(
+        "export-dashboard",
+        "--lake",
+        web_lake["lake"],
+        "web-sae",
+        "--features",
+        "0-9,20",
+        "-o",
+        str(out),
+        "--analysis",
+        "web-sae",
+    )
     assert code == 0, err
     files = sorted(p.name for p in out.iterdir())
     assert files == sorted(["index.html"] + [f"feature-{i}.html" for i in [*range(10), 20]])
@@ -154,22 +199,37 @@ def test_export_dashboard_static_pages(web_lake, tmp_path, browser):
     assert all(u.startswith("file://") for u in requests), requests
     ctx.close()
     # the MongoDB analysis exports the same pages
-    code, _, err = cli("export-dashboard", "--lake", web_lake["lake"], "web-sae", "--features", "3", "-o",
-                       str(tmp_path / "m"), "--analysis", "web-sae-mongo", "--store", web_lake["store"])
+    code, _, err = cli(
+        "export-dashboard",
+        "--lake",
+        web_lake["lake"],
+        "web-sae",
+        "--features",
+        "3",
+        "-o",
+        str(tmp_path / "m"),
+        "--analysis",
+        "web-sae-mongo",
+        "--store",
+        web_lake["store"],
+    )
     assert code == 0, err
     strip = lambda s: re.sub(r"web-sae-mongo|web-sae", "X", s)  # noqa: E731
     tokens = lambda s: re.findall(r'<span class="t[^"]*"[^>]*>', strip(s))  # noqa: E731
     assert tokens((tmp_path / "m" / "feature-3.html").read_text()) == tokens((out / "feature-3.html").read_text())
 
 
-@pytest.mark.parametrize("args,message", [
-    (["nope", "--features", "0-3"], "no SAE 'nope'"),
-    (["bare", "--features", "0-3"], "no analysis yet"),
-    (["web-sae", "--features", "0-64"], "out of range"),
-    (["web-sae", "--features", "5-2"], "backwards"),
-    (["web-sae", "--features", "../x"], "--features takes ranges"),
-    (["web-sae", "--features", "1", "--analysis", "../x"], "no analysis '../x'"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["nope", "--features", "0-3"], "no SAE 'nope'"),
+        (["bare", "--features", "0-3"], "no analysis yet"),
+        (["web-sae", "--features", "0-64"], "out of range"),
+        (["web-sae", "--features", "5-2"], "backwards"),
+        (["web-sae", "--features", "../x"], "--features takes ranges"),
+        (["web-sae", "--features", "1", "--analysis", "../x"], "no analysis '../x'"),
+    ],
+)
 def test_export_dashboard_bad_input(web_lake, tmp_path, args, message):
     code, _, err = cli("export-dashboard", "--lake", web_lake["lake"], *args, "-o", str(tmp_path / "d"))
     assert code == 2 and message in err, err

@@ -1,4 +1,5 @@
 """How tokens are drawn: visible whitespace, bytes spelled <0xNN> with their id, the peak marked, windows."""
+
 from __future__ import annotations
 
 from saelake.analyze.directions import token_strings
@@ -26,8 +27,13 @@ def test_byte_tokens_are_spelled_by_their_bytes(tiny_model):
 
 def test_window_peak_and_flags():
     T = 60
-    sample = {"tokens": [0] + list(range(10, 10 + T - 1)), "strs": ["<bos>"] + [f"w{i}" for i in range(1, T)],
-              "positions": [3, 40], "acts": [0.5, 2.0], "context_id": 7}
+    sample = {
+        "tokens": [0] + list(range(10, 10 + T - 1)),
+        "strs": ["<bos>"] + [f"w{i}" for i in range(1, T)],
+        "positions": [3, 40],
+        "acts": [0.5, 2.0],
+        "context_id": 7,
+    }
     html = str(sample_html(sample, 2.0, {0}))
     assert html.count('class="t') == WINDOW_BEFORE + WINDOW_AFTER + 1  # only the window is sent
     assert html.count("peak") == 1 and 'data-i="40"' in html.split("peak")[1][:40]

@@ -1,6 +1,7 @@
 """The UI, `lake show` and `lake ls` while a real `lake train` process runs, when it stops beating
 (SIGSTOP), when it beats again, and after it was killed (SIGKILL): pages answer 200, metrics that
 do not exist yet show as "–", progress shows, and a training that stopped beating shows as stalled."""
+
 from __future__ import annotations
 
 import os
@@ -42,9 +43,32 @@ def training(tmp_path, tiny_lake):
     """A real `lake train` subprocess, slowed down (SAELAKE_TRAIN_SLOW) and beating every 0.2 s."""
     root = tmp_path / "lake"
     shutil.copytree(tiny_lake, root, ignore=shutil.ignore_patterns("catalog.duckdb*"))
-    args = [sys.executable, "-m", "saelake.lake", "train", "--lake", str(root), "--run", "r1", "--hook", H0,
-            "--arch", "topk", "--k", "4", "--expansion", "2", "--tokens", "10000000", "--batch-size", "64",
-            "--repeat", "--name", "slow", "--quiet"]
+    args = [
+        sys.executable,
+        "-m",
+        "saelake.lake",
+        "train",
+        "--lake",
+        str(root),
+        "--run",
+        "r1",
+        "--hook",
+        H0,
+        "--arch",
+        "topk",
+        "--k",
+        "4",
+        "--expansion",
+        "2",
+        "--tokens",
+        "10000000",
+        "--batch-size",
+        "64",
+        "--repeat",
+        "--name",
+        "slow",
+        "--quiet",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SAELAKE_TRAIN_SLOW": "0.05", "SAELAKE_HEARTBEAT_S": "0.2"}
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -123,8 +147,9 @@ def test_stalled_rule(monkeypatch):
 
     monkeypatch.delenv("SAELAKE_STALE_AFTER", raising=False)
     old = (datetime.now(UTC) - timedelta(hours=3)).isoformat(timespec="seconds")
-    assert "stalled (no heartbeat since" in stalled({"status": "training", "updated": old}) and "3 h ago" in \
-        stalled({"status": "training", "updated": old})
+    assert "stalled (no heartbeat since" in stalled({"status": "training", "updated": old}) and "3 h ago" in stalled(
+        {"status": "training", "updated": old}
+    )
     fresh = {"status": "training", **beat(30.0), "progress": {"tokens": 1000, "tokens_total": 4000}}
     assert stalled(fresh) is None and shown_status(fresh) == "training 25% (1,000 / 4,000 tokens)"
     assert stalled({"status": "complete", "updated": old}) is None

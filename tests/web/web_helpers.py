@@ -1,5 +1,6 @@
 """Helpers for the web tests (a module of its own: `from conftest import ...` picks whichever
 conftest.py pytest imported first when the whole suite runs)."""
+
 from __future__ import annotations
 
 import http.client

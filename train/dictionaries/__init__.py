@@ -9,6 +9,7 @@ A kind is a ``Dictionary`` subclass in a module of this package, decorated with 
 every module here is imported on the registry's first use, so adding a kind is adding a module
 (and its tests). What a kind implements: ``base.py``.
 """
+
 from __future__ import annotations
 
 import importlib

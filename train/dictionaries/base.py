@@ -19,6 +19,7 @@ matmuls) that registers itself with ``@register`` (``train/dictionaries/__init__
 Everything else (the trainer, sweeps, store, interop, eval, analysis, live inference) talks to
 kinds through this class only and never compares kind names.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -68,6 +69,7 @@ def fraction(value: float, key: str, where: str) -> None:
 class SAELensFormat:
     """How a kind reads in SAELens' ``cfg.json``: ``architecture``, and ``activation_fn_str`` with
     its kwargs; ``fields`` are extra top-level keys (e.g. ``k``)."""
+
     architecture: str
     activation_fn: str = "relu"
     activation_kwargs: dict = dataclasses.field(default_factory=dict)
@@ -88,8 +90,17 @@ class Dictionary(nn.Module):
     attends: ClassVar[bool] = False  # True: ``attention(x, latent)`` gives a latent's attention pattern (Lorsa)
     aux_coef: float = 0.0  # weight of ``aux_loss`` in the training loss
 
-    def __init__(self, d_in: int, d_sae: int, d_out: int, options: list[Options], *,
-                 hooks: list[str] | None = None, out_hooks: list[str] | None = None, device="cpu"):
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        d_out: int,
+        options: list[Options],
+        *,
+        hooks: list[str] | None = None,
+        out_hooks: list[str] | None = None,
+        device="cpu",
+    ):
         super().__init__()
         self.d_in, self.d_sae, self.d_out, self.n = d_in, d_sae, d_out, len(options)
         self.options = options
@@ -97,23 +108,37 @@ class Dictionary(nn.Module):
         self.out_hooks = list(out_hooks or self.hooks)
 
     @classmethod
-    def build(cls, d_in: int, d_sae: int, d_out: int | None = None, n: int = 1, *, device="cpu",
-              hooks: list[str] | None = None, out_hooks: list[str] | None = None, **options) -> Dictionary:
+    def build(
+        cls,
+        d_in: int,
+        d_sae: int,
+        d_out: int | None = None,
+        n: int = 1,
+        *,
+        device="cpu",
+        hooks: list[str] | None = None,
+        out_hooks: list[str] | None = None,
+        **options,
+    ) -> Dictionary:
         """A fresh dictionary (Python API, tests): option values are shared, or one per member for
         the ``stackable`` keys; None means the default. Options are resolved for this shape."""
         d_out = d_in if d_out is None else d_out
         known = {f.name for f in dataclasses.fields(cls.Options)}
         extra = {k: v for k, v in options.items() if k not in known}
         if any(v is not None for v in extra.values()):
-            raise UserError(f"{cls.name}: unknown option(s) {', '.join(extra)}; its options: "
-                            f"{', '.join(sorted(known))}")
+            raise UserError(
+                f"{cls.name}: unknown option(s) {', '.join(extra)}; its options: {', '.join(sorted(known))}"
+            )
         members = []
         ins = list(hooks or ["input"])  # for kinds whose options depend on the hooks (widths: split evenly)
         outs = list(out_hooks or ins)
         widths = {h: d_in // len(ins) for h in ins} | {h: d_out // len(outs) for h in outs}
         for m in range(n):
-            given = {k: (v[m] if k in cls.stackable and isinstance(v, (list, tuple)) else v)
-                     for k, v in options.items() if k in known}
+            given = {
+                k: (v[m] if k in cls.stackable and isinstance(v, (list, tuple)) else v)
+                for k, v in options.items()
+                if k in known
+            }
             opts = cls.Options(**{k: v for k, v in given.items() if v is not None})
             opts.resolve(d_in, d_sae, cls.name)
             cls.resolve_shape(opts, ins, outs, widths, d_sae, cls.name)
@@ -121,8 +146,16 @@ class Dictionary(nn.Module):
         return cls(d_in, d_sae, d_out, members, hooks=hooks, out_hooks=out_hooks, device=device)
 
     @classmethod
-    def resolve_shape(cls, options: Options, hooks: list[str], out_hooks: list[str], widths: Mapping[str, int],
-                      d_sae: int, where: str, model: str | None = None) -> None:
+    def resolve_shape(
+        cls,
+        options: Options,
+        hooks: list[str],
+        out_hooks: list[str],
+        widths: Mapping[str, int],
+        d_sae: int,
+        where: str,
+        model: str | None = None,
+    ) -> None:
         """Defaults and checks that depend on the hooks (``widths``: hook -> d_model) or the model (its
         spec, when known: e.g. Lorsa's rotary embedding); after ``Options.resolve``."""
 
@@ -164,7 +197,8 @@ class Dictionary(nn.Module):
         lead = acts[self.hooks[0]].shape[:-1]
         y = self.decode(codes)[0].reshape(*lead, self.d_out)
         widths = {h: self.d_out // len(self.out_hooks) for h in self.out_hooks} | {
-            h: acts[h].shape[-1] for h in self.out_hooks if h in acts}
+            h: acts[h].shape[-1] for h in self.out_hooks if h in acts
+        }
         return codes, self.written(y, widths)
 
     # -- training -------------------------------------------------------------------------------

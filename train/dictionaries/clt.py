@@ -18,6 +18,7 @@ keeps), and AuxK per layer; ``clt-jumprelu`` has a learnable threshold per laten
 decoder-norm weighted penalty λ·Σ tanh(c·f·‖W_dec,f‖) (‖W_dec,f‖: all of f's decoders together).
 TopK encodes, decodes and takes gradients on the selected pairs only (``train/kernels.py``).
 """
+
 from __future__ import annotations
 
 import math
@@ -36,27 +37,34 @@ from .base import Dictionary, Options, fraction, option
 @dataclass
 class LayerCodes(Codes):
     """Codes of all layers (latent i·s + l), plus each layer's own (values, pattern) for decoding."""
+
     parts: list | None = None
 
 
 def layer_count(hooks: list[str], out_hooks: list[str], where: str) -> int:
     if len(hooks) != len(out_hooks) or len(hooks) < 1:
-        raise UserError(f"{where}: a cross-layer transcoder needs one out hook per input hook (--hook I0,...,In "
-                        f"--out-hook O0,...,On), got {len(hooks)} and {len(out_hooks)}")
+        raise UserError(
+            f"{where}: a cross-layer transcoder needs one out hook per input hook (--hook I0,...,In "
+            f"--out-hook O0,...,On), got {len(hooks)} and {len(out_hooks)}"
+        )
     return len(hooks)
 
 
 class CLT(Dictionary):
     """The family's parameters (per layer, each with a leading member dimension) and shared math."""
+
     init_decoder_norm = 1.0
 
-    def __init__(self, d_in, d_sae, d_out, options, *, hooks=None, out_hooks=None, device="cpu",
-                 apply_b_dec_to_input=None):
+    def __init__(
+        self, d_in, d_sae, d_out, options, *, hooks=None, out_hooks=None, device="cpu", apply_b_dec_to_input=None
+    ):
         super().__init__(d_in, d_sae, d_out, options, hooks=hooks, out_hooks=out_hooks, device=device)
         L = self.L = layer_count(self.hooks, self.out_hooks, self.name)
         if d_in % L or d_out % L or d_sae % L:
-            raise UserError(f"{self.name}: inputs ({d_in}), outputs ({d_out}) and latents ({d_sae}) must split "
-                            f"evenly over its {L} layers")
+            raise UserError(
+                f"{self.name}: inputs ({d_in}), outputs ({d_out}) and latents ({d_sae}) must split "
+                f"evenly over its {L} layers"
+            )
         self.apply_b_dec_to_input = None  # (the SAE family's switch; a CLT has no input bias)
         n, d, s, do = self.n, d_in // L, d_sae // L, d_out // L
         self.d, self.s, self.do = d, s, do
@@ -119,16 +127,19 @@ class CLT(Dictionary):
     def decode(self, codes: Codes, bias: bool = True) -> torch.Tensor:
         """-> [n, B, L·d]: out layer j = b_dec_j + Σ_{i ≤ j} f_i @ W_dec_{i→j}."""
         n, B = codes.n, codes.B
-        out = (self.b_dec.unsqueeze(1).expand(n, B, self.d_out) if bias else self.b_dec.new_zeros(1, 1, 1)
-               .expand(n, B, self.d_out)).clone()
+        out = (
+            self.b_dec.unsqueeze(1).expand(n, B, self.d_out)
+            if bias
+            else self.b_dec.new_zeros(1, 1, 1).expand(n, B, self.d_out)
+        ).clone()
         for i in range(self.L):  # layer i writes layers i..L-1: added in place into their columns
-            out[..., i * self.do:] += self._layer_out(codes, i)
+            out[..., i * self.do :] += self._layer_out(codes, i)
         return out
 
     def _layer_out(self, codes: Codes, i: int) -> torch.Tensor:
         W = self.layer("W_dec", i)
         if codes.acts is not None:
-            return torch.bmm(codes.acts[..., i * self.s:(i + 1) * self.s], W)
+            return torch.bmm(codes.acts[..., i * self.s : (i + 1) * self.s], W)
         vals, pat = codes.parts[i] if isinstance(codes, LayerCodes) and codes.parts else self._part(codes, i)
         return _SparseDecode.apply(vals, W, None, pat)
 
@@ -143,7 +154,7 @@ class CLT(Dictionary):
         """[d_sae, L·d]: what each latent writes (zero in the layers before its own)."""
         out = torch.zeros(self.d_sae, self.d_out, device=self.device)
         for i in range(self.L):
-            out[i * self.s:(i + 1) * self.s, i * self.do:] = self.layer("W_dec", i)[m].detach()
+            out[i * self.s : (i + 1) * self.s, i * self.do :] = self.layer("W_dec", i)[m].detach()
         return out
 
     def decoder_norms(self, m: int = 0) -> torch.Tensor:
@@ -151,13 +162,16 @@ class CLT(Dictionary):
         out = torch.zeros(self.d_sae, self.L, device=self.device)
         for i in range(self.L):
             w = self.layer("W_dec", i)[m].detach()
-            out[i * self.s:(i + 1) * self.s, i:] = w.view(self.s, self.L - i, self.do).norm(dim=-1)
+            out[i * self.s : (i + 1) * self.s, i:] = w.view(self.s, self.L - i, self.do).norm(dim=-1)
         return out
 
     # -- files -----------------------------------------------------------------------------------
     def member_state(self, m: int) -> dict[str, torch.Tensor]:
-        out = {"W_enc": torch.stack([self.layer("W_enc", i)[m] for i in range(self.L)]),
-               "b_enc": torch.stack([self.layer("b_enc", i)[m] for i in range(self.L)]), "b_dec": self.b_dec[m]}
+        out = {
+            "W_enc": torch.stack([self.layer("W_enc", i)[m] for i in range(self.L)]),
+            "b_enc": torch.stack([self.layer("b_enc", i)[m] for i in range(self.L)]),
+            "b_dec": self.b_dec[m],
+        }
         out |= {f"W_dec_{i}": self.layer("W_dec", i)[m] for i in range(self.L)}
         return {k: v.detach().clone().contiguous() for k, v in out.items()}
 
@@ -179,7 +193,7 @@ class CLT(Dictionary):
         out["W_enc"] = state["W_enc"] * s_in.view(L, d, 1)
         out["b_dec"] = state["b_dec"] / s_out
         for i in range(L):
-            out[f"W_dec_{i}"] = state[f"W_dec_{i}"] / s_out[i * do:].unsqueeze(0)
+            out[f"W_dec_{i}"] = state[f"W_dec_{i}"] / s_out[i * do :].unsqueeze(0)
         return out
 
 
@@ -187,8 +201,9 @@ class CLT(Dictionary):
 @dataclass
 class CLTOptions(Options):
     k: int | None = option(None, "Active latents per layer per token", "32, at most the latents per layer / 2")
-    aux_k: int | None = option(None, "AuxK: dead latents per layer in the auxiliary loss",
-                               "min(d, latents per layer)/2")
+    aux_k: int | None = option(
+        None, "AuxK: dead latents per layer in the auxiliary loss", "min(d, latents per layer)/2"
+    )
     aux_coef: float = option(1 / 32, "AuxK: weight of the auxiliary loss; 0 turns it off")
 
     def resolve_layers(self, d: int, s: int, where: str) -> None:
@@ -204,6 +219,7 @@ class CLTOptions(Options):
 @register
 class TopKCLT(CLT):
     """The top k latents of every layer per token (decoders of unit total norm)."""
+
     name = "clt"
     Options = CLTOptions
 
@@ -240,10 +256,25 @@ class TopKCLT(CLT):
             vals.append(v.view(n * B, k))
         lat = torch.cat(lats, 1).reshape(-1)
         allk = L * k
-        pat = Pattern(n, B, L * s, torch.arange(n * B, device=x.device).repeat_interleave(allk), lat,
-                      torch.arange(0, n * B * allk + 1, allk, device=x.device))
-        return LayerCodes(n, B, self.d_sae, bag=pat.bag, lat=lat, vals=torch.cat(vals, 1).reshape(-1), pat=pat,
-                          pre=pre if training else None, parts=parts)
+        pat = Pattern(
+            n,
+            B,
+            L * s,
+            torch.arange(n * B, device=x.device).repeat_interleave(allk),
+            lat,
+            torch.arange(0, n * B * allk + 1, allk, device=x.device),
+        )
+        return LayerCodes(
+            n,
+            B,
+            self.d_sae,
+            bag=pat.bag,
+            lat=lat,
+            vals=torch.cat(vals, 1).reshape(-1),
+            pat=pat,
+            pre=pre if training else None,
+            parts=parts,
+        )
 
     def aux_loss(self, x, codes, y, y_hat, dead, comm, N):
         """AuxK per layer: the top aux_k dead latents of each layer reconstruct the residual together."""
@@ -254,7 +285,7 @@ class TopKCLT(CLT):
         xs, pre = self.split(x), codes.pre
         contrib = []
         for i in range(self.L):
-            dead_i = dead[:, i * s:(i + 1) * s]
+            dead_i = dead[:, i * s : (i + 1) * s]
             lats, vals, counts = [], [], []
             for m in range(n):
                 with _one_thread():
@@ -269,8 +300,9 @@ class TopKCLT(CLT):
             if not lats:
                 continue
             pat = Pattern.from_counts(n, B, s, torch.cat(counts), torch.cat(lats))
-            v = _SparseEncode.apply(xs[i], None, self.layer("W_enc", i), self.layer("b_enc", i), torch.cat(vals), pat,
-                                    False)
+            v = _SparseEncode.apply(
+                xs[i], None, self.layer("W_enc", i), self.layer("b_enc", i), torch.cat(vals), pat, False
+            )
             contrib.append((i, _SparseDecode.apply(v, self.layer("W_dec", i), None, pat)))
         do = self.do
         e_hat = torch.zeros_like(e)
@@ -293,8 +325,7 @@ class CLTJumpReLUOptions(Options):
     tanh_scale: float = option(1.0, "c in the sparsity penalty λ·Σ tanh(c·f·‖W_dec,f‖)")
     sparsity_warmup: float = option(0.05, "Fraction of the steps over which the sparsity coefficient ramps up")
     bandwidth: float = option(0.05, "Width of the threshold's straight-through kernel")
-    init_threshold: float = option(1.0, "Initial threshold in normalised units (pre-activations start about "
-                                        "N(0, 1))")
+    init_threshold: float = option(1.0, "Initial threshold in normalised units (pre-activations start about N(0, 1))")
 
     def resolve(self, d_in, d_sae, where):
         if self.l1 < 0 or self.tanh_scale <= 0:
@@ -307,6 +338,7 @@ class CLTJumpReLUOptions(Options):
 @register
 class JumpReLUCLT(CLT):
     """f = pre·H(pre − θ) per latent (learnable log-threshold), decoder-norm weighted tanh penalty."""
+
     name = "clt-jumprelu"
     Options = CLTJumpReLUOptions
     unit_norm_decoder = False  # the penalty weighs each latent by its decoder norm
@@ -318,10 +350,17 @@ class JumpReLUCLT(CLT):
         o = self.options[0]
         self.bandwidth, self.tanh_scale = o.bandwidth, o.tanh_scale
         for i in range(self.L):
-            self.register_parameter(f"log_threshold_{i}", nn.Parameter(torch.full(
-                (self.n, self.s), math.log(o.init_threshold), device=self.device, dtype=torch.float32)))
-        self.register_buffer("l1_t", torch.tensor([o.l1 for o in self.options], dtype=torch.float32,
-                                                  device=self.device), persistent=False)
+            self.register_parameter(
+                f"log_threshold_{i}",
+                nn.Parameter(
+                    torch.full((self.n, self.s), math.log(o.init_threshold), device=self.device, dtype=torch.float32)
+                ),
+            )
+        self.register_buffer(
+            "l1_t",
+            torch.tensor([o.l1 for o in self.options], dtype=torch.float32, device=self.device),
+            persistent=False,
+        )
 
     @classmethod
     def resolve_shape(cls, options, hooks, out_hooks, widths, d_sae, where, model=None):
@@ -349,7 +388,8 @@ class JumpReLUCLT(CLT):
 
     def member_state(self, m):
         return super().member_state(m) | {
-            "threshold": torch.stack([self.theta(i)[m] for i in range(self.L)]).detach().clone()}
+            "threshold": torch.stack([self.theta(i)[m] for i in range(self.L)]).detach().clone()
+        }
 
     @torch.no_grad()
     def load_member(self, m, state):
@@ -363,8 +403,12 @@ def _even_layers(hooks, out_hooks, widths, d_sae, where) -> None:
     L = len(hooks)
     for group, what in ((hooks, "input"), (out_hooks, "output")):
         if len({widths[h] for h in group}) > 1:
-            raise UserError(f"{where}: the {what} hooks of a cross-layer transcoder must have one width, got "
-                            + ", ".join(f"{h}: {widths[h]}" for h in group))
+            raise UserError(
+                f"{where}: the {what} hooks of a cross-layer transcoder must have one width, got "
+                + ", ".join(f"{h}: {widths[h]}" for h in group)
+            )
     if d_sae % L:
-        raise UserError(f"{where}: d_sae ({d_sae}) must be a multiple of the number of layers ({L}): each layer "
-                        "has d_sae / layers latents")
+        raise UserError(
+            f"{where}: d_sae ({d_sae}) must be a multiple of the number of layers ({L}): each layer "
+            "has d_sae / layers latents"
+        )

@@ -18,6 +18,7 @@ Causal: the output at t reads positions ≤ t only. The decoder is sparse (the s
 Lorsa reads whole contexts (``context_input``): the trainer feeds it the 2d table (or live contexts),
 and ``encode`` takes [b, T, d] or one context [T, d]; its codes have one row per position, in order.
 """
+
 from __future__ import annotations
 
 import math
@@ -72,8 +73,10 @@ def model_rotary(model: str) -> tuple[float, float, int]:
     if base is None:
         return 0.0, 0.0, head
     if rope.get("rope_type", "default") != "default":
-        raise UserError(f"model {model} uses RoPE type {rope['rope_type']!r}, which Lorsa does not implement: pass "
-                        "--rotary-base B (plain RoPE) or --rotary-base 0 (none)")
+        raise UserError(
+            f"model {model} uses RoPE type {rope['rope_type']!r}, which Lorsa does not implement: pass "
+            "--rotary-base B (plain RoPE) or --rotary-base 0 (none)"
+        )
     return float(base), float(getattr(cfg, "partial_rotary_factor", 1.0) or 1.0), head
 
 
@@ -86,7 +89,7 @@ def rotary(x: torch.Tensor, base: float, dim: int) -> torch.Tensor:
     ang = torch.arange(T, dtype=torch.float32, device=x.device)[:, None] * inv[None]
     cos, sin = torch.cat([ang, ang], -1).cos().to(x.dtype), torch.cat([ang, ang], -1).sin().to(x.dtype)
     r, rest = x[..., :dim], x[..., dim:]
-    half = torch.cat([-r[..., dim // 2:], r[..., :dim // 2]], -1)
+    half = torch.cat([-r[..., dim // 2 :], r[..., : dim // 2]], -1)
     return torch.cat([r * cos + half * sin, rest], -1)
 
 
@@ -97,12 +100,15 @@ class Lorsa(Dictionary):
     context_input = True
     attends = True
 
-    def __init__(self, d_in, d_sae, d_out, options, *, hooks=None, out_hooks=None, device="cpu",
-                 apply_b_dec_to_input=None):
+    def __init__(
+        self, d_in, d_sae, d_out, options, *, hooks=None, out_hooks=None, device="cpu", apply_b_dec_to_input=None
+    ):
         super().__init__(d_in, d_sae, d_out, options, hooks=hooks, out_hooks=out_hooks, device=device)
         if len(self.hooks) > 1 or len(self.out_hooks) > 1 or d_in != d_out:
-            raise UserError(f"{self.name}: reads one hook and writes one of the same width (--hook "
-                            "blocks.L.ln1.hook_normalized --out-hook blocks.L.hook_attn_out)")
+            raise UserError(
+                f"{self.name}: reads one hook and writes one of the same width (--hook "
+                "blocks.L.ln1.hook_normalized --out-hook blocks.L.hook_attn_out)"
+            )
         self.apply_b_dec_to_input = None  # (the SAE family's switch)
         o = self.options[0]
         if o.d_qk is None or o.rotary_base is None or o.rotary_dim is None:
@@ -120,16 +126,25 @@ class Lorsa(Dictionary):
     @classmethod
     def resolve_shape(cls, options, hooks, out_hooks, widths, d_sae, where, model=None):
         if len(hooks) != 1 or len(out_hooks) != 1 or widths[hooks[0]] != widths[out_hooks[0]]:
-            raise UserError(f"{where}: Lorsa reads one hook and writes one of the same width (--hook "
-                            "blocks.L.ln1.hook_normalized --out-hook blocks.L.hook_attn_out)")
-        base, share, head = model_rotary(model) if model and None in (options.rotary_base, options.d_qk,
-                                                                      options.rotary_dim) else (0.0, 1.0, None)
+            raise UserError(
+                f"{where}: Lorsa reads one hook and writes one of the same width (--hook "
+                "blocks.L.ln1.hook_normalized --out-hook blocks.L.hook_attn_out)"
+            )
+        base, share, head = (
+            model_rotary(model)
+            if model and None in (options.rotary_base, options.d_qk, options.rotary_dim)
+            else (0.0, 1.0, None)
+        )
         options.d_qk = options.d_qk or head or max(1, widths[hooks[0]] // 8)
         options.rotary_base = base if options.rotary_base is None else options.rotary_base
         if options.rotary_dim is None:
             options.rotary_dim = 2 * int(options.d_qk * share // 2) if options.rotary_base else 0
-        if options.d_qk <= 0 or options.rotary_base < 0 or options.rotary_dim % 2 or not \
-                0 <= options.rotary_dim <= options.d_qk:
+        if (
+            options.d_qk <= 0
+            or options.rotary_base < 0
+            or options.rotary_dim % 2
+            or not 0 <= options.rotary_dim <= options.d_qk
+        ):
             raise UserError(f"{where}: d_qk must be positive, rotary_base >= 0 and rotary_dim even, in 0..d_qk")
 
     @classmethod
@@ -200,8 +215,14 @@ class Lorsa(Dictionary):
         with torch.no_grad(), dense_threads():
             top = z.detach().topk(kk, dim=-1, sorted=False)
         vals = F.relu(z.gather(-1, top.indices)).reshape(-1)
-        pat = Pattern(n, B, H, torch.arange(n * B, device=x.device).repeat_interleave(kk), top.indices.reshape(-1),
-                      torch.arange(0, n * B * kk + 1, kk, device=x.device))
+        pat = Pattern(
+            n,
+            B,
+            H,
+            torch.arange(n * B, device=x.device).repeat_interleave(kk),
+            top.indices.reshape(-1),
+            torch.arange(0, n * B * kk + 1, kk, device=x.device),
+        )
         return Codes(n, B, H, bag=pat.bag, lat=pat.lat, vals=vals, pat=pat)
 
     def decode(self, codes, bias=True):

@@ -11,6 +11,7 @@ are cumulative: each band [P_{i-1}, P_i) of the selected (token, latent) pairs i
 the sparse kernel (``train/kernels.py``) and added to the previous prefix. At inference it is a
 BatchTopK (one threshold per member): any prefix of its latents is usable on its own.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,8 +28,9 @@ from .topk import BatchTopK, TopKOptions
 
 @dataclass
 class MatryoshkaOptions(TopKOptions):
-    prefixes: list[int] | None = option(None, "Nested prefix sizes P1 < P2 < ... (the full dictionary is the last "
-                                              "prefix)", "d_sae/16, d_sae/4")
+    prefixes: list[int] | None = option(
+        None, "Nested prefix sizes P1 < P2 < ... (the full dictionary is the last prefix)", "d_sae/16, d_sae/4"
+    )
 
     def resolve(self, d_in, d_sae, where):
         super().resolve(d_in, d_sae, where)
@@ -38,8 +40,9 @@ class MatryoshkaOptions(TopKOptions):
         if prefixes and prefixes[-1] == d_sae:
             prefixes = prefixes[:-1]  # the full dictionary is always the last prefix
         if any(p <= 0 or p >= d_sae for p in prefixes) or prefixes != sorted(set(prefixes)):
-            raise UserError(f"{where}: prefixes must increase strictly, each in 1..d_sae-1 ({d_sae - 1}), got "
-                            f"{self.prefixes}")
+            raise UserError(
+                f"{where}: prefixes must increase strictly, each in 1..d_sae-1 ({d_sae - 1}), got {self.prefixes}"
+            )
         self.prefixes = prefixes
 
 

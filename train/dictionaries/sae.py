@@ -17,6 +17,7 @@ sparse × dense). Stacked TopK members with different k each take their own top-
 pays for another's k. AuxK reuses the step's pre-activations (no second encoder pass).
 The kernels live in ``train/kernels.py``.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,18 @@ class SAE(Dictionary):
 
     init_decoder_norm = 1.0  # decoder rows start with this norm
 
-    def __init__(self, d_in, d_sae, d_out, options, *, apply_b_dec_to_input: bool | None = None, hooks=None,
-                 out_hooks=None, device="cpu"):
+    def __init__(
+        self,
+        d_in,
+        d_sae,
+        d_out,
+        options,
+        *,
+        apply_b_dec_to_input: bool | None = None,
+        hooks=None,
+        out_hooks=None,
+        device="cpu",
+    ):
         super().__init__(d_in, d_sae, d_out, options, hooks=hooks, out_hooks=out_hooks, device=device)
         n = self.n
         self.apply_b_dec_to_input = (d_in == d_out) if apply_b_dec_to_input is None else apply_b_dec_to_input
@@ -120,7 +131,7 @@ class SAE(Dictionary):
             getattr(self, name)[m] = state[name]
 
     def member_buffers(self, m: int) -> dict[str, torch.Tensor]:
-        return {"threshold": self.threshold[m:m + 1]}
+        return {"threshold": self.threshold[m : m + 1]}
 
     @torch.no_grad()
     def load_member_buffers(self, m: int, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -156,12 +167,16 @@ class ReLUOptions(Options):
 
 class _Penalized(SAE):
     """Dense codes and a sparsity penalty whose coefficient (``l1``, per member) warms up."""
+
     stackable = ("l1",)
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        self.register_buffer("l1_t", torch.tensor([o.l1 for o in self.options], dtype=torch.float32,
-                                                  device=self.device), persistent=False)
+        self.register_buffer(
+            "l1_t",
+            torch.tensor([o.l1 for o in self.options], dtype=torch.float32, device=self.device),
+            persistent=False,
+        )
 
     def schedule(self, step, total):
         sw = max(1, round(self.options[0].sparsity_warmup * total))
@@ -192,8 +207,7 @@ class ReLU(_Penalized):
 class JumpReLUOptions(ReLUOptions):
     l1: float = option(1.0, "Sparsity coefficient (L0 of the latents)")
     bandwidth: float = option(0.05, "Width of the threshold's straight-through kernel")
-    init_threshold: float = option(1.0, "Initial threshold in normalised units (pre-activations start about "
-                                        "N(0, 1))")
+    init_threshold: float = option(1.0, "Initial threshold in normalised units (pre-activations start about N(0, 1))")
 
     def resolve(self, d_in, d_sae, where):
         super().resolve(d_in, d_sae, where)
@@ -204,6 +218,7 @@ class JumpReLUOptions(ReLUOptions):
 @register
 class JumpReLU(_Penalized):
     """pre·H(pre − θ) with a learnable log-threshold per latent; L0 penalty, straight-through gradients."""
+
     name = "jumprelu"
     Options = JumpReLUOptions
     saelens_imports = ("jumprelu",)
@@ -212,8 +227,9 @@ class JumpReLU(_Penalized):
         super().__init__(*args, **kw)
         o = self.options[0]
         self.bandwidth = o.bandwidth
-        self.log_threshold = nn.Parameter(torch.full((self.n, self.d_sae), math.log(o.init_threshold),
-                                                     device=self.device, dtype=torch.float32))
+        self.log_threshold = nn.Parameter(
+            torch.full((self.n, self.d_sae), math.log(o.init_threshold), device=self.device, dtype=torch.float32)
+        )
 
     @property
     def theta(self) -> torch.Tensor:
@@ -244,4 +260,3 @@ class JumpReLU(_Penalized):
         if "threshold" not in weights:
             raise UserError(f"{where}: a jumprelu SAE needs a threshold tensor")
         return {}
-

@@ -2,6 +2,7 @@
 
 The family's parameters and shared math are ``sae.SAE``; the sparse kernels are ``train/kernels.py``.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,6 +46,7 @@ class TopKOptions(Options):
 @register
 class TopK(SAE):
     """The k largest pre-activations per token (each member its own k; annealed from k_start)."""
+
     name = "topk"
     Options = TopKOptions
     stackable = ("k",)
@@ -154,6 +156,7 @@ class BatchTopK(TopK):
     """The k·B largest pre-activations of a batch of B tokens (k per token on average). At inference
     a JumpReLU with one threshold per member, estimated in training: a moving average of the
     smallest kept activation per batch."""
+
     name = "batchtopk"
 
     def __init__(self, *args, **kw):
@@ -184,7 +187,7 @@ class BatchTopK(TopK):
             keep = top.values > 0
             if world > 1:  # the global want-th largest score: every rank's local candidates hold it
                 cand = torch.full((want,), -math.inf, dtype=top.values.dtype, device=dev)
-                cand[:len(top.values)] = top.values
+                cand[: len(top.values)] = top.values
                 everyone = comm.gather_rows(cand)
                 keep &= top.values >= everyone.topk(want, sorted=False).values.min()
             with _one_thread():
@@ -200,8 +203,9 @@ class BatchTopK(TopK):
         """The inference threshold: moving average (window ~10% of the steps) of the smallest kept
         activation per batch."""
         kept = codes.vals.detach().masked_fill(codes.vals.detach() <= 0, float("inf"))
-        mins = torch.stack([kept[s].min() if s.stop > s.start else kept.new_tensor(float("inf"))
-                            for s in codes.pat.member_slices()])
+        mins = torch.stack(
+            [kept[s].min() if s.stop > s.start else kept.new_tensor(float("inf")) for s in codes.pat.member_slices()]
+        )
         if comm.active:
             mins = -comm.max_(-mins)
         mins = torch.where(torch.isfinite(mins), mins, self.threshold)
@@ -222,4 +226,3 @@ class BatchTopK(TopK):
     @classmethod
     def saelens_import(cls, scfg, weights, where):
         return JumpReLU.saelens_import(scfg, weights, where)
-

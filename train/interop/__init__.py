@@ -8,6 +8,7 @@
 Every import folds the source's input scaling into the weights (the imported dictionary takes raw
 activations, like a trained one) and registers the result like a trained SAE (``common.register``).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,15 +34,25 @@ def detect(path: Path) -> str:
         raise UserError(f"{path} looks like {' and '.join(found)} at once: pass --format")
     subs = hookpoints(path)
     if subs:
-        raise UserError(f"{path} holds sparsify coders for several hookpoints ({', '.join(subs[:8])}"
-                        f"{', ...' if len(subs) > 8 else ''}): import one folder, e.g. {path / subs[0]}")
-    raise UserError(f"{path} is not a dictionary folder saelake reads: SAELens needs cfg.json and "
-                    "sae_weights.safetensors, sparsify cfg.json and sae.safetensors, Llamascopium config.json and "
-                    "sae_weights.safetensors")
+        raise UserError(
+            f"{path} holds sparsify coders for several hookpoints ({', '.join(subs[:8])}"
+            f"{', ...' if len(subs) > 8 else ''}): import one folder, e.g. {path / subs[0]}"
+        )
+    raise UserError(
+        f"{path} is not a dictionary folder saelake reads: SAELens needs cfg.json and "
+        "sae_weights.safetensors, sparsify cfg.json and sae.safetensors, Llamascopium config.json and "
+        "sae_weights.safetensors"
+    )
 
 
-def read(source: str | Path, fmt: str = "auto", *, norm_scaling_factor: float | None = None,
-         hook: str | None = None, out_hook: str | None = None) -> tuple[Imported, str]:
+def read(
+    source: str | Path,
+    fmt: str = "auto",
+    *,
+    norm_scaling_factor: float | None = None,
+    hook: str | None = None,
+    out_hook: str | None = None,
+) -> tuple[Imported, str]:
     """(the dictionary at ``source``, a local folder or an hf:// address; where it came from)."""
     if fmt not in ("auto",) + FORMATS:
         raise UserError(f"unknown format {fmt!r}: use auto or one of {', '.join(FORMATS)}")
@@ -50,8 +61,11 @@ def read(source: str | Path, fmt: str = "auto", *, norm_scaling_factor: float | 
     else:
         path = Path(source).expanduser()
         if not path.is_dir():
-            raise UserError(f"{path} is not a folder" + (" (it does not exist)" if not path.exists() else "")
-                            + ": give a dictionary folder or hf://ORG/REPO[/SUBFOLDER][@REVISION]")
+            raise UserError(
+                f"{path} is not a folder"
+                + (" (it does not exist)" if not path.exists() else "")
+                + ": give a dictionary folder or hf://ORG/REPO[/SUBFOLDER][@REVISION]"
+            )
         origin = str(path.resolve())
     fmt = detect(path) if fmt == "auto" else fmt
     if fmt != "auto" and not _DETECT[fmt](path):
@@ -67,9 +81,17 @@ def read(source: str | Path, fmt: str = "auto", *, norm_scaling_factor: float | 
     return imp, origin
 
 
-def import_dictionary(lake: Lake | str, source: str | Path, name: str, fmt: str = "auto", *,
-                      norm_scaling_factor: float | None = None, hook: str | None = None,
-                      out_hook: str | None = None, model: str | None = None) -> dict:
+def import_dictionary(
+    lake: Lake | str,
+    source: str | Path,
+    name: str,
+    fmt: str = "auto",
+    *,
+    norm_scaling_factor: float | None = None,
+    hook: str | None = None,
+    out_hook: str | None = None,
+    model: str | None = None,
+) -> dict:
     """Read a dictionary from ``source`` and save it in the lake as SAE ``name``; returns its config."""
     from saelake.lake.storage import check_name
 
@@ -89,5 +111,14 @@ def import_saelens(lake: Lake | str, path: str | Path, name: str) -> dict:
     return import_dictionary(lake, path, name, "saelens")
 
 
-__all__ = ["FORMATS", "Imported", "detect", "export_saelens", "hub", "import_dictionary", "import_saelens", "read",
-           "register"]
+__all__ = [
+    "FORMATS",
+    "Imported",
+    "detect",
+    "export_saelens",
+    "hub",
+    "import_dictionary",
+    "import_saelens",
+    "read",
+    "register",
+]

@@ -1,5 +1,6 @@
 """What every import produces (``Imported``: a kind, its weights for raw activations, its hooks) and
 how it is registered in the lake like a trained SAE; the file readers the formats share."""
+
 from __future__ import annotations
 
 import json
@@ -25,6 +26,7 @@ class Imported:
 
     ``weights``: one member's tensors as the kind's ``load_member`` takes them (W_enc [d_in, d_sae],
     W_dec [d_sae, d_out], ...), for raw activations. ``normalization``: what was folded and how."""
+
     kind: type[Dictionary]
     weights: dict[str, torch.Tensor]
     options: dict
@@ -69,11 +71,18 @@ def check_shapes(w: dict[str, torch.Tensor], where) -> tuple[int, int, int]:
     """(d_in, d_sae, d_out) of SAE-family tensors, or one line saying which shape is wrong."""
     need(w, SAE_TENSORS, where)
     W_enc, W_dec = w["W_enc"], w["W_dec"]
-    if W_enc.dim() != 2 or W_dec.dim() != 2 or W_dec.shape[0] != W_enc.shape[1] or \
-            w["b_enc"].shape != (W_enc.shape[1],) or w["b_dec"].shape != (W_dec.shape[1],):
-        raise UserError(f"{where}: W_enc must be [d_in, d_sae], W_dec [d_sae, d_out], b_enc [d_sae] and b_dec "
-                        f"[d_out], got {list(W_enc.shape)}, {list(W_dec.shape)}, {list(w['b_enc'].shape)} and "
-                        f"{list(w['b_dec'].shape)}")
+    if (
+        W_enc.dim() != 2
+        or W_dec.dim() != 2
+        or W_dec.shape[0] != W_enc.shape[1]
+        or w["b_enc"].shape != (W_enc.shape[1],)
+        or w["b_dec"].shape != (W_dec.shape[1],)
+    ):
+        raise UserError(
+            f"{where}: W_enc must be [d_in, d_sae], W_dec [d_sae, d_out], b_enc [d_sae] and b_dec "
+            f"[d_out], got {list(W_enc.shape)}, {list(W_dec.shape)}, {list(w['b_enc'].shape)} and "
+            f"{list(w['b_dec'].shape)}"
+        )
     if "threshold" in w and w["threshold"].shape not in ((W_enc.shape[1],), ()):
         raise UserError(f"{where}: threshold must be [d_sae] ({W_enc.shape[1]}), got {list(w['threshold'].shape)}")
     bad = [k for k, v in w.items() if not bool(torch.isfinite(v).all())]
@@ -103,12 +112,27 @@ def register(lake: Lake | str, imp: Imported, name: str, source: str) -> dict:
     sae.load_member(0, imp.weights)
     weights = {k: v.float().contiguous() for k, v in imp.weights.items()}  # as read: export gives the same bytes
     cfg = {c: None for c in CATALOG_COLUMNS} | {
-        "name": name, "arch": imp.kind.name, "hook": ",".join(imp.hooks), "out_hook": ",".join(imp.out_hooks),
-        "hooks": imp.hooks, "out_hooks": imp.out_hooks, "d_in": d_in, "d_sae": d_sae, "d_out": d_out,
-        "k": imp.options.get("k"), "status": "imported", "created": now(), "model": imp.model,
-        "dataset": imp.dataset, "apply_b_dec_to_input": imp.apply_b_dec_to_input, "hyperparameters": imp.options,
-        "normalization": imp.normalization, "imported_from": source, "import_format": imp.source_format,
-        "source_cfg": imp.source_cfg, "metric_definitions": METRIC_DEFINITIONS,
+        "name": name,
+        "arch": imp.kind.name,
+        "hook": ",".join(imp.hooks),
+        "out_hook": ",".join(imp.out_hooks),
+        "hooks": imp.hooks,
+        "out_hooks": imp.out_hooks,
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "d_out": d_out,
+        "k": imp.options.get("k"),
+        "status": "imported",
+        "created": now(),
+        "model": imp.model,
+        "dataset": imp.dataset,
+        "apply_b_dec_to_input": imp.apply_b_dec_to_input,
+        "hyperparameters": imp.options,
+        "normalization": imp.normalization,
+        "imported_from": source,
+        "import_format": imp.source_format,
+        "source_cfg": imp.source_cfg,
+        "metric_definitions": METRIC_DEFINITIONS,
     }
     store.st.claim("saes", name, owner="lake import")  # of two imports named alike, one goes on
     store.save(cfg, weights, [])

@@ -2,6 +2,7 @@
 ``huggingface_hub``'s own cache (``HF_HUB_CACHE`` / ``HF_HOME``). With ``HF_HUB_OFFLINE`` set
 nothing is downloaded: the cache must already hold it. Only the subfolder's files are fetched.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,12 @@ class HubSource:
     revision: str | None
 
     def __str__(self) -> str:
-        return PREFIX + self.repo + (f"/{self.subfolder}" if self.subfolder else "") + \
-            (f"@{self.revision}" if self.revision else "")
+        return (
+            PREFIX
+            + self.repo
+            + (f"/{self.subfolder}" if self.subfolder else "")
+            + (f"@{self.revision}" if self.revision else "")
+        )
 
 
 def is_hub(source: str) -> bool:
@@ -63,22 +68,40 @@ def fetch(source: str) -> tuple[Path, str]:
     src = parse(source)
     patterns = [f"{src.subfolder}/*", f"{src.subfolder}/**"] if src.subfolder else None
     try:
-        root = Path(snapshot_download(src.repo, revision=src.revision, allow_patterns=patterns, cache_dir=cache_dir(),
-                                      local_files_only=offline(), etag_timeout=TIMEOUT_S))
+        root = Path(
+            snapshot_download(
+                src.repo,
+                revision=src.revision,
+                allow_patterns=patterns,
+                cache_dir=cache_dir(),
+                local_files_only=offline(),
+                etag_timeout=TIMEOUT_S,
+            )
+        )
     except LocalEntryNotFoundError:
-        raise UserError(f"{src} is not in the Hugging Face cache"
-                        + (" and HF_HUB_OFFLINE is set: unset it to download, or fill the cache on a machine with a "
-                           "network" if offline() else " and the hub cannot be reached")) from None
+        raise UserError(
+            f"{src} is not in the Hugging Face cache"
+            + (
+                " and HF_HUB_OFFLINE is set: unset it to download, or fill the cache on a machine with a network"
+                if offline()
+                else " and the hub cannot be reached"
+            )
+        ) from None
     except RepositoryNotFoundError:
-        raise UserError(f"{src}: no such repository on the hub (or it is private: log in with `hf auth login`)") \
-            from None
+        raise UserError(
+            f"{src}: no such repository on the hub (or it is private: log in with `hf auth login`)"
+        ) from None
     except RevisionNotFoundError:
         raise UserError(f"{src}: no revision {src.revision!r} in {src.repo}") from None
     except (EntryNotFoundError, HfHubHTTPError, OSError) as e:
-        raise UserError(f"{src}: the hub download failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})") \
-            from None
+        raise UserError(
+            f"{src}: the hub download failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        ) from None
     folder = root / src.subfolder if src.subfolder else root
     if not folder.is_dir() or not any(folder.iterdir()):
-        raise UserError(f"{src}: the repository has no folder {src.subfolder!r}" if src.subfolder else
-                        f"{src}: the repository is empty")
+        raise UserError(
+            f"{src}: the repository has no folder {src.subfolder!r}"
+            if src.subfolder
+            else f"{src}: the repository is empty"
+        )
     return folder, f"{PREFIX}{src.repo}" + (f"/{src.subfolder}" if src.subfolder else "") + f"@{root.name}"

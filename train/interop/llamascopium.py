@@ -19,6 +19,7 @@ normalization (a per-token or per-batch scale), GLU encoders, batch-level top-k 
 run it per token), and the other sae_types (crosscoders, Lorsa, top-k CLTs). JumpReLU cross-layer
 transcoders (``sae_type: "clt"``) come in as saelake's ``clt-jumprelu`` (``read_clt``).
 """
+
 from __future__ import annotations
 
 import math
@@ -54,8 +55,10 @@ def _norm(w: dict, hook: str, where) -> float:
     t = w.get(f"dataset_average_activation_norm.{hook}")
     value = float(t.reshape(-1)[0]) if t is not None and t.numel() == 1 else None
     if value is None or not math.isfinite(value) or value <= 0:
-        raise UserError(f"{where}: norm_activation is 'dataset-wise' but it holds no positive "
-                        f"dataset_average_activation_norm.{hook}: the scale it was trained at is unknown")
+        raise UserError(
+            f"{where}: norm_activation is 'dataset-wise' but it holds no positive "
+            f"dataset_average_activation_norm.{hook}: the scale it was trained at is unknown"
+        )
     return value
 
 
@@ -65,19 +68,29 @@ def read_llamascopium(path: Path, *, hook: str | None = None, out_hook: str | No
     if cfg.get("sae_type") == "clt":
         return read_clt(path, cfg, where, hook, out_hook)
     if cfg.get("sae_type") != "sae":
-        raise UserError(f"{path}: sae_type {cfg.get('sae_type')!r} is not supported: saelake imports Llamascopium's "
-                        "'sae' dictionaries (SAEs and transcoders) and its JumpReLU 'clt's")
+        raise UserError(
+            f"{path}: sae_type {cfg.get('sae_type')!r} is not supported: saelake imports Llamascopium's "
+            "'sae' dictionaries (SAEs and transcoders) and its JumpReLU 'clt's"
+        )
     act = cfg.get("act_fn", "relu")
     if act not in KINDS:
-        raise UserError(f"{path}: act_fn {act!r} is not supported (use {', '.join(KINDS)}"
-                        + ("; convert batch top-k to JumpReLU first with Llamascopium's topk_to_jumprelu_conversion"
-                           if "topk" in str(act) else "") + ")")
+        raise UserError(
+            f"{path}: act_fn {act!r} is not supported (use {', '.join(KINDS)}"
+            + (
+                "; convert batch top-k to JumpReLU first with Llamascopium's topk_to_jumprelu_conversion"
+                if "topk" in str(act)
+                else ""
+            )
+            + ")"
+        )
     if cfg.get("use_glu_encoder"):
         raise UserError(f"{path}: a GLU encoder (use_glu_encoder): no saelake kind has one")
     norm = cfg.get("norm_activation", "dataset-wise")
     if norm not in ("dataset-wise", "inference"):
-        raise UserError(f"{path}: norm_activation {norm!r} scales each {'token' if norm == 'token-wise' else 'batch'} "
-                        "by its own norm at run time; no weights express that, so it cannot be imported")
+        raise UserError(
+            f"{path}: norm_activation {norm!r} scales each {'token' if norm == 'token-wise' else 'batch'} "
+            "by its own norm at run time; no weights express that, so it cannot be imported"
+        )
     hook_in, hook_out = cfg.get("hook_point_in"), cfg.get("hook_point_out")
     if not isinstance(hook_in, str) or not isinstance(hook_out, str):
         raise UserError(f"{path / CONFIG}: hook_point_in and hook_point_out must be hook names")
@@ -89,8 +102,13 @@ def read_llamascopium(path: Path, *, hook: str | None = None, out_hook: str | No
     if norm == "dataset-wise":
         n_in, n_out = _norm(w, hook_in, where), _norm(w, hook_out, where)
         s_in, s_out = math.sqrt(d_model) / n_in, math.sqrt(d_model) / n_out
-        normalization = {"method": "llamascopium:dataset-wise", "dataset_average_activation_norm":
-                         {"in": n_in, "out": n_out}, "s_in": s_in, "s_out": s_out, "folded": True}
+        normalization = {
+            "method": "llamascopium:dataset-wise",
+            "dataset_average_activation_norm": {"in": n_in, "out": n_out},
+            "s_in": s_in,
+            "s_out": s_out,
+            "folded": True,
+        }
     W_D = w["W_D"]
     b_D = w["b_D"] if cfg.get("use_decoder_bias", True) else torch.zeros(W_D.shape[1])
     if cfg.get("use_decoder_bias", True):
@@ -110,11 +128,18 @@ def read_llamascopium(path: Path, *, hook: str | None = None, out_hook: str | No
     model = None
     if (path / "lm_config.json").is_file():
         model = read_json(path / "lm_config.json").get("model_name")
-    return Imported(kind=dictionaries.get(KINDS[act]), weights=weights, options=options,
-                    hooks=[hook or hook_in],
-                    out_hooks=[out_hook or (hook if hook and hook_in == hook_out else hook_out)],
-                    apply_b_dec_to_input=False, source_format="llamascopium", source_cfg=cfg,
-                    normalization=normalization, model=model if isinstance(model, str) else None)
+    return Imported(
+        kind=dictionaries.get(KINDS[act]),
+        weights=weights,
+        options=options,
+        hooks=[hook or hook_in],
+        out_hooks=[out_hook or (hook if hook and hook_in == hook_out else hook_out)],
+        apply_b_dec_to_input=False,
+        source_format="llamascopium",
+        source_cfg=cfg,
+        normalization=normalization,
+        model=model if isinstance(model, str) else None,
+    )
 
 
 def read_clt(path: Path, cfg: dict, where: Path, hook: str | None, out_hook: str | None) -> Imported:
@@ -128,20 +153,29 @@ def read_clt(path: Path, cfg: dict, where: Path, hook: str | None, out_hook: str
     if hook or out_hook:
         raise UserError(f"{path}: a cross-layer transcoder names its hooks itself (hook_points_in/out)")
     if cfg.get("act_fn") != "jumprelu":
-        raise UserError(f"{path}: a cross-layer transcoder with act_fn {cfg.get('act_fn')!r}: saelake imports "
-                        "Llamascopium's JumpReLU CLTs")
+        raise UserError(
+            f"{path}: a cross-layer transcoder with act_fn {cfg.get('act_fn')!r}: saelake imports "
+            "Llamascopium's JumpReLU CLTs"
+        )
     ins, outs = cfg.get("hook_points_in"), cfg.get("hook_points_out")
-    if not (isinstance(ins, list) and isinstance(outs, list) and len(ins) == len(outs) > 0
-            and all(isinstance(h, str) for h in ins + outs)):
+    if not (
+        isinstance(ins, list)
+        and isinstance(outs, list)
+        and len(ins) == len(outs) > 0
+        and all(isinstance(h, str) for h in ins + outs)
+    ):
         raise UserError(f"{path / CONFIG}: hook_points_in and hook_points_out must be equally long lists of hooks")
     norm = cfg.get("norm_activation", "dataset-wise")
     if norm not in ("dataset-wise", "inference"):
-        raise UserError(f"{path}: norm_activation {norm!r} scales each token or batch at run time; no weights "
-                        "express that, so it cannot be imported")
+        raise UserError(
+            f"{path}: norm_activation {norm!r} scales each token or batch at run time; no weights "
+            "express that, so it cannot be imported"
+        )
     w = read_tensors(where)
     L = len(ins)
-    need(w, ("W_E", "b_E", THRESHOLD) + tuple(f"W_D.{j}" for j in range(L)) + tuple(f"b_D.{j}" for j in range(L)),
-         where)
+    need(
+        w, ("W_E", "b_E", THRESHOLD) + tuple(f"W_D.{j}" for j in range(L)) + tuple(f"b_D.{j}" for j in range(L)), where
+    )
     if norm == "dataset-wise":
         d = int(w["W_E"].shape[1])
         s_in = [math.sqrt(d) / _norm(w, h, where) for h in ins]
@@ -152,12 +186,24 @@ def read_clt(path: Path, cfg: dict, where: Path, hook: str | None, out_hook: str
     norms = [torch.stack([w[f"W_D.{j}"][i] for j in range(i, L)]).pow(2).sum((0, 2)).sqrt() for i in range(L)]
     theta = w[THRESHOLD].exp()
     with_norm = bool(cfg.get("sparsity_include_decoder_norm", True))
-    weights = {"W_enc": w["W_E"], "b_enc": torch.stack([w["b_E"][i] / s_in[i] for i in range(L)]),
-               "b_dec": torch.cat([w[f"b_D.{j}"] / s_out[j] for j in range(L)]),
-               "threshold": torch.stack([theta[i] / s_in[i] / (norms[i].clamp_min(1e-12) if with_norm else 1.0)
-                                         for i in range(L)])}
+    weights = {
+        "W_enc": w["W_E"],
+        "b_enc": torch.stack([w["b_E"][i] / s_in[i] for i in range(L)]),
+        "b_dec": torch.cat([w[f"b_D.{j}"] / s_out[j] for j in range(L)]),
+        "threshold": torch.stack(
+            [theta[i] / s_in[i] / (norms[i].clamp_min(1e-12) if with_norm else 1.0) for i in range(L)]
+        ),
+    }
     weights |= {f"W_dec_{i}": torch.cat(dec[i], -1) for i in range(L)}
     normalization = {"method": f"llamascopium:{norm}", "s_in": s_in, "s_out": s_out, "folded": True}
-    return Imported(kind=dictionaries.get("clt-jumprelu"), weights=weights, options={}, hooks=list(ins),
-                    out_hooks=list(outs), apply_b_dec_to_input=None, source_format="llamascopium", source_cfg=cfg,
-                    normalization=normalization)
+    return Imported(
+        kind=dictionaries.get("clt-jumprelu"),
+        weights=weights,
+        options={},
+        hooks=list(ins),
+        out_hooks=list(outs),
+        apply_b_dec_to_input=None,
+        source_format="llamascopium",
+        source_cfg=cfg,
+        normalization=normalization,
+    )

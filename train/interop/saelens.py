@@ -20,6 +20,7 @@ Imports fold SAELens' input scaling exactly, keeping the latents SAELens compute
 - TopK with ``rescale_acts_by_decoder_norm``: the decoder norms fold into the encoder (exact).
 Imports never unpickle: weights are read with safetensors only.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,10 @@ FILES = ("cfg.json", "sae_weights.safetensors")
 SCALER = "activation_scaler.json"  # SAELens' training checkpoints keep the input scale here
 WHITENING = "activation_whitening.safetensors"  # ... and the whitening (mean, matrix, inverse_matrix)
 TRANSCODERS = {"transcoder": "standard", "jumprelu_transcoder": "jumprelu"}  # -> the SAE architecture
-PER_TOKEN = {"constant_norm_rescale": "rescales every token to norm sqrt(d_in)",
-             "layer_norm": "centres and scales every token by its own mean and standard deviation"}
+PER_TOKEN = {
+    "constant_norm_rescale": "rescales every token to norm sqrt(d_in)",
+    "layer_norm": "centres and scales every token by its own mean and standard deviation",
+}
 
 
 def is_saelens(path: Path) -> bool:
@@ -53,8 +56,9 @@ def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder: give a new folder to export into")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(f"{out} is not empty: give an empty or new folder, or pass --force to overwrite "
-                        f"{' and '.join(FILES)} there")
+        raise UserError(
+            f"{out} is not empty: give an empty or new folder, or pass --force to overwrite {' and '.join(FILES)} there"
+        )
 
 
 def export_saelens(lake: Lake | str, name: str, out: str | Path, force: bool = False) -> Path:
@@ -72,8 +76,10 @@ def export_saelens(lake: Lake | str, name: str, out: str | Path, force: bool = F
     if fmt is None:
         raise UserError(f"SAE {name!r} is a {kind.name}: SAELens has no format for it")
     if getattr(options, "decoder_norm_topk", False):
-        raise UserError(f"SAE {name!r} selects its top k by pre-activation x decoder norm: SAELens' topk selects by "
-                        "pre-activation, so it has no format for it")
+        raise UserError(
+            f"SAE {name!r} selects its top k by pre-activation x decoder norm: SAELens' topk selects by "
+            "pre-activation, so it has no format for it"
+        )
     w = store.weights(name)
     tensors = {k: w[k].float().contiguous() for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
     if "threshold" in w:
@@ -84,17 +90,37 @@ def export_saelens(lake: Lake | str, name: str, out: str | Path, force: bool = F
     if transcoder:
         architecture = {v: k for k, v in TRANSCODERS.items()}.get(architecture, architecture)
     scfg = {
-        "architecture": architecture, "d_in": cfg["d_in"], "d_sae": cfg["d_sae"],
-        "dtype": "float32", "device": "cpu", "model_name": cfg.get("model"), "hook_name": cfg["hook"],
-        "hook_layer": int(layer.group(1)) if layer else None, "hook_head_index": None,
-        "activation_fn_str": fmt.activation_fn, "activation_fn_kwargs": fmt.activation_kwargs,
-        "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input")), "normalize_activations": "none",
-        "finetuning_scaling_factor": False, "prepend_bos": True, "context_size": None,
-        "dataset_path": cfg.get("dataset"), "sae_lens_training_version": None, "neuronpedia_id": None,
-        "metadata": {"exported_by": "saelake", "saelake_name": name, "saelake_arch": kind.name,
-                     "run": cfg.get("run"), "version": cfg.get("version"), "fvu": cfg.get("fvu"), "l0": cfg.get("l0"),
-                     "bos_excluded": cfg.get("bos_excluded"), "outlier_factor": cfg.get("outlier_factor"),
-                     "normalization_folded": True},
+        "architecture": architecture,
+        "d_in": cfg["d_in"],
+        "d_sae": cfg["d_sae"],
+        "dtype": "float32",
+        "device": "cpu",
+        "model_name": cfg.get("model"),
+        "hook_name": cfg["hook"],
+        "hook_layer": int(layer.group(1)) if layer else None,
+        "hook_head_index": None,
+        "activation_fn_str": fmt.activation_fn,
+        "activation_fn_kwargs": fmt.activation_kwargs,
+        "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input")),
+        "normalize_activations": "none",
+        "finetuning_scaling_factor": False,
+        "prepend_bos": True,
+        "context_size": None,
+        "dataset_path": cfg.get("dataset"),
+        "sae_lens_training_version": None,
+        "neuronpedia_id": None,
+        "metadata": {
+            "exported_by": "saelake",
+            "saelake_name": name,
+            "saelake_arch": kind.name,
+            "run": cfg.get("run"),
+            "version": cfg.get("version"),
+            "fvu": cfg.get("fvu"),
+            "l0": cfg.get("l0"),
+            "bos_excluded": cfg.get("bos_excluded"),
+            "outlier_factor": cfg.get("outlier_factor"),
+            "normalization_folded": True,
+        },
         **fmt.fields,
     }
     if transcoder:
@@ -117,11 +143,17 @@ def _read_cfg(path: Path) -> dict:
     meta = scfg.get("metadata")
     if meta is not None and not isinstance(meta, dict):
         raise UserError(f"{where}: key 'metadata' must be a JSON object, not {meta!r:.40}")
-    for key, typ in (("architecture", str), ("hook_name", str), ("hook_name_out", str),
-                     ("normalize_activations", (str, bool)), ("activation_fn_kwargs", dict)):
+    for key, typ in (
+        ("architecture", str),
+        ("hook_name", str),
+        ("hook_name_out", str),
+        ("normalize_activations", (str, bool)),
+        ("activation_fn_kwargs", dict),
+    ):
         if scfg.get(key) is not None and not isinstance(scfg[key], typ):
-            raise UserError(f"{where}: key {key!r} must be a {'JSON object' if typ is dict else 'string'}, "
-                            f"not {scfg[key]!r:.40}")
+            raise UserError(
+                f"{where}: key {key!r} must be a {'JSON object' if typ is dict else 'string'}, not {scfg[key]!r:.40}"
+            )
     return scfg
 
 
@@ -130,9 +162,11 @@ def _scaling_factor(path: Path, given: float | None) -> float:
     if given is None and (path / SCALER).is_file():
         given = read_json(path / SCALER).get("scaling_factor")
     if given is None:
-        raise UserError(f"{path}: normalize_activations is 'expected_average_only_in', so its weights expect inputs "
-                        f"scaled by a factor SAELens keeps outside cfg.json (no {SCALER} here): pass "
-                        "--norm-scaling-factor F (SAELens' norm_scaling_factor for this SAE) to fold it in")
+        raise UserError(
+            f"{path}: normalize_activations is 'expected_average_only_in', so its weights expect inputs "
+            f"scaled by a factor SAELens keeps outside cfg.json (no {SCALER} here): pass "
+            "--norm-scaling-factor F (SAELens' norm_scaling_factor for this SAE) to fold it in"
+        )
     if isinstance(given, bool) or not isinstance(given, (int, float)) or not math.isfinite(given) or given <= 0:
         raise UserError(f"{path}: the norm scaling factor must be a positive number, got {given!r}")
     return float(given)
@@ -140,8 +174,10 @@ def _scaling_factor(path: Path, given: float | None) -> float:
 
 def _fold_whitening(path: Path, w: dict, b_dec_on_input: bool) -> tuple[dict, dict]:
     if not (path / WHITENING).is_file():
-        raise UserError(f"{path}: normalize_activations is 'covariance_whitening' but there is no {WHITENING} (the "
-                        "whitening SAELens trained with): it cannot be folded")
+        raise UserError(
+            f"{path}: normalize_activations is 'covariance_whitening' but there is no {WHITENING} (the "
+            "whitening SAELens trained with): it cannot be folded"
+        )
     t = read_tensors(path / WHITENING)
     need(t, ("mean", "matrix", "inverse_matrix"), path / WHITENING)
     d = w["W_enc"].shape[0]
@@ -150,13 +186,19 @@ def _fold_whitening(path: Path, w: dict, b_dec_on_input: bool) -> tuple[dict, di
     M, M_inv, mean = t["matrix"].double(), t["inverse_matrix"].double(), t["mean"].double()
     W_enc = M @ w["W_enc"].double()
     b_enc = w["b_enc"].double() - (0 if b_dec_on_input else mean @ W_enc)
-    out = {**w, "W_enc": W_enc.float(), "b_enc": b_enc.float(), "W_dec": (w["W_dec"].double() @ M_inv).float(),
-           "b_dec": (w["b_dec"].double() @ M_inv + mean).float()}
+    out = {
+        **w,
+        "W_enc": W_enc.float(),
+        "b_enc": b_enc.float(),
+        "W_dec": (w["W_dec"].double() @ M_inv).float(),
+        "b_dec": (w["b_dec"].double() @ M_inv + mean).float(),
+    }
     return out, {"method": "saelens:covariance_whitening", "folded": True}
 
 
-def read_saelens(path: Path, *, norm_scaling_factor: float | None = None, hook: str | None = None,
-                 out_hook: str | None = None) -> Imported:
+def read_saelens(
+    path: Path, *, norm_scaling_factor: float | None = None, hook: str | None = None, out_hook: str | None = None
+) -> Imported:
     scfg = _read_cfg(path)
     meta = scfg.get("metadata") or {}
     architecture = scfg.get("architecture") or "standard"
@@ -171,15 +213,21 @@ def read_saelens(path: Path, *, norm_scaling_factor: float | None = None, hook: 
     norm = scfg.get("normalize_activations", "none")
     norm = {True: "expected_average_only_in", False: "none", None: "none"}.get(norm, norm)  # SAELens < 6: a bool
     if norm in PER_TOKEN:
-        raise UserError(f"{path}: normalize_activations is {norm!r}, which {PER_TOKEN[norm]} at run time; saelake "
-                        "dictionaries take raw activations with any scaling folded into their weights, and no "
-                        "weights express a per-token scale: this SAE cannot be imported")
+        raise UserError(
+            f"{path}: normalize_activations is {norm!r}, which {PER_TOKEN[norm]} at run time; saelake "
+            "dictionaries take raw activations with any scaling folded into their weights, and no "
+            "weights express a per-token scale: this SAE cannot be imported"
+        )
     if norm not in ("none", "expected_average_only_in", "covariance_whitening"):
-        raise UserError(f"{path}: unknown normalize_activations {norm!r} (SAELens writes none, "
-                        "expected_average_only_in, covariance_whitening, constant_norm_rescale or layer_norm)")
+        raise UserError(
+            f"{path}: unknown normalize_activations {norm!r} (SAELens writes none, "
+            "expected_average_only_in, covariance_whitening, constant_norm_rescale or layer_norm)"
+        )
     if scfg.get("reshape_activations", "none") not in ("none", None):
-        raise UserError(f"{path}: reshape_activations {scfg['reshape_activations']!r} (per-head hook_z SAEs) is not "
-                        "supported: saelake hooks give one vector per token")
+        raise UserError(
+            f"{path}: reshape_activations {scfg['reshape_activations']!r} (per-head hook_z SAEs) is not "
+            "supported: saelake hooks give one vector per token"
+        )
     w = read_tensors(path / FILES[1])
     if architecture == "batchtopk" and "topk_threshold" in w:  # a training checkpoint: its inference threshold
         w["threshold"] = w.pop("topk_threshold").reshape(()).expand(w["b_enc"].shape).clone()
@@ -190,8 +238,11 @@ def read_saelens(path: Path, *, norm_scaling_factor: float | None = None, hook: 
     weights = {k: w[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if "threshold" in w else ())}
     if scfg.get("rescale_acts_by_decoder_norm"):  # topk on pre·|W_dec|, decoded with W_dec/|W_dec|: fold it
         n = weights["W_dec"].norm(dim=1).clamp_min(1e-12)
-        weights |= {"W_enc": weights["W_enc"] * n, "b_enc": weights["b_enc"] * n,
-                    "W_dec": weights["W_dec"] / n.unsqueeze(1)}
+        weights |= {
+            "W_enc": weights["W_enc"] * n,
+            "b_enc": weights["b_enc"] * n,
+            "W_dec": weights["W_dec"] / n.unsqueeze(1),
+        }
     normalization = {"method": "none", "folded": True}
     if norm == "expected_average_only_in":
         s = _scaling_factor(path, norm_scaling_factor)
@@ -206,10 +257,20 @@ def read_saelens(path: Path, *, norm_scaling_factor: float | None = None, hook: 
     if not out_hook:
         raise UserError(f"{path}: a transcoder whose cfg.json names no output hook (hook_name_out): pass --out-hook")
     if out_hook == hook and d_out != d_in:
-        raise UserError(f"{path}: W_dec writes {d_out} values but reads {d_in} at one hook: a transcoder needs "
-                        "--out-hook")
+        raise UserError(
+            f"{path}: W_dec writes {d_out} values but reads {d_in} at one hook: a transcoder needs --out-hook"
+        )
     apply_b_dec = bool(scfg.get("apply_b_dec_to_input", not transcoder)) and d_in == d_out
-    return Imported(kind=kind, weights=weights, options=options, hooks=[hook], out_hooks=[out_hook],
-                    apply_b_dec_to_input=apply_b_dec, source_format="saelens", source_cfg=scfg,
-                    normalization=normalization, model=scfg.get("model_name") or meta.get("model_name"),
-                    dataset=scfg.get("dataset_path") or meta.get("dataset_path"))
+    return Imported(
+        kind=kind,
+        weights=weights,
+        options=options,
+        hooks=[hook],
+        out_hooks=[out_hook],
+        apply_b_dec_to_input=apply_b_dec,
+        source_format="saelens",
+        source_cfg=scfg,
+        normalization=normalization,
+        model=scfg.get("model_name") or meta.get("model_name"),
+        dataset=scfg.get("dataset_path") or meta.get("dataset_path"),
+    )

@@ -17,6 +17,7 @@ The venvs: ``python -m venv V && V/bin/pip install torch==2.13.0 PEER`` with PEE
 (6.54.12 here), eai-sparsify (1.3.3), llamascopium (2.0.0b34; it needs "transformer-lens<4" too, as it
 imports HookedTransformer).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
-HOOKS = ["blocks.0.hook_resid_post", "blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post",
-         "blocks.0.mlp.hook_in", "blocks.0.hook_mlp_out"]
+HOOKS = [
+    "blocks.0.hook_resid_post",
+    "blocks.1.mlp.hook_in",
+    "blocks.1.hook_mlp_out",
+    "blocks.1.hook_resid_post",
+    "blocks.0.mlp.hook_in",
+    "blocks.0.hook_mlp_out",
+]
 CONTEXTS, T = 2, 24
 
 
@@ -62,8 +69,11 @@ def saelake_exports(model_dir: Path, tmp: Path) -> None:
     out = HERE / "saelake_exports"
     shutil.rmtree(out, ignore_errors=True)
     gen = torch.Generator().manual_seed(1)
-    for arch, hooks, k in (("topk", (HOOKS[0], HOOKS[0]), 8), ("jumprelu", (HOOKS[0], HOOKS[0]), None),
-                           ("relu", (HOOKS[1], HOOKS[2]), None)):
+    for arch, hooks, k in (
+        ("topk", (HOOKS[0], HOOKS[0]), 8),
+        ("jumprelu", (HOOKS[0], HOOKS[0]), None),
+        ("relu", (HOOKS[1], HOOKS[2]), None),
+    ):
         sae = dictionaries.get(arch).build(32, 64, k=k)
         sae.initialize([gen], dec_norm=1.0)
         with torch.no_grad():
@@ -73,9 +83,22 @@ def saelake_exports(model_dir: Path, tmp: Path) -> None:
         if "threshold" in state:
             state["threshold"] = torch.rand(64, generator=gen) * 0.05
         name = f"{arch}-{'transcoder' if hooks[0] != hooks[1] else 'sae'}"
-        cfg = {"name": name, "arch": arch, "hook": hooks[0], "out_hook": hooks[1], "hooks": [hooks[0]],
-               "out_hooks": [hooks[1]], "d_in": 32, "d_sae": 64, "d_out": 32, "k": k, "model": "tiny-gpt2",
-               "status": "complete", "apply_b_dec_to_input": hooks[0] == hooks[1], "hyperparameters": {"k": k}}
+        cfg = {
+            "name": name,
+            "arch": arch,
+            "hook": hooks[0],
+            "out_hook": hooks[1],
+            "hooks": [hooks[0]],
+            "out_hooks": [hooks[1]],
+            "d_in": 32,
+            "d_sae": 64,
+            "d_out": 32,
+            "k": k,
+            "model": "tiny-gpt2",
+            "status": "complete",
+            "apply_b_dec_to_input": hooks[0] == hooks[1],
+            "hyperparameters": {"k": k},
+        }
         SAEStore(str(tmp / "lake")).save(cfg, state, register=False)
         export_saelens(str(tmp / "lake"), name, out / name)
 
@@ -98,8 +121,11 @@ def main() -> None:
             python = getattr(args, peer)
             if python:
                 print(f"{peer}: {python}", flush=True)
-                subprocess.run([python, str(HERE / f"peer_{peer}.py"), str(HERE), str(model_dir)], check=True,
-                               env={**os.environ, "PYTHONPATH": ""})
+                subprocess.run(
+                    [python, str(HERE / f"peer_{peer}.py"), str(HERE), str(model_dir)],
+                    check=True,
+                    env={**os.environ, "PYTHONPATH": ""},
+                )
 
 
 if __name__ == "__main__":

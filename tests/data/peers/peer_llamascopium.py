@@ -9,6 +9,7 @@ peer_reference.safetensors: ``latents`` (in its normalised space), ``output`` (d
 from the same folder loaded with ``fold_activation_scale=True``, ``latents_folded`` and
 ``output_folded`` (Llamascopium's own folding).
 """
+
 import shutil
 import sys
 from pathlib import Path
@@ -29,14 +30,22 @@ def rows(hook):
 
 
 def make(name, hook_in, hook_out, act_fn, with_norm=True, norm="dataset-wise", fold=False):
-    cfg = SAEConfig(hook_point_in=hook_in, hook_point_out=hook_out, d_model=32, expansion_factor=2, act_fn=act_fn,
-                    top_k=8, norm_activation=norm, sparsity_include_decoder_norm=with_norm)
+    cfg = SAEConfig(
+        hook_point_in=hook_in,
+        hook_point_out=hook_out,
+        d_model=32,
+        expansion_factor=2,
+        act_fn=act_fn,
+        top_k=8,
+        norm_activation=norm,
+        sparsity_include_decoder_norm=with_norm,
+    )
     sae = SparseAutoEncoder(cfg)
     x, y = rows(hook_in), rows(hook_out)
     norms = {hook_in: float(x.norm(dim=-1).mean()), hook_out: float(y.norm(dim=-1).mean())}
     sae.set_dataset_average_activation_norm(norms)
     with torch.no_grad():
-        sae.W_E.copy_(torch.randn(sae.W_E.shape, generator=gen) / 32 ** 0.5)
+        sae.W_E.copy_(torch.randn(sae.W_E.shape, generator=gen) / 32**0.5)
         sae.W_D.copy_(torch.randn(sae.W_D.shape, generator=gen) / 8 * (0.5 + torch.rand(64, 1, generator=gen)))
         sae.b_D.copy_(torch.randn(32, generator=gen) * 0.1)
         pre = sae.normalize_activations({hook_in: x})[hook_in] @ sae.W_E
@@ -78,11 +87,19 @@ make("sae_token_wise", H0, H0, "topk", norm="token-wise")
 from llamascopium.models.clt import CLTConfig, CrossLayerTranscoder  # noqa: E402
 
 ins, outs = ["blocks.0.mlp.hook_in", MLP_IN], ["blocks.0.hook_mlp_out", MLP_OUT]
-clt = CrossLayerTranscoder(CLTConfig(hook_points_in=ins, hook_points_out=outs, d_model=32, expansion_factor=1,
-                                     act_fn="jumprelu", norm_activation="dataset-wise"))
+clt = CrossLayerTranscoder(
+    CLTConfig(
+        hook_points_in=ins,
+        hook_points_out=outs,
+        d_model=32,
+        expansion_factor=1,
+        act_fn="jumprelu",
+        norm_activation="dataset-wise",
+    )
+)
 clt.set_dataset_average_activation_norm({h: float(rows(h).norm(dim=-1).mean()) for h in ins + outs})
 with torch.no_grad():
-    clt.W_E.copy_(torch.randn(clt.W_E.shape, generator=gen) / 32 ** 0.5)
+    clt.W_E.copy_(torch.randn(clt.W_E.shape, generator=gen) / 32**0.5)
     for W in clt.W_D:
         W.copy_(torch.randn(W.shape, generator=gen) / 8)
     for b in clt.b_D:

@@ -7,6 +7,7 @@ Each case folder holds what SAELens wrote (cfg.json, sae_weights.safetensors, ac
 ...) plus peer_reference.safetensors: SAELens' latents and output on the activations at the case's
 input hook (the raw activations: normalisation and its inverse applied as SAELens' trainer does).
 """
+
 import shutil
 import sys
 from pathlib import Path
@@ -75,19 +76,23 @@ def meta(hook=H0, **kw):
 
 x0 = rows(H0)
 x_in = rows(MLP_IN)
-for name, cls, cfg_cls, kw in (("standard", StandardSAE, StandardSAEConfig, {}),
-                               ("jumprelu", JumpReLUSAE, JumpReLUSAEConfig, {}),
-                               ("topk", TopKSAE, TopKSAEConfig, {"k": 8}),
-                               ("topk_rescaled", TopKSAE, TopKSAEConfig,
-                                {"k": 8, "rescale_acts_by_decoder_norm": True})):
+for name, cls, cfg_cls, kw in (
+    ("standard", StandardSAE, StandardSAEConfig, {}),
+    ("jumprelu", JumpReLUSAE, JumpReLUSAEConfig, {}),
+    ("topk", TopKSAE, TopKSAEConfig, {"k": 8}),
+    ("topk_rescaled", TopKSAE, TopKSAEConfig, {"k": 8, "rescale_acts_by_decoder_norm": True}),
+):
     sae = cls(cfg_cls(d_in=D, d_sae=S, metadata=meta(), **kw))
     randomize(sae, x0)
     save(name, sae, x0)
 
-for name, cls, cfg_cls in (("transcoder", Transcoder, TranscoderConfig),
-                           ("jumprelu_transcoder", JumpReLUTranscoder, JumpReLUTranscoderConfig)):
-    sae = cls(cfg_cls(d_in=D, d_sae=S, d_out=D, apply_b_dec_to_input=False,
-                      metadata=meta(MLP_IN, hook_name_out=MLP_OUT)))
+for name, cls, cfg_cls in (
+    ("transcoder", Transcoder, TranscoderConfig),
+    ("jumprelu_transcoder", JumpReLUTranscoder, JumpReLUTranscoderConfig),
+):
+    sae = cls(
+        cfg_cls(d_in=D, d_sae=S, d_out=D, apply_b_dec_to_input=False, metadata=meta(MLP_IN, hook_name_out=MLP_OUT))
+    )
     randomize(sae, x_in)
     save(name, sae, x_in)
 
@@ -103,9 +108,8 @@ inference = SAE.load_from_disk(folder)
 save("batchtopk", inference, x0)
 
 # expected_average_only_in: trained on x * s, s kept in activation_scaler.json (a training checkpoint)
-scaler = ActivationScaler(scaling_factor=float(D ** 0.5 / x0.norm(dim=-1).mean()))
-sae = StandardSAE(StandardSAEConfig(d_in=D, d_sae=S, normalize_activations="expected_average_only_in",
-                                    metadata=meta()))
+scaler = ActivationScaler(scaling_factor=float(D**0.5 / x0.norm(dim=-1).mean()))
+sae = StandardSAE(StandardSAEConfig(d_in=D, d_sae=S, normalize_activations="expected_average_only_in", metadata=meta()))
 randomize(sae, scaler.scale(x0))
 save("expected_average_only_in", sae, x0, scaler, [lambda f: scaler.save(str(f / "activation_scaler.json"))])
 
@@ -114,8 +118,9 @@ mean = x0.mean(0)
 cov = torch.cov((x0 - mean).T.double()) + 1e-3 * torch.eye(D, dtype=torch.double)
 evals, evecs = torch.linalg.eigh(cov)
 M = (evecs / evals.sqrt()).float()
-whiten = ActivationScaler(whitening=ActivationWhitening(mean=mean, matrix=M.contiguous(),
-                                                        inverse_matrix=torch.linalg.inv(M).contiguous()))
+whiten = ActivationScaler(
+    whitening=ActivationWhitening(mean=mean, matrix=M.contiguous(), inverse_matrix=torch.linalg.inv(M).contiguous())
+)
 sae = TopKSAE(TopKSAEConfig(d_in=D, d_sae=S, k=8, normalize_activations="covariance_whitening", metadata=meta()))
 randomize(sae, whiten.scale(x0))
 save("covariance_whitening", sae, x0, whiten, [lambda f: whiten.save(str(f / "activation_scaler.json"))])

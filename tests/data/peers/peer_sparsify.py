@@ -8,6 +8,7 @@ The activations come from the tiny model run through transformers with forward h
 trainer hooks them: saved in hook_activations.safetensors so the tests can check that saelake's
 TransformerLens hooks see the same vectors.
 """
+
 import shutil
 import sys
 from pathlib import Path
@@ -31,8 +32,11 @@ def hook(name, transcode):
     def fn(module, inputs, outputs):
         inputs = inputs[0] if isinstance(inputs, tuple) else inputs
         outputs = outputs[0] if isinstance(outputs, tuple) else outputs
-        seen[name] = (inputs.flatten(0, 1).detach().clone() if transcode else None,
-                      outputs.flatten(0, 1).detach().clone())
+        seen[name] = (
+            inputs.flatten(0, 1).detach().clone() if transcode else None,
+            outputs.flatten(0, 1).detach().clone(),
+        )
+
     return fn
 
 
@@ -41,8 +45,10 @@ with torch.no_grad():
     model(tokens)
 for h in handles:
     h.remove()
-save_file({f"{p}.{io}": t.contiguous() for p, (i, o) in seen.items() for io, t in (("in", i), ("out", o))
-           if t is not None}, str(out.parent / "sparsify_hook_activations.safetensors"))
+save_file(
+    {f"{p}.{io}": t.contiguous() for p, (i, o) in seen.items() for io, t in (("in", i), ("out", o)) if t is not None},
+    str(out.parent / "sparsify_hook_activations.safetensors"),
+)
 
 shutil.rmtree(out, ignore_errors=True)
 for point, transcode in POINTS.items():
@@ -59,6 +65,8 @@ for point, transcode in POINTS.items():
     with torch.no_grad():
         fwd = loaded(x, y)
     latents = torch.zeros(x.shape[0], 64).scatter_(1, fwd.latent_indices, fwd.latent_acts.float())
-    save_file({"latents": latents.contiguous(), "output": fwd.sae_out.float().contiguous()},
-              str(out / point / "peer_reference.safetensors"))
+    save_file(
+        {"latents": latents.contiguous(), "output": fwd.sae_out.float().contiguous()},
+        str(out / point / "peer_reference.safetensors"),
+    )
     print(point, "L0", float((latents > 0).float().sum(-1).mean()))
