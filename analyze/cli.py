@@ -45,6 +45,9 @@ def _positive(name: str, v: int | None, zero_ok: bool = False) -> None:
 @click.option("--dataset", default=None, help="--live: corpus (default: the SAE's, else builtin).")
 @click.option("--context-size", type=int, default=None, help="--live: context size (default 128).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample priority hash.")
+@click.option(
+    "--from-index", default=None, help="Take the codes from this latent index (lake encode) instead of encoding."
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def analyze_cmd(
     lake_uri,
@@ -67,6 +70,7 @@ def analyze_cmd(
     dataset,
     context_size,
     seed,
+    from_index,
     quiet,
 ):
     """Per-feature statistics and samples of an SAE -> a feature store."""
@@ -105,6 +109,7 @@ def analyze_cmd(
         dataset=dataset,
         context_size=context_size,
         seed=seed,
+        from_index=from_index,
     )
     rec = analyze(cfg, progress=not quiet)
     click.echo(

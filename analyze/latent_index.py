@@ -279,3 +279,58 @@ def encode_cmd(lake_uri, sae, run, version, name, batch_size, commit_contexts, r
         f"latents ({rec.entries / max(rec.tokens, 1):.1f} per token); query it as "
         f"latents__{re.sub(r'[^A-Za-z0-9_]', '_', rec.name)}"
     )
+
+
+def index_batches(lake: Lake, rec: LatentIndexRecord, T: int, batch_size: int):
+    """Whole contexts from a latent index, in context order, ``batch_size`` at a time: (context_id [n],
+    doc_id [n], tokens [n, T] (excluded positions get the first excluded id, i.e. BOS), present [n, T]
+    (the index has the token), and the non-zero latents as (rows = context·T + position, lat, vals))."""
+    ds = lance.dataset(
+        lake.storage.uri("indexes", rec.name, TABLE),
+        version=rec.lance_version,
+        storage_options=lake.storage.storage_options,
+    )
+    fill = rec.excluded_token_ids[0] if rec.excluded_token_ids else 0
+    buf: list[dict[str, torch.Tensor]] = []
+
+    def as_tensors(b: pa.RecordBatch) -> dict[str, torch.Tensor]:
+        feats, acts = b.column("features"), b.column("acts")
+        return {
+            "ctx": torch.from_numpy(b.column("context_id").to_numpy()),
+            "doc": torch.from_numpy(b.column("doc_id").to_numpy()),
+            "pos": torch.from_numpy(b.column("position").to_numpy()).long(),
+            "tok": torch.from_numpy(b.column("token_id").to_numpy()),
+            "len": torch.from_numpy(feats.value_lengths().to_numpy(zero_copy_only=False)).long(),
+            "lat": torch.from_numpy(feats.flatten().to_numpy()).long(),
+            "val": torch.from_numpy(acts.flatten().to_numpy()).float(),
+        }
+
+    def emit(t: dict[str, torch.Tensor]):
+        ctx, first = torch.unique_consecutive(t["ctx"], return_inverse=True)
+        n = len(ctx)
+        tokens = torch.full((n, T), fill, dtype=torch.int32)
+        present = torch.zeros(n, T, dtype=torch.bool)
+        tokens[first, t["pos"]] = t["tok"].to(torch.int32)
+        present[first, t["pos"]] = True
+        doc = torch.zeros(n, dtype=torch.long)
+        doc[first] = t["doc"]
+        rows = (first * T + t["pos"]).repeat_interleave(t["len"])
+        return ctx, doc, tokens, present, rows, t["lat"], t["val"]
+
+    def cat(parts):
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    for b in ds.scanner(batch_size=65536).to_batches():
+        buf.append(as_tensors(b))
+        t = cat(buf)
+        ctx = torch.unique_consecutive(t["ctx"])
+        while len(ctx) > batch_size:  # the last context may continue in the next record batch
+            cut = int(torch.searchsorted(t["ctx"], ctx[batch_size]))
+            ecut = int(t["len"][:cut].sum())
+            head = {k: (v[:ecut] if k in ("lat", "val") else v[:cut]) for k, v in t.items()}
+            t = {k: (v[ecut:] if k in ("lat", "val") else v[cut:]) for k, v in t.items()}
+            yield emit(head)
+            ctx = ctx[batch_size:]
+        buf = [t]
+    if buf and len(buf[0]["ctx"]):
+        yield emit(buf[0])

@@ -64,7 +64,43 @@ class AnalyzeConfig:
     context_size: int | None = None
     seed: int = 0
     device: str = "cpu"
+    from_index: str | None = None  # a latent index of this SAE (lake encode): its codes instead of encoding
     extra: dict = field(default_factory=dict)
+
+
+def _stats_from_index(
+    cfg: AnalyzeConfig,
+    lake: Lake,
+    sae_name: str,
+    desc: dict,
+    T: int,
+    n_max: int,
+    stats: FeatureStats,
+    skip: torch.Tensor,
+    bar,
+) -> None:
+    """The statistics from a latent index's stored codes (float16 values) instead of encoding."""
+    from .latent_index import index_batches
+
+    rec = lake.index_record(cfg.from_index)
+    if rec is None:
+        raise UserError(f"no latent index {cfg.from_index!r}: make one with `lake encode {sae_name}`")
+    if rec.status != "complete" or rec.sae != sae_name or (rec.run, rec.version) != (desc["run"], desc["version"]):
+        raise UserError(
+            f"latent index {rec.name!r} is {rec.status}, of SAE {rec.sae} on {rec.run} v{rec.version}: "
+            f"it must be a complete index of {sae_name} on {desc['run']} v{desc['version']}"
+        )
+    for ctx, doc, tokens, present, rows, lat, vals in index_batches(lake, rec, T, cfg.batch_size):
+        n = min(len(ctx), n_max - stats.n_contexts)
+        if n <= 0:
+            break
+        valid = present[:n] & ~torch.isin(tokens[:n], skip)
+        first = rows < n * T  # the first n contexts
+        rows, lat, vals = rows[first], lat[first], vals[first]
+        keep = valid.reshape(-1)[rows]
+        stats.update(rows[keep], lat[keep], vals[keep], tokens[:n], valid, ctx[:n], doc[:n])
+        if bar is not None:
+            bar.update(n * T)
 
 
 def load_sae(lake: Lake, spec: str):
@@ -198,8 +234,10 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalysisRecord:
 
         bar = tqdm(total=n_max * T, unit="tok", desc=f"analyze {name}", smoothing=0.1)
     t0 = time.perf_counter()
+    if cfg.from_index:
+        _stats_from_index(cfg, lake, sae_name, desc, T, n_max, stats, skip, bar)
     with torch.no_grad():
-        for batch in src.context_batches(cfg.batch_size, hooks):
+        for batch in [] if cfg.from_index else src.context_batches(cfg.batch_size, hooks):
             n = min(len(batch), n_max - stats.n_contexts)
             if n <= 0:
                 break

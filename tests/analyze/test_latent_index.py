@@ -155,3 +155,27 @@ def test_bad_input_is_one_line(indexed):
     assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
     code, out, err = cli("query", "--lake", indexed, "select * from latents__nope")
     assert code == 2 and "lake encode" in err
+
+
+def test_analyze_from_the_index_equals_analyze_by_encoding(indexed, tmp_path):
+    import shutil
+
+    lake = str(tmp_path / "lake")
+    shutil.copytree(indexed, lake)
+    assert cli("analyze", "--lake", lake, "topk", "--name", "enc", "--quiet")[0] == 0
+    code, out, err = cli("analyze", "--lake", lake, "topk", "--name", "idx", "--from-index", "topk", "--quiet")
+    assert code == 0, err
+    a = lance.dataset(next((Path(lake) / "analyses" / "enc").glob("features-*.lance"))).to_table().to_pylist()
+    b = lance.dataset(next((Path(lake) / "analyses" / "idx").glob("features-*.lance"))).to_table().to_pylist()
+    assert len(a) == len(b) == 64
+    fired = 0
+    for fa, fb in zip(a, b):
+        assert fa["feature"] == fb["feature"] and fa["count"] == fb["count"]
+        fired += fa["count"] > 0
+        assert abs(fa["max_act"] - fb["max_act"]) <= 1e-3 * max(1.0, fa["max_act"])  # the index stores float16
+        tops = [s for s in fa["samples"] if s["kind"] == "top"]
+        if len(tops) > 1 and tops[0]["max_act"] > 1.01 * tops[1]["max_act"]:  # no float16 tie at the top
+            assert tops[0]["context_id"] == [s for s in fb["samples"] if s["kind"] == "top"][0]["context_id"]
+    assert fired > 10
+    code, out, err = cli("analyze", "--lake", lake, "relu", "--name", "x", "--from-index", "topk", "--quiet")
+    assert code == 2 and "latent index" in err
