@@ -61,6 +61,29 @@ CONFINED = {
 }
 
 
+# the saes table's scalar columns, in order (train fills an SAE config with them)
+SAE_COLUMNS = (
+    "name",
+    "arch",
+    "hook",
+    "out_hook",
+    "d_in",
+    "d_sae",
+    "k",
+    "run",
+    "version",
+    "tokens_trained",
+    "fvu",
+    "l0",
+    "dead_fraction",
+    "status",
+    "created",
+    "heldout_fvu",
+    "heldout_l0",
+    "heldout_dead_fraction",
+)
+
+
 class CatalogError(Exception):
     pass
 
@@ -171,26 +194,7 @@ class Catalog:
         if con is None:
             with self.connect() as con:
                 return self.upsert_sae(config, uri, metrics, con)
-        cols = [
-            "name",
-            "arch",
-            "hook",
-            "out_hook",
-            "d_in",
-            "d_sae",
-            "k",
-            "run",
-            "version",
-            "tokens_trained",
-            "fvu",
-            "l0",
-            "dead_fraction",
-            "status",
-            "created",
-            "heldout_fvu",
-            "heldout_l0",
-            "heldout_dead_fraction",
-        ]
+        cols = list(SAE_COLUMNS)
         con.execute("begin")
         con.execute("delete from saes where name = ?", [config["name"]])
         con.execute(

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from saelake.catalog import SAE_COLUMNS
 from saelake.lake import Lake, UserError
 from saelake.lake.storage import check_name
 
@@ -32,26 +33,7 @@ METRIC_DEFINITIONS = {
     "delta_lm_loss": "CE_sae - CE_clean (nats per token, BOS positions excluded)",
     "kl": "mean over non-BOS positions of KL(p_clean || p_sae) (nats)",
 }
-CATALOG_COLUMNS = (
-    "name",
-    "arch",
-    "hook",
-    "out_hook",
-    "d_in",
-    "d_sae",
-    "k",
-    "run",
-    "version",
-    "tokens_trained",
-    "fvu",
-    "l0",
-    "dead_fraction",
-    "status",
-    "created",
-    "heldout_fvu",
-    "heldout_l0",
-    "heldout_dead_fraction",
-)
+CATALOG_COLUMNS = SAE_COLUMNS  # the catalog's saes columns: a config holds each (None when unknown)
 
 
 def now() -> str:
