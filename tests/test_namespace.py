@@ -26,14 +26,16 @@ def test_a_script_named_train_py_next_to_analyze_py_uses_the_library(tmp_path, t
     (tmp_path / "analyze.py").write_text("def summary(batch):\n    return f'{len(batch.token_id)} rows'\n")
     (tmp_path / "train.py").write_text(
         textwrap.dedent(f"""
-        import analyze                      # ./analyze.py, not the library
+        import importlib
+
+        helper = importlib.import_module("analyze")  # the researcher's ./analyze.py, not the library
         from saelake.analyze import AnalyzeConfig
         from saelake.lake import SnapshotSource
         from saelake.train import SAEConfig, SAEStore
 
         src = SnapshotSource({tiny_lake!r}, "r1")
         batch = next(src.token_batches(64, seed=0))
-        print(analyze.summary(batch), SAEStore.__module__, SAEConfig.__module__, AnalyzeConfig.__module__)
+        print(helper.summary(batch), SAEStore.__module__, SAEConfig.__module__, AnalyzeConfig.__module__)
     """)
     )
     p = _python(tmp_path, "train.py")
