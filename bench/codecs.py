@@ -28,35 +28,22 @@ import platform
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import benchlib  # noqa: E402  (sets the offline environment)
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = ["float32", "float16", "bfloat16", "int8", "float8"]
 
 
 def ensure_run(a, run: str, dataset: str, dtype: str, tokens: int) -> None:
-    from saelake.lake import IngestConfig, Lake, ingest
-
-    lake = Lake(a.lake)
-    if run in lake.run_names() and lake.manifest(run).status == "complete":
-        return
-    print(f"ingesting {run} ({tokens:,} tokens, {dtype}) ...", flush=True)
-    ingest(
-        IngestConfig(
-            lake=a.lake,
-            model=a.model,
-            dataset=dataset,
-            hooks=[a.hook],
-            tokens=tokens,
-            context_size=a.context_size,
-            layouts=["1d"],
-            dtype=dtype,
-            run=run,
-            resume=run in lake.run_names(),
-        ),
-        progress=True,
+    benchlib.ensure_run(
+        a.lake,
+        run,
+        model=a.model,
+        dataset=dataset,
+        hook=a.hook,
+        tokens=tokens,
+        context_size=a.context_size,
+        dtype=dtype,
     )
 
 
@@ -138,16 +125,7 @@ def main() -> None:
     dtypes = a.dtypes.split(",")
     if "float32" not in dtypes:
         dtypes.insert(0, "float32")
-    held = Path(a.heldout_dataset)
-    heldout_src = a.heldout_dataset
-    if held.is_dir() and not any(f.suffix == ".txt" for f in held.iterdir()):
-        # licence files have no extension: copy them as .txt documents once
-        copy = Path(a.lake).parent / "heldout-text"
-        copy.mkdir(parents=True, exist_ok=True)
-        for f in held.iterdir():
-            if f.is_file():
-                (copy / f"{f.name}.txt").write_bytes(f.read_bytes())
-        heldout_src = str(copy)
+    heldout_src = benchlib.heldout_text(a.heldout_dataset)
     runs = {d: f"reader-{d}-{a.tokens}" for d in dtypes}  # shared with bench/reader.py
     for d in dtypes:
         ensure_run(a, runs[d], a.dataset, d, a.tokens)

@@ -30,9 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import benchlib  # noqa: E402  (sets the offline environment)
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 4096
@@ -84,27 +82,17 @@ def free_port() -> int:
 
 def ensure_run(a, dtype: str) -> str:
     """The run for one dtype in the local bench lake (ingested once)."""
-    from saelake.lake import IngestConfig, Lake, ingest
-
     run = f"reader-{dtype}-{a.tokens}"
-    lake = Lake(a.lake)
-    if run not in lake.run_names() or lake.manifest(run).status != "complete":
-        print(f"ingesting {run} ...", flush=True)
-        ingest(
-            IngestConfig(
-                lake=a.lake,
-                model=a.model,
-                dataset=a.dataset,
-                hooks=[a.hook],
-                tokens=a.tokens,
-                context_size=a.context_size,
-                layouts=["1d"],
-                dtype=dtype,
-                run=run,
-                resume=run in lake.run_names(),
-            ),
-            progress=True,
-        )
+    benchlib.ensure_run(
+        a.lake,
+        run,
+        model=a.model,
+        dataset=a.dataset,
+        hook=a.hook,
+        tokens=a.tokens,
+        context_size=a.context_size,
+        dtype=dtype,
+    )
     return run
 
 

@@ -124,3 +124,17 @@ def test_crosscoder_reads_and_writes_its_hooks():
     assert torch.equal(x, torch.cat([acts["a"], acts["b"]], -1)) and torch.equal(m.target(acts), x)
     parts = m.written(m(x)[0], {"a": 16, "b": 8})
     assert list(parts) == ["a", "b"] and parts["a"].shape == (5, 16) and parts["b"].shape == (5, 8)
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu"])
+def test_initial_encoder_is_the_decoder_transposed_at_the_kinds_norm(arch):
+    """TopK kinds start their encoder rows at init_encoder_norm (default 1/sqrt(3), nn.Linear's and
+    sparsify's scale) along the decoder rows; other kinds at the decoder's norm."""
+    m = dictionaries.get(arch).build(16, 48, n=2, init_encoder_norm=[0.5, None] if arch == "topk" else None)
+    m.initialize([torch.Generator().manual_seed(i) for i in range(2)])
+    dec = m.W_dec.detach()
+    enc = m.W_enc.detach().transpose(1, 2)
+    want = [0.5, 3**-0.5] if arch == "topk" else [0.1, 0.1]  # relu's decoder rows start at 0.1
+    for i in range(2):
+        torch.testing.assert_close(enc[i].norm(dim=-1), torch.full((48,), want[i]))
+        torch.testing.assert_close(enc[i] / want[i], dec[i] / dec[i].norm(dim=-1, keepdim=True))

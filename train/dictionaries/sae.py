@@ -75,17 +75,20 @@ class SAE(Dictionary):
     @torch.no_grad()
     def initialize(self, generators: list[torch.Generator], dec_norm: float | None = None) -> None:
         """Decoder rows random with norm ``dec_norm`` (default: the kind's ``init_decoder_norm``, as in
-        training); encoder = decoder transpose (tied init)."""
+        training); encoder = decoder transpose (tied init), its rows at ``encoder_init_norm``."""
         dec_norm = self.init_decoder_norm if dec_norm is None else dec_norm
         for m, gen in enumerate(generators):
             w = torch.randn(self.d_sae, self.d_out, generator=gen)
-            w = w / w.norm(dim=1, keepdim=True) * dec_norm
-            self.W_dec[m] = w.to(self.W_dec.device)
-            if self.d_in == self.d_out:
-                self.W_enc[m] = w.t().to(self.W_enc.device)
-            else:
-                e = torch.randn(self.d_sae, self.d_in, generator=gen)
-                self.W_enc[m] = (e / e.norm(dim=1, keepdim=True) * dec_norm).t().to(self.W_enc.device)
+            w = w / w.norm(dim=1, keepdim=True)
+            self.W_dec[m] = (w * dec_norm).to(self.W_dec.device)
+            if self.d_in != self.d_out:
+                w = torch.randn(self.d_sae, self.d_in, generator=gen)
+                w = w / w.norm(dim=1, keepdim=True)
+            self.W_enc[m] = (w * self.encoder_init_norm(m, dec_norm)).t().to(self.W_enc.device)
+
+    def encoder_init_norm(self, m: int, dec_norm: float) -> float:
+        """Initial norm of member ``m``'s encoder rows: the decoder's, unless the kind says otherwise."""
+        return dec_norm
 
     @torch.no_grad()
     def init_from_data(self, y: torch.Tensor, how: str) -> None:
