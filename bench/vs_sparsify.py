@@ -298,7 +298,7 @@ def main() -> None:
     print(f"\n{setup}; held-out rows {len(x_held):,} of other text")
     print(f"{'variant':40s} {'FVU all':>8s} {'<10x med':>8s} {'tok/s':>7s}  final train FVU, dead")
     for name, r in results.items():
-        last = r["trace"][-1]
+        last = next((t for t in reversed(r["trace"]) if "fvu" in t), {})
         print(
             f"{name:40s} {r['heldout']['all']:8.4f} {r['heldout']['under_10x_median']:8.4f} "
             f"{r['tokens_per_second']:7.0f}  {last.get('fvu', float('nan')):.4f}, "

@@ -194,7 +194,8 @@ class _SparseEncode(torch.autograd.Function):
         if ctx.apply_b_dec:  # pre = (x - b_dec) W_enc + b_enc
             g_Wt.baddbmm_(g_b_enc.unsqueeze(2), b_dec.unsqueeze(1), alpha=-1)
             g_b_dec = -torch.bmm(W_enc, g_b_enc.unsqueeze(2)).squeeze(2)
-        return None, g_b_dec, g_Wt.transpose(1, 2).contiguous(), g_b_enc, None, None, None
+        # a view: W_enc is itself the transposed view of the stored [n, S, d] parameter, whose grad this is
+        return None, g_b_dec, g_Wt.transpose(1, 2), g_b_enc, None, None, None
 
 
 class _SparseDecode(torch.autograd.Function):

@@ -30,7 +30,8 @@ def make_sae(
     from saelake.train import dictionaries
     from saelake.train.store import SAEStore
 
-    sae = dictionaries.get(arch).build(d_in, d_sae, k=k if arch in ("topk", "batchtopk") else None)
+    topk = arch in ("topk", "batchtopk")  # encoder = decoder transposed, both unit rows: it inverts the decoder
+    sae = dictionaries.get(arch).build(d_in, d_sae, k=k if topk else None, init_encoder_norm=1.0 if topk else None)
     sae.initialize([torch.Generator().manual_seed(seed)], dec_norm=1.0)
     with torch.no_grad():
         sae.b_enc.fill_(bias)

@@ -1,4 +1,4 @@
-"""Bit-identical training numbers across refactors.
+"""The training numbers across refactors: equal to the recorded ones up to float32 reordering.
 
 ``tests/data/golden/steps.safetensors`` holds real activations of the tiny test model (normalised, as
 the trainer feeds them) and, for every case below, each member's state after ``STEPS`` training steps
@@ -6,8 +6,11 @@ as recorded by the code of commit 0097db9 (before the dictionary registry): para
 the BatchTopK inference threshold and the dead-latent counters. This test replays the stored inputs
 through the trainer's own step (``Group``: init from the seed, b_dec from the first batch's mean as
 ``b_dec_init = "mean"`` does, ``step`` with its schedules, AuxK and Adam) and requires every tensor to
-be equal, bit for bit. The fixture is written by ``tests/train/make_golden.py`` (see there); never
-regenerate it to make this test pass: a difference means the numbers changed.
+match: bit for bit until the encoder was stored latent-major (its GEMM then sums in another
+order), since then within float32 reordering noise (atol 1e-6 on values of 0.01-1: the differences
+are up to 3e-7; a real change of the numbers moves them by 1e-3 or more). The fixture is written by
+``tests/train/make_golden.py`` (see there); never regenerate it to make this test pass: a
+difference means the numbers changed.
 """
 
 from __future__ import annotations
@@ -79,17 +82,21 @@ def replay(case: str, acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         x = cat(c.hooks, step)
         y = x if c.all_out_hooks == c.hooks else cat(c.all_out_hooks, step)
         g.step(x, y, step, STEPS, c.dead_window, nullcontext(), stats=True)
-    return {
-        f"{case}.{i}.{k}": v.detach().clone().contiguous() for i in range(g.n) for k, v in g.member_tensors(i).items()
-    }
+    out = {}
+    for i in range(g.n):
+        for k, v in g.member_tensors(i).items():
+            if k.endswith(".W_enc_t"):  # the encoder is stored latent-major now; recorded as [d_in, d_sae]
+                k, v = k[: -len("_t")], v.t()
+            out[f"{case}.{i}.{k}"] = v.detach().clone().contiguous()
+    return out
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_training_steps_are_bit_identical(case):
+def test_training_steps_match_the_recorded_numbers(case):
     stored = load_file(str(GOLDEN))
     acts = {k: v for k, v in stored.items() if k.startswith("input.")}
     want = {k: v for k, v in stored.items() if k.startswith(f"{case}.")}
     got = replay(case, acts)
     assert sorted(got) == sorted(want)
-    changed = [k for k in want if not torch.equal(got[k], want[k])]
+    changed = [k for k in want if not torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-6)]
     assert not changed, f"{case}: differs from the recorded numbers in {changed}"

@@ -36,8 +36,10 @@ def test_old_sae_loads_with_the_same_outputs(old_lake, name):
     want = load_file(str(LEGACY / "expected.safetensors"))
     with torch.no_grad():
         codes = sae.encode(want[f"{name}.x"])
-        assert torch.equal(codes.dense()[0], want[f"{name}.codes"])
-        assert torch.equal(sae.decode(codes)[0], want[f"{name}.y_hat"])
+        # the same latents, values within float32 reordering (the encoder is stored latent-major now)
+        assert torch.equal(codes.dense()[0] != 0, want[f"{name}.codes"] != 0)
+        torch.testing.assert_close(codes.dense()[0], want[f"{name}.codes"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sae.decode(codes)[0], want[f"{name}.y_hat"], rtol=1e-5, atol=1e-5)
 
 
 def test_old_sae_exports_and_shows(old_lake, tmp_path):

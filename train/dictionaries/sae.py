@@ -5,7 +5,7 @@ A member maps ``x [B, d_in]`` (one hook, or several hooks concatenated for a cro
 ``f [B, d_sae]`` and back to ``y_hat [B, d_out]`` (the same hooks for an SAE, other hooks for a
 transcoder):
 
-    pre   = (x - b_dec·[apply_b_dec_to_input]) @ W_enc + b_enc       W_enc [n, d_in, d_sae]
+    pre   = (x - b_dec·[apply_b_dec_to_input]) @ W_enc + b_enc       W_enc [n, d_in, d_sae] (stored transposed)
     f     = relu(pre) | topk(relu(pre), k) | batch-topk | pre·H(pre - θ)  (JumpReLU)
     y_hat = f @ W_dec + b_dec                                          W_dec [n, d_sae, d_out]
 
@@ -59,11 +59,18 @@ class SAE(Dictionary):
         n = self.n
         self.apply_b_dec_to_input = (d_in == d_out) if apply_b_dec_to_input is None else apply_b_dec_to_input
         kw = dict(device=device, dtype=torch.float32)
-        self.W_enc = nn.Parameter(torch.zeros(n, d_in, d_sae, **kw))
+        # stored latent-major, [n, d_sae, d_in]: the gradient of the sparse kinds (a sparse x dense
+        # product over latents) comes out in this layout, so it needs no transposing copy; ``W_enc`` is the view
+        self.W_enc_t = nn.Parameter(torch.zeros(n, d_sae, d_in, **kw))
         self.b_enc = nn.Parameter(torch.zeros(n, d_sae, **kw))
         self.W_dec = nn.Parameter(torch.zeros(n, d_sae, d_out, **kw))
         self.b_dec = nn.Parameter(torch.zeros(n, d_out, **kw))
         self.register_buffer("threshold", torch.zeros(n, **kw))
+
+    @property
+    def W_enc(self) -> torch.Tensor:
+        """[n, d_in, d_sae]: a view of the stored ``W_enc_t`` (writable)."""
+        return self.W_enc_t.transpose(1, 2)
 
     @classmethod
     def build(cls, d_in, d_sae, d_out=None, n=1, *, apply_b_dec_to_input: bool | None = None, **kw) -> SAE:
