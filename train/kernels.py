@@ -8,6 +8,7 @@ thread (``sparse_section``): on few busy cores OpenMP hand-offs cost more than t
 
 from __future__ import annotations
 
+import ctypes
 import os
 import warnings
 from dataclasses import dataclass
@@ -85,10 +86,11 @@ _DENSE: list[int] = []
 
 
 class sparse_section:
-    """A training step: the dense, compute-bound ops (encoder GEMM, top-k) keep every thread torch
-    had when the step began; everything else (sparse products, gathers, elementwise ops, Adam) runs on
-    ``SPARSE_THREADS`` (default 1, env SAELAKE_SPARSE_THREADS): these ops are memory-bound, and
-    OpenMP's spin-waits make them several times slower on 2 threads once other jobs share the cores."""
+    """A training step: the ops that take milliseconds each (encoder GEMM, top-k, the decoder's
+    embedding_bag, the sampled and sparse x dense products of the backward) keep every thread torch
+    had when the step began; everything else (index bookkeeping, gathers, elementwise ops, Adam) runs
+    on ``SPARSE_THREADS`` (default 1, env SAELAKE_SPARSE_THREADS): these ops are small, and OpenMP's
+    spin-waits make them several times slower on 2 threads once other jobs share the cores."""
 
     def __enter__(self):
         self.outer = torch.get_num_threads()
@@ -102,6 +104,19 @@ class sparse_section:
 
 def dense_threads() -> _Threads:
     return _Threads(_DENSE[-1] if _DENSE else torch.get_num_threads())
+
+
+def keep_freed_memory() -> None:
+    """Training allocates the same tensors every step. glibc hands blocks over its mmap threshold back
+    to the kernel when freed, and the next step's copy then pays a page fault per 4 KiB (a fresh
+    [4096, 576] float32 batch: ~2 ms). Serving blocks up to 32 MiB (glibc's largest threshold) from the
+    heap, and not trimming it, makes that reuse free. Linux/glibc only; elsewhere nothing happens."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 class Pattern:
@@ -145,7 +160,8 @@ class Pattern:
         At = torch.sparse_csr_tensor(
             crow_t, col, val.to(dense.dtype), (self.n * self.S, n_cols), check_invariants=False
         )
-        return torch.sparse.mm(At, dense)
+        with dense_threads():
+            return torch.sparse.mm(At, dense)
 
     def sampled(self, g: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         """``g[bag[i]] · W[flat[i]]`` for every entry (a sampled dense-dense product)."""
@@ -156,7 +172,8 @@ class Pattern:
             (self.n * self.B, self.n * self.S),
             check_invariants=False,
         )
-        return torch.sparse.sampled_addmm(pattern, g.contiguous(), W.t(), beta=0).values()
+        with dense_threads():
+            return torch.sparse.sampled_addmm(pattern, g.contiguous(), W.t(), beta=0).values()
 
     def member_sums(self, v: torch.Tensor) -> torch.Tensor:
         """[n]: sum of per-entry ``v`` over each member's entries."""
@@ -206,9 +223,10 @@ class _SparseDecode(torch.autograd.Function):
         n, S, d = W_dec.shape
         ctx.save_for_backward(vals, W_dec)
         ctx.pat, ctx.has_bias = pat, b_dec is not None
-        out = F.embedding_bag(
-            pat.flat, W_dec.reshape(n * S, d), pat.crow[:-1], mode="sum", per_sample_weights=vals.to(W_dec.dtype)
-        ).view(n, pat.B, d)
+        with dense_threads():
+            out = F.embedding_bag(
+                pat.flat, W_dec.reshape(n * S, d), pat.crow[:-1], mode="sum", per_sample_weights=vals.to(W_dec.dtype)
+            ).view(n, pat.B, d)
         if b_dec is not None:
             out += b_dec.unsqueeze(1)
         return out

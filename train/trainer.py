@@ -28,6 +28,7 @@ from . import holdout, inputs
 from .config import SAEConfig, SourceConfig
 from .dist import Comm
 from .group import Group
+from .kernels import keep_freed_memory
 from .store import METRIC_DEFINITIONS, SAEStore, fold_normalization, now, scale_vector
 
 IDENTITY_SKIP = ("name",)
@@ -275,6 +276,7 @@ class Trainer:
 
     def run(self) -> list[dict]:
         src, device = self.src, self.src.device
+        keep_freed_memory()
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
         groups: dict[tuple, list[SAEConfig]] = {}

@@ -66,6 +66,7 @@ class SAE(Dictionary):
         self.W_dec = nn.Parameter(torch.zeros(n, d_sae, d_out, **kw))
         self.b_dec = nn.Parameter(torch.zeros(n, d_out, **kw))
         self.register_buffer("threshold", torch.zeros(n, **kw))
+        self._pre_buffer: torch.Tensor | None = None  # ``pre(reuse=True)``'s storage (not state)
 
     @property
     def W_enc(self) -> torch.Tensor:
@@ -107,17 +108,27 @@ class SAE(Dictionary):
     def normalize_decoder(self) -> None:
         self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
 
-    def pre(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, d_in] (shared by all members) -> pre-activations [n, B, d_sae]."""
+    def pre(self, x: torch.Tensor, reuse: bool = False) -> torch.Tensor:
+        """[B, d_in] (shared by all members) -> pre-activations [n, B, d_sae]. ``reuse`` (no autograd;
+        training steps): written into a buffer kept for the next call, so the largest tensor of the step
+        is not allocated afresh each step (a fresh 75 MB tensor costs ~18 ms of page faults here)."""
         bias = self.b_enc
         if self.apply_b_dec_to_input:
             bias = bias - torch.bmm(self.b_dec.unsqueeze(1), self.W_enc).squeeze(1)
+        out = self._workspace(x.shape[0]) if reuse else None
         # GEMM, then the bias in place (addmm/baddbmm would first copy the broadcast bias into the
         # [B, d_sae] output: one more pass over the largest tensor of the step)
         with dense_threads():
             if self.n == 1:
-                return torch.mm(x, self.W_enc[0]).add_(bias).unsqueeze(0)
-            return torch.bmm(x.expand(self.n, *x.shape), self.W_enc).add_(bias.unsqueeze(1))
+                return torch.mm(x, self.W_enc[0], out=None if out is None else out[0]).add_(bias).unsqueeze(0)
+            return torch.bmm(x.expand(self.n, *x.shape), self.W_enc, out=out).add_(bias.unsqueeze(1))
+
+    def _workspace(self, B: int) -> torch.Tensor:
+        """A contiguous [n, B, d_sae] view of a flat buffer that grows to the largest batch seen."""
+        size, buf = self.n * B * self.d_sae, self._pre_buffer
+        if buf is None or buf.numel() < size or buf.device != self.W_enc_t.device:
+            buf = self._pre_buffer = torch.empty(size, device=self.W_enc_t.device)
+        return buf[:size].view(self.n, B, self.d_sae)
 
     def decode(self, codes: Codes, bias: bool = True) -> torch.Tensor:
         """-> [n, B, d_out] (``bias=False``: without b_dec, for AuxK)."""

@@ -83,7 +83,7 @@ class TopK(SAE):
         n, B, S = self.n, x.shape[0], self.d_sae
         ks = [int(v) for v in (self.k if k is None else k).tolist()] if not isinstance(k, list) else k
         with torch.no_grad():
-            pre = self.pre(x)
+            pre = self.pre(x, reuse=training)  # training: the step drops its codes (and pre) before the next
             score = pre * self.W_dec.norm(dim=-1).unsqueeze(1).to(pre.dtype) if self.decoder_norm_topk else pre
             pat, pre_vals = self._select(pre, score, ks, comm)
         vals = _SparseEncode.apply(x, self.b_dec, self.W_enc, self.b_enc, pre_vals, pat, self.apply_b_dec_to_input)
