@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -207,7 +208,8 @@ def run_ours(a, name: str, keys: dict, lr: float, run: str) -> dict:
     from saelake.train import SAEConfig, SAEStore, load_sae, train
 
     store = SAEStore(a.lake)
-    full = f"vs-sparsify-{name}-{time.strftime('%Y%m%d-%H%M%S')}"  # SAE names are claimed once
+    tag = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    full = f"vs-sparsify-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"  # SAE names are claimed once
     t = time.perf_counter()
     cfg = SAEConfig(hooks=[a.hook], arch="topk", k=a.k, d_sae=a.d_sae, lr=lr, name=full, seed=a.seed, **keys)
     (final,) = train(
