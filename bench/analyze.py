@@ -142,6 +142,27 @@ def child(lake: str, sae_name: str, tokens: int) -> None:
     )
 
 
+def from_index(lake: str, sae_name: str) -> dict:
+    """Seconds for `lake analyze` encoding the whole snapshot, for `lake encode` (the latent index),
+    and for `lake analyze --from-index` reading that index instead of encoding (issue 13)."""
+    from saelake.analyze.latent_index import encode
+    from saelake.analyze.run import AnalyzeConfig, analyze
+
+    index = f"{sae_name}-index-{time.time_ns()}"
+    out = {
+        "analyze_encoding_s": _timed(
+            lambda: analyze(AnalyzeConfig(lake=lake, sae=sae_name, name="fi-encoding", overwrite=True), progress=False)
+        ),
+        "encode_index_s": _timed(lambda: encode(lake, sae_name, name=index, progress=False)),
+    }
+    out["analyze_from_index_s"] = _timed(
+        lambda: analyze(
+            AnalyzeConfig(lake=lake, sae=sae_name, name="fi-index", from_index=index, overwrite=True), progress=False
+        )
+    )
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lake", default="/tmp/saelake-bench")
@@ -151,6 +172,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--arch", default="topk", choices=["topk", "relu"])
+    p.add_argument("--from-index", action="store_true", help="also time `lake analyze --from-index` (issue 13)")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -158,6 +180,13 @@ def main() -> None:
     if a.child:
         return child(a.lake, name, a.child)
     setup(a.lake, a.tokens, a.arch)
+    if a.from_index:
+        fi = from_index(a.lake, name)
+        print(
+            f"whole snapshot ({a.tokens} tokens): lake analyze (encoding) {fi['analyze_encoding_s']:.1f} s; "
+            f"lake encode (index) {fi['encode_index_s']:.1f} s, then lake analyze --from-index "
+            f"{fi['analyze_from_index_s']:.1f} s"
+        )
     tp = throughput(a.lake, name, a.throughput_tokens, a.batch_size, a.repeats)
     print(
         f"{a.arch} SAE d_sae 4608 on d_model 576, {tp['tokens']} tokens in batches of {a.batch_size} contexts x 128, "

@@ -255,14 +255,16 @@ class SnapshotSource:
                     mine = (at >= start) & ((at // batch_size) % world == rank)
                     rows = np.random.default_rng([seed, epoch, w, 2]).permutation(n)[mine]  # in stream order
                     if len(rows):
-                        yield self._window_rows(group, rows, cols, whole=world == 1)
+                        yield self._read_window(group, rows, cols, whole=world == 1)
                 epoch += 1
                 if not repeat:
                     return
 
         def batches():
             carry: dict[str, torch.Tensor] | None = None  # a window's last rows, short of a batch
-            for block in windows():
+            # two stages in two threads: Lance reads the next window while this one is permuted and decoded
+            for table, order in _prefetch(windows(), depth=1):
+                block = self._gather(table, order, cols)
                 n, i = len(block["token_id"]), 0
                 if carry is not None:  # complete it from this window's first rows (never copy a whole window)
                     i = min(n, batch_size - len(carry["token_id"]))
@@ -282,13 +284,10 @@ class SnapshotSource:
             self._pos["rows"] += len(batch) * world  # stream rows consumed: every rank's micro-batch
             yield batch
 
-    def _window_rows(self, group: list, rows: np.ndarray, cols: list[str], whole: bool) -> dict[str, torch.Tensor]:
-        """Rows ``rows`` (indices into the window's blocks, concatenated) in that order, as tensors of
-        stored cells per column. ``whole`` reads each block contiguously; otherwise only the wanted
-        rows are read (Lance takes sorted offsets), so data-parallel ranks read disjoint rows.
-
-        The permutation is a torch row gather (memcpy of whole cells), not Arrow's take, which
-        gathers a fixed-size list element by element."""
+    def _read_window(self, group: list, rows: np.ndarray, cols: list[str], whole: bool) -> tuple[pa.Table, np.ndarray]:
+        """(the window's rows as read, ``order``: where each of ``rows`` is in it). ``rows`` index into the
+        window's blocks, concatenated. ``whole`` reads each block contiguously; otherwise only the
+        wanted rows are read (Lance takes sorted offsets), so data-parallel ranks read disjoint rows."""
         if whole:
             table = pa.concat_tables(
                 [self._read(f, "tokens", columns=cols, offset=off, limit=n) for f, off, n in group]
@@ -302,6 +301,12 @@ class SnapshotSource:
                     parts.append(self._read(f, "tokens", columns=cols, indices=sel + off))
                 lo += n
             table, order = pa.concat_tables(parts), np.searchsorted(wanted, rows)
+        return table, order
+
+    def _gather(self, table: pa.Table, order: np.ndarray, cols: list[str]) -> dict[str, torch.Tensor]:
+        """The rows of ``table`` in ``order``, as tensors of stored cells per column. The permutation is a
+        torch row gather (memcpy of whole cells), not Arrow's take, which gathers a fixed-size list
+        element by element."""
         table = table.combine_chunks()
         index = torch.from_numpy(np.ascontiguousarray(order, dtype=np.int64))
         out = {}
