@@ -211,7 +211,7 @@ def run_ours(a, name: str, keys: dict, lr: float, run: str) -> dict:
     tag = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
     full = f"vs-sparsify-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"  # SAE names are claimed once
     t = time.perf_counter()
-    cfg = SAEConfig(hooks=[a.hook], arch="topk", k=a.k, d_sae=a.d_sae, lr=lr, name=full, seed=a.seed, **keys)
+    cfg = SAEConfig(hooks=[a.hook], arch="topk", k=a.k, d_sae=a.d_sae, name=full, seed=a.seed, **({"lr": lr} | keys))
     (final,) = train(
         a.lake, [cfg], run=run, tokens=a.tokens, batch_size=a.batch_size, repeat=True, holdout=0, progress=True
     )
