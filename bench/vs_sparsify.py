@@ -231,6 +231,16 @@ def run_ours(a, name: str, keys: dict, lr: float, run: str) -> dict:
     }
 
 
+def training_code() -> str:
+    """What a cached saelake result depends on: the git trees of train/ and lake/ (+ uncommitted changes)."""
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(HERE.parent), *args], capture_output=True, text=True).stdout.strip()
+
+    trees = [git("rev-parse", f"HEAD:{d}")[:8] for d in ("train", "lake")]
+    return "-".join(trees) + ("+dirty" if git("status", "--porcelain", "train", "lake") else "")
+
+
 def parse_extra(text: str) -> tuple[str, tuple[str, dict]]:
     name, _, body = text.partition(":")
     keys = {}
@@ -262,8 +272,7 @@ def main() -> None:
     files = export(a, work, run, heldout_run)
     x_held = torch.from_numpy(np.load(files["heldout"]))
     setup = f"{a.hook} d_sae {a.d_sae} k {a.k} batch {a.batch_size} tokens {a.tokens} lr {lr:.3g} seed {a.seed}"
-    code = subprocess.run(["git", "-C", str(HERE), "describe", "--always", "--dirty"], capture_output=True, text=True)
-    code = code.stdout.strip()  # a cached result counts for the commit it ran on only
+    code = training_code()
     results = {}
     for name, (who, keys) in variants.items():
         cached = work / "results" / f"{name}.json"
@@ -310,32 +319,34 @@ def main() -> None:
         write_results(a, results, setup, len(x_held))
 
 
+BEGIN, END = "<!-- vs_sparsify.py table -->", "<!-- /vs_sparsify.py table -->"
+
+
 def write_results(a, results: dict, setup: str, n_held: int) -> None:
+    """Replace the table between the markers in "## quality vs sparsify" (the prose around it is kept);
+    without the section, append one."""
     path = HERE / "RESULTS.md"
     lines = [
-        "## quality vs sparsify",
-        "",
+        BEGIN,
         f"`python bench/vs_sparsify.py` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-        f"{platform.machine()}, {os.cpu_count()} cores, {a.threads} threads)",
+        f"{platform.machine()}, {os.cpu_count()} cores, {a.threads} threads; setup: {setup}; held-out: "
+        f"{n_held:,} rows of other text)",
         "",
-        f"- setup: {setup}; held-out: {n_held:,} rows of Debian's licence files",
-        "",
-        "| variant | held-out FVU (all rows) | (rows < 10x median norm) | tok/s | load (1 min) |",
-        "|---|---|---|---|---|",
+        "| variant | held-out FVU, rows < 10x median norm | all rows | tok/s | load (1 min) | code |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         lines.append(
-            f"| {name} | {r['heldout']['all']:.4f} | {r['heldout']['under_10x_median']:.4f} | "
-            f"{r['tokens_per_second']:.0f} | {r['load_before']:.1f} |"
+            f"| {name} | {r['heldout']['under_10x_median']:.4f} | {r['heldout']['all']:.4f} | "
+            f"{r['tokens_per_second']:.0f} | {r['load_before']:.1f} | {r.get('code', '') if r['who'] == 'saelake' else ''} |"
         )
+    table = "\n".join(lines + [END])
     text = path.read_text()
-    head, sep, rest = text.partition("## quality vs sparsify")
-    tail = rest[rest.find("\n## ") + 1 :] if sep and "\n## " in rest else ""
-    path.write_text(
-        head.rstrip() + "\n\n" + "\n".join(lines) + "\n\n" + tail
-        if sep
-        else text.rstrip() + "\n\n" + "\n".join(lines) + "\n"
-    )
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + table + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip() + "\n\n## quality vs sparsify\n\n" + table + "\n"
+    path.write_text(text)
 
 
 if __name__ == "__main__":
