@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 # this script is bench/analyze.py: keep bench/ off the path so `import analyze`/`train` find the packages
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
@@ -155,6 +156,10 @@ def from_index(lake: str, sae_name: str) -> dict:
         ),
         "encode_index_s": _timed(lambda: encode(lake, sae_name, name=index, progress=False)),
     }
+    rec = json.loads((Path(lake) / "indexes" / index / "index.json").read_text())
+    files = [f for f in (Path(lake) / "indexes" / index).rglob("*") if f.is_file() and "/data/" in str(f)]
+    out["index_tokens"] = rec["tokens_total"]
+    out["index_bytes_per_token"] = sum(f.stat().st_size for f in files) / max(1, rec["tokens_total"])
     out["analyze_from_index_s"] = _timed(
         lambda: analyze(
             AnalyzeConfig(lake=lake, sae=sae_name, name="fi-index", from_index=index, overwrite=True), progress=False
@@ -185,7 +190,8 @@ def main() -> None:
         print(
             f"whole snapshot ({a.tokens} tokens): lake analyze (encoding) {fi['analyze_encoding_s']:.1f} s; "
             f"lake encode (index) {fi['encode_index_s']:.1f} s, then lake analyze --from-index "
-            f"{fi['analyze_from_index_s']:.1f} s"
+            f"{fi['analyze_from_index_s']:.1f} s; the index: {fi['index_bytes_per_token']:.0f} bytes per token "
+            f"({fi['index_tokens']} tokens)"
         )
     tp = throughput(a.lake, name, a.throughput_tokens, a.batch_size, a.repeats)
     print(

@@ -37,9 +37,17 @@ from benchlib import CACHE, ensure_run, heldout_text
 HERE = Path(__file__).resolve().parent
 SPARSIFY = "eai-sparsify==1.3.3"
 
-# name -> ("sparsify", loop flags) or ("saelake", SAEConfig keys). "sparsify settings": Adam at sparsify's
-# learning rate, constant, no AuxK, raw activations, every row. Each later variant changes one thing.
-SPARSIFY_SETTINGS = {"lr_warmup": 0.0, "lr_decay": 0.0, "aux_coef": 0.0, "normalize": "none", "outlier_factor": 0}
+# name -> ("sparsify", loop flags) or ("saelake", SAEConfig keys; lr "sparsify": sparsify's rule, as --lr).
+# "sparsify settings": Adam at sparsify's learning rate, constant, no AuxK, raw activations, every row.
+# Each "+" variant changes one thing; "ours-default" is saelake's defaults, lr included.
+SPARSIFY_SETTINGS = {
+    "lr": "sparsify",
+    "lr_warmup": 0.0,
+    "lr_decay": 0.0,
+    "aux_coef": 0.0,
+    "normalize": "none",
+    "outlier_factor": 0,
+}
 VARIANTS = {
     "sparsify": ("sparsify", {}),
     "sparsify-no-grad-projection": ("sparsify", {"no_grad_projection": True}),
@@ -50,8 +58,9 @@ VARIANTS = {
     "ours-sparsify-settings+outliers": ("saelake", SPARSIFY_SETTINGS | {"outlier_factor": 10.0}),
     "ours-sparsify-settings+auxk": ("saelake", SPARSIFY_SETTINGS | {"aux_coef": 1 / 32}),
     "ours-sparsify-settings+schedule": ("saelake", SPARSIFY_SETTINGS | {"lr_warmup": 0.02, "lr_decay": 0.2}),
+    "ours-default-before": ("saelake", {"lr": "sparsify", "init_encoder_norm": 1.0}),  # before issue 14
+    "ours-default@sparsify-lr": ("saelake", {"lr": "sparsify"}),
     "ours-default": ("saelake", {}),
-    "ours-default-unit-encoder": ("saelake", {"init_encoder_norm": 1.0}),
 }
 
 
@@ -71,7 +80,7 @@ def args_parser():
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--d-sae", type=int, default=4608)
     p.add_argument("--k", type=int, default=32)
-    p.add_argument("--lr", type=float, default=None, help="default: 2e-4/sqrt(d_sae/2^14), sparsify's rule and ours")
+    p.add_argument("--lr", type=float, default=None, help="sparsify's lr (default: its rule, 2e-4/sqrt(d_sae/2^14))")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
@@ -211,7 +220,8 @@ def run_ours(a, name: str, keys: dict, lr: float, run: str) -> dict:
     tag = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
     full = f"vs-sparsify-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"  # SAE names are claimed once
     t = time.perf_counter()
-    cfg = SAEConfig(hooks=[a.hook], arch="topk", k=a.k, d_sae=a.d_sae, name=full, seed=a.seed, **({"lr": lr} | keys))
+    keys = keys | ({"lr": lr} if keys.get("lr") == "sparsify" else {})
+    cfg = SAEConfig(hooks=[a.hook], arch="topk", k=a.k, d_sae=a.d_sae, name=full, seed=a.seed, **keys)
     (final,) = train(
         a.lake, [cfg], run=run, tokens=a.tokens, batch_size=a.batch_size, repeat=True, holdout=0, progress=True
     )
@@ -255,14 +265,13 @@ def main() -> None:
     import torch
 
     from saelake.lake import Lake
-    from saelake.train.config import default_lr
 
     torch.set_num_threads(a.threads)
     variants = {n: VARIANTS[n] for n in a.variants.split(",") if n} | dict(parse_extra(e) for e in a.extra)
     unknown = [n for n in a.variants.split(",") if n and n not in VARIANTS]
     if unknown:
         sys.exit(f"unknown variant(s) {', '.join(unknown)}: known: {', '.join(VARIANTS)}")
-    lr = a.lr or default_lr(a.d_sae)
+    lr = a.lr or 2e-4 / (a.d_sae / 2**14) ** 0.5  # sparsify's rule for Adam
     run, heldout_run = "builtin-l15" if a.hook == "blocks.15.hook_resid_post" else f"builtin-{a.hook}", "heldout"
     common = dict(model=a.model, hook=a.hook, context_size=a.context_size, dtype="float32")
     ensure_run(a.lake, run, dataset=a.dataset, tokens=a.ingest_tokens, **common)

@@ -28,12 +28,19 @@ from .dictionaries.base import fraction, option, option_help
 NORMALIZE = ("dataset", "none")  # the values of ``normalize``
 B_DEC_INIT = ("mean", "median", "zeros")  # the values of ``b_dec_init``
 DEFAULT_EXPANSION = 8  # d_sae = expansion x d_in when neither is given
-LR_BASE, LR_D_SAE = 2e-4, 2**14  # default lr: LR_BASE at d_sae = LR_D_SAE, ~1/sqrt(d_sae) (sparsify's rule)
+LR_D_SAE = 2**14  # default lr: the kind's ``lr_base`` at d_sae = LR_D_SAE, ~1/sqrt(d_sae) (sparsify's rule)
 DEAD_WINDOW_MAX, DEAD_WINDOW_FRACTION = 1_000_000, 4  # default dead window: min(max, tokens / fraction)
 
 
-def default_lr(d_sae: int) -> float:
-    return LR_BASE / (d_sae / LR_D_SAE) ** 0.5
+def default_lr(d_sae: int, base: float) -> float:
+    return base / (d_sae / LR_D_SAE) ** 0.5
+
+
+def _lr_help() -> str:
+    bases: dict[float, list[str]] = {}
+    for kind in dictionaries.kinds():
+        bases.setdefault(kind.lr_base, []).append(kind.name)
+    return "; ".join(f"{', '.join(names)}: {b:g}" for b, names in bases.items()) + f", x 1/sqrt(d_sae/{LR_D_SAE})"
 
 
 def default_dead_window(tokens: int, batch_size: int) -> int:
@@ -51,7 +58,7 @@ class BaseSAEConfig:
     out_hooks: list[str] | None = None
     expansion: float | None = option(None, "d_sae = expansion x d_in", str(DEFAULT_EXPANSION))
     d_sae: int | None = option(None, "Latents (instead of --expansion)")
-    lr: float | None = option(None, "Adam learning rate", f"{LR_BASE:g}/sqrt(d_sae/{LR_D_SAE})")
+    lr: float | None = option(None, "Adam learning rate", _lr_help())
     lr_warmup: float = option(0.02, "Fraction of the steps with a linear learning-rate warm-up")
     lr_decay: float = option(0.2, "Final fraction of the steps with a linear learning-rate decay to 0")
     dead_window: int | None = option(
@@ -109,7 +116,7 @@ class BaseSAEConfig:
         for key, value in asdict(opts).items():
             setattr(self, key, value)
         if self.lr is None:
-            self.lr = default_lr(self.d_sae)
+            self.lr = default_lr(self.d_sae, kind.lr_base)
         if self.lr <= 0:
             raise UserError(f"{where}: lr must be positive, got {self.lr}")
         if self.dead_window is None:

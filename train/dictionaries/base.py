@@ -89,6 +89,8 @@ class Dictionary(nn.Module):
     context_input: ClassVar[bool] = False
     attends: ClassVar[bool] = False  # True: ``attention(x, latent)`` gives a latent's attention pattern (Lorsa)
     aux_coef: float = 0.0  # weight of ``aux_loss`` in the training loss
+    # default Adam lr at d_sae = 2^14, scaled by 1/sqrt(d_sae / 2^14) (``config.default_lr``): sparsify's rule
+    lr_base: ClassVar[float] = 2e-4
 
     def __init__(
         self,
