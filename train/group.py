@@ -246,9 +246,14 @@ class Group:
         return out
 
     def load_member_tensors(self, i: int, t: dict[str, torch.Tensor]) -> None:
+        def get(key):
+            if key not in t and key.endswith(".W_enc_t"):  # a checkpoint from before W_enc was stored transposed
+                return t[key[: -len("_t")]].transpose(-1, -2)
+            return t[key]
+
         with torch.no_grad():
             for k, p in self.params.items():
-                p[i] = t[f"param.{k}"]
-                self.m[k][i], self.v[k][i] = t[f"adam.m.{k}"], t[f"adam.v.{k}"]
+                p[i] = get(f"param.{k}")
+                self.m[k][i], self.v[k][i] = get(f"adam.m.{k}"), get(f"adam.v.{k}")
             self.model.load_member_buffers(i, t)
             self.since_fired[i] = t["since_fired"]

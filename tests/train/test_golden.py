@@ -100,3 +100,19 @@ def test_training_steps_match_the_recorded_numbers(case):
     assert sorted(got) == sorted(want)
     changed = [k for k in want if not torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-6)]
     assert not changed, f"{case}: differs from the recorded numbers in {changed}"
+
+
+def test_a_checkpoint_from_before_the_transposed_encoder_loads():
+    """Checkpoints written before W_enc was stored latent-major (``param.W_enc`` [d_in, d_sae]) resume."""
+    cfg = SAEConfig(name="old", **(COMMON | CASES["topk"][0])).resolve(D_MODEL, STEPS * BATCH, BATCH)
+    g = Group([cfg], D_MODEL, "cpu")
+    with torch.no_grad():
+        for t in (g.params["W_enc_t"], g.m["W_enc_t"], g.v["W_enc_t"]):
+            t.normal_()
+    saved = g.member_tensors(0)
+    old = {(k[: -len("_t")] if k.endswith(".W_enc_t") else k): v for k, v in saved.items()}
+    old = {k: (v.t().contiguous() if k.endswith(".W_enc") else v) for k, v in old.items()}
+    fresh = Group([cfg], D_MODEL, "cpu")
+    fresh.load_member_tensors(0, old)
+    for k, v in fresh.member_tensors(0).items():
+        assert torch.equal(v, saved[k]), k
