@@ -138,3 +138,20 @@ def test_initial_encoder_is_the_decoder_transposed_at_the_kinds_norm(arch):
     for i in range(2):
         torch.testing.assert_close(enc[i].norm(dim=-1), torch.full((48,), want[i]))
         torch.testing.assert_close(enc[i] / want[i], dec[i] / dec[i].norm(dim=-1, keepdim=True))
+
+
+def test_batchtopk_selects_from_candidates_what_a_full_topk_selects():
+    """BatchTopK takes the batch's top k·B from each token's 4k largest scores; that must be exactly the
+    full top-k's selection, also when one token holds more of the top than its candidates (fallback)."""
+    m = _model("batchtopk", d_sae=64, k=4)
+    x = torch.randn(50, 16)
+    crowded = m.pre(x)
+    crowded[0, 0] += 100.0  # token 0's 64 latents are all in the top 200: more than its 16 candidates
+    for pre in (m.pre(x), crowded):
+        got = m._select(pre, pre, [4])
+        m.CANDIDATES = 10**6  # no candidates: the full top-k over all B·S scores
+        want = m._select(pre, pre, [4])
+        del m.CANDIDATES
+        assert torch.equal(got[0].bag, want[0].bag) and torch.equal(got[0].lat, want[0].lat)
+        assert torch.equal(got[1], want[1])
+    assert m._batch_top(crowded[0], 200) is None and m._batch_top(m.pre(x)[0], 200) is not None

@@ -197,8 +197,10 @@ class BatchTopK(TopK):
         world = comm.world if comm is not None else 1
         for m in range(n):  # one topk per member over its flattened batch (n is small)
             want = ks[m] * B * world  # k per token of the global batch
-            with dense_threads():
-                top = score[m].reshape(-1).topk(min(want, B * S), sorted=False)
+            top = self._batch_top(score[m], want) if world == 1 else None
+            if top is None:
+                with dense_threads():
+                    top = score[m].reshape(-1).topk(min(want, B * S), sorted=False)
             keep = top.values > 0
             if world > 1:  # the global want-th largest score: every rank's local candidates hold it
                 cand = torch.full((want,), -math.inf, dtype=top.values.dtype, device=dev)
@@ -212,6 +214,27 @@ class BatchTopK(TopK):
                 vals.append(pre[m].reshape(-1)[idx])
                 counts.append(torch.bincount(rows, minlength=B))
         return Pattern.from_counts(n, B, S, torch.cat(counts), torch.cat(lats)), torch.cat(vals)
+
+    CANDIDATES = 4  # per token, CANDIDATES x k of its largest scores are candidates for the batch's top k·B
+
+    def _batch_top(self, score: torch.Tensor, want: int):
+        """The ``want`` largest of ``score`` [B, S] as (values, flat indices), from each row's
+        CANDIDATES·k largest: one row-wise top-k of that size and a top-k over the B·c candidates instead
+        of a top-k over all B·S scores (several times faster). Exact whenever no row has all its
+        candidates in the selection (a row might then have more outside them): else None, and the caller
+        takes the full top-k."""
+        B, S = score.shape
+        c = min(S, self.CANDIDATES * max(1, want // B))
+        if c >= S or want >= B * c:
+            return None
+        with dense_threads():
+            rows = score.topk(c, dim=-1, sorted=False)
+            top = rows.values.reshape(-1).topk(want, sorted=False)
+        if bool((rows.values.min(-1).values >= top.values.min()).any()):
+            return None
+        with _one_thread():
+            flat = rows.indices.reshape(-1)[top.indices] + (top.indices // c) * S
+        return torch.return_types.topk((top.values, flat))
 
     @torch.no_grad()
     def after_step(self, codes, comm, steps, total):
