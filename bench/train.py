@@ -245,7 +245,7 @@ def phase_dense(a, tokens=None, heldout=False) -> dict:
     scale, limit = math.sqrt(a.d_in) / st.mean_norm, 10 * st.median_norm
     m = dictionaries.get("topk").build(a.d_in, a.d_sae, k=a.k)
     m.initialize([torch.Generator().manual_seed(0)])
-    params = [m.W_enc, m.b_enc, m.W_dec, m.b_dec]
+    params = [m.W_enc_t, m.b_enc, m.W_dec, m.b_dec]
     lr = 2e-4 / (a.d_sae / 2**14) ** 0.5
     opt = torch.optim.Adam(params, lr=lr)
     steps = math.ceil(tokens / a.batch_size)

@@ -16,7 +16,7 @@ import torch
 
 from .config import SAEConfig
 from .dist import Comm, LocalComm
-from .kernels import _SqErr, sparse_section
+from .kernels import _SqErr, dense_threads, sparse_section
 
 
 @dataclass
@@ -178,7 +178,11 @@ class Group:
         if extra is not None:
             loss = loss + extra.sum()
         codes.pre = None  # free the pre-activations before the backward
-        loss.backward()
+        if codes.acts is not None:  # dense codes: the backward is [B, d_sae] GEMMs, worth every thread
+            with dense_threads():
+                loss.backward()
+        else:
+            loss.backward()
         comm.sum_grads(list(self.params.values()))
         self.adam(lr)
         if c.normalize_decoder:
