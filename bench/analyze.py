@@ -158,8 +158,8 @@ def from_index(lake: str, sae_name: str) -> dict:
     }
     rec = json.loads((Path(lake) / "indexes" / index / "index.json").read_text())
     files = [f for f in (Path(lake) / "indexes" / index).rglob("*") if f.is_file() and "/data/" in str(f)]
-    out["index_tokens"] = rec["tokens_total"]
-    out["index_bytes_per_token"] = sum(f.stat().st_size for f in files) / max(1, rec["tokens_total"])
+    out["index_tokens"] = rec["tokens"]
+    out["index_bytes_per_token"] = sum(f.stat().st_size for f in files) / max(1, rec["tokens"])
     out["analyze_from_index_s"] = _timed(
         lambda: analyze(
             AnalyzeConfig(lake=lake, sae=sae_name, name="fi-index", from_index=index, overwrite=True), progress=False
