@@ -9,6 +9,7 @@ matmuls) that registers itself with ``@register`` (``train/dictionaries/__init__
 - its parameters and their initialisation (``__init__``, ``initialize``);
 - its shape: which hook activations it reads (``read``) and which it writes (``written``);
 - encode (pre-activations -> codes, its activation function included) and decode;
+- its default learning rate (``lr_base``, scaled by 1/sqrt(d_sae/2^14));
 - its losses: a sparsity penalty with its coefficient schedule (``schedule``, ``penalty``), any
   auxiliary loss (``aux_loss``) and further reconstruction terms (``extra_loss``), plus estimates
   updated after each step (``after_step``);
