@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -49,3 +51,17 @@ def heldout_text(dataset: str) -> str:
         if f.is_file():
             (copy / f"{f.name}.txt").write_bytes(f.read_bytes())
     return str(copy)
+
+
+def storage_rows(lake: str, run: str, hook: str, acts: bool = True):
+    """(the 1d table's activations in storage order as float32 or None, their (context, position) keys)."""
+    from saelake.lake import SnapshotSource
+    from saelake.lake.tables import arrow_to_acts
+
+    src = SnapshotSource(lake, run)
+    ds = src.lake.dataset(run, "tokens", src.snapshot.tables["tokens"])
+    t = ds.to_table(columns=["context_id", "position"] + ([src.columns[hook]] if acts else []))
+    keys = t.column("context_id").to_numpy() * 100_000 + t.column("position").to_numpy().astype(np.int64)
+    if not acts:
+        return None, keys
+    return arrow_to_acts(t.column(src.columns[hook]), src.codecs[hook], (src.d_model[hook],)).float(), keys

@@ -47,25 +47,6 @@ def ensure_run(a, run: str, dataset: str, dtype: str, tokens: int) -> None:
     )
 
 
-def all_rows(lake: str, run: str, hook: str):
-    """Every row of a run's 1d table in storage order (the same tokens in the same order for every
-    dtype: the write-time shuffle depends on the seed, not the dtype), decoded to float32."""
-    import torch
-
-    from saelake.lake import SnapshotSource
-
-    src = SnapshotSource(lake, run)
-    ds = src.lake.dataset(run, "tokens", src.snapshot.tables["tokens"])
-    from saelake.lake.tables import arrow_to_acts
-
-    t = ds.to_table(columns=[src.columns[hook], "context_id", "position"])
-    x = arrow_to_acts(t.column(src.columns[hook]), src.codecs[hook], (src.d_model[hook],)).float()
-    key = torch.from_numpy(t.column("context_id").to_numpy()) * 10_000 + torch.from_numpy(
-        t.column("position").to_numpy().astype("int64")
-    )
-    return x, key
-
-
 def int8_per_token(x):
     """int8 with one scale per token (no channel blocks): what the block scales avoid."""
     scale = (x.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-30)
@@ -117,8 +98,6 @@ def main() -> None:
     p.add_argument("--write", action="store_true", help="update the '## codecs' section of bench/RESULTS.md")
     a = p.parse_args()
 
-    import torch
-
     from saelake.lake import Lake
     from saelake.train import SAEConfig, train
 
@@ -131,10 +110,10 @@ def main() -> None:
         ensure_run(a, runs[d], a.dataset, d, a.tokens)
     ensure_run(a, f"heldout-float32-{a.heldout_tokens}", heldout_src, "float32", a.heldout_tokens)
     lake = Lake(a.lake)
-    ref, key = all_rows(a.lake, runs["float32"], a.hook)
+    ref, key = benchlib.storage_rows(a.lake, runs["float32"], a.hook)
     median = lake.manifest(runs["float32"]).stats[a.hook].median_norm
     massive = ref.norm(dim=-1) > 10 * median
-    x_held, _ = all_rows(a.lake, f"heldout-float32-{a.heldout_tokens}", a.hook)
+    x_held, _ = benchlib.storage_rows(a.lake, f"heldout-float32-{a.heldout_tokens}", a.hook)
     d = ref.shape[1]
 
     def rel(y, x):
@@ -148,8 +127,8 @@ def main() -> None:
         "rel_err_massive": rel(int8_per_token(ref[massive]), ref[massive]),
     }
     for dt in dtypes:
-        x, k = all_rows(a.lake, runs[dt], a.hook)
-        assert torch.equal(k, key), "codec runs must hold the same tokens in the same order"
+        x, k = benchlib.storage_rows(a.lake, runs[dt], a.hook)
+        assert (k == key).all(), "codec runs must hold the same tokens in the same order"
         from saelake.lake.codecs import get_codec
 
         r = {

@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+import benchlib
 import numpy as np
 from benchlib import CACHE, ensure_run, heldout_text
 
@@ -116,10 +117,10 @@ def export(a, work: Path, run: str, heldout_run: str) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     for key, r in (("rows", run), ("heldout", heldout_run)):
         if not files[key].exists():
-            x, _ = storage_rows(a.lake, r, a.hook)
+            x, _ = benchlib.storage_rows(a.lake, r, a.hook)
             save_npy(files[key], x.numpy())
     if not files["order"].exists():
-        _, key_of = storage_rows(a.lake, run, a.hook, acts=False)
+        _, key_of = benchlib.storage_rows(a.lake, run, a.hook, acts=False)
         sorter = np.argsort(key_of)
         order, at = np.empty(steps * a.batch_size, dtype=np.int32), 0
         for b in SnapshotSource(a.lake, run).token_batches(a.batch_size, [a.hook], seed=0, repeat=True):
@@ -137,20 +138,6 @@ def save_npy(path: Path, array) -> None:
     tmp = path.with_name(path.name + ".tmp.npy")
     np.save(tmp, array)
     os.replace(tmp, path)
-
-
-def storage_rows(lake: str, run: str, hook: str, acts: bool = True):
-    """(the 1d table's activations in storage order as float32 or None, their (context, position) keys)."""
-    from saelake.lake import SnapshotSource
-    from saelake.lake.tables import arrow_to_acts
-
-    src = SnapshotSource(lake, run)
-    ds = src.lake.dataset(run, "tokens", src.snapshot.tables["tokens"])
-    t = ds.to_table(columns=["context_id", "position"] + ([src.columns[hook]] if acts else []))
-    keys = t.column("context_id").to_numpy() * 100_000 + t.column("position").to_numpy().astype(np.int64)
-    if not acts:
-        return None, keys
-    return arrow_to_acts(t.column(src.columns[hook]), src.codecs[hook], (src.d_model[hook],)).float(), keys
 
 
 def heldout_fvu(w: dict, x, k: int, limit: float) -> dict:
